@@ -1,0 +1,508 @@
+"""Load generator for the fan-out benchmark: N subscribers plus one publisher, in one process.
+
+Driven by ``bench/fanout.py`` over stdin/stdout (one JSON object per stdout line):
+
+1. opens N connections (WebSocket upgrade done by hand on non-blocking sockets), subscribes
+   each to the channel and waits for every ack, opens the publisher connection, then prints
+   ``{"event": "ready", ...}``;
+2. waits for a ``go`` line on stdin (the driver reads the server's idle RSS meanwhile);
+3. warm-up: the publisher sends one broadcast; every subscriber's first frame is fully parsed
+   and checked, which also fixes the frame size F (all payloads have the same length);
+4. timed run: the publisher sends M broadcasts at once; receivers only count bytes until each
+   connection has exactly M * F, then prints ``{"event": "result", ...}`` and exits.
+
+A full WebSocket library per connection would make this process the bottleneck, hence raw
+epoll and byte counting in the timed phase. Any frame of another size (ping, close, an extra
+message) breaks the exact ``M * F`` byte count per connection and is reported as an error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import errno
+import hashlib
+import os
+import resource
+import select
+import socket
+import struct
+import sys
+import time
+from typing import Any
+
+import orjson
+
+WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+OP_TEXT = 0x1
+OP_CLOSE = 0x8
+OP_PING = 0x9
+OP_PONG = 0xA
+
+# Connection states.
+CONNECTING, HANDSHAKING, SUBSCRIBING, IDLE = range(4)
+
+
+class BenchError(Exception):
+    """The run cannot produce a trustworthy number."""
+
+
+def raise_nofile_limit() -> None:
+    """Raise the soft RLIMIT_NOFILE to the hard limit; thousands of sockets need it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def masked_frame(payload: bytes, opcode: int = OP_TEXT) -> bytes:
+    """Build one final client frame; RFC 6455 requires client-to-server frames to be masked."""
+    n = len(payload)
+    if n < 126:
+        header = struct.pack("!BB", 0x80 | opcode, 0x80 | n)
+    elif n < 65536:
+        header = struct.pack("!BBH", 0x80 | opcode, 0x80 | 126, n)
+    else:
+        header = struct.pack("!BBQ", 0x80 | opcode, 0x80 | 127, n)
+    mask = os.urandom(4)
+    if n == 0:
+        return header + mask
+    key = (mask * (n // 4 + 1))[:n]
+    body = (int.from_bytes(payload, "big") ^ int.from_bytes(key, "big")).to_bytes(n, "big")
+    return header + mask + body
+
+
+def parse_frame(buf: bytearray) -> tuple[int, bytes, int] | None:
+    """Parse the first complete server frame in ``buf``.
+
+    Returns ``(opcode, payload, frame_length)`` or None if more bytes are needed.
+    """
+    if len(buf) < 2:
+        return None
+    b0, b1 = buf[0], buf[1]
+    if b1 & 0x80:
+        raise BenchError("server frame is masked")
+    if not b0 & 0x80:
+        raise BenchError("fragmented server frame (not expected for small messages)")
+    n = b1 & 0x7F
+    offset = 2
+    if n == 126:
+        if len(buf) < 4:
+            return None
+        n = int.from_bytes(buf[2:4], "big")
+        offset = 4
+    elif n == 127:
+        if len(buf) < 10:
+            return None
+        n = int.from_bytes(buf[2:10], "big")
+        offset = 10
+    end = offset + n
+    if len(buf) < end:
+        return None
+    return b0 & 0x0F, bytes(buf[offset:end]), end
+
+
+def make_payload(seq: int, size: int) -> dict[str, str]:
+    """Fixed-size payload: seq is a zero-padded string so every frame has the same length."""
+    return {"seq": f"{seq:010d}", "data": "x" * size}
+
+
+class Conn:
+    __slots__ = ("accept", "buf", "fd", "sock", "state")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.state = CONNECTING
+        self.buf = bytearray()
+        self.accept = b""
+
+
+class FanoutClients:
+    """All sockets of one benchmark run, multiplexed on one epoll."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.host: str = args.host
+        self.port: int = args.port
+        self.path: str = args.path
+        self.channel: str = args.channel
+        self.n: int = args.connections
+        self.m: int = args.messages
+        self.payload_size: int = args.payload_bytes
+        self.concurrency: int = args.connect_concurrency
+        self.timeout: float = args.timeout
+        self.server_pid: int | None = args.server_pid
+        self.ep = select.epoll()
+        self.subs: list[Conn] = []
+        self.by_fd: dict[int, Conn] = {}
+        self.publisher: Conn | None = None
+        self.subscribe_frame = masked_frame(orjson.dumps({"type": "subscribe", "channel": self.channel}))
+        self.frame_size = 0
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _new_conn(self) -> Conn:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        err = sock.connect_ex((self.host, self.port))
+        if err not in (0, errno.EINPROGRESS):
+            sock.close()
+            raise BenchError(f"connect failed: {os.strerror(err)}")
+        conn = Conn(sock)
+        self.by_fd[conn.fd] = conn
+        self.ep.register(conn.fd, select.EPOLLOUT)
+        return conn
+
+    def _send_small(self, conn: Conn, data: bytes) -> None:
+        # Handshake/subscribe/pong frames are tiny and the socket buffer is empty at that point,
+        # so a short write would mean something is badly wrong.
+        sent = conn.sock.send(data)
+        if sent != len(data):
+            raise BenchError(f"short write of {sent}/{len(data)} bytes on a control message")
+
+    def _start_handshake(self, conn: Conn) -> None:
+        err = conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            raise BenchError(f"connect to {self.host}:{self.port} failed: {os.strerror(err)}")
+        key = base64.b64encode(os.urandom(16))
+        conn.accept = base64.b64encode(hashlib.sha1(key + WS_GUID).digest())
+        request = (
+            f"GET {self.path} HTTP/1.1\r\n"
+            f"Host: {self.host}:{self.port}\r\n"
+            "Upgrade: websocket\r\n"
+            "Connection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key.decode()}\r\n"
+            "Sec-WebSocket-Version: 13\r\n"
+            "\r\n"
+        ).encode()
+        self._send_small(conn, request)
+        conn.state = HANDSHAKING
+        self.ep.modify(conn.fd, select.EPOLLIN)
+
+    def _finish_handshake(self, conn: Conn) -> bool:
+        """Consume the 101 response from conn.buf; False if it is not complete yet."""
+        end = conn.buf.find(b"\r\n\r\n")
+        if end < 0:
+            if len(conn.buf) > 16384:
+                raise BenchError("oversized handshake response")
+            return False
+        head = bytes(conn.buf[:end]).decode("latin-1")
+        del conn.buf[: end + 4]
+        lines = head.split("\r\n")
+        status = lines[0].split(" ", 2)
+        if len(status) < 2 or status[1] != "101":
+            raise BenchError(f"upgrade refused: {lines[0]!r}")
+        headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        if headers.get("sec-websocket-accept", "").encode() != conn.accept:
+            raise BenchError("bad Sec-WebSocket-Accept in upgrade response")
+        return True
+
+    def _next_message(self, conn: Conn) -> tuple[bytes, int] | None:
+        """Pop the next data frame from conn.buf as (payload, frame_length), answering pings."""
+        while True:
+            parsed = parse_frame(conn.buf)
+            if parsed is None:
+                return None
+            opcode, payload, length = parsed
+            del conn.buf[:length]
+            if opcode == OP_PING:
+                self._send_small(conn, masked_frame(payload, OP_PONG))
+                continue
+            if opcode == OP_PONG:
+                continue
+            if opcode == OP_CLOSE:
+                code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else None
+                raise BenchError(f"server closed a connection: code={code} reason={payload[2:]!r}")
+            if opcode != OP_TEXT:
+                raise BenchError(f"unexpected opcode {opcode:#x}")
+            return payload, length
+
+    def _read_into_buf(self, conn: Conn) -> None:
+        data = conn.sock.recv(65536)
+        if not data:
+            raise BenchError(f"server closed a connection (state {conn.state})")
+        conn.buf += data
+
+    # -- phases ------------------------------------------------------------------------------
+
+    def connect_all(self) -> float:
+        """Open and subscribe N connections, at most ``concurrency`` handshakes in flight."""
+        t0 = time.perf_counter()
+        deadline = t0 + self.timeout
+        to_open = self.n
+        in_flight = 0
+        ready = 0
+        expected_ack = {"type": "ack", "channel": self.channel, "status": "subscribed"}
+        while ready < self.n:
+            while to_open and in_flight < self.concurrency:
+                self._new_conn()
+                to_open -= 1
+                in_flight += 1
+            if time.perf_counter() > deadline:
+                raise BenchError(f"only {ready}/{self.n} connections subscribed after {self.timeout}s")
+            for fd, ev in self.ep.poll(1.0, len(self.by_fd) + 1):
+                conn = self.by_fd[fd]
+                if conn.state == CONNECTING:
+                    self._start_handshake(conn)
+                    continue
+                if ev & (select.EPOLLERR | select.EPOLLHUP) and not ev & select.EPOLLIN:
+                    raise BenchError("connection error during connect phase")
+                self._read_into_buf(conn)
+                if conn.state == IDLE:
+                    # Already subscribed (e.g. a server ping): the warm-up parser deals with it.
+                    continue
+                if conn.state == HANDSHAKING:
+                    if not self._finish_handshake(conn):
+                        continue
+                    self._send_small(conn, self.subscribe_frame)
+                    conn.state = SUBSCRIBING
+                parsed = self._next_message(conn)
+                if parsed is None:
+                    continue
+                msg = parsed[0]
+                ack = orjson.loads(msg)
+                if ack != expected_ack:
+                    raise BenchError(f"unexpected reply to subscribe: {msg[:200]!r}")
+                if conn.buf:
+                    raise BenchError("unexpected bytes after the subscribe ack")
+                conn.state = IDLE
+                self.subs.append(conn)
+                in_flight -= 1
+                ready += 1
+        self.publisher = self._open_publisher(deadline)
+        return time.perf_counter() - t0
+
+    def _open_publisher(self, deadline: float) -> Conn:
+        conn = self._new_conn()
+        while conn.state != IDLE:
+            if time.perf_counter() > deadline:
+                raise BenchError("publisher connection timed out")
+            for fd, _ev in self.ep.poll(1.0):
+                if fd != conn.fd:
+                    # A subscriber got something while idle; leave it for the warm-up parser.
+                    continue
+                if conn.state == CONNECTING:
+                    self._start_handshake(conn)
+                else:
+                    self._read_into_buf(conn)
+                    if self._finish_handshake(conn):
+                        conn.state = IDLE
+        return conn
+
+    def warmup(self) -> None:
+        """One broadcast whose frame every subscriber parses in full: validates the stream and
+        learns the exact frame size F used for byte counting in the timed phase."""
+        assert self.publisher is not None
+        payload = make_payload(0, self.payload_size)
+        self._send_blocking(
+            self.publisher,
+            masked_frame(orjson.dumps({"type": "broadcast", "channel": self.channel, "payload": payload})),
+        )
+        waiting = {c.fd for c in self.subs}
+        deadline = time.perf_counter() + self.timeout
+        sizes: set[int] = set()
+        while waiting:
+            if time.perf_counter() > deadline:
+                raise BenchError(f"{len(waiting)}/{self.n} subscribers missed the warm-up broadcast")
+            for fd, _ev in self.ep.poll(1.0, len(self.by_fd) + 1):
+                conn = self.by_fd[fd]
+                if conn is self.publisher:
+                    raise BenchError(f"publisher received data: {conn.sock.recv(200)!r}")
+                self._read_into_buf(conn)
+                parsed = self._next_message(conn)
+                if parsed is None:
+                    continue
+                if fd not in waiting:
+                    raise BenchError("subscriber received more than the warm-up broadcast")
+                msg, frame_len = parsed
+                got = orjson.loads(msg)
+                if got != {"type": "broadcast", "channel": self.channel, "payload": payload}:
+                    raise BenchError(f"unexpected broadcast frame: {msg[:200]!r}")
+                if conn.buf:
+                    raise BenchError("unexpected bytes after the warm-up broadcast")
+                sizes.add(frame_len)
+                waiting.discard(fd)
+        if len(sizes) != 1:
+            raise BenchError(f"broadcast frame sizes differ between connections: {sorted(sizes)}")
+        self.frame_size = sizes.pop()
+
+    def _send_blocking(self, conn: Conn, data: bytes) -> None:
+        conn.sock.setblocking(True)
+        try:
+            conn.sock.sendall(data)
+        finally:
+            conn.sock.setblocking(False)
+
+    def timed_run(self) -> dict[str, Any]:
+        """Publish M messages at once and count bytes until every subscriber has M frames."""
+        assert self.publisher is not None
+        pub = self.publisher
+        frames = b"".join(
+            masked_frame(
+                orjson.dumps(
+                    {
+                        "type": "broadcast",
+                        "channel": self.channel,
+                        "payload": make_payload(seq, self.payload_size),
+                    }
+                )
+            )
+            for seq in range(1, self.m + 1)
+        )
+        target = self.m * self.frame_size
+        # Flat per-fd counters: the hot loop below runs once per readable socket per poll.
+        max_fd = max(self.by_fd) + 1
+        received = [0] * max_fd
+        recv_into: list[Any] = [None] * max_fd
+        for conn in self.subs:
+            recv_into[conn.fd] = conn.sock.recv_into
+        pub_fd = pub.fd
+        buf = bytearray(1 << 18)
+        poll = self.ep.poll
+        maxevents = len(self.by_fd) + 1
+        remaining = len(self.subs)
+        overshoot = 0
+        pub_rx = 0
+        out = memoryview(frames)
+
+        cpu0 = time.process_time()
+        server_cpu0 = read_proc_cpu(self.server_pid)
+        t0 = time.perf_counter()
+        # Non-blocking send so a large M can't stall receiving; the rest goes out on EPOLLOUT.
+        try:
+            sent = pub.sock.send(out)
+        except BlockingIOError:
+            sent = 0
+        out = out[sent:]
+        if out:
+            self.ep.modify(pub_fd, select.EPOLLIN | select.EPOLLOUT)
+        t_last = t0
+        idle_deadline = t0 + self.timeout
+        while remaining:
+            events = poll(1.0, maxevents)
+            if not events:
+                if time.perf_counter() > idle_deadline:
+                    break
+                continue
+            for fd, ev in events:
+                if fd == pub_fd:
+                    if ev & select.EPOLLOUT:
+                        try:
+                            sent = pub.sock.send(out)
+                        except BlockingIOError:
+                            sent = 0
+                        out = out[sent:]
+                        if not out:
+                            self.ep.modify(pub_fd, select.EPOLLIN)
+                    if ev & select.EPOLLIN:
+                        pub_rx += len(pub.sock.recv(65536))
+                    continue
+                n = recv_into[fd](buf)
+                if n == 0:
+                    raise BenchError("server closed a subscriber during the timed run")
+                total = received[fd] + n
+                received[fd] = total
+                if total >= target:
+                    if total > target:
+                        overshoot += 1
+                    # Done: stop polling it so the remaining connections get all the attention.
+                    self.ep.unregister(fd)
+                    remaining -= 1
+                    t_last = time.perf_counter()
+            idle_deadline = time.perf_counter() + self.timeout
+        cpu1 = time.process_time()
+        server_cpu1 = read_proc_cpu(self.server_pid)
+        # Finished connections were unregistered; anything still readable on them is an extra
+        # frame that the exact byte count would otherwise miss.
+        for conn in self.subs:
+            if received[conn.fd] == target:
+                try:
+                    if conn.sock.recv(1, socket.MSG_PEEK):
+                        overshoot += 1
+                except BlockingIOError:
+                    pass
+        elapsed = t_last - t0
+        delivered = sum(min(received[c.fd], target) for c in self.subs) // self.frame_size
+        wall = max(time.perf_counter() - t0, 1e-9)
+        return {
+            "frames_expected": self.n * self.m,
+            "frames_delivered": delivered,
+            "incomplete_connections": remaining,
+            "overshoot_connections": overshoot,
+            "publisher_rx_bytes": pub_rx,
+            "frame_size": self.frame_size,
+            "elapsed_s": elapsed,
+            "msgs_per_s": delivered / elapsed if elapsed > 0 else 0.0,
+            "client_cpu_pct": 100.0 * (cpu1 - cpu0) / wall,
+            "server_cpu_pct": (
+                100.0 * (server_cpu1 - server_cpu0) / wall
+                if server_cpu0 is not None and server_cpu1 is not None
+                else None
+            ),
+        }
+
+    def close(self) -> None:
+        for conn in self.by_fd.values():
+            conn.sock.close()
+        self.ep.close()
+
+
+def read_proc_cpu(pid: int | None) -> float | None:
+    """utime+stime of a process in seconds, from /proc/PID/stat."""
+    if pid is None:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    # The command name may contain spaces; fields after it are fixed.
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def emit(event: str, **fields: Any) -> None:
+    sys.stdout.write(orjson.dumps({"event": event, **fields}).decode() + "\n")
+    sys.stdout.flush()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--path", default="/realtime")
+    parser.add_argument("--channel", default="broadcast:bench")
+    parser.add_argument("--connections", type=int, default=5000)
+    parser.add_argument("--messages", type=int, default=200)
+    parser.add_argument("--payload-bytes", type=int, default=100)
+    parser.add_argument("--connect-concurrency", type=int, default=200)
+    parser.add_argument("--timeout", type=float, default=60.0, help="per-phase stall timeout (s)")
+    parser.add_argument("--server-pid", type=int, help="report this process's CPU use in the run")
+    parser.add_argument("--cpu", type=int, help="pin this process to one CPU")
+    parser.add_argument("--no-wait", action="store_true", help="don't wait for 'go' on stdin")
+    args = parser.parse_args()
+
+    raise_nofile_limit()
+    if args.cpu is not None:
+        os.sched_setaffinity(0, {args.cpu})
+    clients = FanoutClients(args)
+    try:
+        connect_s = clients.connect_all()
+        emit("ready", connections=args.connections, connect_s=connect_s)
+        if not args.no_wait and sys.stdin.readline().strip() != "go":
+            raise BenchError("driver went away before 'go'")
+        clients.warmup()
+        emit("result", connect_s=connect_s, **clients.timed_run())
+    except (BenchError, OSError) as exc:
+        emit("error", message=f"{type(exc).__name__}: {exc}")
+        return 1
+    finally:
+        clients.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""The `fluxrt` command: serve (the default), check-config, token."""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import logging
+import os
+import re
+import signal
+import sys
+
+import trio
+import yaml
+
+from . import __version__, logs
+from .auth import mint
+from .config import Config, ConfigError, load_config, masked
+
+log = logging.getLogger("fluxrt.cli")
+
+EXIT_CONFIG = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fluxrt", description="Realtime server for PostgreSQL over WebSocket.")
+    parser.add_argument("--version", action="version", version=f"fluxrt {__version__}")
+    parser.add_argument(
+        "--config",
+        default=os.environ.get("FLUXRT_CONFIG"),
+        help="YAML configuration file (default: $FLUXRT_CONFIG; without one, built-in defaults)",
+    )
+    sub = parser.add_subparsers(dest="command")
+    sub.add_parser("serve", help="run the server (the default)")
+    sub.add_parser("check-config", help="validate the configuration and print it with secrets masked")
+    token = sub.add_parser("token", help="mint an HS256 token signed with auth.jwt_secret (development and tests)")
+    token.add_argument("--sub", required=True, help="the token's subject (user id)")
+    token.add_argument("--role", help="the role claim (default: none, so auth.default_role applies)")
+    token.add_argument("--ttl", default="1h", help="lifetime such as 30s, 15m, 1h (default 1h)")
+    for p in sub.choices.values():
+        p.add_argument("--config", default=argparse.SUPPRESS, help="YAML configuration file")
+    return parser
+
+
+def _load(path: str | None) -> Config:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        raise SystemExit(EXIT_CONFIG) from None
+
+
+def _ttl(text: str) -> float:
+    m = re.fullmatch(r"(\d+)(s|m|h|d)?", text.strip())
+    if not m:
+        raise SystemExit(f"fluxrt token: --ttl must look like 30s, 15m, 1h or 7d, got {text!r}")
+    return int(m[1]) * {"s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}[m[2]]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    config = _load(args.config)
+    if args.command == "check-config":
+        print(f"# {args.config or 'built-in defaults'}: valid")
+        print(yaml.safe_dump(masked(config), sort_keys=False), end="")
+        return 0
+    if args.command == "token":
+        if not config.auth.jwt_secret:
+            print(
+                "fluxrt token: auth.jwt_secret is not set (set it in the config or FLUXRT_AUTH_JWT_SECRET)",
+                file=sys.stderr,
+            )
+            return EXIT_CONFIG
+        print(mint(config.auth.jwt_secret, args.sub, role=args.role, ttl=_ttl(args.ttl)))
+        return 0
+    logs.configure(config.log.level, config.log.format)
+    trio.run(_serve, config)
+    return 0
+
+
+async def _serve(config: Config) -> None:
+    from .server import Server
+
+    server = Server(config)
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.serve)
+            # Everything allocated so far lives as long as the process: keep the collector from scanning it.
+            gc.freeze()
+            async for signum in signals:
+                log.info("signal received", extra=logs.ctx(signal=signal.Signals(signum).name))
+                await server.shutdown()
+                break

@@ -1,0 +1,360 @@
+"""Settings: `fluxrt.yaml` and `FLUXRT_*` environment overrides, parsed into frozen attrs classes by cattrs.
+
+Every problem is reported at once, one line each, naming the source, the key path and what was expected.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal, NewType
+
+import attrs
+import cattrs
+import yaml
+from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, IterableValidationError
+
+Seconds = NewType("Seconds", float)
+Bytes = NewType("Bytes", int)
+Count = NewType("Count", int)
+PerMinute = NewType("PerMinute", int)
+Port = NewType("Port", int)
+UrlPath = NewType("UrlPath", str)
+Secret = NewType("Secret", str)
+
+LogLevel = Literal["debug", "info", "warning", "error"]
+LogFormat = Literal["json", "text"]
+
+SECONDS = 1.0
+KIB = 1024
+MIB = 1024 * KIB
+
+
+@attrs.frozen
+class ServerConfig:
+    host: str = "0.0.0.0"
+    port: Port = Port(8080)
+    path: UrlPath = UrlPath("/realtime")
+    allowed_origins: tuple[str, ...] = ()
+
+
+@attrs.frozen
+class AuthConfig:
+    jwt_secret: Secret | None = None
+    jwt_public_key_file: str | None = None
+    algorithms: tuple[str, ...] = ()
+    audience: str | None = None
+    issuer: str | None = None
+    leeway: Seconds = Seconds(10 * SECONDS)
+    allow_anonymous: bool = True
+    anon_role: str = "anon"
+    default_role: str = "authenticated"
+
+
+@attrs.frozen
+class DatabaseConfig:
+    dsn: Secret | None = None
+
+
+@attrs.frozen
+class RealtimeConfig:
+    enabled: bool = True
+    heartbeat_interval: Seconds = Seconds(30 * SECONDS)
+    max_connections: Count = Count(1000)
+    read_buffer_size: Bytes = Bytes(1024)
+    write_buffer_size: Count = Count(1024)
+    connection_timeout: Seconds = Seconds(120 * SECONDS)
+    max_connections_per_user: Count = Count(10)
+    max_subscriptions_per_connection: Count = Count(100)
+    message_rate_limit: PerMinute = PerMinute(100)
+    max_message_size: Bytes = Bytes(64 * KIB)
+    max_presence_state_size: Bytes = Bytes(4 * KIB)
+    shutdown_timeout: Seconds = Seconds(10 * SECONDS)
+
+
+@attrs.frozen
+class LogConfig:
+    level: LogLevel = "info"
+    format: LogFormat = "json"
+
+
+@attrs.frozen
+class Config:
+    server: ServerConfig = ServerConfig()
+    auth: AuthConfig = AuthConfig()
+    database: DatabaseConfig = DatabaseConfig()
+    realtime: RealtimeConfig = RealtimeConfig()
+    log: LogConfig = LogConfig()
+
+
+for _cls in (ServerConfig, AuthConfig, DatabaseConfig, RealtimeConfig, LogConfig, Config):
+    attrs.resolve_types(_cls)
+
+_TEXT_TYPES = (str, Secret, str | None, Secret | None, UrlPath)
+
+
+class ConfigError(Exception):
+    """Invalid configuration; `problems` holds one line per problem."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*\Z")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+_SIZE = re.compile(r"\s*(\d+)\s*(B|KiB|MiB|GiB|KB|MB|GB)?\s*\Z")
+_SIZE_UNITS = {None: 1, "B": 1, "KiB": KIB, "MiB": MIB, "GiB": 1024 * MIB, "KB": 1000, "MB": 10**6, "GB": 10**9}
+_RATE = re.compile(r"\s*(\d+)\s*(?:/|per)\s*(s|sec|second|m|min|minute|h|hour)\s*\Z")
+_RATE_UNITS = {"s": 60, "sec": 60, "second": 60, "m": 1, "min": 1, "minute": 1, "h": 1 / 60, "hour": 1 / 60}
+
+
+class _Invalid(ValueError):
+    pass
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _seconds(value: object, _: Any) -> float:
+    if _number(value):
+        seconds = float(value)  # type: ignore[arg-type]
+    elif isinstance(value, str) and (m := _DURATION.match(value)):
+        seconds = float(m[1]) * _DURATION_UNITS[m[2]]
+    else:
+        raise _Invalid(f"expected a duration like 30s, 2m or 1h, got {value!r}")
+    if seconds <= 0:
+        raise _Invalid(f"expected a duration greater than zero, got {value!r}")
+    return seconds
+
+
+def _bytes(value: object, _: Any) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        size = value
+    elif isinstance(value, str) and (m := _SIZE.match(value)):
+        size = int(m[1]) * _SIZE_UNITS[m[2]]
+    else:
+        raise _Invalid(f"expected a size like 1024, 64KiB or 1MiB, got {value!r}")
+    if size <= 0:
+        raise _Invalid(f"expected a size greater than zero, got {value!r}")
+    return size
+
+
+def _count(value: object, _: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise _Invalid(f"expected a whole number greater than zero, got {value!r}")
+    return value
+
+
+def _per_minute(value: object, _: Any) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        rate = float(value)
+    elif isinstance(value, str) and (m := _RATE.match(value)):
+        rate = int(m[1]) * _RATE_UNITS[m[2]]
+    else:
+        raise _Invalid(f"expected messages per minute like 100, or a rate like 100/min, 10/s, 1000/h, got {value!r}")
+    if rate < 1:
+        raise _Invalid(f"expected at least one message per minute, got {value!r}")
+    return round(rate)
+
+
+def _port(value: object, _: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 65535:
+        raise _Invalid(f"expected a TCP port from 0 to 65535 (0 picks a free one), got {value!r}")
+    return value
+
+
+def _url_path(value: object, _: Any) -> str:
+    if not isinstance(value, str) or not value.startswith("/") or any(c in value for c in "?# "):
+        raise _Invalid(f"expected a URL path starting with /, without query or spaces, got {value!r}")
+    if value in ("/health", "/metrics"):
+        raise _Invalid(f"{value} is taken by the admin endpoint; pick another path such as /realtime")
+    return value
+
+
+def _strict(kind: type, label: str) -> Any:
+    def structure(value: object, _: Any) -> Any:
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise _Invalid(f"expected {label}, got {value!r}")
+        return value
+
+    return structure
+
+
+def _strings(value: object, _: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+        raise _Invalid(f"expected a list of strings, got {value!r}")
+    return tuple(value)
+
+
+def _literal(options: tuple[str, ...]) -> Any:
+    def structure(value: object, _: Any) -> str:
+        if value not in options:
+            raise _Invalid(f"expected one of {', '.join(options)}, got {value!r}")
+        return value  # type: ignore[return-value]
+
+    return structure
+
+
+def _make_converter() -> cattrs.Converter:
+    conv = cattrs.Converter(forbid_extra_keys=True)
+    for kind, hook in (
+        (Seconds, _seconds),
+        (Bytes, _bytes),
+        (Count, _count),
+        (PerMinute, _per_minute),
+        (Port, _port),
+        (UrlPath, _url_path),
+        (Secret, _strict(str, "a string")),
+        (str, _strict(str, "a string")),
+        (bool, _strict(bool, "true or false")),
+    ):
+        conv.register_structure_hook(kind, hook)
+    conv.register_structure_hook_func(lambda t: t == tuple[str, ...], _strings)
+    for literal in (LogLevel, LogFormat):
+        conv.register_structure_hook_func(lambda t, lit=literal: t == lit, _literal(literal.__args__))
+    return conv
+
+
+_converter = _make_converter()
+
+
+def _problems(exc: BaseException, path: str, source: Mapping[str, str], out: list[str]) -> None:
+    if isinstance(exc, ClassValidationError):
+        with_notes, without_notes = exc.group_exceptions()
+        for inner, note in with_notes:
+            _problems(inner, f"{path}.{note.name}" if path else note.name, source, out)
+        for inner in without_notes:
+            _problems(inner, path, source, out)
+    elif isinstance(exc, IterableValidationError):
+        for inner in exc.exceptions:
+            _problems(inner, path, source, out)
+    elif isinstance(exc, ForbiddenExtraKeysError):
+        known = ", ".join(a.name for a in attrs.fields(exc.cl))
+        for key in sorted(exc.extra_fields):
+            key_path = f"{path}.{key}" if path else key
+            out.append(f"{source.get(key_path, source[''])}: {key_path}: unknown key; expected one of {known}")
+    else:
+        where = source.get(path, source[""])
+        if isinstance(exc, _Invalid):
+            out.append(f"{where}: {path}: {exc}")
+        elif isinstance(exc, KeyError | TypeError | AttributeError):
+            out.append(f"{where}: {path}: expected a mapping of keys, got something else")
+        else:
+            out.append(f"{where}: {path}: {exc}")
+
+
+def _env_overrides(raw: dict[str, Any], environ: Mapping[str, str], source: dict[str, str]) -> list[str]:
+    problems = []
+    sections = {a.name: a.type for a in attrs.fields(Config)}
+    for name, text in sorted(environ.items()):
+        if not name.startswith("FLUXRT_") or name == "FLUXRT_CONFIG":
+            continue
+        rest = name[len("FLUXRT_") :].lower()
+        section, _, key = rest.partition("_")
+        cls = sections.get(section)
+        if cls is None or key not in attrs.fields_dict(cls):  # type: ignore[arg-type]
+            problems.append(
+                f"environment {name}: unknown setting; expected FLUXRT_<SECTION>_<KEY>, e.g. FLUXRT_AUTH_JWT_SECRET"
+            )
+            continue
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            value = text
+        # A secret, a DSN or a name is a string even when it looks like a number or a boolean.
+        if attrs.fields_dict(cls)[key].type in _TEXT_TYPES:  # type: ignore[arg-type]
+            value = text
+        section_raw = raw.setdefault(section, {})
+        if isinstance(section_raw, dict):
+            section_raw[key] = value
+            source[f"{section}.{key}"] = f"environment {name}"
+    return problems
+
+
+def load_config(path: str | os.PathLike[str] | None, environ: Mapping[str, str] | None = None) -> Config:
+    """Read the YAML file at `path` (None: defaults only), apply `FLUXRT_<SECTION>_<KEY>` overrides, validate.
+
+    Raises ConfigError with one line per problem.
+    """
+    environ = os.environ if environ is None else environ
+    label = str(path) if path is not None else "defaults"
+    raw: Any = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError([f"{label}: cannot read the configuration file: {exc.strerror}"]) from None
+        try:
+            raw = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError([f"{label}: not valid YAML: {exc}".replace("\n", " ")]) from None
+        if raw is None:
+            raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError([f"{label}: expected a mapping of sections (server, auth, database, realtime, log)"])
+    source = {"": label}
+    problems = _env_overrides(raw, environ, source)
+    for section, value in raw.items():
+        if value is None:
+            raw[section] = {}
+    try:
+        config = _converter.structure(raw, Config)
+    except Exception as exc:
+        _problems(exc, "", source, problems)
+        raise ConfigError(problems) from None
+    problems.extend(_cross_checks(config, label))
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+def _cross_checks(config: Config, label: str) -> list[str]:
+    problems = []
+    auth = config.auth
+    for alg in auth.algorithms:
+        if alg.lower() == "none" or not re.fullmatch(r"(HS|RS|PS|ES)(256|384|512)|ES256K|EdDSA", alg):
+            problems.append(
+                f"{label}: auth.algorithms: {alg!r} is not supported; expected HS256/384/512, RS*, PS*, ES* or EdDSA"
+            )
+        elif alg.startswith("HS") and not auth.jwt_secret:
+            problems.append(f"{label}: auth.algorithms: {alg} needs auth.jwt_secret")
+        elif not alg.startswith("HS") and not auth.jwt_public_key_file:
+            problems.append(f"{label}: auth.algorithms: {alg} needs auth.jwt_public_key_file")
+    if auth.jwt_public_key_file and not Path(auth.jwt_public_key_file).is_file():
+        problems.append(f"{label}: auth.jwt_public_key_file: no such file {auth.jwt_public_key_file!r}")
+    if not auth.allow_anonymous and not (auth.jwt_secret or auth.jwt_public_key_file):
+        problems.append(
+            f"{label}: auth.allow_anonymous: false needs auth.jwt_secret or auth.jwt_public_key_file to verify tokens"
+        )
+    rt = config.realtime
+    if rt.max_connections_per_user > rt.max_connections:
+        problems.append(
+            f"{label}: realtime.max_connections_per_user: {rt.max_connections_per_user} exceeds "
+            f"realtime.max_connections ({rt.max_connections})"
+        )
+    return problems
+
+
+_MASK = "********"
+
+
+def masked(config: Config) -> dict[str, Any]:
+    """The effective configuration as plain data, with secrets and DSN passwords masked."""
+    data = _converter.unstructure(config)
+    if data["auth"]["jwt_secret"]:
+        data["auth"]["jwt_secret"] = _MASK
+    dsn = data["database"]["dsn"]
+    if dsn:
+        data["database"]["dsn"] = re.sub(r"(://[^:/@]*:)[^@]*@", rf"\1{_MASK}@", dsn)
+        data["database"]["dsn"] = re.sub(r"(password\s*=\s*)\S+", rf"\1{_MASK}", data["database"]["dsn"])
+    for section in data.values():
+        for key, value in section.items():
+            if isinstance(value, tuple):
+                section[key] = list(value)
+    return data

@@ -1,0 +1,394 @@
+"""The Trio side of one connection: HTTP routing and handshake, the reader loop, and carrying out session effects.
+
+One nursery owns each connection: its body is the reader loop, and the outbox starts its writer task in it only
+while there is a backlog. Leaving the nursery is the one way a connection ends; `release` then gives back
+everything it held.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+from typing import TYPE_CHECKING
+
+import h11
+import orjson
+import trio
+from wsproto.connection import Connection as WSConnection
+from wsproto.connection import ConnectionState, ConnectionType
+from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
+from wsproto.utilities import LocalProtocolError
+
+from . import http
+from .auth import AuthError
+from .logs import ctx
+from .outbox import Outbox
+from .protocol.frames import PING, text_frame
+from .protocol.identity import Identity
+from .protocol.messages import CloseCode, Error, ErrorCode, PresenceEvent, ServerMessage, encode
+from .protocol.session import (
+    Authenticate,
+    CheckSubscribe,
+    Close,
+    Effect,
+    Join,
+    Leave,
+    Publish,
+    Reply,
+    SendPresenceState,
+    Session,
+    Track,
+    Untrack,
+)
+
+if TYPE_CHECKING:
+    from .server import Server
+
+log = logging.getLogger("fluxrt.connection")
+
+HANDSHAKE_TIMEOUT = 10.0
+"""seconds a client has to send a complete HTTP request"""
+CLOSE_TIMEOUT = 2.0
+"""seconds the peer has to answer our close frame and read what we sent before the socket is dropped"""
+MAX_REQUEST_HEAD = 16 * 1024
+
+INVALID_TOKEN = "Invalid or expired token"
+
+
+class Connection:
+    """One client socket, from the first HTTP byte to the last WebSocket frame."""
+
+    __slots__ = (
+        "_partial",
+        "_partial_size",
+        "_reader_scope",
+        "closed",
+        "conn_id",
+        "last_seen",
+        "outbox",
+        "peer",
+        "server",
+        "session",
+        "sock",
+        "ws",
+    )
+
+    def __init__(self, server: Server, sock: socket.socket, conn_id: str, peer: str) -> None:
+        self.server = server
+        self.sock = sock
+        self.conn_id = conn_id
+        self.peer = peer
+        self.session: Session | None = None
+        self.ws: WSConnection | None = None
+        self.outbox: Outbox | None = None
+        self.closed = False
+        self.last_seen = trio.current_time()
+        self._reader_scope: trio.CancelScope | None = None
+        self._partial: list[str | bytes] | None = None
+        self._partial_size = 0
+
+    # ---- lifecycle -----------------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Serve this socket until it ends; never raises for anything the peer does."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self.outbox = Outbox(self.sock, self.server.config.realtime.write_buffer_size, nursery.start_soon)
+                with trio.CancelScope() as self._reader_scope:
+                    await self._serve()
+                # The reader is done; give what is queued a bounded time to leave, then stop the writer.
+                with trio.move_on_after(CLOSE_TIMEOUT):
+                    await self.outbox.wait_drained()
+                nursery.cancel_scope.cancel()
+        except Exception:
+            log.exception("connection failed", extra=ctx(conn=self.conn_id))
+        finally:
+            self.closed = True
+            self.release()
+            trio.lowlevel.notify_closing(self.sock)
+            self.sock.close()
+
+    def release(self) -> None:
+        """Give back subscriptions, presence and admission counts. Idempotent."""
+        session, self.session = self.session, None
+        if session is None:
+            return
+        for effect in session.close():
+            self._apply_local(effect)
+        self.server.unregister(self, session.identity)
+
+    async def _serve(self) -> None:
+        request, conn, trailing = await self._read_request()
+        if request is None:
+            return
+        server = self.server
+        decision = http.route(
+            request,
+            ws_path=server.config.server.path,
+            realtime_enabled=server.config.realtime.enabled,
+            draining=server.draining,
+            allowed_origins=server.config.server.allowed_origins,
+        )
+        if isinstance(decision, http.Admin):
+            status, body, content_type = server.admin(decision.endpoint)
+            self._send_http(http.response_bytes(conn, status, body, content_type, head=request.method == b"HEAD"))
+            return
+        if isinstance(decision, http.Refuse):
+            self._send_http(
+                http.response_bytes(conn, decision.status, decision.body, decision.content_type, decision.headers)
+            )
+            return
+        self._send_http(http.switching_protocols(conn, decision.accept))
+        self.ws = WSConnection(ConnectionType.SERVER)
+        identity = self._authenticate(decision.token)
+        if identity is None:
+            return await self._websocket(trailing)
+        refusal = server.admit(self, identity)
+        if refusal is not None:
+            self._reply(Error(ErrorCode.RATE_LIMITED, refusal))
+            self.close(CloseCode.RATE_LIMITED, "too many connections")
+            return await self._websocket(trailing)
+        self.session = Session(self.conn_id, identity, server.session_limits)
+        server.supervisor.watch(self)
+        log.debug("connected", extra=ctx(conn=self.conn_id, peer=self.peer, sub=identity.sub, role=identity.role))
+        await self._websocket(trailing)
+
+    def _authenticate(self, token: str | None) -> Identity | None:
+        verifier = self.server.verifier
+        if token is None:
+            if self.server.config.auth.allow_anonymous:
+                return verifier.anonymous()
+            reason = "no token given and auth.allow_anonymous is false"
+        else:
+            try:
+                return verifier.verify(token)
+            except AuthError as exc:
+                reason = str(exc)
+        log.info("refused token", extra=ctx(conn=self.conn_id, peer=self.peer, reason=reason))
+        self._reply(Error(ErrorCode.UNAUTHORIZED, INVALID_TOKEN))
+        self.close(CloseCode.UNAUTHORIZED, "unauthorized")
+        return None
+
+    # ---- HTTP ----------------------------------------------------------------------------------------------
+
+    async def _read_request(self) -> tuple[h11.Request | None, h11.Connection, bytes]:
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD)
+        with trio.move_on_after(HANDSHAKE_TIMEOUT):
+            while True:
+                try:
+                    event = conn.next_event()
+                except h11.RemoteProtocolError as exc:
+                    status = exc.error_status_hint
+                    body = orjson.dumps({"error": "bad_request", "message": f"malformed HTTP request: {exc}"})
+                    with contextlib.suppress(h11.LocalProtocolError):
+                        self._send_http(http.response_bytes(conn, status, body, "application/json"))
+                    return None, conn, b""
+                if isinstance(event, h11.Request):
+                    trailing, _ = conn.trailing_data
+                    return event, conn, bytes(trailing)
+                if event is h11.NEED_DATA:
+                    data = await self._recv()
+                    if not data:
+                        return None, conn, b""
+                    conn.receive_data(data)
+                else:
+                    return None, conn, b""
+        return None, conn, b""
+
+    def _send_http(self, data: bytes) -> None:
+        assert self.outbox is not None
+        self.outbox.send_nowait(data)
+
+    async def _recv(self) -> bytes:
+        """Read what the kernel has, waiting for it if needed; b"" at end of stream or on a socket error."""
+        sock = self.sock
+        while True:
+            try:
+                data = sock.recv(self.server.config.realtime.read_buffer_size)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(sock)
+                continue
+            except OSError:
+                return b""
+            # A client that keeps the buffer full must still let other connections run.
+            await trio.lowlevel.checkpoint()
+            return data
+
+    # ---- WebSocket -----------------------------------------------------------------------------------------
+
+    async def _websocket(self, trailing: bytes) -> None:
+        ws = self.ws
+        assert ws is not None
+        data = trailing
+        while True:
+            if data:
+                self.last_seen = trio.current_time()
+                ws.receive_data(data)
+                await self._handle_events()
+            if ws.state is ConnectionState.CLOSED:
+                return
+            data = await self._recv()
+            if not data:
+                return
+
+    async def _handle_events(self) -> None:
+        ws = self.ws
+        assert ws is not None
+        max_size = self.server.config.realtime.max_message_size
+        for event in ws.events():
+            if isinstance(event, TextMessage | BytesMessage):
+                if ws.state is not ConnectionState.OPEN:
+                    continue
+                size = len(event.data.encode()) if isinstance(event.data, str) else len(event.data)
+                self._partial_size += size
+                if self._partial_size > max_size:
+                    self._partial, self._partial_size = None, 0
+                    self.close(CloseCode.MESSAGE_TOO_BIG, f"message larger than {max_size} bytes")
+                    continue
+                if not event.message_finished:
+                    if self._partial is None:
+                        self._partial = []
+                    self._partial.append(event.data)
+                    continue
+                parts, self._partial, self._partial_size = self._partial, None, 0
+                await self._message(event, parts)
+            elif isinstance(event, Ping):
+                self._send_raw(ws.send(event.response()))
+            elif isinstance(event, CloseConnection):
+                if ws.state is ConnectionState.REMOTE_CLOSING:
+                    # The client closes: echo its close, unless we had closed first.
+                    self._finish_close(ws.send(event.response()))
+                elif not self.closed and ws.state is ConnectionState.OPEN:
+                    # A protocol error found by wsproto (bad UTF-8, bad framing): close with its code.
+                    self.close(event.code, event.reason or "protocol error")
+
+    async def _message(self, event: TextMessage | BytesMessage, parts: list[str | bytes] | None) -> None:
+        session = self.session
+        if session is None or self.closed:
+            return
+        self.server.counters.messages_in += 1
+        now = trio.current_time()
+        if isinstance(event, BytesMessage):
+            effects = session.binary_frame(now)
+        else:
+            text = "".join([*parts, event.data]) if parts else event.data  # type: ignore[list-item]
+            effects = session.receive(text, now)
+        await self._apply(effects)
+
+    # ---- effects -------------------------------------------------------------------------------------------
+
+    async def _apply(self, effects: list[Effect]) -> None:
+        for effect in effects:
+            if self.session is None:
+                return
+            match effect:
+                case CheckSubscribe(request=request, channel=channel):
+                    refusal = await self.server.check_subscribe(self, channel, request)
+                    if self.session is not None:
+                        await self._apply(self.session.subscribe_checked(request, channel, refusal))
+                case Authenticate(token=token, ref=ref):
+                    await self._apply(self._reauthenticate(token, ref))
+                case _:
+                    self._apply_local(effect)
+
+    def _apply_local(self, effect: Effect) -> None:
+        hub = self.server.hub
+        match effect:
+            case Reply(message=message):
+                self._reply(message)
+            case Join(subscription=sub):
+                hub.join(sub.channel.name, self)
+            case Leave(channel=channel):
+                hub.leave(channel.name, self)
+            case SendPresenceState(channel=channel):
+                self._reply(PresenceEvent(channel.name, "sync", hub.presence_state(channel.name)))
+            case Publish(channel=channel, payload=payload):
+                hub.broadcast(channel.name, payload, sender=self)
+            case Track(channel=channel, key=key, ref=ref, state=state):
+                hub.track(channel.name, key, ref, state)
+            case Untrack(channel=channel, key=key, ref=ref):
+                hub.untrack(channel.name, key, ref)
+            case Close(code=code, reason=reason):
+                self.close(code, reason)
+            case _:
+                raise AssertionError(f"effect {effect!r} needs the async path")
+
+    def _reauthenticate(self, token: str, ref: str | None) -> list[Effect]:
+        session = self.session
+        assert session is not None
+        try:
+            identity = self.server.verifier.verify(token)
+        except AuthError as exc:
+            log.info("refused token refresh", extra=ctx(conn=self.conn_id, reason=str(exc)))
+            return [Reply(Error(ErrorCode.UNAUTHORIZED, INVALID_TOKEN, ref=ref))]
+        refusal = self.server.readmit(self, session.identity, identity)
+        if refusal is not None:
+            return [Reply(Error(ErrorCode.RATE_LIMITED, refusal, ref=ref))]
+        effects = session.authenticated(identity, ref)
+        self.server.supervisor.identity_changed(self)
+        return effects
+
+    # ---- output --------------------------------------------------------------------------------------------
+
+    def _reply(self, message: ServerMessage) -> None:
+        counters = self.server.counters
+        counters.messages_out += 1
+        if isinstance(message, Error):
+            counters.errors[message.code.value] += 1
+        self.deliver_nowait(text_frame(encode(message)))
+
+    def _send_raw(self, data: bytes) -> None:
+        assert self.outbox is not None
+        self.outbox.send_nowait(data)
+
+    def deliver_nowait(self, frame: bytes) -> None:
+        """Hub entry point: queue a frame; a connection whose queue overflows is closed 4009."""
+        outbox = self.outbox
+        if outbox is not None and not outbox.send_nowait(frame):
+            self.server.counters.slow_consumer_closes += 1
+            log.info("slow consumer", extra=ctx(conn=self.conn_id, backlog=outbox.backlog))
+            self.close(CloseCode.SLOW_CONSUMER, "slow consumer: outgoing queue overflowed", discard_backlog=True)
+
+    def close(self, code: int, reason: str, *, discard_backlog: bool = False) -> None:
+        """Start closing: send the close frame after what is queued, then give the peer CLOSE_TIMEOUT to answer.
+
+        The connection stops taking messages at once. Safe to call from any task, any number of times.
+        """
+        if self.closed:
+            return
+        self.closed = True
+        self.server.counters.closes[int(code)] += 1
+        log.debug("closing", extra=ctx(conn=self.conn_id, code=int(code), reason=reason))
+        frame = b""
+        if self.ws is not None:
+            try:
+                frame = self.ws.send(CloseConnection(code=int(code), reason=reason))
+            except LocalProtocolError:
+                frame = b""
+        self._finish_close(frame, discard_backlog=discard_backlog)
+
+    def _finish_close(self, frame: bytes, *, discard_backlog: bool = False) -> None:
+        self.closed = True
+        assert self.outbox is not None
+        self.outbox.close(frame, discard_backlog=discard_backlog)
+        if self._reader_scope is not None:
+            self._reader_scope.deadline = min(self._reader_scope.deadline, trio.current_time() + CLOSE_TIMEOUT)
+        # Leave the channels at once: a closing connection receives nothing more.
+        self.release()
+
+    # ---- supervision (see supervisor.py) -------------------------------------------------------------------
+
+    @property
+    def expires_at(self) -> float | None:
+        return self.session.identity.expires_at if self.session is not None else None
+
+    def ping(self) -> None:
+        self.deliver_nowait(PING)
+
+    def idle_timeout(self, idle: float) -> None:
+        self.close(CloseCode.TIMEOUT, f"connection timeout: nothing received for {idle:.0f}s")
+
+    def token_expired(self) -> None:
+        self._reply(Error(ErrorCode.UNAUTHORIZED, "token expired"))
+        self.close(CloseCode.UNAUTHORIZED, "token expired")

@@ -1,0 +1,149 @@
+"""The HTTP side of the port: routing a request to the WebSocket upgrade, `/health`, `/metrics`, or a refusal.
+
+`route` is pure: it takes the parsed request and returns what to do; the connection carries it out with h11.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import urllib.parse
+from http import HTTPStatus
+
+import attrs
+import h11
+import orjson
+
+_WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+
+@attrs.frozen(slots=True)
+class Refuse:
+    status: int
+    body: bytes
+    content_type: str = "application/json"
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+@attrs.frozen(slots=True)
+class Admin:
+    endpoint: str
+    """`health` or `metrics`"""
+
+
+@attrs.frozen(slots=True)
+class Upgrade:
+    accept: str
+    """the Sec-WebSocket-Accept value"""
+    token: str | None
+    """from `?token=` or `Authorization: Bearer`"""
+
+
+def _json_error(status: int, error: str, message: str, headers: tuple[tuple[str, str], ...] = ()) -> Refuse:
+    return Refuse(status, orjson.dumps({"error": error, "message": message}), headers=headers)
+
+
+def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> str | None:
+    for key, value in headers:
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
+def accept_key(key: str) -> str:
+    """Sec-WebSocket-Accept for a Sec-WebSocket-Key (RFC 6455 section 4.2.2)."""
+    return base64.b64encode(hashlib.sha1(key.encode("ascii") + _WS_GUID).digest()).decode("ascii")
+
+
+def route(
+    request: h11.Request,
+    *,
+    ws_path: str,
+    realtime_enabled: bool,
+    draining: bool,
+    allowed_origins: tuple[str, ...],
+) -> Refuse | Admin | Upgrade:
+    """Decide what to do with one HTTP request. `request.headers` are lower-cased by h11."""
+    split = urllib.parse.urlsplit(request.target.decode("latin-1"))
+    path = split.path
+    method = request.method
+    if path in ("/health", "/metrics"):
+        if method not in (b"GET", b"HEAD"):
+            return _json_error(405, "method_not_allowed", f"{path} answers GET", (("allow", "GET, HEAD"),))
+        return Admin(path[1:])
+    if path != ws_path:
+        return _json_error(404, "not_found", f"no such path; the WebSocket endpoint is {ws_path}")
+    if not realtime_enabled:
+        return _json_error(503, "realtime_disabled", "realtime is disabled on this server (realtime.enabled: false)")
+    if draining:
+        return _json_error(503, "shutting_down", "the server is shutting down; reconnect to another node")
+    headers = list(request.headers)
+    upgrade = (_header(headers, b"upgrade") or "").lower()
+    connection = {t.strip() for t in (_header(headers, b"connection") or "").lower().split(",")}
+    if method != b"GET" or upgrade != "websocket" or "upgrade" not in connection:
+        return _json_error(
+            426,
+            "upgrade_required",
+            f"{ws_path} speaks WebSocket: connect with ws:// or wss:// (GET with Upgrade: websocket)",
+            (("upgrade", "websocket"), ("sec-websocket-version", "13")),
+        )
+    if _header(headers, b"sec-websocket-version") != "13":
+        return _json_error(
+            426, "unsupported_version", "only WebSocket version 13 is supported", (("sec-websocket-version", "13"),)
+        )
+    key = _header(headers, b"sec-websocket-key")
+    try:
+        if key is None or len(base64.b64decode(key, validate=True)) != 16:
+            raise ValueError(key)
+    except ValueError:
+        return _json_error(400, "bad_request", "Sec-WebSocket-Key must be 16 random bytes in base64")
+    origin = _header(headers, b"origin")
+    if allowed_origins and origin not in allowed_origins:
+        return _json_error(403, "origin_not_allowed", f"origin {origin!r} is not in server.allowed_origins")
+    token = None
+    query = urllib.parse.parse_qs(split.query)
+    if query.get("token"):
+        token = query["token"][0]
+    else:
+        authorization = _header(headers, b"authorization") or ""
+        scheme, _, credentials = authorization.partition(" ")
+        if scheme.lower() == "bearer" and credentials.strip():
+            token = credentials.strip()
+    return Upgrade(accept_key(key), token)
+
+
+def response_bytes(
+    conn: h11.Connection,
+    status: int,
+    body: bytes,
+    content_type: str,
+    headers: tuple[tuple[str, str], ...] = (),
+    *,
+    head: bool = False,
+) -> bytes:
+    """A complete response that closes the connection afterwards."""
+    all_headers = [
+        ("content-type", content_type),
+        ("content-length", str(len(body))),
+        ("connection", "close"),
+        ("cache-control", "no-store"),
+        *headers,
+    ]
+    data = conn.send(h11.Response(status_code=status, headers=all_headers, reason=HTTPStatus(status).phrase)) or b""
+    if not head:
+        data += conn.send(h11.Data(data=body)) or b""
+    data += conn.send(h11.EndOfMessage()) or b""
+    return data
+
+
+def switching_protocols(conn: h11.Connection, accept: str) -> bytes:
+    """The 101 response completing a WebSocket upgrade (no extensions, no subprotocol)."""
+    return (
+        conn.send(
+            h11.InformationalResponse(
+                status_code=101,
+                headers=[("upgrade", "websocket"), ("connection", "Upgrade"), ("sec-websocket-accept", accept)],
+            )
+        )
+        or b""
+    )

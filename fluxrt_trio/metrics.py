@@ -1,0 +1,87 @@
+"""Counters for `/metrics`, kept as plain integers so the hot path pays one addition, exposed in Prometheus text."""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Callable, Iterator
+
+import attrs
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from .hub import HubStatistics
+
+
+@attrs.define
+class Counters:
+    messages_in: int = 0
+    """client messages received"""
+    messages_out: int = 0
+    """frames sent to one connection (replies, presence syncs); fan-out deliveries come from the hub"""
+    errors: collections.Counter[str] = attrs.field(factory=collections.Counter)
+    closes: collections.Counter[int] = attrs.field(factory=collections.Counter)
+    slow_consumer_closes: int = 0
+    rejected_connections: collections.Counter[str] = attrs.field(factory=collections.Counter)
+
+
+class _Collector(Collector):
+    def __init__(
+        self,
+        counters: Counters,
+        connections: Callable[[], int],
+        hub: Callable[[], HubStatistics],
+        uptime: Callable[[], float],
+    ) -> None:
+        self._counters = counters
+        self._connections = connections
+        self._hub = hub
+        self._uptime = uptime
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        c = self._counters
+        stats = self._hub()
+        yield GaugeMetricFamily("fluxrt_connections", "Open WebSocket connections", value=self._connections())
+        subs = GaugeMetricFamily("fluxrt_subscriptions", "Subscriptions by channel kind", labels=["kind"])
+        for kind, n in sorted(stats.subscriptions.items()):
+            subs.add_metric([kind], n)
+        yield subs
+        yield GaugeMetricFamily(
+            "fluxrt_presence_rooms", "Presence rooms with someone in them", value=stats.presence_rooms
+        )
+        yield CounterMetricFamily("fluxrt_messages_in", "Client messages received", value=c.messages_in)
+        yield CounterMetricFamily(
+            "fluxrt_messages_out", "Frames sent to clients", value=c.messages_out + stats.delivered
+        )
+        yield CounterMetricFamily("fluxrt_events_published", "Events published to channels", value=stats.published)
+        errors = CounterMetricFamily("fluxrt_errors", "Error messages sent to clients, by code", labels=["code"])
+        for code, n in sorted(c.errors.items()):
+            errors.add_metric([code], n)
+        yield errors
+        closes = CounterMetricFamily(
+            "fluxrt_closes", "Connections closed by the server, by close code", labels=["code"]
+        )
+        for code, n in sorted(c.closes.items()):
+            closes.add_metric([str(code)], n)
+        yield closes
+        yield CounterMetricFamily(
+            "fluxrt_slow_consumer_closes",
+            "Connections closed because their outgoing queue overflowed",
+            value=c.slow_consumer_closes,
+        )
+        rejected = CounterMetricFamily(
+            "fluxrt_rejected_connections", "Connections refused at admission, by reason", labels=["reason"]
+        )
+        for reason, n in sorted(c.rejected_connections.items()):
+            rejected.add_metric([reason], n)
+        yield rejected
+        yield GaugeMetricFamily("fluxrt_uptime_seconds", "Seconds since the server started", value=self._uptime())
+
+
+def exposition(
+    counters: Counters, connections: Callable[[], int], hub: Callable[[], HubStatistics], uptime: Callable[[], float]
+) -> bytes:
+    """The Prometheus text exposition of everything above."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Collector(counters, connections, hub, uptime))
+    return generate_latest(registry)

@@ -1,0 +1,344 @@
+"""One connection's protocol state: what it is subscribed to, what it tracks, and its rate allowances.
+
+`Session.receive` takes one client frame and returns effects for the I/O shell to carry out, in order. Checks that
+need the outside world (the database, token verification) come back as requests (`CheckSubscribe`, `Authenticate`)
+whose outcome the shell feeds back through `subscribe_checked` and `authenticated`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+import orjson
+
+from .channels import Channel, ChannelError, ChannelKind, parse_channel
+from .identity import Identity
+from .limits import Allowance, Verdict
+from .messages import (
+    Ack,
+    Auth,
+    Broadcast,
+    CloseCode,
+    DecodeError,
+    Error,
+    ErrorCode,
+    Ping,
+    Pong,
+    Presence,
+    ServerMessage,
+    Subscribe,
+    Unsubscribe,
+    decode,
+)
+
+
+@attrs.frozen(slots=True)
+class SessionLimits:
+    max_subscriptions: int = 100
+    message_rate_limit: int = 100
+    """broadcast and presence (and anything unparseable) per minute"""
+    max_presence_state_size: int = 4096
+
+
+@attrs.frozen(slots=True)
+class Subscription:
+    channel: Channel
+    event: str = "*"
+    filter: str | None = None
+
+
+# ---- effects -------------------------------------------------------------------------------------------------
+
+
+@attrs.frozen(slots=True)
+class Reply:
+    message: ServerMessage
+
+
+@attrs.frozen(slots=True)
+class CheckSubscribe:
+    """Ask the outside world whether this subscribe may proceed; answer with `Session.subscribe_checked`."""
+
+    request: Subscribe
+    channel: Channel
+
+
+@attrs.frozen(slots=True)
+class Join:
+    subscription: Subscription
+
+
+@attrs.frozen(slots=True)
+class SendPresenceState:
+    channel: Channel
+
+
+@attrs.frozen(slots=True)
+class Leave:
+    channel: Channel
+
+
+@attrs.frozen(slots=True)
+class Publish:
+    channel: Channel
+    payload: Any
+
+
+@attrs.frozen(slots=True)
+class Track:
+    channel: Channel
+    key: str
+    ref: str
+    state: dict[str, Any]
+
+
+@attrs.frozen(slots=True)
+class Untrack:
+    channel: Channel
+    key: str
+    ref: str
+
+
+@attrs.frozen(slots=True)
+class Authenticate:
+    """Verify `token`; answer with `Session.authenticated`, or reply UNAUTHORIZED and keep the identity."""
+
+    token: str
+    ref: str | None
+
+
+@attrs.frozen(slots=True)
+class Close:
+    code: CloseCode
+    reason: str
+
+
+Effect = Reply | CheckSubscribe | Join | SendPresenceState | Leave | Publish | Track | Untrack | Authenticate | Close
+
+
+def error(code: ErrorCode, message: str, *, channel: str | None = None, ref: str | None = None) -> list[Effect]:
+    return [Reply(Error(code, message, channel=channel, ref=ref))]
+
+
+class Session:
+    """The protocol state of one connection. `conn_id` is opaque and unique per connection."""
+
+    __slots__ = ("_messages", "_subscribes", "conn_id", "identity", "limits", "subscriptions", "tracked")
+
+    def __init__(self, conn_id: str, identity: Identity, limits: SessionLimits) -> None:
+        self.conn_id = conn_id
+        self.identity = identity
+        self.limits = limits
+        self.subscriptions: dict[str, Subscription] = {}
+        self.tracked: dict[str, dict[str, Any]] = {}
+        self._messages = Allowance(limits.message_rate_limit)
+        self._subscribes = Allowance(2 * limits.max_subscriptions)
+
+    @property
+    def presence_key(self) -> str:
+        """The JWT `sub`, or for an anonymous connection `anon:` + its opaque id."""
+        sub = self.identity.sub
+        return sub if sub is not None else f"anon:{self.conn_id}"
+
+    def receive(self, text: str | bytes, now: float) -> list[Effect]:
+        """Handle one client text frame received at `now` (seconds, monotonic)."""
+        try:
+            message = decode(text)
+        except DecodeError as exc:
+            return self._charged(self._messages, now, exc.ref) or error(
+                ErrorCode.INVALID_MESSAGE, str(exc), ref=exc.ref
+            )
+        match message:
+            case Ping(ref=ref):
+                return [Reply(Pong(ref=ref))]
+            case Subscribe() | Unsubscribe():
+                refusal = self._charged(self._subscribes, now, message.ref, "subscribe/unsubscribe")
+            case _:
+                refusal = self._charged(self._messages, now, message.ref)
+        if refusal:
+            return refusal
+        match message:
+            case Subscribe():
+                return self._subscribe(message)
+            case Unsubscribe():
+                return self._unsubscribe(message)
+            case Broadcast():
+                return self._broadcast(message)
+            case Presence():
+                return self._presence(message)
+            case Auth(token=token, ref=ref):
+                return [Authenticate(token, ref)]
+        raise AssertionError(f"unhandled message {message!r}")
+
+    def binary_frame(self, now: float) -> list[Effect]:
+        """A binary frame: counted like any message, then refused."""
+        return self._charged(self._messages, now, None) or error(
+            ErrorCode.INVALID_MESSAGE, "binary frames are not supported: send JSON in text frames"
+        )
+
+    def _charged(self, allowance: Allowance, now: float, ref: str | None, what: str = "") -> list[Effect]:
+        verdict = allowance.charge(now)
+        if verdict is Verdict.ALLOW:
+            return []
+        what = what or "broadcast/presence"
+        if verdict is Verdict.CLOSE:
+            return [
+                Reply(
+                    Error(
+                        ErrorCode.RATE_LIMITED,
+                        f"message flood: more than twice the allowance of {allowance.per_minute} {what} "
+                        "messages per minute; closing",
+                        ref=ref,
+                    )
+                ),
+                Close(CloseCode.RATE_LIMITED, "message flood"),
+            ]
+        return error(
+            ErrorCode.RATE_LIMITED,
+            f"rate limit exceeded: at most {allowance.per_minute} {what} messages per minute; message dropped",
+            ref=ref,
+        )
+
+    def _channel(self, name: str, ref: str | None) -> Channel | list[Effect]:
+        try:
+            return parse_channel(name)
+        except ChannelError as exc:
+            return error(ErrorCode.INVALID_CHANNEL, str(exc), channel=name, ref=ref)
+
+    def _subscribe(self, message: Subscribe) -> list[Effect]:
+        channel = self._channel(message.channel, message.ref)
+        if isinstance(channel, list):
+            return channel
+        return [CheckSubscribe(message, channel)]
+
+    def subscribe_checked(self, request: Subscribe, channel: Channel, refusal: Error | None) -> list[Effect]:
+        """Finish a subscribe once the shell has run the outside checks; `refusal` is their error, if any."""
+        if refusal is not None:
+            return [Reply(refusal)]
+        name = channel.name
+        if name not in self.subscriptions and len(self.subscriptions) >= self.limits.max_subscriptions:
+            return error(
+                ErrorCode.SUBSCRIPTION_FAILED,
+                f"subscription limit reached: at most {self.limits.max_subscriptions} channels per connection; "
+                "unsubscribe from one first",
+                channel=name,
+                ref=request.ref,
+            )
+        subscription = Subscription(channel, request.event, request.filter)
+        self.subscriptions[name] = subscription
+        effects: list[Effect] = [Join(subscription), Reply(Ack("subscribed", name, request.ref))]
+        if channel.kind is ChannelKind.PRESENCE:
+            effects.append(SendPresenceState(channel))
+        return effects
+
+    def _unsubscribe(self, message: Unsubscribe) -> list[Effect]:
+        channel = self._channel(message.channel, message.ref)
+        if isinstance(channel, list):
+            return channel
+        return [*self._drop(channel), Reply(Ack("unsubscribed", channel.name, message.ref))]
+
+    def _drop(self, channel: Channel) -> list[Effect]:
+        effects: list[Effect] = []
+        if self.tracked.pop(channel.name, None) is not None:
+            effects.append(Untrack(channel, self.presence_key, self.conn_id))
+        if self.subscriptions.pop(channel.name, None) is not None:
+            effects.append(Leave(channel))
+        return effects
+
+    def drop(self, name: str) -> list[Effect]:
+        """Drop a subscription the server ended (for example a table whose realtime was disabled)."""
+        subscription = self.subscriptions.get(name)
+        return self._drop(subscription.channel) if subscription else []
+
+    def close(self) -> list[Effect]:
+        """Everything the connection holds, released: every presence left, every subscription ended."""
+        effects: list[Effect] = []
+        for subscription in list(self.subscriptions.values()):
+            effects.extend(self._drop(subscription.channel))
+        return effects
+
+    def _broadcast(self, message: Broadcast) -> list[Effect]:
+        channel = self._channel(message.channel, message.ref)
+        if isinstance(channel, list):
+            return channel
+        if channel.kind is not ChannelKind.BROADCAST:
+            return error(
+                ErrorCode.INVALID_CHANNEL,
+                f"cannot broadcast on {channel.name}: broadcast messages go to broadcast:{{topic}} channels",
+                channel=channel.name,
+                ref=message.ref,
+            )
+        effects: list[Effect] = [Publish(channel, message.payload)]
+        if message.ref is not None:
+            effects.append(Reply(Ack("sent", channel.name, message.ref)))
+        return effects
+
+    def _presence(self, message: Presence) -> list[Effect]:
+        channel = self._channel(message.channel, message.ref)
+        if isinstance(channel, list):
+            return channel
+        name, ref = channel.name, message.ref
+        if channel.kind is not ChannelKind.PRESENCE:
+            return error(
+                ErrorCode.INVALID_CHANNEL,
+                f"cannot track presence on {name}: presence goes to presence:{{room}} channels",
+                channel=name,
+                ref=ref,
+            )
+        if message.event not in ("track", "untrack"):
+            return error(
+                ErrorCode.INVALID_MESSAGE,
+                f"presence: event must be 'track' or 'untrack', got {message.event[:64]!r}",
+                channel=name,
+                ref=ref,
+            )
+        if name not in self.subscriptions:
+            return error(
+                ErrorCode.SUBSCRIPTION_FAILED,
+                f"not subscribed to {name}: subscribe to the channel before presence {message.event}",
+                channel=name,
+                ref=ref,
+            )
+        if message.event == "untrack":
+            effects: list[Effect] = []
+            if self.tracked.pop(name, None) is not None:
+                effects.append(Untrack(channel, self.presence_key, self.conn_id))
+            if ref is not None:
+                effects.append(Reply(Ack("untracked", name, ref)))
+            return effects
+        state = message.payload
+        if not isinstance(state, dict):
+            return error(
+                ErrorCode.INVALID_MESSAGE,
+                "presence: track needs a payload that is a JSON object (the state to share)",
+                channel=name,
+                ref=ref,
+            )
+        size = len(orjson.dumps(state))
+        if size > self.limits.max_presence_state_size:
+            return error(
+                ErrorCode.INVALID_MESSAGE,
+                f"presence: state is {size} bytes as compact JSON; the limit is "
+                f"{self.limits.max_presence_state_size} (realtime.max_presence_state_size)",
+                channel=name,
+                ref=ref,
+            )
+        self.tracked[name] = state
+        effects = [Track(channel, self.presence_key, self.conn_id, state)]
+        if ref is not None:
+            effects.append(Reply(Ack("tracked", name, ref)))
+        return effects
+
+    def authenticated(self, identity: Identity, ref: str | None) -> list[Effect]:
+        """Adopt a freshly verified identity. Presence tracked under the old key moves to the new one."""
+        old_key = self.presence_key
+        self.identity = identity
+        effects: list[Effect] = []
+        if self.presence_key != old_key:
+            for name, state in self.tracked.items():
+                channel = self.subscriptions[name].channel
+                effects.append(Untrack(channel, old_key, self.conn_id))
+                effects.append(Track(channel, self.presence_key, self.conn_id, state))
+        effects.append(Reply(Ack("authorized", ref=ref)))
+        return effects

@@ -1,0 +1,230 @@
+"""The listener, admission, the root nursery and graceful shutdown."""
+
+from __future__ import annotations
+
+import collections
+import errno
+import itertools
+import logging
+import os
+import secrets
+import socket
+import time
+from typing import Any
+
+import orjson
+import trio
+
+from . import metrics
+from .auth import Verifier
+from .config import Config
+from .connection import Connection
+from .hub import Hub, LocalHub
+from .logs import ctx
+from .protocol.channels import Channel, ChannelKind
+from .protocol.identity import Identity
+from .protocol.messages import CloseCode, Error, ErrorCode, Subscribe
+from .protocol.session import SessionLimits
+from .supervisor import Supervisor
+
+log = logging.getLogger("fluxrt.server")
+
+# Running out of descriptors or memory is a load condition: wait and accept again instead of dying.
+_ACCEPT_RETRY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+_ACCEPT_BATCH = 128
+_LISTEN_BACKLOG = 4096
+
+
+class Server:
+    """One fluxrt node. `serve` runs it; `shutdown` drains it; both are meant for one Trio run."""
+
+    def __init__(self, config: Config, *, hub: Hub | None = None) -> None:
+        self.config = config
+        self.hub: Hub = hub if hub is not None else LocalHub()
+        self.verifier = Verifier(config.auth)
+        self.counters = metrics.Counters()
+        rt = config.realtime
+        self.session_limits = SessionLimits(
+            max_subscriptions=rt.max_subscriptions_per_connection,
+            message_rate_limit=rt.message_rate_limit,
+            max_presence_state_size=rt.max_presence_state_size,
+        )
+        self.supervisor = Supervisor(rt.heartbeat_interval, rt.connection_timeout)
+        self.connections: set[Connection] = set()
+        self.per_user: collections.Counter[str] = collections.Counter()
+        self.draining = False
+        self.port: int | None = None
+        self._started_at = time.monotonic()
+        self._ids = itertools.count(1)
+        self._id_prefix = secrets.token_hex(3)
+        self._handlers = 0
+        self._idle = trio.Event()
+        self._listener: socket.socket | None = None
+        self._accept_scope: trio.CancelScope | None = None
+        self._nursery: trio.Nursery | None = None
+
+    # ---- running -------------------------------------------------------------------------------------------
+
+    async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        """Listen and serve until `shutdown` finishes. Reports the bound port through `task_status`."""
+        listener = self._listen()
+        self.port = listener.getsockname()[1]
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self.supervisor.run)
+                nursery.start_soon(self._accept_loop, listener, nursery)
+                log.info(
+                    "listening",
+                    extra=ctx(host=self.config.server.host, port=self.port, path=self.config.server.path),
+                )
+                task_status.started(self.port)
+        finally:
+            self._close_listener()
+
+    def _listen(self) -> socket.socket:
+        host = self.config.server.host
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        listener = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind((host, self.config.server.port))
+            listener.listen(_LISTEN_BACKLOG)
+            listener.setblocking(False)
+        except OSError:
+            listener.close()
+            raise
+        self._listener = listener
+        return listener
+
+    def _close_listener(self) -> None:
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            trio.lowlevel.notify_closing(listener)
+            listener.close()
+
+    async def _accept_loop(self, listener: socket.socket, nursery: trio.Nursery) -> None:
+        with trio.CancelScope() as self._accept_scope:
+            while True:
+                await trio.lowlevel.wait_readable(listener)
+                for _ in range(_ACCEPT_BATCH):
+                    try:
+                        sock, address = listener.accept()
+                    except BlockingIOError:
+                        break
+                    except OSError as exc:
+                        if exc.errno not in _ACCEPT_RETRY_ERRNOS:
+                            raise
+                        log.error("accept failed, retrying in 100 ms", extra=ctx(error=os.strerror(exc.errno)))
+                        await trio.sleep(0.1)
+                        break
+                    sock.setblocking(False)
+                    if sock.family in (socket.AF_INET, socket.AF_INET6):
+                        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    nursery.start_soon(self._handle, sock, f"{address[0]}:{address[1]}")
+                await trio.lowlevel.checkpoint()
+
+    async def _handle(self, sock: socket.socket, peer: str) -> None:
+        self._handlers += 1
+        try:
+            await Connection(self, sock, f"{self._id_prefix}{next(self._ids):x}", peer).run()
+        finally:
+            self._handlers -= 1
+            if self._handlers == 0 and self.draining:
+                self._idle.set()
+
+    async def shutdown(self) -> None:
+        """Stop accepting, close every connection with 1001, wait up to `shutdown_timeout`, then stop.
+
+        Handshakes already in progress are answered 503.
+        """
+        if self.draining:
+            return
+        self.draining = True
+        log.info("shutting down", extra=ctx(connections=len(self.connections)))
+        if self._accept_scope is not None:
+            self._accept_scope.cancel()
+        self._close_listener()
+        for conn in list(self.connections):
+            conn.close(CloseCode.GOING_AWAY, "server shutting down")
+        if self._handlers:
+            with trio.move_on_after(self.config.realtime.shutdown_timeout):
+                await self._idle.wait()
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+        log.info("stopped")
+
+    # ---- admission -----------------------------------------------------------------------------------------
+
+    def admit(self, conn: Connection, identity: Identity) -> str | None:
+        """Count a new connection in, or return why it is refused (too many on the node or for the user)."""
+        rt = self.config.realtime
+        if len(self.connections) >= rt.max_connections:
+            self.counters.rejected_connections["node_limit"] += 1
+            return f"too many connections on this node (realtime.max_connections = {rt.max_connections})"
+        if identity.sub is not None and self.per_user[identity.sub] >= rt.max_connections_per_user:
+            self.counters.rejected_connections["user_limit"] += 1
+            return f"too many connections for this user (at most {rt.max_connections_per_user})"
+        self.connections.add(conn)
+        if identity.sub is not None:
+            self.per_user[identity.sub] += 1
+        return None
+
+    def readmit(self, conn: Connection, old: Identity, new: Identity) -> str | None:
+        """Move a connection's per-user count from `old` to `new`, or return why the new user is refused."""
+        if old.sub == new.sub:
+            return None
+        limit = self.config.realtime.max_connections_per_user
+        if new.sub is not None and self.per_user[new.sub] >= limit:
+            return f"too many connections for this user (at most {limit}); the current token stays in use"
+        self._uncount(old)
+        if new.sub is not None:
+            self.per_user[new.sub] += 1
+        return None
+
+    def unregister(self, conn: Connection, identity: Identity) -> None:
+        if conn in self.connections:
+            self.connections.discard(conn)
+            self._uncount(identity)
+
+    def _uncount(self, identity: Identity) -> None:
+        if identity.sub is not None:
+            self.per_user[identity.sub] -= 1
+            if self.per_user[identity.sub] <= 0:
+                del self.per_user[identity.sub]
+
+    # ---- channel checks ------------------------------------------------------------------------------------
+
+    async def check_subscribe(self, conn: Connection, channel: Channel, request: Subscribe) -> Error | None:
+        """The checks a subscribe needs beyond its own format; None when it may proceed."""
+        if channel.kind is ChannelKind.TABLE and self.config.database.dsn is None:
+            return Error(
+                ErrorCode.SUBSCRIPTION_FAILED,
+                f"cannot subscribe to {channel.name}: no database is configured "
+                "(set database.dsn in fluxrt.yaml or FLUXRT_DATABASE_DSN)",
+                channel=channel.name,
+                ref=request.ref,
+            )
+        return None
+
+    # ---- admin endpoints -----------------------------------------------------------------------------------
+
+    def database_state(self) -> str:
+        return "not_configured" if self.config.database.dsn is None else "unknown"
+
+    def admin(self, endpoint: str) -> tuple[int, bytes, str]:
+        """Status, body and content type for `/health` or `/metrics`."""
+        if endpoint == "metrics":
+            body = metrics.exposition(self.counters, lambda: len(self.connections), self.hub.statistics, self.uptime)
+            return 200, body, "text/plain; version=0.0.4; charset=utf-8"
+        status = "draining" if self.draining else "ok"
+        health: dict[str, Any] = {
+            "status": status,
+            "connections": len(self.connections),
+            "uptime_s": round(self.uptime(), 3),
+            "database": self.database_state(),
+        }
+        return (503 if self.draining else 200), orjson.dumps(health), "application/json"
+
+    def uptime(self) -> float:
+        return time.monotonic() - self._started_at

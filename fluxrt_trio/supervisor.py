@@ -1,0 +1,99 @@
+"""Heartbeat pings, idle timeouts and token expiry for every connection, from one timer task.
+
+One heap of deadlines replaces a timer task per connection. Entries are checked lazily: an idle deadline that
+turns out to be stale (the connection spoke since) is pushed back to its new time instead of being updated on
+every received frame.
+"""
+
+from __future__ import annotations
+
+import enum
+import heapq
+import itertools
+import math
+import time
+from typing import Protocol
+
+import trio
+
+
+class Supervised(Protocol):
+    @property
+    def closed(self) -> bool: ...
+
+    @property
+    def last_seen(self) -> float:
+        """trio.current_time() of the last frame received"""
+
+    @property
+    def expires_at(self) -> float | None:
+        """UNIX time at which the connection's token expires"""
+
+    def ping(self) -> None: ...
+
+    def idle_timeout(self, idle: float) -> None: ...
+
+    def token_expired(self) -> None: ...
+
+
+class _Kind(enum.IntEnum):
+    PING = 0
+    IDLE = 1
+    EXPIRY = 2
+
+
+class Supervisor:
+    def __init__(self, heartbeat_interval: float, connection_timeout: float) -> None:
+        self.heartbeat_interval = heartbeat_interval
+        self.connection_timeout = connection_timeout
+        self._heap: list[tuple[float, int, _Kind, Supervised, float | None]] = []
+        self._seq = itertools.count()
+        self._sleep: trio.CancelScope | None = None
+
+    def _push(self, when: float, kind: _Kind, conn: Supervised, stamp: float | None = None) -> None:
+        heapq.heappush(self._heap, (when, next(self._seq), kind, conn, stamp))
+        if self._sleep is not None and when < self._sleep.deadline:
+            self._sleep.deadline = when
+
+    def watch(self, conn: Supervised) -> None:
+        """Start pinging and timing out `conn`, and close it when its token expires."""
+        now = trio.current_time()
+        self._push(now + self.heartbeat_interval, _Kind.PING, conn)
+        self._push(conn.last_seen + self.connection_timeout, _Kind.IDLE, conn)
+        self.identity_changed(conn)
+
+    def identity_changed(self, conn: Supervised) -> None:
+        """The connection has a new token; watch its expiry instead of the old one's."""
+        expires_at = conn.expires_at
+        if expires_at is not None:
+            self._push(trio.current_time() + (expires_at - time.time()), _Kind.EXPIRY, conn, expires_at)
+
+    def statistics(self) -> dict[str, int]:
+        return {"pending_deadlines": len(self._heap)}
+
+    async def run(self) -> None:
+        """Run forever, acting on each deadline as it comes."""
+        heap = self._heap
+        while True:
+            now = trio.current_time()
+            while heap and heap[0][0] <= now:
+                _, _, kind, conn, stamp = heapq.heappop(heap)
+                if not conn.closed:
+                    self._due(kind, conn, stamp, now)
+            with trio.CancelScope(deadline=heap[0][0] if heap else math.inf) as scope:
+                self._sleep = scope
+                await trio.sleep_forever()
+            self._sleep = None
+
+    def _due(self, kind: _Kind, conn: Supervised, stamp: float | None, now: float) -> None:
+        if kind is _Kind.PING:
+            conn.ping()
+            self._push(now + self.heartbeat_interval, _Kind.PING, conn)
+        elif kind is _Kind.IDLE:
+            idle = now - conn.last_seen
+            if idle >= self.connection_timeout:
+                conn.idle_timeout(idle)
+            else:
+                self._push(conn.last_seen + self.connection_timeout, _Kind.IDLE, conn)
+        elif stamp == conn.expires_at:
+            conn.token_expired()

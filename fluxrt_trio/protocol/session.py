@@ -331,14 +331,13 @@ class Session:
         return effects
 
     def authenticated(self, identity: Identity, ref: str | None) -> list[Effect]:
-        """Adopt a freshly verified identity. Presence tracked under the old key moves to the new one."""
+        """Adopt a freshly verified identity: ack, then presence tracked under the old key moves to the new one."""
         old_key = self.presence_key
         self.identity = identity
-        effects: list[Effect] = []
+        effects: list[Effect] = [Reply(Ack("authorized", ref=ref))]
         if self.presence_key != old_key:
             for name, state in self.tracked.items():
                 channel = self.subscriptions[name].channel
                 effects.append(Untrack(channel, old_key, self.conn_id))
                 effects.append(Track(channel, self.presence_key, self.conn_id, state))
-        effects.append(Reply(Ack("authorized", ref=ref)))
         return effects

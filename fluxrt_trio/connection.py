@@ -96,13 +96,15 @@ class Connection:
             async with trio.open_nursery() as nursery:
                 self.outbox = Outbox(self.sock, self.server.config.realtime.write_buffer_size, nursery.start_soon)
                 with trio.CancelScope() as self._reader_scope:
-                    await self._serve()
+                    try:
+                        await self._serve()
+                    except Exception:
+                        log.exception("connection failed", extra=ctx(conn=self.conn_id))
+                        self.close(CloseCode.INTERNAL_ERROR, "internal error")
                 # The reader is done; give what is queued a bounded time to leave, then stop the writer.
                 with trio.move_on_after(CLOSE_TIMEOUT):
                     await self.outbox.wait_drained()
                 nursery.cancel_scope.cancel()
-        except Exception:
-            log.exception("connection failed", extra=ctx(conn=self.conn_id))
         finally:
             self.closed = True
             self.release()
@@ -274,7 +276,14 @@ class Connection:
         else:
             text = "".join([*parts, event.data]) if parts else event.data  # type: ignore[list-item]
             effects = session.receive(text, now)
-        await self._apply(effects)
+        try:
+            await self._apply(effects)
+        except Exception:
+            # A fault of ours while handling one message: say so, and keep serving the connection.
+            log.exception("internal error handling a message", extra=ctx(conn=self.conn_id))
+            self._reply(
+                Error(ErrorCode.INTERNAL_ERROR, "internal error while handling this message", ref=session.last_ref)
+            )
 
     # ---- effects -------------------------------------------------------------------------------------------
 

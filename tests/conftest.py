@@ -29,6 +29,7 @@ from wsproto.events import AcceptConnection, CloseConnection, Message, Ping, Rej
 
 from fluxrt_trio.auth import mint
 from fluxrt_trio.config import AuthConfig, Config, DatabaseConfig, LogConfig, RealtimeConfig, ServerConfig
+from fluxrt_trio.hub import Hub
 from fluxrt_trio.server import Server
 
 SECRET = "test-secret-" + "x" * 64
@@ -60,8 +61,8 @@ StartServer = Callable[..., Awaitable[Server]]
 async def start_server(nursery: trio.Nursery) -> AsyncIterator[StartServer]:
     """`await start_server(realtime={...})` runs a Server in the test's nursery and returns it."""
 
-    async def start(**sections: dict[str, Any]) -> Server:
-        server = Server(make_config(**sections))
+    async def start(*, hub: Hub | None = None, **sections: dict[str, Any]) -> Server:
+        server = Server(make_config(**sections), hub=hub)
         await nursery.start(server.serve)
         return server
 

@@ -100,11 +100,8 @@ async def test_anonymous_refused_when_disabled(start_server):
 async def test_token_from_query_or_bearer_header_sets_the_identity(start_server, how):
     server = await start_server()
     tok = token("alice")
-    if how == "query":
-        cm = connect(server, tok=tok)
-    else:
-        cm = connect(server, headers=[("Authorization", f"Bearer {tok}")])
-    async with cm as ws:
+    headers = [("Authorization", f"Bearer {tok}")] if how == "bearer" else None
+    async with connect(server, tok=tok if how == "query" else None, headers=headers) as ws:
         await subscribe(ws, "presence:room")
         await recv(ws)
         await send(ws, type="presence", channel="presence:room", event="track", payload={})

@@ -124,7 +124,7 @@ def error(code: ErrorCode, message: str, *, channel: str | None = None, ref: str
 class Session:
     """The protocol state of one connection. `conn_id` is opaque and unique per connection."""
 
-    __slots__ = ("_messages", "_subscribes", "conn_id", "identity", "limits", "subscriptions", "tracked")
+    __slots__ = ("_messages", "_subscribes", "conn_id", "identity", "last_ref", "limits", "subscriptions", "tracked")
 
     def __init__(self, conn_id: str, identity: Identity, limits: SessionLimits) -> None:
         self.conn_id = conn_id
@@ -132,6 +132,8 @@ class Session:
         self.limits = limits
         self.subscriptions: dict[str, Subscription] = {}
         self.tracked: dict[str, dict[str, Any]] = {}
+        self.last_ref: str | None = None
+        """the ref of the message received last, for replies the shell makes itself"""
         self._messages = Allowance(limits.message_rate_limit)
         self._subscribes = Allowance(2 * limits.max_subscriptions)
 
@@ -146,9 +148,11 @@ class Session:
         try:
             message = decode(text)
         except DecodeError as exc:
+            self.last_ref = exc.ref
             return self._charged(self._messages, now, exc.ref) or error(
                 ErrorCode.INVALID_MESSAGE, str(exc), ref=exc.ref
             )
+        self.last_ref = message.ref
         match message:
             case Ping(ref=ref):
                 return [Reply(Pong(ref=ref))]
@@ -239,11 +243,12 @@ class Session:
         return [*self._drop(channel), Reply(Ack("unsubscribed", channel.name, message.ref))]
 
     def _drop(self, channel: Channel) -> list[Effect]:
+        # Leave first: a connection that unsubscribes does not hear its own presence leave.
         effects: list[Effect] = []
-        if self.tracked.pop(channel.name, None) is not None:
-            effects.append(Untrack(channel, self.presence_key, self.conn_id))
         if self.subscriptions.pop(channel.name, None) is not None:
             effects.append(Leave(channel))
+        if self.tracked.pop(channel.name, None) is not None:
+            effects.append(Untrack(channel, self.presence_key, self.conn_id))
         return effects
 
     def drop(self, name: str) -> list[Effect]:
@@ -300,12 +305,13 @@ class Session:
                 channel=name,
                 ref=ref,
             )
+        # The ack goes first, then the diff that every subscriber (this one included) receives.
+        effects: list[Effect] = []
         if message.event == "untrack":
-            effects: list[Effect] = []
-            if self.tracked.pop(name, None) is not None:
-                effects.append(Untrack(channel, self.presence_key, self.conn_id))
             if ref is not None:
                 effects.append(Reply(Ack("untracked", name, ref)))
+            if self.tracked.pop(name, None) is not None:
+                effects.append(Untrack(channel, self.presence_key, self.conn_id))
             return effects
         state = message.payload
         if not isinstance(state, dict):
@@ -325,9 +331,9 @@ class Session:
                 ref=ref,
             )
         self.tracked[name] = state
-        effects = [Track(channel, self.presence_key, self.conn_id, state)]
         if ref is not None:
             effects.append(Reply(Ack("tracked", name, ref)))
+        effects.append(Track(channel, self.presence_key, self.conn_id, state))
         return effects
 
     def authenticated(self, identity: Identity, ref: str | None) -> list[Effect]:

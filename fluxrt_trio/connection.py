@@ -97,7 +97,9 @@ class Connection:
                 self.outbox = Outbox(self.sock, self.server.config.realtime.write_buffer_size, nursery.start_soon)
                 with trio.CancelScope() as self._reader_scope:
                     try:
-                        await self._serve()
+                        trailing = await self._handshake()
+                        if trailing is not None:
+                            await self._websocket(trailing)
                     except Exception:
                         log.exception("connection failed", extra=ctx(conn=self.conn_id))
                         self.close(CloseCode.INTERNAL_ERROR, "internal error")
@@ -120,10 +122,14 @@ class Connection:
             self._apply_local(effect)
         self.server.unregister(self, session.identity)
 
-    async def _serve(self) -> None:
+    async def _handshake(self) -> bytes | None:
+        """Route the HTTP request; after a WebSocket upgrade return the bytes already read past it, else None.
+
+        Kept apart from the reader loop so that nothing of the HTTP exchange stays alive with the connection.
+        """
         request, conn, trailing = await self._read_request()
         if request is None:
-            return
+            return None
         server = self.server
         decision = http.route(
             request,
@@ -135,26 +141,26 @@ class Connection:
         if isinstance(decision, http.Admin):
             status, body, content_type = server.admin(decision.endpoint)
             self._send_http(http.response_bytes(conn, status, body, content_type, head=request.method == b"HEAD"))
-            return
+            return None
         if isinstance(decision, http.Refuse):
             self._send_http(
                 http.response_bytes(conn, decision.status, decision.body, decision.content_type, decision.headers)
             )
-            return
+            return None
         self._send_http(http.switching_protocols(conn, decision.accept))
         self.ws = WSConnection(ConnectionType.SERVER)
         identity = self._authenticate(decision.token)
         if identity is None:
-            return await self._websocket(trailing)
+            return trailing
         refusal = server.admit(self, identity)
         if refusal is not None:
             self._reply(Error(ErrorCode.RATE_LIMITED, refusal))
             self.close(CloseCode.RATE_LIMITED, "too many connections")
-            return await self._websocket(trailing)
+            return trailing
         self.session = Session(self.conn_id, identity, server.session_limits)
         server.supervisor.watch(self)
         log.debug("connected", extra=ctx(conn=self.conn_id, peer=self.peer, sub=identity.sub, role=identity.role))
-        await self._websocket(trailing)
+        return trailing
 
     def _authenticate(self, token: str | None) -> Identity | None:
         verifier = self.server.verifier

@@ -5,6 +5,7 @@ Times are seconds from any monotonic clock; callers pass `now`, so these are tes
 
 from __future__ import annotations
 
+import array
 import enum
 
 import attrs
@@ -44,32 +45,39 @@ class TokenBucket:
         return False
 
 
-@attrs.define(slots=True)
 class SlidingCount:
-    """Estimates how many events happened in the last `window` seconds from two fixed windows.
+    """Counts events over the last `window` seconds, at one-second resolution.
 
-    The previous window's count is weighted by how much of it still overlaps the sliding window; this keeps the
-    memory per connection constant, unlike a log of timestamps.
+    A ring of per-second counts, allocated at the first event: exact up to the second in which the window starts,
+    with constant memory (a timestamp per event would cost kilobytes per connection) and nothing at all for
+    connections that never send.
     """
 
-    window: float = WINDOW
-    start: float | None = None
-    current: int = 0
-    previous: int = 0
+    __slots__ = ("_last", "_slots", "_total", "window")
 
-    def add(self, now: float) -> float:
-        """Count one event at `now` and return the estimated count over the last window, this one included."""
-        if self.start is None:
-            self.start = now
-        elapsed = now - self.start
-        if elapsed >= self.window:
-            windows = int(elapsed // self.window)
-            self.previous = self.current if windows == 1 else 0
-            self.current = 0
-            self.start += windows * self.window
-            elapsed = now - self.start
-        self.current += 1
-        return self.previous * (1.0 - elapsed / self.window) + self.current
+    def __init__(self, window: float = WINDOW) -> None:
+        self.window = int(window)
+        self._slots: array.array[int] | None = None
+        self._last = 0
+        self._total = 0
+
+    def add(self, now: float) -> int:
+        """Count one event at `now` and return how many happened in the window ending now, this one included."""
+        second = int(now)
+        slots = self._slots
+        if slots is None:
+            slots = self._slots = array.array("I", [0]) * self.window
+            self._last = second
+        elif second > self._last:
+            # Forget the seconds that have left the window since the last event.
+            for s in range(self._last + 1, min(second, self._last + self.window) + 1):
+                i = s % self.window
+                self._total -= slots[i]
+                slots[i] = 0
+            self._last = second
+        slots[self._last % self.window] += 1
+        self._total += 1
+        return self._total
 
 
 @attrs.define(slots=True)

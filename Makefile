@@ -1,0 +1,45 @@
+# Short names for everything; each target sets up what it needs first.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-dev
+CONFIG ?= fluxrt.yaml
+# A development-only secret so that `make run` and `make token` work out of the box; real deployments set their own.
+DEV_SECRET ?= dev-only-secret-change-me-0123456789abcdef
+
+.PHONY: setup run test lint format token bench-fanout pyz clean
+
+$(STAMP): setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+run: $(STAMP)
+	FLUXRT_AUTH_JWT_SECRET="$${FLUXRT_AUTH_JWT_SECRET:-$(DEV_SECRET)}" FLUXRT_LOG_FORMAT="$${FLUXRT_LOG_FORMAT:-text}" \
+		$(BIN)/fluxrt --config $(CONFIG)
+
+token: $(STAMP)
+	@FLUXRT_AUTH_JWT_SECRET="$${FLUXRT_AUTH_JWT_SECRET:-$(DEV_SECRET)}" $(BIN)/fluxrt --config $(CONFIG) token --sub $${SUB:-alice}
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+test: lint
+	$(BIN)/pytest
+
+bench-fanout: $(STAMP)
+	$(BIN)/python bench/fanout.py $(ARGS)
+
+pyz: $(STAMP)
+	packaging/build-pyz.sh $(BIN)/python
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info fluxrt.pyz .pytest_cache .ruff_cache

@@ -39,6 +39,13 @@ OP_CLOSE = 0x8
 OP_PING = 0x9
 OP_PONG = 0xA
 
+# SO_TIMESTAMPNS is 35 on Linux; older Pythons don't export the constant.
+SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
+TIMESPEC = struct.Struct("@qq")
+ANC_BUFSIZE = socket.CMSG_SPACE(TIMESPEC.size)
+# Kernel timestamps are read once a connection has fewer than this many bytes left (see timed_run).
+NEAR_BYTES = 8192
+
 # Connection states.
 CONNECTING, HANDSHAKING, SUBSCRIBING, IDLE = range(4)
 
@@ -130,6 +137,7 @@ class FanoutClients:
         self.payload_size: int = args.payload_bytes
         self.concurrency: int = args.connect_concurrency
         self.timeout: float = args.timeout
+        self.sweep_pause: float = args.sweep_pause
         self.server_pid: int | None = args.server_pid
         self.ep = select.epoll()
         self.subs: list[Conn] = []
@@ -144,6 +152,7 @@ class FanoutClients:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
         err = sock.connect_ex((self.host, self.port))
         if err not in (0, errno.EINPROGRESS):
             sock.close()
@@ -337,7 +346,14 @@ class FanoutClients:
             conn.sock.setblocking(False)
 
     def timed_run(self) -> dict[str, Any]:
-        """Publish M messages at once and count bytes until every subscriber has M frames."""
+        """Publish M messages at once and count bytes until every subscriber has M frames.
+
+        The end time is the kernel's arrival timestamp (SO_TIMESTAMPNS) of each connection's
+        last bytes, so the rate doesn't depend on how promptly this process gets to read them.
+        Timestamps cost an extra ~0.5 us per read, so they are only asked for once a connection
+        is within NEAR_BYTES of done; a read that completes a connection from further back (this
+        process lagging) falls back to the time of the read, which can only lower the rate.
+        """
         assert self.publisher is not None
         pub = self.publisher
         frames = b"".join(
@@ -353,24 +369,32 @@ class FanoutClients:
             for seq in range(1, self.m + 1)
         )
         target = self.m * self.frame_size
-        # Flat per-fd counters: the hot loop below runs once per readable socket per poll.
+        near = target - NEAR_BYTES
+        # Flat per-fd tables: the hot loop below runs once per readable socket per poll.
         max_fd = max(self.by_fd) + 1
         received = [0] * max_fd
         recv_into: list[Any] = [None] * max_fd
+        recvmsg_into: list[Any] = [None] * max_fd
         for conn in self.subs:
             recv_into[conn.fd] = conn.sock.recv_into
+            recvmsg_into[conn.fd] = conn.sock.recvmsg_into
         pub_fd = pub.fd
         buf = bytearray(1 << 18)
+        bufs = [buf]
         poll = self.ep.poll
         maxevents = len(self.by_fd) + 1
         remaining = len(self.subs)
-        overshoot = 0
+        overshoot = untimestamped = 0
         pub_rx = 0
+        polls = recvs = 0
+        end_ns = 0
+        pause = self.sweep_pause
         out = memoryview(frames)
 
         cpu0 = time.process_time()
         server_cpu0 = read_proc_cpu(self.server_pid)
         t0 = time.perf_counter()
+        t0_ns = time.time_ns()
         # Non-blocking send so a large M can't stall receiving; the rest goes out on EPOLLOUT.
         try:
             sent = pub.sock.send(out)
@@ -383,6 +407,7 @@ class FanoutClients:
         idle_deadline = t0 + self.timeout
         while remaining:
             events = poll(1.0, maxevents)
+            polls += 1
             if not events:
                 if time.perf_counter() > idle_deadline:
                     break
@@ -400,10 +425,20 @@ class FanoutClients:
                     if ev & select.EPOLLIN:
                         pub_rx += len(pub.sock.recv(65536))
                     continue
-                n = recv_into[fd](buf)
+                recvs += 1
+                total = received[fd]
+                stamp = 0
+                if total < near:
+                    n = recv_into[fd](buf)
+                else:
+                    n, ancdata, _flags, _addr = recvmsg_into[fd](bufs, ANC_BUFSIZE)
+                    for level, kind, data in ancdata:
+                        if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
+                            sec, nsec = TIMESPEC.unpack_from(data)
+                            stamp = sec * 1_000_000_000 + nsec
                 if n == 0:
                     raise BenchError("server closed a subscriber during the timed run")
-                total = received[fd] + n
+                total += n
                 received[fd] = total
                 if total >= target:
                     if total > target:
@@ -412,9 +447,16 @@ class FanoutClients:
                     self.ep.unregister(fd)
                     remaining -= 1
                     t_last = time.perf_counter()
+                    if not stamp:
+                        untimestamped += 1
+                        stamp = t0_ns + int((t_last - t0) * 1e9)
+                    end_ns = max(end_ns, stamp)
             idle_deadline = time.perf_counter() + self.timeout
+            if pause:
+                time.sleep(pause)
         cpu1 = time.process_time()
         server_cpu1 = read_proc_cpu(self.server_pid)
+        wall = max(time.perf_counter() - t0, 1e-9)
         # Finished connections were unregistered; anything still readable on them is an extra
         # frame that the exact byte count would otherwise miss.
         for conn in self.subs:
@@ -424,9 +466,8 @@ class FanoutClients:
                         overshoot += 1
                 except BlockingIOError:
                     pass
-        elapsed = t_last - t0
+        elapsed = (end_ns - t0_ns) / 1e9 if end_ns else t_last - t0
         delivered = sum(min(received[c.fd], target) for c in self.subs) // self.frame_size
-        wall = max(time.perf_counter() - t0, 1e-9)
         return {
             "frames_expected": self.n * self.m,
             "frames_delivered": delivered,
@@ -435,8 +476,15 @@ class FanoutClients:
             "publisher_rx_bytes": pub_rx,
             "frame_size": self.frame_size,
             "elapsed_s": elapsed,
+            "elapsed_read_s": t_last - t0,
+            "untimestamped_connections": untimestamped,
             "msgs_per_s": delivered / elapsed if elapsed > 0 else 0.0,
+            "polls": polls,
+            "recv_calls": recvs,
             "client_cpu_pct": 100.0 * (cpu1 - cpu0) / wall,
+            "server_cpu_s": (
+                server_cpu1 - server_cpu0 if server_cpu0 is not None and server_cpu1 is not None else None
+            ),
             "server_cpu_pct": (
                 100.0 * (server_cpu1 - server_cpu0) / wall
                 if server_cpu0 is not None and server_cpu1 is not None
@@ -480,6 +528,7 @@ def main() -> int:
     parser.add_argument("--payload-bytes", type=int, default=100)
     parser.add_argument("--connect-concurrency", type=int, default=200)
     parser.add_argument("--timeout", type=float, default=60.0, help="per-phase stall timeout (s)")
+    parser.add_argument("--sweep-pause", type=float, default=0.0, help="sleep after each epoll sweep (s)")
     parser.add_argument("--server-pid", type=int, help="report this process's CPU use in the run")
     parser.add_argument("--cpu", type=int, help="pin this process to one CPU")
     parser.add_argument("--no-wait", action="store_true", help="don't wait for 'go' on stdin")

@@ -352,7 +352,10 @@ def masked(config: Config) -> dict[str, Any]:
     dsn = data["database"]["dsn"]
     if dsn:
         data["database"]["dsn"] = re.sub(r"(://[^:/@]*:)[^@]*@", rf"\1{_MASK}@", dsn)
-        data["database"]["dsn"] = re.sub(r"(password\s*=\s*)\S+", rf"\1{_MASK}", data["database"]["dsn"])
+        # libpq key=value form: the value is a single word or a quoted string with backslash escapes.
+        data["database"]["dsn"] = re.sub(
+            r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", rf"\1{_MASK}", data["database"]["dsn"]
+        )
     for section in data.values():
         for key, value in section.items():
             if isinstance(value, tuple):

@@ -156,8 +156,10 @@ class Session:
         match message:
             case Ping(ref=ref):
                 return [Reply(Pong(ref=ref))]
-            case Subscribe() | Unsubscribe():
-                refusal = self._charged(self._subscribes, now, message.ref, "subscribe/unsubscribe")
+            case Subscribe() | Unsubscribe() | Auth():
+                # Control messages share their own allowance, so that a client that spent its broadcast
+                # allowance can still open channels and refresh its token.
+                refusal = self._charged(self._subscribes, now, message.ref, "subscribe/unsubscribe/auth")
             case _:
                 refusal = self._charged(self._messages, now, message.ref)
         if refusal:

@@ -94,7 +94,9 @@ class Connection:
         """Serve this socket until it ends; never raises for anything the peer does."""
         try:
             async with trio.open_nursery() as nursery:
-                self.outbox = Outbox(self.sock, self.server.config.realtime.write_buffer_size, nursery.start_soon)
+                self.outbox = Outbox(
+                    self.sock, self.server.config.realtime.write_buffer_size, nursery.start_soon, self.server.flusher
+                )
                 with trio.CancelScope() as self._reader_scope:
                     try:
                         trailing = await self._handshake()

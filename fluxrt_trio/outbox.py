@@ -1,14 +1,17 @@
-"""The outgoing side of one connection: non-blocking sends of whole frames, with a bounded backlog.
+"""The outgoing side of connections: frames queued without blocking, written in as few system calls as possible.
 
-A frame is handed to the kernel with a plain non-blocking `send()`. Only what the kernel does not take waits in the
-backlog, which a writer task (started when the backlog appears, gone when it is drained) flushes with one
-scatter-gather `sendmsg()` per wake-up. The backlog holds at most `limit` frames; past that the connection is a slow
-consumer and the caller closes it. Nobody ever waits for a slow socket but its own writer.
+Frames queued for a connection during one scheduling tick are collected, and the `Flusher` hands all of them to the
+kernel in one non-blocking scatter-gather `sendmsg()` as soon as the queueing task yields. A burst of messages to
+thousands of connections therefore costs one system call per connection, not one per message. Only what the kernel
+does not take waits in the backlog, which a writer task (started when the backlog appears, gone when it is drained)
+flushes when the socket becomes writable. Pending and backlog frames together are bounded by `limit`; past that the
+connection is a slow consumer and the caller closes it. Nobody ever waits for a slow socket but its own writer.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import socket
 from collections.abc import Callable
@@ -19,14 +22,57 @@ import trio
 _IOV_MAX = 1024
 
 
+class Flusher:
+    """Writes the frames queued during a tick, for every outbox, once the queueing task yields. One per server."""
+
+    def __init__(self) -> None:
+        self._dirty: list[Outbox] = []
+        self._lot = trio.lowlevel.ParkingLot()
+
+    def mark(self, outbox: Outbox) -> None:
+        if not self._dirty:
+            self._lot.unpark()
+        self._dirty.append(outbox)
+
+    def flush(self) -> None:
+        """Write everything pending now (also used at shutdown and by tests)."""
+        dirty, self._dirty = self._dirty, []
+        for outbox in dirty:
+            outbox._flush()
+
+    async def run(self) -> None:
+        while True:
+            if not self._dirty:
+                await self._lot.park()
+            else:
+                # Let the tasks that are queueing right now finish their turn, so their frames go out together.
+                await trio.lowlevel.cancel_shielded_checkpoint()
+            self.flush()
+
+
 class Outbox:
     """Frames to one socket, in order. `spawn` starts the writer task in the connection's nursery."""
 
-    __slots__ = ("_backlog", "_closing", "_drained", "_sock", "_spawn", "broken", "limit", "sent_frames")
+    __slots__ = (
+        "_backlog",
+        "_closing",
+        "_drained",
+        "_flusher",
+        "_pending",
+        "_sock",
+        "_spawn",
+        "broken",
+        "limit",
+        "sent_frames",
+    )
 
-    def __init__(self, sock: socket.socket, limit: int, spawn: Callable[[Callable[[], object]], None]) -> None:
+    def __init__(
+        self, sock: socket.socket, limit: int, spawn: Callable[[Callable[[], object]], None], flusher: Flusher
+    ) -> None:
         self._sock = sock
         self._spawn = spawn
+        self._flusher = flusher
+        self._pending: list[bytes] | None = None
         self._backlog: collections.deque[memoryview | bytes] = collections.deque()
         self._closing = False
         self._drained: trio.Event | None = None
@@ -35,9 +81,9 @@ class Outbox:
         self.sent_frames = 0
 
     def send_nowait(self, frame: bytes) -> bool:
-        """Queue one whole frame without blocking.
+        """Queue one whole frame without blocking; it goes to the kernel when the current task yields.
 
-        Returns False when the backlog already holds `limit` frames (a slow consumer); the frame is not queued.
+        Returns False when `limit` frames are already waiting (a slow consumer); the frame is not queued.
         After `close` or on a broken socket the frame is dropped and True returned: the connection is ending.
         """
         if self._closing or self.broken:
@@ -47,20 +93,40 @@ class Outbox:
             if len(backlog) >= self.limit:
                 return False
             backlog.append(frame)
-            self.sent_frames += 1
-            return True
+        else:
+            pending = self._pending
+            if pending is None:
+                self._pending = [frame]
+                self._flusher.mark(self)
+            elif len(pending) >= self.limit:
+                return False
+            else:
+                pending.append(frame)
+        self.sent_frames += 1
+        return True
+
+    def _flush(self) -> None:
+        frames, self._pending = self._pending, None
+        if not frames or self.broken:
+            self._drained_now()
+            return
+        if self._backlog:
+            # The writer is already waiting for the socket: keep the order behind it.
+            self._backlog.extend(frames)
+            return
         try:
-            sent = self._sock.send(frame)
+            sent = self._sock.sendmsg(frames) if len(frames) > 1 else self._sock.send(frames[0])
         except BlockingIOError:
             sent = 0
         except OSError:
             self.broken = True
-            return True
-        self.sent_frames += 1
-        if sent < len(frame):
-            backlog.append(memoryview(frame)[sent:])
+            return
+        remaining = _unsent(frames, sent)
+        if remaining:
+            self._backlog.extend(remaining)
             self._spawn(self._write)
-        return True
+        else:
+            self._drained_now()
 
     def close(self, frame: bytes, *, discard_backlog: bool = False) -> None:
         """Queue the close frame as the last frame; nothing is sent after it.
@@ -71,24 +137,26 @@ class Outbox:
         if self._closing:
             return
         backlog = self._backlog
-        if discard_backlog and backlog:
-            head = backlog[0]
-            partial = isinstance(head, memoryview)
-            backlog.clear()
-            if partial:
-                backlog.append(head)
-        self.send_nowait(frame)
+        if discard_backlog:
+            self._pending = None
+            if backlog:
+                head = backlog[0]
+                partial = isinstance(head, memoryview)
+                backlog.clear()
+                if partial:
+                    backlog.append(head)
+        if frame:
+            self.send_nowait(frame)
         self._closing = True
-        if not backlog:
-            self._shutdown()
+        self._drained_now()
 
     @property
     def backlog(self) -> int:
-        return len(self._backlog)
+        return len(self._backlog) + len(self._pending or ())
 
     async def wait_drained(self) -> None:
         """Return once everything queued has gone to the kernel (or the socket broke)."""
-        while self._backlog and not self.broken:
+        while (self._backlog or self._pending) and not self.broken:
             if self._drained is None:
                 self._drained = trio.Event()
             await self._drained.wait()
@@ -106,25 +174,40 @@ class Outbox:
                 except OSError:
                     self.broken = True
                     break
-                while sent:
-                    head = backlog[0]
-                    if sent >= len(head):
-                        sent -= len(head)
-                        backlog.popleft()
-                    else:
-                        backlog[0] = memoryview(head)[sent:]
-                        sent = 0
+                for _ in range(len(chunk) - len(remaining := _unsent(chunk, sent))):
+                    backlog.popleft()
+                if remaining:
+                    backlog[0] = remaining[0]
         finally:
-            if self._drained is not None:
-                self._drained.set()
-                self._drained = None
-        if self._closing and not backlog:
+            self._drained_now()
+
+    def _drained_now(self) -> None:
+        """Wake `wait_drained` and half-close after the close frame, once nothing is waiting any more."""
+        if self._backlog and not self.broken:
+            return
+        if self._pending and not self.broken:
+            return
+        if self._drained is not None:
+            self._drained.set()
+            self._drained = None
+        if self._closing and not self.broken:
             self._shutdown()
 
     def _shutdown(self) -> None:
         # Half-close after the close frame: the peer reads everything we sent, then sees EOF. A full close with
         # unread input would send RST, and the peer could lose the close frame.
-        try:
+        with contextlib.suppress(OSError):
             self._sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            self.broken = True
+        # Nothing more can be written after the half-close.
+        self.broken = True
+
+
+def _unsent(frames: list[bytes] | list[memoryview | bytes], sent: int) -> list[memoryview | bytes]:
+    """The frames, or the tail of a frame, that `sent` bytes did not cover."""
+    for i, frame in enumerate(frames):
+        if sent < len(frame):
+            rest: list[memoryview | bytes] = list(frames[i + 1 :])
+            rest.insert(0, memoryview(frame)[sent:] if sent else frame)
+            return rest
+        sent -= len(frame)
+    return []

@@ -21,6 +21,7 @@ from .config import Config
 from .connection import Connection
 from .hub import Hub, LocalHub
 from .logs import ctx
+from .outbox import Flusher
 from .protocol.channels import Channel, ChannelKind
 from .protocol.identity import Identity
 from .protocol.messages import CloseCode, Error, ErrorCode, Subscribe
@@ -50,6 +51,7 @@ class Server:
             max_presence_state_size=rt.max_presence_state_size,
         )
         self.supervisor = Supervisor(rt.heartbeat_interval, rt.connection_timeout)
+        self.flusher = Flusher()
         self.connections: set[Connection] = set()
         self.per_user: collections.Counter[str] = collections.Counter()
         self.draining = False
@@ -73,6 +75,7 @@ class Server:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self.supervisor.run)
+                nursery.start_soon(self.flusher.run)
                 nursery.start_soon(self._accept_loop, listener, nursery)
                 log.info(
                     "listening",

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import time
 
 import jwt
 import orjson
 import pytest
 import trio
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 from trio_websocket import ConnectionClosed, ConnectionRejected
 
 from .conftest import SECRET, connect, http_get, raw_connect, recv, request, send, subscribe, token
@@ -109,17 +114,16 @@ async def test_token_from_query_or_bearer_header_sets_the_identity(start_server,
     assert list(diff["payload"]["joins"]) == ["alice"]
 
 
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
 def _forge(claims: dict, key: str | bytes = SECRET, alg: str = "HS256", headers: dict | None = None) -> str:
     return jwt.encode(claims, key, algorithm=alg, headers=headers)
 
 
 def _unsigned(claims: dict) -> str:
-    def b64(data: bytes) -> str:
-        import base64
-
-        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-    return f"{b64(orjson.dumps({'alg': 'none', 'typ': 'JWT'}))}.{b64(orjson.dumps(claims))}."
+    return f"{_b64(orjson.dumps({'alg': 'none', 'typ': 'JWT'}))}.{_b64(orjson.dumps(claims))}."
 
 
 NOW = int(time.time())
@@ -290,3 +294,25 @@ async def test_closed_connection_raises_for_the_client(start_server):
             assert (await recv(ws))["code"] == "UNAUTHORIZED"
             await ws.get_message()
     assert info.value.reason.code == 4001
+
+
+async def test_algorithm_confusion_over_the_wire_is_refused(start_server, tmp_path):
+    private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    public_pem = private.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    key_file = tmp_path / "jwt.pub"
+    key_file.write_bytes(public_pem)
+    server = await start_server(auth={"jwt_secret": None, "jwt_public_key_file": str(key_file)})
+    claims = {"sub": "mallory", "exp": int(time.time()) + 3600}
+    # HMAC "signed" with the public key, which the attacker knows: must never verify.
+    header = _b64(orjson.dumps({"alg": "HS256", "typ": "JWT"}))
+    body = _b64(orjson.dumps(claims))
+    signature = _b64(hmac.new(public_pem, f"{header}.{body}".encode(), hashlib.sha256).digest())
+    client = await raw_connect(server, query=f"token={header}.{body}.{signature}")
+    assert (await client.next_message())["code"] == "UNAUTHORIZED"
+    assert await client.close_code() == 4001
+    # The real key pair works.
+    good = jwt.encode({**claims, "sub": "alice"}, private, algorithm="RS256")
+    async with connect(server, tok=good) as ws:
+        assert await request(ws, type="ping") == {"type": "pong"}

@@ -8,8 +8,9 @@ Driven by ``bench/fanout.py`` over stdin/stdout (one JSON object per stdout line
 2. waits for a ``go`` line on stdin (the driver reads the server's idle RSS meanwhile);
 3. warm-up: the publisher sends one broadcast; every subscriber's first frame is fully parsed
    and checked, which also fixes the frame size F (all payloads have the same length);
-4. timed run: the publisher sends M broadcasts at once; receivers only count bytes until each
-   connection has exactly M * F, then prints ``{"event": "result", ...}`` and exits.
+4. timed run: the publisher sends M broadcasts at once (or, with ``--pace MS``, one every MS
+   milliseconds); receivers only count bytes until each connection has exactly M * F, then
+   prints ``{"event": "result", ...}`` and exits. Paced runs also time each message's fan-out.
 
 A full WebSocket library per connection would make this process the bottleneck, hence raw
 epoll and byte counting in the timed phase. Any frame of another size (ping, close, an extra
@@ -22,6 +23,7 @@ import argparse
 import base64
 import errno
 import hashlib
+import itertools
 import os
 import resource
 import select
@@ -492,6 +494,178 @@ class FanoutClients:
             ),
         }
 
+    def paced_run(self, pace_ms: float) -> dict[str, Any]:
+        """Publish M messages one at a time, ``pace_ms`` apart, and time each one's fan-out.
+
+        The publisher sends a broadcast, then waits ``pace_ms`` after that send before the next
+        one, so the spacing is never shorter than the pace (if this process is busy, a send is
+        late, never bunched with the next). Per message, the fan-out latency is the time from the
+        publisher's ``send()`` (CLOCK_REALTIME, taken just before the call) to the kernel receive
+        timestamp (SO_TIMESTAMPNS, also CLOCK_REALTIME) of the last subscriber's copy.
+
+        Every read is limited to the bytes up to the next message boundary, so the timestamp the
+        kernel reports is that of the segment that completed that message, not of a later one
+        read in the same call. The kernel merges a segment that arrives while an earlier one is
+        still unread into it and keeps the later timestamp, so a completion read after the next
+        message was already published may be stamped late; those are counted
+        (``late_completions``) and reported.
+        """
+        assert self.publisher is not None
+        pub = self.publisher
+        m = self.m
+        size = self.frame_size
+        frames = [
+            masked_frame(
+                orjson.dumps(
+                    {
+                        "type": "broadcast",
+                        "channel": self.channel,
+                        "payload": make_payload(seq, self.payload_size),
+                    }
+                )
+            )
+            for seq in range(1, m + 1)
+        ]
+        target = m * size
+        max_fd = max(self.by_fd) + 1
+        received = [0] * max_fd
+        recvmsg_into: list[Any] = [None] * max_fd
+        for conn in self.subs:
+            recvmsg_into[conn.fd] = conn.sock.recvmsg_into
+        pub_fd = pub.fd
+        view = memoryview(bytearray(size))
+        whole = [view]
+        # Index k (1..m) is message k; index 0 is unused.
+        sent_ns = [0] * (m + 1)
+        first_ns = [0] * (m + 1)
+        last_ns = [0] * (m + 1)
+        done = [0] * (m + 1)
+        latency_sum_ns = 0
+        poll = self.ep.poll
+        maxevents = len(self.by_fd) + 1
+        remaining = len(self.subs)
+        untimestamped = late = 0
+        pub_rx = 0
+        polls = recvs = 0
+        end_ns = 0
+        pace = pace_ms / 1000.0
+        next_seq = 1  # next message to publish
+
+        cpu0 = time.process_time()
+        server_cpu0 = read_proc_cpu(self.server_pid)
+        t0 = time.perf_counter()
+        next_send = t0
+        idle_deadline = t0 + self.timeout
+        while remaining:
+            now = time.perf_counter()
+            if next_seq <= m and now >= next_send:
+                frame = frames[next_seq - 1]
+                sent_ns[next_seq] = time.time_ns()
+                # One small frame into an otherwise idle socket; a short write would be a bug.
+                if pub.sock.send(frame) != len(frame):
+                    raise BenchError("short write on the publisher")
+                next_seq += 1
+                now = time.perf_counter()
+                next_send = now + pace
+            wait = max(0.0, next_send - now) if next_seq <= m else 1.0
+            events = poll(wait, maxevents)
+            polls += 1
+            if not events:
+                if next_seq > m and time.perf_counter() > idle_deadline:
+                    break
+                continue
+            for fd, _ev in events:
+                if fd == pub_fd:
+                    pub_rx += len(pub.sock.recv(65536))
+                    continue
+                recvs += 1
+                total = received[fd]
+                partial = total % size
+                bufs = whole if not partial else [view[: size - partial]]
+                n, ancdata, _flags, _addr = recvmsg_into[fd](bufs, ANC_BUFSIZE)
+                if n == 0:
+                    raise BenchError("server closed a subscriber during the timed run")
+                stamp = 0
+                for level, kind, data in ancdata:
+                    if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
+                        sec, nsec = TIMESPEC.unpack_from(data)
+                        stamp = sec * 1_000_000_000 + nsec
+                if not stamp:
+                    untimestamped += 1
+                    stamp = time.time_ns()
+                total += n
+                received[fd] = total
+                if total % size:
+                    continue
+                # This read completed message k on this connection (reads never cross a boundary).
+                k = total // size
+                if stamp > last_ns[k]:
+                    last_ns[k] = stamp
+                if not first_ns[k] or stamp < first_ns[k]:
+                    first_ns[k] = stamp
+                done[k] += 1
+                latency_sum_ns += stamp - sent_ns[k]
+                if next_seq > k + 1:
+                    late += 1
+                if total == target:
+                    self.ep.unregister(fd)
+                    remaining -= 1
+                    end_ns = max(end_ns, stamp)
+            idle_deadline = time.perf_counter() + self.timeout
+        cpu1 = time.process_time()
+        server_cpu1 = read_proc_cpu(self.server_pid)
+        wall = max(time.perf_counter() - t0, 1e-9)
+        overshoot = 0
+        for conn in self.subs:
+            if received[conn.fd] == target:
+                try:
+                    if conn.sock.recv(1, socket.MSG_PEEK):
+                        overshoot += 1
+                except BlockingIOError:
+                    pass
+        start_ns = sent_ns[1]
+        elapsed = (end_ns - start_ns) / 1e9 if end_ns and start_ns else wall
+        delivered = sum(min(received[c.fd], target) for c in self.subs) // size
+        complete = [k for k in range(1, m + 1) if done[k] == self.n]
+        sends = [sent_ns[k] for k in range(1, m + 1) if sent_ns[k]]
+        gaps = [(b - a) / 1e6 for a, b in itertools.pairwise(sends)]
+        return {
+            "frames_expected": self.n * m,
+            "frames_delivered": delivered,
+            "incomplete_connections": remaining,
+            "overshoot_connections": overshoot,
+            "publisher_rx_bytes": pub_rx,
+            "frame_size": size,
+            "elapsed_s": elapsed,
+            "elapsed_read_s": wall,
+            "untimestamped_connections": 0,
+            "untimestamped_reads": untimestamped,
+            "msgs_per_s": delivered / elapsed if elapsed > 0 else 0.0,
+            "polls": polls,
+            "recv_calls": recvs,
+            "pace_ms": pace_ms,
+            "send_gap_ms_min": min(gaps) if gaps else None,
+            "send_gap_ms_max": max(gaps) if gaps else None,
+            "offered_msgs_per_s": (len(sends) - 1) / ((sends[-1] - sends[0]) / 1e9) if len(sends) > 1 else None,
+            # Per fully delivered message, in ms: send -> last / first subscriber's copy.
+            "latency_last_ms": [(last_ns[k] - sent_ns[k]) / 1e6 for k in complete],
+            "latency_first_ms": [(first_ns[k] - sent_ns[k]) / 1e6 for k in complete],
+            "latency_mean_delivery_ms": latency_sum_ns / 1e6 / sum(done) if sum(done) else None,
+            # Messages whose last copy arrived after the next message had been sent: the server
+            # had not finished this fan-out when the next one began (the pace is too fast for it).
+            "overlapped_messages": sum(1 for k in complete[:-1] if last_ns[k] > sent_ns[k + 1]),
+            "late_completions": late,
+            "client_cpu_pct": 100.0 * (cpu1 - cpu0) / wall,
+            "server_cpu_s": (
+                server_cpu1 - server_cpu0 if server_cpu0 is not None and server_cpu1 is not None else None
+            ),
+            "server_cpu_pct": (
+                100.0 * (server_cpu1 - server_cpu0) / wall
+                if server_cpu0 is not None and server_cpu1 is not None
+                else None
+            ),
+        }
+
     def close(self) -> None:
         for conn in self.by_fd.values():
             conn.sock.close()
@@ -529,6 +703,9 @@ def main() -> int:
     parser.add_argument("--connect-concurrency", type=int, default=200)
     parser.add_argument("--timeout", type=float, default=60.0, help="per-phase stall timeout (s)")
     parser.add_argument("--sweep-pause", type=float, default=0.0, help="sleep after each epoll sweep (s)")
+    parser.add_argument(
+        "--pace", type=float, default=0.0, help="ms between broadcasts (default 0: all at once, a burst)"
+    )
     parser.add_argument("--server-pid", type=int, help="report this process's CPU use in the run")
     parser.add_argument("--cpu", type=int, help="pin this process to one CPU")
     parser.add_argument("--no-wait", action="store_true", help="don't wait for 'go' on stdin")
@@ -544,7 +721,8 @@ def main() -> int:
         if not args.no_wait and sys.stdin.readline().strip() != "go":
             raise BenchError("driver went away before 'go'")
         clients.warmup()
-        emit("result", connect_s=connect_s, **clients.timed_run())
+        result = clients.paced_run(args.pace) if args.pace > 0 else clients.timed_run()
+        emit("result", connect_s=connect_s, **result)
     except (BenchError, OSError) as exc:
         emit("error", message=f"{type(exc).__name__}: {exc}")
         return 1

@@ -51,11 +51,16 @@ class AuthConfig:
     allow_anonymous: bool = True
     anon_role: str = "anon"
     default_role: str = "authenticated"
+    roles: tuple[str, ...] = ()
 
 
 @attrs.frozen
 class DatabaseConfig:
     dsn: Secret | None = None
+    embedded: str | None = None
+    migrate: bool = True
+    poll_interval: Seconds = Seconds(0.01 * SECONDS)
+    retention: Seconds = Seconds(600 * SECONDS)
 
 
 @attrs.frozen
@@ -332,6 +337,9 @@ def _cross_checks(config: Config, label: str) -> list[str]:
         problems.append(
             f"{label}: auth.allow_anonymous: false needs auth.jwt_secret or auth.jwt_public_key_file to verify tokens"
         )
+    db = config.database
+    if db.dsn and db.embedded:
+        problems.append(f"{label}: database: set either dsn or embedded, not both")
     rt = config.realtime
     if rt.max_connections_per_user > rt.max_connections:
         problems.append(

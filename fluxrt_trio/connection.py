@@ -24,9 +24,10 @@ from . import http
 from .auth import AuthError
 from .logs import ctx
 from .outbox import Outbox
+from .protocol.channels import ChannelKind
 from .protocol.frames import PING, text_frame
 from .protocol.identity import Identity
-from .protocol.messages import CloseCode, Error, ErrorCode, PresenceEvent, ServerMessage, encode
+from .protocol.messages import CloseCode, Error, ErrorCode, PresenceEvent, ServerMessage, Subscribe, encode
 from .protocol.session import (
     Authenticate,
     CheckSubscribe,
@@ -38,6 +39,7 @@ from .protocol.session import (
     Reply,
     SendPresenceState,
     Session,
+    Subscription,
     Track,
     Untrack,
 )
@@ -301,11 +303,11 @@ class Connection:
                 return
             match effect:
                 case CheckSubscribe(request=request, channel=channel):
-                    refusal = await self.server.check_subscribe(self, channel, request)
+                    refusal = await self.server.check_subscribe(self.session.identity, channel, request)
                     if self.session is not None:
                         await self._apply(self.session.subscribe_checked(request, channel, refusal))
                 case Authenticate(token=token, ref=ref):
-                    await self._apply(self._reauthenticate(token, ref))
+                    await self._apply(await self._reauthenticate(token, ref))
                 case _:
                     self._apply_local(effect)
 
@@ -331,7 +333,7 @@ class Connection:
             case _:
                 raise AssertionError(f"effect {effect!r} needs the async path")
 
-    def _reauthenticate(self, token: str, ref: str | None) -> list[Effect]:
+    async def _reauthenticate(self, token: str, ref: str | None) -> list[Effect]:
         session = self.session
         assert session is not None
         try:
@@ -344,6 +346,16 @@ class Connection:
             return [Reply(Error(ErrorCode.RATE_LIMITED, refusal, ref=ref))]
         effects = session.authenticated(identity, ref)
         self.server.supervisor.identity_changed(self)
+        # Table subscriptions are re-authorized under the new identity; those no longer allowed end with FORBIDDEN.
+        for name, subscription in list(session.subscriptions.items()):
+            if subscription.channel.kind is not ChannelKind.TABLE:
+                continue
+            request = Subscribe(name, subscription.event, subscription.filter)
+            refusal = await self.server.check_subscribe(identity, subscription.channel, request)
+            if refusal is not None and self.session is session:
+                message = f"no longer allowed under the new token: {refusal.message}"
+                effects.append(Reply(Error(ErrorCode.FORBIDDEN, message, channel=name)))
+                effects.extend(session.drop(name))
         return effects
 
     # ---- output --------------------------------------------------------------------------------------------
@@ -393,6 +405,23 @@ class Connection:
             self._reader_scope.deadline = min(self._reader_scope.deadline, trio.current_time() + CLOSE_TIMEOUT)
         # Leave the channels at once: a closing connection receives nothing more.
         self.release()
+
+    # ---- table delivery (see tables.py) --------------------------------------------------------------------
+
+    @property
+    def identity(self) -> Identity | None:
+        return self.session.identity if self.session is not None else None
+
+    def subscription(self, channel: str) -> Subscription | None:
+        return self.session.subscriptions.get(channel) if self.session is not None else None
+
+    def end_subscription(self, channel: str, error: Error) -> None:
+        """Tell the client why, then drop the subscription; the connection stays open."""
+        if self.session is None or self.closed:
+            return
+        self._reply(error)
+        for effect in self.session.drop(channel):
+            self._apply_local(effect)
 
     # ---- supervision (see supervisor.py) -------------------------------------------------------------------
 

@@ -43,6 +43,12 @@ class Hub(Protocol):
     def leave(self, channel: str, subscriber: Subscriber) -> None:
         """Remove `subscriber` from `channel`; a no-op when it was not there."""
 
+    def subscribers(self, channel: str) -> list[Subscriber]:
+        """The subscribers of `channel` on this node."""
+
+    def channels(self, kind: str) -> list[str]:
+        """The channels of one kind (`table`, `presence`, `broadcast`) with subscribers on this node."""
+
     def publish_nowait(self, channel: str, message: ServerMessage, *, exclude: Subscriber | None = None) -> int:
         """Deliver `message` to every subscriber of `channel` but `exclude`; return the event's position."""
 
@@ -92,6 +98,10 @@ class LocalHub:
 
     def subscribers(self, channel: str) -> list[Subscriber]:
         return list(self._channels.get(channel, ()))
+
+    def channels(self, kind: str) -> list[str]:
+        prefix = kind + ":"
+        return [name for name in self._channels if name.startswith(prefix)]
 
     def publish_nowait(self, channel: str, message: ServerMessage, *, exclude: Subscriber | None = None) -> int:
         self._position += 1

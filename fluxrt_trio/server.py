@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import errno
 import itertools
 import logging
@@ -14,6 +15,7 @@ from typing import Any
 
 import orjson
 import trio
+import trio_asyncio
 
 from . import metrics
 from .auth import Verifier
@@ -22,11 +24,13 @@ from .connection import Connection
 from .hub import Hub, LocalHub
 from .logs import ctx
 from .outbox import Flusher
+from .postgres.service import DatabaseService
 from .protocol.channels import Channel, ChannelKind
 from .protocol.identity import Identity
 from .protocol.messages import CloseCode, Error, ErrorCode, Subscribe
 from .protocol.session import SessionLimits
 from .supervisor import Supervisor
+from .tables import TableChannels
 
 log = logging.getLogger("fluxrt.server")
 
@@ -52,6 +56,15 @@ class Server:
         )
         self.supervisor = Supervisor(rt.heartbeat_interval, rt.connection_timeout)
         self.flusher = Flusher()
+        self.db: DatabaseService | None = None
+        self.tables: TableChannels | None = None
+        db = config.database
+        if db.dsn is not None:
+            roles = tuple(dict.fromkeys((config.auth.anon_role, config.auth.default_role, *config.auth.roles)))
+            self.db = DatabaseService(
+                db.dsn, migrate=db.migrate, roles=roles, poll_interval=db.poll_interval, retention=db.retention
+            )
+            self.tables = TableChannels(self.hub, self.db.database, roles)
         self.connections: set[Connection] = set()
         self.per_user: collections.Counter[str] = collections.Counter()
         self.draining = False
@@ -72,16 +85,24 @@ class Server:
         listener = self._listen()
         self.port = listener.getsockname()[1]
         try:
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                nursery.start_soon(self.supervisor.run)
-                nursery.start_soon(self.flusher.run)
-                nursery.start_soon(self._accept_loop, listener, nursery)
-                log.info(
-                    "listening",
-                    extra=ctx(host=self.config.server.host, port=self.port, path=self.config.server.path),
-                )
-                task_status.started(self.port)
+            async with contextlib.AsyncExitStack() as stack:
+                if self.db is not None:
+                    # asyncpg lives on this asyncio loop, for as long as the server runs.
+                    await stack.enter_async_context(trio_asyncio.open_loop())
+                    stack.push_async_callback(self.db.aclose)
+                async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
+                    nursery.start_soon(self.supervisor.run)
+                    nursery.start_soon(self.flusher.run)
+                    if self.db is not None and self.tables is not None:
+                        await nursery.start(self.db.run)
+                        nursery.start_soon(self.tables.run, self.db.windows)
+                    nursery.start_soon(self._accept_loop, listener, nursery)
+                    log.info(
+                        "listening",
+                        extra=ctx(host=self.config.server.host, port=self.port, path=self.config.server.path),
+                    )
+                    task_status.started(self.port)
         finally:
             self._close_listener()
 
@@ -198,36 +219,45 @@ class Server:
 
     # ---- channel checks ------------------------------------------------------------------------------------
 
-    async def check_subscribe(self, conn: Connection, channel: Channel, request: Subscribe) -> Error | None:
+    async def check_subscribe(self, identity: Identity, channel: Channel, request: Subscribe) -> Error | None:
         """The checks a subscribe needs beyond its own format; None when it may proceed."""
-        if channel.kind is ChannelKind.TABLE and self.config.database.dsn is None:
+        if channel.kind is not ChannelKind.TABLE:
+            return None
+        if self.tables is None:
             return Error(
                 ErrorCode.SUBSCRIPTION_FAILED,
                 f"cannot subscribe to {channel.name}: no database is configured "
-                "(set database.dsn in fluxrt.yaml or FLUXRT_DATABASE_DSN)",
+                "(set database.dsn or database.embedded in fluxrt.yaml, or FLUXRT_DATABASE_DSN)",
                 channel=channel.name,
                 ref=request.ref,
             )
-        return None
+        return await self.tables.check_subscribe(identity, channel, request)
 
     # ---- admin endpoints -----------------------------------------------------------------------------------
 
     def database_state(self) -> str:
-        return "not_configured" if self.config.database.dsn is None else "unknown"
+        return "not_configured" if self.db is None else self.db.state
 
     def admin(self, endpoint: str) -> tuple[int, bytes, str]:
         """Status, body and content type for `/health` or `/metrics`."""
         if endpoint == "metrics":
             body = metrics.exposition(self.counters, lambda: len(self.connections), self.hub.statistics, self.uptime)
             return 200, body, "text/plain; version=0.0.4; charset=utf-8"
-        status = "draining" if self.draining else "ok"
+        database = self.database_state()
+        status = "draining" if self.draining else "degraded" if database == "degraded" else "ok"
         health: dict[str, Any] = {
             "status": status,
             "connections": len(self.connections),
             "uptime_s": round(self.uptime(), 3),
-            "database": self.database_state(),
+            "database": database,
         }
-        return (503 if self.draining else 200), orjson.dumps(health), "application/json"
+        if self.db is not None:
+            health["changefeed"] = {
+                "windows": self.db.changefeed.windows,
+                "changes": self.db.changefeed.changes,
+                "last_error": self.db.changefeed.last_error,
+            }
+        return (200 if status == "ok" else 503), orjson.dumps(health), "application/json"
 
     def uptime(self) -> float:
         return time.monotonic() - self._started_at

@@ -1,0 +1,134 @@
+"""The door between Trio and asyncpg: one crossing per unit of work, never one per row or per subscriber.
+
+`Database` owns the asyncpg pool and hands out nothing asyncio-shaped: its methods are Trio coroutines taking and
+returning plain values. Each crossing costs about 0.1 ms, so callers batch (one window, one batch of checks).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import asyncpg
+import trio_asyncio
+
+log = logging.getLogger("fluxrt.postgres")
+
+T = TypeVar("T")
+
+AUTHORIZER_ROLE = "fluxrt_authorizer"
+"""The role that subscribe checks and row-level security run under (see sql/0004_authorizer.sql)."""
+
+
+class DatabaseUnavailable(Exception):
+    """The database cannot be reached right now; the message says why."""
+
+
+Work = Callable[[asyncpg.Connection], Awaitable[T]]
+
+
+class Database:
+    """A small asyncpg pool for checks and authorization, usable only inside `trio_asyncio.open_loop()`.
+
+    Connections whose login role is a superuser switch to AUTHORIZER_ROLE at connect, so that policy code can never
+    act as a superuser (it could reset the role to the session user).
+    """
+
+    def __init__(self, dsn: str, *, max_size: int = 4) -> None:
+        self.dsn = dsn
+        self._max_size = max_size
+        self._pool: asyncpg.Pool | None = None
+
+    async def open(self) -> None:
+        """Open the pool. Raises DatabaseUnavailable when the server cannot be reached."""
+        try:
+            # min_size=0: connections are made when needed, so a database that is away now costs nothing yet.
+            self._pool = await trio_asyncio.aio_as_trio(asyncpg.create_pool)(
+                self.dsn, min_size=0, max_size=self._max_size, init=_as_authorizer
+            )
+        except (OSError, asyncpg.PostgresError) as exc:
+            raise DatabaseUnavailable(describe(exc)) from None
+
+    async def close(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            await trio_asyncio.aio_as_trio(pool.close)()
+
+    async def run(self, work: Work[T]) -> T:
+        """Run `work(connection)` on asyncio with a pooled connection, in one crossing.
+
+        Raises DatabaseUnavailable when no connection can be had or it breaks; errors raised by the SQL itself
+        (asyncpg.PostgresError other than connection failures) propagate.
+        """
+        pool = self._pool
+        if pool is None:
+            raise DatabaseUnavailable("the database connection is not open")
+
+        async def unit() -> T:
+            async with pool.acquire() as conn:
+                return await work(conn)
+
+        try:
+            return await trio_asyncio.aio_as_trio(unit)()
+        except DatabaseUnavailable:
+            raise
+        except (OSError, asyncpg.InterfaceError, asyncpg.ConnectionDoesNotExistError) as exc:
+            raise DatabaseUnavailable(describe(exc)) from None
+        except asyncpg.PostgresError as exc:
+            if _is_connection_error(exc):
+                raise DatabaseUnavailable(describe(exc)) from None
+            raise
+
+
+async def _as_authorizer(conn: asyncpg.Connection) -> None:
+    superuser, authorizer = await conn.fetchrow(
+        "SELECT rolsuper, EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = $1)"
+        " FROM pg_catalog.pg_roles WHERE rolname = session_user",
+        AUTHORIZER_ROLE,
+    )
+    if superuser:
+        if not authorizer:
+            raise DatabaseUnavailable(
+                f"role {AUTHORIZER_ROLE} is missing: run `fluxrt migrate` (or set database.migrate: true)"
+            )
+        await conn.execute(f"SET SESSION AUTHORIZATION {AUTHORIZER_ROLE}")
+
+
+def _is_connection_error(exc: asyncpg.PostgresError) -> bool:
+    code = getattr(exc, "sqlstate", "") or ""
+    # 08: connection exception; 57P: operator intervention (shutdown, terminated backend); 53: resources.
+    return code.startswith(("08", "57P", "53"))
+
+
+def describe(exc: BaseException) -> str:
+    """A one-line reason for logs and client messages, without credentials."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return f"{type(exc).__name__}: {text}"
+
+
+async def connect(dsn: str) -> Any:
+    """One dedicated connection (for the changefeed), opened on asyncio. Raises DatabaseUnavailable."""
+    try:
+        return await trio_asyncio.aio_as_trio(asyncpg.connect)(dsn)
+    except (OSError, asyncpg.PostgresError) as exc:
+        raise DatabaseUnavailable(describe(exc)) from None
+
+
+async def on_connection(conn: Any, work: Work[T]) -> T:
+    """Run `work(conn)` on asyncio in one crossing. Raises DatabaseUnavailable when the connection fails."""
+    try:
+        return await trio_asyncio.aio_as_trio(work)(conn)
+    except (OSError, asyncpg.InterfaceError, asyncpg.ConnectionDoesNotExistError) as exc:
+        raise DatabaseUnavailable(describe(exc)) from None
+    except asyncpg.PostgresError as exc:
+        if _is_connection_error(exc):
+            raise DatabaseUnavailable(describe(exc)) from None
+        raise
+
+
+async def close_connection(conn: Any) -> None:
+    try:
+        await trio_asyncio.aio_as_trio(conn.close)(timeout=2)
+    except Exception:  # a connection that is already gone is closed enough
+        conn.terminate()

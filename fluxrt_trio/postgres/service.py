@@ -1,0 +1,89 @@
+"""The database side of a node, started and owned by the server: migrations, the pool, the changefeed, pruning.
+
+Start-up never waits for the database: if it is away, the node serves broadcast and presence, reports the database
+as degraded, and keeps trying; table subscribes are refused with a message saying the database is unavailable.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import trio
+
+from .bridge import Database, DatabaseUnavailable, close_connection, connect, describe, on_connection
+from .changefeed import Changefeed, Window
+from .migrate import migrate
+
+log = logging.getLogger("fluxrt.postgres")
+
+WINDOW_QUEUE = 16
+"""windows read ahead of delivery; a full queue makes the changefeed wait, and the changes wait in the database"""
+
+
+class DatabaseService:
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        migrate: bool,
+        roles: tuple[str, ...],
+        poll_interval: float,
+        retention: float,
+    ) -> None:
+        self.dsn = dsn
+        self._migrate = migrate
+        self._roles = roles
+        self.database = Database(dsn)
+        self._send, self.windows = trio.open_memory_channel[Window](WINDOW_QUEUE)
+        self.changefeed = Changefeed(dsn, self._send, poll_interval=poll_interval, retention=retention)
+        self.ready = trio.Event()
+
+    @property
+    def state(self) -> str:
+        """`connecting`, `ok` or `degraded`, for /health."""
+        if not self.ready.is_set():
+            return "connecting" if self.changefeed.last_error is None else "degraded"
+        return self.changefeed.state
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run inside `trio_asyncio.open_loop()`. Reports started as soon as the first attempt finished."""
+        await self._prepare(task_status)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.changefeed.run)
+            nursery.start_soon(self.changefeed.prune_forever)
+            self.ready.set()
+
+    async def _prepare(self, task_status: trio.TaskStatus[None]) -> None:
+        backoff = 0.1
+        reported = False
+        while True:
+            try:
+                if self._migrate:
+                    conn = await connect(self.dsn)
+                    try:
+                        applied = await on_connection(conn, lambda c: migrate(c, self._roles))
+                    finally:
+                        with trio.CancelScope(shield=True):
+                            await close_connection(conn)
+                    if applied:
+                        log.info("database migrated", extra={"ctx_applied": ",".join(applied)})
+                await self.database.open()
+                break
+            except DatabaseUnavailable as exc:
+                self.changefeed.last_error = str(exc)
+                log.warning("database unavailable at start-up; retrying", extra={"ctx_error": str(exc)})
+            except Exception as exc:
+                # A migration that fails for a reason other than reachability needs a person; keep the node up.
+                self.changefeed.last_error = describe(exc)
+                log.error("database preparation failed; retrying", extra={"ctx_error": describe(exc)})
+            if not reported:
+                reported = True
+                task_status.started()
+            await trio.sleep(backoff)
+            backoff = min(backoff * 2, 10.0)
+        if not reported:
+            task_status.started()
+
+    async def aclose(self) -> None:
+        with trio.CancelScope(shield=True):
+            await self.database.close()

@@ -1,0 +1,92 @@
+-- Row-level security for change delivery: which identities may see which row images, in one call.
+--
+-- identities: a JSON array of {"role": R, "claims": {...}}; images: a JSON array of row images (as text, so that
+-- big integers and long numerics never pass through a float). Returns one row per identity, in order: the 0-based
+-- indexes of the images it may see (NULL when it may not read the table at all), the columns it may not read, and
+-- the error its policies raised, if any.
+--
+-- What it takes to agree with a live SET ROLE + SELECT:
+-- * each identity runs in its own subtransaction (a policy that raises costs only that identity), with role and
+--   request.jwt.claims set locally and restored afterwards;
+-- * permissive SELECT/ALL policies of the role (or PUBLIC) are OR'd in descending name order, as Postgres builds
+--   them, restrictive ones AND'd; no permissive policy means no row;
+-- * row_security_active() under the role decides the owner, FORCE and BYPASSRLS cases; the row gate is schema USAGE
+--   plus has_any_column_privilege, hidden columns come from has_column_privilege;
+-- * partitions are judged on their root's policies;
+-- * after the role switch only pg_catalog objects are named (plpgsql resolves a statement as the role of its
+--   first run), and search_path is pinned.
+-- Call it in a REPEATABLE READ READ ONLY transaction, so that every identity sees one snapshot, and never from a
+-- superuser session: policy code can reset the role to the session user.
+CREATE FUNCTION realtime.visible(rel oid, identities jsonb, images text)
+RETURNS TABLE (n integer, visible integer[], hidden text[], error text)
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    root oid := coalesce(pg_catalog.pg_partition_root(rel), rel);
+    relname name;
+    nspname name;
+    target text;
+    imgs jsonb := images::jsonb;
+    ident jsonb;
+    role_name text;
+    permissive text;
+    restrictive text;
+    predicate text;
+    saved_role text := pg_catalog.current_setting('role');
+    saved_claims text := pg_catalog.current_setting('request.jwt.claims', true);
+BEGIN
+    SELECT c.relname, ns.nspname INTO relname, nspname
+      FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace ns ON ns.oid = c.relnamespace WHERE c.oid = root;
+    target := pg_catalog.format('%I.%I', nspname, relname);
+    FOR i IN 0 .. pg_catalog.jsonb_array_length(identities) - 1 LOOP
+        ident := identities -> i;
+        role_name := ident ->> 'role';
+        n := i;
+        visible := NULL;
+        hidden := NULL;
+        error := NULL;
+        SELECT pg_catalog.string_agg('(' || pg_catalog.pg_get_expr(p.polqual, p.polrelid) || ')', ' OR '
+                                     ORDER BY p.polname DESC) FILTER (WHERE p.polpermissive),
+               pg_catalog.string_agg('(' || pg_catalog.pg_get_expr(p.polqual, p.polrelid) || ')', ' AND '
+                                     ORDER BY p.polname) FILTER (WHERE NOT p.polpermissive)
+          INTO permissive, restrictive
+          FROM pg_catalog.pg_policy p
+         WHERE p.polrelid = root
+           AND p.polcmd IN ('r', '*')
+           AND p.polqual IS NOT NULL
+           AND (p.polroles = '{0}'
+                OR EXISTS (SELECT 1 FROM pg_catalog.unnest(p.polroles) AS r(oid)
+                            WHERE r.oid <> 0 AND pg_catalog.pg_has_role(role_name, r.oid, 'USAGE')));
+        BEGIN
+            PERFORM pg_catalog.set_config('role', role_name, true);
+            PERFORM pg_catalog.set_config('request.jwt.claims', (ident -> 'claims')::text, true);
+            IF pg_catalog.has_schema_privilege(nspname, 'USAGE')
+               AND pg_catalog.has_any_column_privilege(root, 'SELECT') THEN
+                hidden := ARRAY(
+                    SELECT a.attname::text FROM pg_catalog.pg_attribute a
+                     WHERE a.attrelid = root AND a.attnum > 0 AND NOT a.attisdropped
+                       AND NOT pg_catalog.has_column_privilege(root, a.attnum, 'SELECT')
+                     ORDER BY a.attnum);
+                IF pg_catalog.row_security_active(root) THEN
+                    predicate := '(' || coalesce(permissive, 'false') || ')' || coalesce(' AND ' || restrictive, '');
+                ELSE
+                    predicate := 'true';
+                END IF;
+                EXECUTE pg_catalog.format(
+                    'SELECT coalesce(pg_catalog.array_agg((e.n - 1)::int ORDER BY e.n), ''{}'') '
+                    'FROM pg_catalog.jsonb_array_elements($1) WITH ORDINALITY AS e(img, n), '
+                    'LATERAL pg_catalog.jsonb_populate_record(NULL::%s, e.img) AS %I WHERE %s',
+                    target, relname, predicate)
+                  INTO visible USING imgs;
+            END IF;
+            PERFORM pg_catalog.set_config('role', saved_role, true);
+            PERFORM pg_catalog.set_config('request.jwt.claims', coalesce(saved_claims, ''), true);
+        EXCEPTION WHEN OTHERS THEN
+            -- The subtransaction's rollback has restored role and claims.
+            visible := NULL;
+            hidden := NULL;
+            error := SQLERRM;
+        END;
+        RETURN NEXT;
+    END LOOP;
+END
+$$;

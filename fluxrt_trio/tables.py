@@ -1,0 +1,359 @@
+"""Table channels: the checks a `table:` subscribe needs, and delivery of change windows to subscribers.
+
+Per window, one crossing into the database decides, for every table with subscribers here, which identities may
+see which row images (`realtime.visible`). `event` and `filter` options are applied first, so filtered-out
+subscribers cost nothing. Every frame is encoded once per change and column set, then handed to each recipient.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Any, Protocol
+
+import asyncpg
+import attrs
+import orjson
+import trio
+
+from .hub import Hub
+from .postgres.bridge import Database, DatabaseUnavailable, describe
+from .postgres.changefeed import Change, Window
+from .protocol.channels import Channel
+from .protocol.filters import EVENTS, Filter, FilterError, parse_filter
+from .protocol.frames import text_frame
+from .protocol.identity import Identity
+from .protocol.messages import Error, ErrorCode, Subscribe, encode
+from .protocol.rows import dumps
+from .protocol.session import Subscription
+
+log = logging.getLogger("fluxrt.tables")
+
+_CHECK = """
+SELECT c.oid,
+       pg_catalog.has_schema_privilege($3, n.oid, 'USAGE')
+         AND pg_catalog.has_any_column_privilege($3, c.oid, 'SELECT') AS readable,
+       EXISTS (SELECT 1 FROM realtime.tables t WHERE t.relid = c.oid) AS enabled,
+       ARRAY(SELECT a.attname::text FROM pg_catalog.pg_attribute a
+              WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped) AS columns,
+       ARRAY(SELECT a.attname::text FROM pg_catalog.pg_attribute a
+              WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+                AND pg_catalog.has_column_privilege($3, c.oid, a.attnum, 'SELECT')) AS readable_columns
+  FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+ WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')
+"""
+
+_VISIBLE = """
+SELECT n, visible, hidden, error FROM realtime.visible(
+    (pg_catalog.quote_ident($1) || '.' || pg_catalog.quote_ident($2))::regclass::oid, $3::jsonb, $4)
+"""
+
+
+class TableSubscriber(Protocol):
+    """What delivery needs of a connection."""
+
+    conn_id: str
+
+    @property
+    def identity(self) -> Identity | None: ...
+
+    def subscription(self, channel: str) -> Subscription | None: ...
+
+    def deliver_nowait(self, frame: bytes) -> None: ...
+
+    def end_subscription(self, channel: str, error: Error) -> None:
+        """Send `error` and drop the subscription (for example when realtime was disabled on the table)."""
+
+
+@attrs.frozen(slots=True)
+class Verdict:
+    """What one identity may see of one table in one window."""
+
+    visible: frozenset[int] | None
+    """indexes of visible images; None: the identity may not read the table at all"""
+    hidden: tuple[str, ...] = ()
+    error: str | None = None
+
+
+class TableChannels:
+    """Table subscriptions of one node: admission checks and delivery."""
+
+    def __init__(self, hub: Hub, database: Database, allowed_roles: Iterable[str]) -> None:
+        self.hub = hub
+        self.database = database
+        self.allowed_roles = frozenset(allowed_roles)
+        self.delivered = 0
+
+    # ---- subscribe -----------------------------------------------------------------------------------------
+
+    async def check_subscribe(self, identity: Identity, channel: Channel, request: Subscribe) -> Error | None:
+        """The checks of PROTOCOL.md "Subscribe checks, in order" after the format; None when it may proceed."""
+        name, ref = channel.name, request.ref
+
+        def refuse(code: ErrorCode, message: str) -> Error:
+            return Error(code, message, channel=name, ref=ref)
+
+        qualified = f"{channel.schema}.{channel.table}"
+        role = identity.role
+        if role not in self.allowed_roles:
+            return refuse(
+                ErrorCode.FORBIDDEN,
+                f"role {role!r} may not be assumed by fluxrt; allowed: {', '.join(sorted(self.allowed_roles))} "
+                "(add it to auth.roles)",
+            )
+        try:
+            row = await self.database.run(lambda c: c.fetchrow(_CHECK, channel.schema, channel.table, role))
+        except DatabaseUnavailable as exc:
+            return refuse(ErrorCode.SUBSCRIPTION_FAILED, f"database unavailable, try again later ({exc})")
+        except asyncpg.UndefinedObjectError:
+            return refuse(ErrorCode.FORBIDDEN, f"role {role!r} does not exist in the database")
+        if row is None:
+            return refuse(ErrorCode.SUBSCRIPTION_FAILED, f"table {qualified} does not exist")
+        if not row["readable"]:
+            return refuse(
+                ErrorCode.FORBIDDEN, f"role {role} may not read {qualified}: GRANT SELECT ON {qualified} TO {role}"
+            )
+        if not row["enabled"]:
+            return refuse(
+                ErrorCode.SUBSCRIPTION_FAILED,
+                f"realtime is not enabled for {qualified}: run SELECT enable_realtime('{qualified}')",
+            )
+        if request.event not in EVENTS:
+            return refuse(
+                ErrorCode.SUBSCRIPTION_FAILED,
+                f"invalid event {request.event[:64]!r}: expected one of {', '.join(EVENTS)}",
+            )
+        if request.filter is not None:
+            try:
+                flt = parse_filter(request.filter)
+            except FilterError as exc:
+                return refuse(ErrorCode.SUBSCRIPTION_FAILED, str(exc))
+            if flt.column not in row["columns"]:
+                return refuse(
+                    ErrorCode.SUBSCRIPTION_FAILED, f"invalid filter: {qualified} has no column {flt.column!r}"
+                )
+            if flt.column not in row["readable_columns"]:
+                return refuse(
+                    ErrorCode.SUBSCRIPTION_FAILED,
+                    f"invalid filter: role {role} may not read column {flt.column!r} of {qualified}",
+                )
+        return None
+
+    # ---- delivery ------------------------------------------------------------------------------------------
+
+    async def run(self, windows: trio.MemoryReceiveChannel[Window]) -> None:
+        """Deliver windows as the changefeed produces them, in order."""
+        async for window in windows:
+            try:
+                await self.deliver(window)
+            except Exception:
+                # A fault of ours must not stop delivery for everyone; the affected subscribers are told.
+                log.exception("delivering a window failed")
+                self._changes_missed("an internal error lost changes on this table; refetch what you show")
+
+    async def deliver(self, window: Window) -> None:
+        if window.missed:
+            self._changes_missed(
+                "changes on this table were lost while fluxrt could not reach the database for longer than the "
+                "change log's retention; refetch what you show"
+            )
+        plans = self._plan(window.changes)
+        verdicts = await self._authorize(plans) if plans else {}
+        frames: dict[tuple[int, tuple[str, ...]], bytes] = {}
+        for index, change in enumerate(window.changes):
+            channel = f"table:{change.schema}.{change.table}"
+            if change.op == "DISABLE":
+                self._disabled(channel, change)
+                continue
+            plan = plans.get(channel)
+            if plan is None:
+                continue
+            if change.op == "TRUNCATE":
+                frame = text_frame(dumps(_message(channel, change, ())))
+                for subscriber in plan.truncate_recipients:
+                    subscriber.deliver_nowait(frame)
+                    self.delivered += 1
+                continue
+            for subscriber, identity_key in plan.candidates.get(index, ()):
+                verdict = verdicts.get((channel, identity_key))
+                if verdict is None or verdict.visible is None or plan.image_index[index] not in verdict.visible:
+                    continue
+                key = (index, verdict.hidden)
+                frame = frames.get(key)
+                if frame is None:
+                    frame = frames[key] = text_frame(dumps(_message(channel, change, verdict.hidden)))
+                subscriber.deliver_nowait(frame)
+                self.delivered += 1
+        for (channel, identity_key), verdict in verdicts.items():
+            if verdict.error is not None:
+                self._policy_failed(plans[channel], identity_key, channel, verdict.error)
+
+    def _plan(self, changes: list[Change]) -> dict[str, _Plan]:
+        plans: dict[str, _Plan] = {}
+        for index, change in enumerate(changes):
+            if change.op == "DISABLE":
+                continue
+            channel = f"table:{change.schema}.{change.table}"
+            plan = plans.get(channel)
+            if plan is None:
+                members: list[TableSubscriber] = self.hub.subscribers(channel)  # type: ignore[assignment]
+                if not members:
+                    continue
+                plan = plans[channel] = _Plan(change.schema, change.table, members)
+            if change.op == "TRUNCATE":
+                plan.truncate_recipients = [
+                    s for s in plan.members if (sub := s.subscription(channel)) and sub.event in ("*", "TRUNCATE")
+                ]
+                continue
+            image = change.old if change.op == "DELETE" else change.new
+            candidates = []
+            for subscriber in plan.members:
+                sub = subscriber.subscription(channel)
+                identity = subscriber.identity
+                if sub is None or identity is None or sub.event not in ("*", change.op):
+                    continue
+                if sub.filter is not None and not _filter(sub.filter).matches(image):
+                    continue
+                candidates.append((subscriber, plan.identity(identity)))
+            if candidates:
+                plan.candidates[index] = candidates
+                plan.image_index[index] = len(plan.images)
+                plan.images.append(image)
+        return {channel: plan for channel, plan in plans.items() if plan.images or plan.truncate_recipients}
+
+    async def _authorize(self, plans: dict[str, _Plan]) -> dict[tuple[str, str], Verdict]:
+        """One crossing: `realtime.visible` for every table, in one REPEATABLE READ READ ONLY transaction."""
+        calls = [
+            (channel, plan.schema, plan.table, plan.identities_json(), dumps(plan.images).decode())
+            for channel, plan in plans.items()
+            if plan.images
+        ]
+        if not calls:
+            return {}
+
+        async def work(conn: asyncpg.Connection) -> list[tuple[str, list[Any]]]:
+            results = []
+            async with conn.transaction(isolation="repeatable_read", readonly=True):
+                for channel, schema, table, identities, images in calls:
+                    rows = await conn.fetch(_VISIBLE, schema, table, identities, images)
+                    results.append((channel, [tuple(r) for r in rows]))
+            return results
+
+        try:
+            results = await self.database.run(work)
+        except (DatabaseUnavailable, asyncpg.PostgresError) as exc:
+            # The window's changes cannot be judged: nobody may receive them unchecked, so subscribers are told.
+            log.error("authorizing a window failed", extra={"ctx_error": describe(exc)})
+            for channel in plans:
+                self._tell(
+                    plans[channel].members,
+                    channel,
+                    ErrorCode.CHANGES_MISSED,
+                    f"changes could not be authorized ({describe(exc)}); refetch what you show",
+                )
+            return {}
+        verdicts = {}
+        for channel, rows in results:
+            keys = plans[channel].identity_keys
+            for n, visible, hidden, error in rows:
+                verdicts[(channel, keys[n])] = Verdict(
+                    frozenset(visible) if visible is not None else None, tuple(hidden or ()), error
+                )
+        return verdicts
+
+    # ---- errors to subscribers -----------------------------------------------------------------------------
+
+    def _changes_missed(self, message: str) -> None:
+        for channel in self.hub.channels("table"):
+            self._tell(self.hub.subscribers(channel), channel, ErrorCode.CHANGES_MISSED, message)  # type: ignore[arg-type]
+
+    def _disabled(self, channel: str, change: Change) -> None:
+        qualified = f"{change.schema}.{change.table}"
+        for subscriber in self.hub.subscribers(channel):
+            subscriber.end_subscription(  # type: ignore[attr-defined]
+                channel,
+                Error(
+                    ErrorCode.SUBSCRIPTION_FAILED,
+                    f"realtime was disabled for {qualified}; run SELECT enable_realtime('{qualified}') "
+                    "and subscribe again",
+                    channel=channel,
+                ),
+            )
+
+    def _policy_failed(self, plan: _Plan, identity_key: str, channel: str, error: str) -> None:
+        recipients = [s for s in plan.members if s.identity is not None and _identity_key(s.identity) == identity_key]
+        self._tell(
+            recipients,
+            channel,
+            ErrorCode.CHANGES_MISSED,
+            f"a row-level security policy raised an error for your identity ({error}); "
+            "changes in this window were withheld; refetch what you show",
+        )
+
+    def _tell(self, recipients: Iterable[TableSubscriber], channel: str, code: ErrorCode, message: str) -> None:
+        frame = text_frame(encode(Error(code, message, channel=channel)))
+        for subscriber in recipients:
+            subscriber.deliver_nowait(frame)
+
+
+@attrs.define
+class _Plan:
+    schema: str
+    table: str
+    members: list[TableSubscriber]
+    images: list[dict[str, Any] | None] = attrs.field(factory=list)
+    image_index: dict[int, int] = attrs.field(factory=dict)
+    candidates: dict[int, list[tuple[TableSubscriber, str]]] = attrs.field(factory=dict)
+    truncate_recipients: list[TableSubscriber] = attrs.field(factory=list)
+    identity_keys: list[str] = attrs.field(factory=list)
+    _identities: dict[str, Identity] = attrs.field(factory=dict)
+
+    def identity(self, identity: Identity) -> str:
+        key = _identity_key(identity)
+        if key not in self._identities:
+            self._identities[key] = identity
+            self.identity_keys.append(key)
+        return key
+
+    def identities_json(self) -> str:
+        return orjson.dumps(
+            [{"role": self._identities[k].role, "claims": self._identities[k].claims} for k in self.identity_keys]
+        ).decode()
+
+
+def _identity_key(identity: Identity) -> str:
+    # Same role and same claims: same answer from the policies.
+    return identity.role + "\x00" + orjson.dumps(identity.claims, option=orjson.OPT_SORT_KEYS).decode()
+
+
+_filters: dict[str, Filter] = {}
+
+
+def _filter(text: str) -> Filter:
+    flt = _filters.get(text)
+    if flt is None:
+        if len(_filters) > 10_000:
+            _filters.clear()
+        flt = _filters[text] = parse_filter(text)
+    return flt
+
+
+def _payload(change: Change, hidden: tuple[str, ...]) -> dict[str, Any]:
+    payload: dict[str, Any] = {"type": change.op, "schema": change.schema, "table": change.table}
+    if change.old is not None and change.op in ("UPDATE", "DELETE"):
+        payload["old_record"] = _without(change.old, hidden)
+    if change.new is not None and change.op in ("INSERT", "UPDATE"):
+        payload["record"] = _without(change.new, hidden)
+    payload["timestamp"] = change.created_at.isoformat().replace("+00:00", "Z")
+    payload["id"] = str(change.id)
+    return payload
+
+
+def _message(channel: str, change: Change, hidden: tuple[str, ...]) -> dict[str, Any]:
+    return {"type": "broadcast", "channel": channel, "payload": _payload(change, hidden)}
+
+
+def _without(row: dict[str, Any], hidden: tuple[str, ...]) -> dict[str, Any]:
+    if not hidden:
+        return row
+    return {k: v for k, v in row.items() if k not in hidden}

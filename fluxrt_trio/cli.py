@@ -9,13 +9,19 @@ import os
 import re
 import signal
 import sys
+from pathlib import Path
 
+import attrs
 import trio
+import trio_asyncio
 import yaml
 
 from . import __version__, logs
 from .auth import mint
 from .config import Config, ConfigError, load_config, masked
+from .postgres.bridge import DatabaseUnavailable, close_connection, connect, on_connection
+from .postgres.embedded import EmbeddedError, EmbeddedPostgres
+from .postgres.migrate import migrate
 
 log = logging.getLogger("fluxrt.cli")
 
@@ -33,6 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("serve", help="run the server (the default)")
     sub.add_parser("check-config", help="validate the configuration and print it with secrets masked")
+    sub.add_parser("migrate", help="install or upgrade fluxrt's objects in the database (safe to repeat)")
     token = sub.add_parser("token", help="mint an HS256 token signed with auth.jwt_secret (development and tests)")
     token.add_argument("--sub", required=True, help="the token's subject (user id)")
     token.add_argument("--role", help="the role claim (default: none, so auth.default_role applies)")
@@ -75,7 +82,53 @@ def main(argv: list[str] | None = None) -> int:
         print(mint(config.auth.jwt_secret, args.sub, role=args.role, ttl=_ttl(args.ttl)))
         return 0
     logs.configure(config.log.level, config.log.format)
-    trio.run(_serve, config)
+    embedded = None
+    if config.database.embedded is not None:
+        embedded, config = _start_embedded(config, args.config)
+    try:
+        if args.command == "migrate":
+            return _migrate(config)
+        trio.run(_serve, config)
+    finally:
+        if embedded is not None:
+            embedded.stop(quiet=True)
+    return 0
+
+
+def _start_embedded(config: Config, config_path: str | None) -> tuple[EmbeddedPostgres, Config]:
+    folder = Path(config.database.embedded or "")
+    if not folder.is_absolute() and config_path:
+        folder = Path(config_path).resolve().parent / folder
+    try:
+        embedded = EmbeddedPostgres(folder)
+        dsn = embedded.start()
+    except EmbeddedError as exc:
+        print(f"fluxrt: database.embedded: {exc}", file=sys.stderr)
+        raise SystemExit(EXIT_CONFIG) from None
+    log.info(f"embedded PostgreSQL ready; connect with: {embedded.psql_command()}")
+    return embedded, attrs.evolve(config, database=attrs.evolve(config.database, dsn=dsn, embedded=None))
+
+
+def _migrate(config: Config) -> int:
+    if config.database.dsn is None:
+        print("fluxrt migrate: no database configured (database.dsn or database.embedded)", file=sys.stderr)
+        return EXIT_CONFIG
+    roles = tuple(dict.fromkeys((config.auth.anon_role, config.auth.default_role, *config.auth.roles)))
+
+    async def run() -> list[str]:
+        async with trio_asyncio.open_loop():
+            conn = await connect(config.database.dsn)  # type: ignore[arg-type]
+            try:
+                return await on_connection(conn, lambda c: migrate(c, roles))
+            finally:
+                await close_connection(conn)
+
+    try:
+        applied = trio.run(run)
+    except DatabaseUnavailable as exc:
+        print(f"fluxrt migrate: database unavailable: {exc}", file=sys.stderr)
+        return 1
+    print("applied: " + ", ".join(applied) if applied else "already up to date")
     return 0
 
 

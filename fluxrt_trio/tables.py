@@ -44,8 +44,10 @@ SELECT c.oid,
 """
 
 _VISIBLE = """
-SELECT n, visible, hidden, error FROM realtime.visible(
-    (pg_catalog.quote_ident($1) || '.' || pg_catalog.quote_ident($2))::regclass::oid, $3::jsonb, $4)
+SELECT v.n, v.visible, v.hidden, v.error
+  FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace ns ON ns.oid = c.relnamespace,
+       LATERAL realtime.visible(c.oid, $3::jsonb, $4) v
+ WHERE ns.nspname = $1 AND c.relname = $2
 """
 
 

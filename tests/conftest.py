@@ -15,7 +15,7 @@ from __future__ import annotations
 import base64
 import os
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -31,6 +31,8 @@ from fluxrt_trio.auth import mint
 from fluxrt_trio.config import AuthConfig, Config, DatabaseConfig, LogConfig, RealtimeConfig, ServerConfig
 from fluxrt_trio.hub import Hub
 from fluxrt_trio.server import Server
+
+from . import pg
 
 SECRET = "test-secret-" + "x" * 64
 
@@ -57,6 +59,36 @@ def token(sub: str = "alice", **kwargs: Any) -> str:
 StartServer = Callable[..., Awaitable[Server]]
 
 
+@pytest.fixture(scope="session")
+def pg_admin() -> Iterator[str]:
+    """A superuser DSN of a PostgreSQL server (see tests/pg.py for where it comes from)."""
+    dsn, embedded = pg.admin_dsn()
+    try:
+        yield dsn
+    finally:
+        if embedded is not None:
+            embedded.stop(quiet=True)
+
+
+@pytest.fixture(scope="session")
+def pg_template(pg_admin: str) -> Iterator[str]:
+    name = pg.make_template(pg_admin)
+    try:
+        yield name
+    finally:
+        pg.run_sql(pg_admin, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture
+def db(pg_admin: str, pg_template: str) -> Iterator[pg.ScratchDatabase]:
+    """A fresh, migrated database for this test."""
+    database = pg.ScratchDatabase(pg_admin, pg_template)
+    try:
+        yield database
+    finally:
+        database.drop()
+
+
 @pytest.fixture
 async def start_server(nursery: trio.Nursery) -> AsyncIterator[StartServer]:
     """`await start_server(realtime={...})` runs a Server in the test's nursery and returns it."""
@@ -79,7 +111,10 @@ async def connect(
     server: Server, *, tok: str | None = None, headers: list[tuple[str, str]] | None = None, path: str | None = None
 ) -> AsyncIterator[WebSocketConnection]:
     query = f"token={tok}" if tok is not None else ""
-    async with open_websocket_url(url(server, path=path, query=query), extra_headers=headers or []) as ws:
+    # The client accepts large messages: fluxrt delivers rows of any size.
+    async with open_websocket_url(
+        url(server, path=path, query=query), extra_headers=headers or [], max_message_size=64 * 1024 * 1024
+    ) as ws:
         yield ws
 
 

@@ -24,6 +24,7 @@ DECLARE
     root oid := coalesce(pg_catalog.pg_partition_root(rel), rel);
     relname name;
     nspname name;
+    nsp oid;
     target text;
     imgs jsonb := images::jsonb;
     ident jsonb;
@@ -34,7 +35,7 @@ DECLARE
     saved_role text := pg_catalog.current_setting('role');
     saved_claims text := pg_catalog.current_setting('request.jwt.claims', true);
 BEGIN
-    SELECT c.relname, ns.nspname INTO relname, nspname
+    SELECT c.relname, ns.nspname, ns.oid INTO relname, nspname, nsp
       FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace ns ON ns.oid = c.relnamespace WHERE c.oid = root;
     target := pg_catalog.format('%I.%I', nspname, relname);
     FOR i IN 0 .. pg_catalog.jsonb_array_length(identities) - 1 LOOP
@@ -59,7 +60,7 @@ BEGIN
         BEGIN
             PERFORM pg_catalog.set_config('role', role_name, true);
             PERFORM pg_catalog.set_config('request.jwt.claims', (ident -> 'claims')::text, true);
-            IF pg_catalog.has_schema_privilege(nspname, 'USAGE')
+            IF pg_catalog.has_schema_privilege(nsp, 'USAGE')
                AND pg_catalog.has_any_column_privilege(root, 'SELECT') THEN
                 hidden := ARRAY(
                     SELECT a.attname::text FROM pg_catalog.pg_attribute a

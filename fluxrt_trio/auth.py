@@ -84,6 +84,8 @@ class Verifier:
         exp = claims["exp"]
         if not isinstance(exp, int | float):
             raise AuthError("token rejected: exp must be a number")
+        # The effective role joins the claims, so that auth.role() and policies see the role fluxrt assumes.
+        claims = {**claims, "role": role}
         return Identity(sub=sub, role=role, claims=claims, expires_at=float(exp) + self.config.leeway)
 
 

@@ -24,12 +24,13 @@ from . import http
 from .auth import AuthError
 from .logs import ctx
 from .outbox import Outbox
-from .protocol.channels import ChannelKind
+from .protocol.channels import Channel, ChannelKind
 from .protocol.frames import PING, text_frame
 from .protocol.identity import Identity
 from .protocol.messages import CloseCode, Error, ErrorCode, PresenceEvent, ServerMessage, Subscribe, encode
 from .protocol.session import (
     Authenticate,
+    Authorize,
     CheckSubscribe,
     Close,
     Effect,
@@ -62,6 +63,7 @@ class Connection:
     """One client socket, from the first HTTP byte to the last WebSocket frame."""
 
     __slots__ = (
+        "_grants",
         "_partial",
         "_partial_size",
         "_reader_scope",
@@ -88,6 +90,7 @@ class Connection:
         self.last_seen = trio.current_time()
         self._reader_scope: trio.CancelScope | None = None
         self._partial: list[str | bytes] | None = None
+        self._grants: dict[tuple[str, str], bool] | None = None
         self._partial_size = 0
 
     # ---- lifecycle -----------------------------------------------------------------------------------------
@@ -302,6 +305,13 @@ class Connection:
             if self.session is None:
                 return
             match effect:
+                case Authorize(channel=channel, action=action, ref=ref):
+                    refusal = await self._authorize(channel, action, ref)
+                    if refusal is not None:
+                        if self.session is not None:
+                            self.session.refused(effect)
+                        self._reply(refusal)
+                        return
                 case CheckSubscribe(request=request, channel=channel):
                     refusal = await self.server.check_subscribe(self.session.identity, channel, request)
                     if self.session is not None:
@@ -333,6 +343,21 @@ class Connection:
             case _:
                 raise AssertionError(f"effect {effect!r} needs the async path")
 
+    async def _authorize(self, channel: Channel, action: str, ref: str | None) -> Error | None:
+        """The channel hook's answer, remembered for this connection until its identity changes."""
+        if self.server.channel_authorizer is None or self.session is None:
+            return None
+        key = (channel.name, action)
+        grants = self._grants
+        if grants is not None and key in grants:
+            return None
+        refusal = await self.server.check_channel(self.session.identity, channel, action, ref)
+        if refusal is None:
+            if self._grants is None:
+                self._grants = {}
+            self._grants[key] = True
+        return refusal
+
     async def _reauthenticate(self, token: str, ref: str | None) -> list[Effect]:
         session = self.session
         assert session is not None
@@ -345,6 +370,7 @@ class Connection:
         if refusal is not None:
             return [Reply(Error(ErrorCode.RATE_LIMITED, refusal, ref=ref))]
         effects = session.authenticated(identity, ref)
+        self._grants = None
         self.server.supervisor.identity_changed(self)
         # Table subscriptions are re-authorized under the new identity; those no longer allowed end with FORBIDDEN.
         for name, subscription in list(session.subscriptions.items()):

@@ -24,6 +24,8 @@ from .connection import Connection
 from .hub import Hub, LocalHub
 from .logs import ctx
 from .outbox import Flusher
+from .postgres.authorize import ChannelAuthorizer, Refused
+from .postgres.bridge import DatabaseUnavailable
 from .postgres.service import DatabaseService
 from .protocol.channels import Channel, ChannelKind
 from .protocol.identity import Identity
@@ -58,6 +60,7 @@ class Server:
         self.flusher = Flusher()
         self.db: DatabaseService | None = None
         self.tables: TableChannels | None = None
+        self.channel_authorizer: ChannelAuthorizer | None = None
         db = config.database
         if db.dsn is not None:
             roles = tuple(dict.fromkeys((config.auth.anon_role, config.auth.default_role, *config.auth.roles)))
@@ -65,6 +68,7 @@ class Server:
                 db.dsn, migrate=db.migrate, roles=roles, poll_interval=db.poll_interval, retention=db.retention
             )
             self.tables = TableChannels(self.hub, self.db.database, roles)
+            self.channel_authorizer = ChannelAuthorizer(self.db.database)
         self.connections: set[Connection] = set()
         self.per_user: collections.Counter[str] = collections.Counter()
         self.draining = False
@@ -222,7 +226,7 @@ class Server:
     async def check_subscribe(self, identity: Identity, channel: Channel, request: Subscribe) -> Error | None:
         """The checks a subscribe needs beyond its own format; None when it may proceed."""
         if channel.kind is not ChannelKind.TABLE:
-            return None
+            return await self.check_channel(identity, channel, "subscribe", request.ref)
         if self.tables is None:
             return Error(
                 ErrorCode.SUBSCRIPTION_FAILED,
@@ -232,6 +236,21 @@ class Server:
                 ref=request.ref,
             )
         return await self.tables.check_subscribe(identity, channel, request)
+
+    async def check_channel(self, identity: Identity, channel: Channel, action: str, ref: str | None) -> Error | None:
+        """Ask `realtime.authorize` (when the database defines it) about a presence or broadcast channel."""
+        if self.channel_authorizer is None:
+            return None
+        try:
+            await self.channel_authorizer.check(identity, channel.name, action)
+        except Refused as exc:
+            return Error(ErrorCode.FORBIDDEN, str(exc), channel=channel.name, ref=ref)
+        except DatabaseUnavailable as exc:
+            code = ErrorCode.SUBSCRIPTION_FAILED if action == "subscribe" else ErrorCode.FORBIDDEN
+            return Error(
+                code, f"database unavailable to authorize {channel.name} ({exc})", channel=channel.name, ref=ref
+            )
+        return None
 
     # ---- admin endpoints -----------------------------------------------------------------------------------
 

@@ -20,6 +20,7 @@ from fluxrt_trio.protocol.messages import (
 )
 from fluxrt_trio.protocol.session import (
     Authenticate,
+    Authorize,
     CheckSubscribe,
     Close,
     Join,
@@ -44,7 +45,8 @@ def make(sub: str | None = None, **limits: Any) -> Session:
 
 
 def send(session: Session, message: Any, now: float = 0.0) -> list[Any]:
-    return session.receive(orjson.dumps(message), now)
+    """The effects of one message, as if every Authorize check passed (those are tested on their own below)."""
+    return [e for e in session.receive(orjson.dumps(message), now) if not isinstance(e, Authorize)]
 
 
 def subscribe(session: Session, channel: str, now: float = 0.0, **fields: Any) -> list[Any]:
@@ -445,7 +447,7 @@ def test_presence_state_size_is_measured_as_compact_json():
     subscribe(session, "presence:room")
     state = {"a": [1, 2, 3], "b": "cc"}  # {"a":[1,2,3],"b":"cc"} is 22 bytes; as sent below it is 32
     text = '{"type": "presence", "channel": "presence:room", "event": "track", "payload": {"a": [1, 2, 3], "b": "cc"}}'
-    assert session.receive(text, 0.0) == [Track(parse_channel("presence:room"), ANON_KEY, CONN, state)]
+    assert session.receive(text, 0.0)[1:] == [Track(parse_channel("presence:room"), ANON_KEY, CONN, state)]
 
 
 # ---- ping and auth -------------------------------------------------------------------------------------------
@@ -750,3 +752,36 @@ def test_auth_uses_the_control_allowance_not_the_broadcast_one():
     assert send(session, {"type": "auth", "token": "t"}) == [Authenticate("t", None)]
     [reply] = send(session, {"type": "auth", "token": "t"})
     assert reply.message.code is ErrorCode.RATE_LIMITED
+
+
+def test_broadcast_and_track_ask_for_authorization_first():
+    session = make("alice")
+    subscribe(session, "presence:room")
+    room = parse_channel("presence:room")
+    effects = session.receive(orjson.dumps({"type": "broadcast", "channel": "broadcast:x", "payload": 1}), 0.0)
+    assert effects[0] == Authorize(parse_channel("broadcast:x"), "broadcast", None)
+    effects = session.receive(
+        orjson.dumps({"type": "presence", "channel": "presence:room", "event": "track", "payload": {"a": 1}}), 0.0
+    )
+    assert effects[0] == Authorize(room, "track", None, previous_state=None)
+    assert isinstance(effects[1], Track)
+
+
+def test_a_refused_track_leaves_the_previous_state():
+    session = make("alice")
+    subscribe(session, "presence:room")
+    send(session, {"type": "presence", "channel": "presence:room", "event": "track", "payload": {"v": 1}})
+    effects = session.receive(
+        orjson.dumps({"type": "presence", "channel": "presence:room", "event": "track", "payload": {"v": 2}}), 0.0
+    )
+    check = effects[0]
+    assert check.previous_state == {"v": 1}
+    session.refused(check)
+    assert session.tracked == {"presence:room": {"v": 1}}
+    other = make("bob")
+    subscribe(other, "presence:room")
+    first = other.receive(
+        orjson.dumps({"type": "presence", "channel": "presence:room", "event": "track", "payload": {"v": 1}}), 0.0
+    )[0]
+    other.refused(first)
+    assert other.tracked == {}

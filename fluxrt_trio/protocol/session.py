@@ -65,6 +65,17 @@ class CheckSubscribe:
 
 
 @attrs.frozen(slots=True)
+class Authorize:
+    """Ask whether this identity may `action` (`broadcast`, `track`) on `channel`. If not, the shell replies
+    FORBIDDEN, skips the effects after this one and calls `Session.refused`."""
+
+    channel: Channel
+    action: str
+    ref: str | None
+    previous_state: dict[str, Any] | None = None
+
+
+@attrs.frozen(slots=True)
 class Join:
     subscription: Subscription
 
@@ -114,7 +125,19 @@ class Close:
     reason: str
 
 
-Effect = Reply | CheckSubscribe | Join | SendPresenceState | Leave | Publish | Track | Untrack | Authenticate | Close
+Effect = (
+    Reply
+    | CheckSubscribe
+    | Authorize
+    | Join
+    | SendPresenceState
+    | Leave
+    | Publish
+    | Track
+    | Untrack
+    | Authenticate
+    | Close
+)
 
 
 def error(code: ErrorCode, message: str, *, channel: str | None = None, ref: str | None = None) -> list[Effect]:
@@ -276,7 +299,7 @@ class Session:
                 channel=channel.name,
                 ref=message.ref,
             )
-        effects: list[Effect] = [Publish(channel, message.payload)]
+        effects: list[Effect] = [Authorize(channel, "broadcast", message.ref), Publish(channel, message.payload)]
         if message.ref is not None:
             effects.append(Reply(Ack("sent", channel.name, message.ref)))
         return effects
@@ -332,11 +355,21 @@ class Session:
                 channel=name,
                 ref=ref,
             )
+        effects.append(Authorize(channel, "track", ref, previous_state=self.tracked.get(name)))
         self.tracked[name] = state
         if ref is not None:
             effects.append(Reply(Ack("tracked", name, ref)))
         effects.append(Track(channel, self.presence_key, self.conn_id, state))
         return effects
+
+    def refused(self, check: Authorize) -> None:
+        """The shell refused `check`: undo what the message did to this session (the rest of its effects are
+        dropped)."""
+        if check.action == "track":
+            if check.previous_state is None:
+                self.tracked.pop(check.channel.name, None)
+            else:
+                self.tracked[check.channel.name] = check.previous_state
 
     def authenticated(self, identity: Identity, ref: str | None) -> list[Effect]:
         """Adopt a freshly verified identity: ack, then presence tracked under the old key moves to the new one."""

@@ -1,0 +1,75 @@
+"""The optional channel authorization hook: `realtime.authorize(channel text, action text) RETURNS boolean`.
+
+When the database defines it, fluxrt asks it before a connection subscribes to a `presence:` or `broadcast:`
+channel (action `subscribe`), broadcasts (`broadcast`) or tracks presence (`track`), running it as the connection's
+role with its claims in `request.jwt.claims`. When it is absent, those channels are open to every connection; its
+presence is looked up again every few seconds, so creating or dropping it needs no restart.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import asyncpg
+import orjson
+import trio
+
+from ..protocol.identity import Identity
+from .bridge import Database, DatabaseUnavailable, describe
+
+log = logging.getLogger("fluxrt.authorize")
+
+HOOK_RECHECK = 5.0
+"""seconds between looks for the hook's existence"""
+
+
+class Refused(Exception):
+    """The hook said no, or failed; the message is for the client."""
+
+
+class ChannelAuthorizer:
+    def __init__(self, database: Database) -> None:
+        self._database = database
+        self._hook: bool | None = None
+        self._checked_at = -HOOK_RECHECK
+
+    async def hook_exists(self) -> bool:
+        now = trio.current_time()
+        if self._hook is None or now - self._checked_at >= HOOK_RECHECK:
+            try:
+                self._hook = await self._database.run(
+                    lambda c: c.fetchval("SELECT to_regprocedure('realtime.authorize(text,text)') IS NOT NULL")
+                )
+            except DatabaseUnavailable:
+                # Unknown: keep the last answer (closed if never known) rather than opening channels by accident.
+                if self._hook is None:
+                    raise
+            self._checked_at = now
+        return bool(self._hook)
+
+    async def check(self, identity: Identity, channel: str, action: str) -> None:
+        """Return when the hook allows `action` on `channel` (or there is no hook); raise Refused otherwise.
+
+        Raises DatabaseUnavailable when the database cannot be asked.
+        """
+        if not await self.hook_exists():
+            return
+        claims = orjson.dumps(identity.claims).decode()
+
+        async def ask(conn: asyncpg.Connection) -> bool | None:
+            async with conn.transaction(readonly=True):
+                await conn.execute(
+                    "SELECT pg_catalog.set_config('role', $1, true), "
+                    "pg_catalog.set_config('request.jwt.claims', $2, true)",
+                    identity.role,
+                    claims,
+                )
+                return await conn.fetchval("SELECT realtime.authorize($1, $2)", channel, action)
+
+        try:
+            allowed = await self._database.run(ask)
+        except asyncpg.PostgresError as exc:
+            log.warning("realtime.authorize failed", extra={"ctx_channel": channel, "ctx_error": describe(exc)})
+            raise Refused(f"realtime.authorize failed for {channel} ({describe(exc)})") from None
+        if not allowed:
+            raise Refused(f"realtime.authorize does not allow {action} on {channel} for role {identity.role}")

@@ -83,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     logs.configure(config.log.level, config.log.format)
     embedded = None
-    if config.database.embedded is not None:
+    # A DSN (from the file or FLUXRT_DATABASE_DSN) wins over the embedded development database.
+    if config.database.embedded is not None and config.database.dsn is None:
         embedded, config = _start_embedded(config, args.config)
     try:
         if args.command == "migrate":

@@ -337,9 +337,6 @@ def _cross_checks(config: Config, label: str) -> list[str]:
         problems.append(
             f"{label}: auth.allow_anonymous: false needs auth.jwt_secret or auth.jwt_public_key_file to verify tokens"
         )
-    db = config.database
-    if db.dsn and db.embedded:
-        problems.append(f"{label}: database: set either dsn or embedded, not both")
     rt = config.realtime
     if rt.max_connections_per_user > rt.max_connections:
         problems.append(

@@ -47,9 +47,12 @@ def find_binaries() -> Path:
     )
 
 
-def _free_port() -> int:
+def _free_port(preferred: int = 0) -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        try:
+            s.bind(("127.0.0.1", preferred))
+        except OSError:
+            s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
@@ -112,7 +115,7 @@ class EmbeddedPostgres:
             log.info("initializing embedded PostgreSQL", extra={"ctx_dir": str(self.pgdata)})
             self._run("initdb", "-D", str(self.pgdata), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync")
         if self.port is None:
-            self.port = _free_port()
+            self.port = self._remembered_port()
         self.stop(quiet=True)
         options = f"-p {self.port} -k {self.data_dir} -c listen_addresses=127.0.0.1 -c fsync=off"
         self._run(
@@ -120,6 +123,17 @@ class EmbeddedPostgres:
         )
         log.info("embedded PostgreSQL running", extra={"ctx_psql": self.psql_command()})
         return self.dsn
+
+    def _remembered_port(self) -> int:
+        """The port of the last run when it is still free, so that the logged psql command stays the same."""
+        memo = self.data_dir / "port"
+        try:
+            preferred = int(memo.read_text())
+        except (OSError, ValueError):
+            preferred = 0
+        port = _free_port(preferred)
+        memo.write_text(str(port))
+        return port
 
     def stop(self, *, quiet: bool = False) -> None:
         if not (self.pgdata / "postmaster.pid").exists():

@@ -69,16 +69,7 @@ class Database:
             async with pool.acquire() as conn:
                 return await work(conn)
 
-        try:
-            return await trio_asyncio.aio_as_trio(unit)()
-        except DatabaseUnavailable:
-            raise
-        except (OSError, asyncpg.InterfaceError, asyncpg.ConnectionDoesNotExistError) as exc:
-            raise DatabaseUnavailable(describe(exc)) from None
-        except asyncpg.PostgresError as exc:
-            if _is_connection_error(exc):
-                raise DatabaseUnavailable(describe(exc)) from None
-            raise
+        return await _cross(unit)
 
 
 async def _as_authorizer(conn: asyncpg.Connection) -> None:
@@ -117,8 +108,15 @@ async def connect(dsn: str) -> Any:
 
 async def on_connection(conn: Any, work: Work[T]) -> T:
     """Run `work(conn)` on asyncio in one crossing. Raises DatabaseUnavailable when the connection fails."""
+    return await _cross(lambda: work(conn))
+
+
+async def _cross(unit: Callable[[], Awaitable[T]]) -> T:
+    """Run `unit()` on asyncio; a lost or unreachable server becomes DatabaseUnavailable, SQL errors propagate."""
     try:
-        return await trio_asyncio.aio_as_trio(work)(conn)
+        return await trio_asyncio.aio_as_trio(unit)()
+    except DatabaseUnavailable:
+        raise
     except (OSError, asyncpg.InterfaceError, asyncpg.ConnectionDoesNotExistError) as exc:
         raise DatabaseUnavailable(describe(exc)) from None
     except asyncpg.PostgresError as exc:

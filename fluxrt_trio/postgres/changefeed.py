@@ -108,6 +108,8 @@ class Changefeed:
         self._retention = retention
         self._listen = listen
         self._prev: str | None = None
+        self._cur: str | None = None
+        self._after = 0
         self._wake = trio.Event()
         self.state = "connecting"
         self.last_error: str | None = None
@@ -170,36 +172,40 @@ class Changefeed:
         self.last_error = None
         if task_status is not None:
             task_status.started()
+        if missed:
+            await self._out.send(Window([], missed=True))
         while True:
-            changes = await self._read(conn)
-            if changes or missed:
-                self.windows += 1
-                self.changes += len(changes)
-                await self._out.send(Window(changes, missed))
-                missed = False
+            await self._read(conn)
             if self._wake.is_set():
                 self._wake = trio.Event()
                 continue
             with trio.move_on_after(self._poll_interval):
                 await self._wake.wait()
 
-    async def _read(self, conn: Any) -> list[Change]:
-        """One window: every change committed since the previous read, paged under one pair of snapshots."""
-        prev = self._prev
-        cur: str | None = None
-        after = 0
-        changes: list[Change] = []
+    async def _read(self, conn: Any) -> None:
+        """Send every change committed since the previous read, a page at a time under one pair of snapshots.
+
+        `_cur` and `_after` survive a lost connection, so a read interrupted between pages resumes after the last
+        page sent instead of sending it again.
+        """
         while True:
-            rows = await on_connection(conn, lambda c, cur=cur, after=after: _fetch_window(c, prev, cur, after))
-            snap = rows[0][0]
-            page = [r for r in rows if r[1] is not None]
-            changes.extend(Change(r[1], r[3], r[4], r[5], r[6], decode_image(r[7]), decode_image(r[8])) for r in page)
-            cur = snap
+            rows = await on_connection(
+                conn, lambda c, prev=self._prev, cur=self._cur, after=self._after: _fetch_window(c, prev, cur, after)
+            )
+            self._cur = rows[0][0]
+            page = [
+                Change(r[1], r[3], r[4], r[5], r[6], decode_image(r[7]), decode_image(r[8]))
+                for r in rows
+                if r[1] is not None
+            ]
+            if page:
+                self.windows += 1
+                self.changes += len(page)
+                await self._out.send(Window(page))
+                self._after = page[-1].id
             if len(page) < PAGE:
                 break
-            after = page[-1][1]
-        self._prev = cur
-        return changes
+        self._prev, self._cur, self._after = self._cur, None, 0
 
     async def prune(self) -> int:
         """Record a horizon, delete what fell out of retention, return the rows deleted. Uses its own connection."""

@@ -28,10 +28,12 @@ CREATE TABLE realtime.tables (
 REVOKE ALL ON realtime.tables FROM PUBLIC;
 
 -- Snapshots taken over time; pruning deletes below the horizon of the one taken a retention period ago.
+-- Every node adds one now and then (several may at the same instant, hence no key on taken_at).
 CREATE TABLE realtime.horizons (
-    taken_at timestamptz PRIMARY KEY DEFAULT clock_timestamp(),
+    taken_at timestamptz NOT NULL DEFAULT clock_timestamp(),
     snap pg_snapshot NOT NULL
 );
+CREATE INDEX horizons_taken_at_idx ON realtime.horizons (taken_at);
 CREATE TABLE realtime.pruned (
     only_row boolean PRIMARY KEY DEFAULT true CHECK (only_row),
     horizon xid8 NOT NULL

@@ -83,25 +83,31 @@ class Outbox:
     def send_nowait(self, frame: bytes) -> bool:
         """Queue one whole frame without blocking; it goes to the kernel when the current task yields.
 
-        Returns False when `limit` frames are already waiting (a slow consumer); the frame is not queued.
+        Returns False when `limit` frames already wait for the socket (a slow consumer); the frame is not queued.
         After `close` or on a broken socket the frame is dropped and True returned: the connection is ending.
         """
         if self._closing or self.broken:
             return True
-        backlog = self._backlog
-        if backlog:
-            if len(backlog) >= self.limit:
-                return False
-            backlog.append(frame)
-        else:
+        if not self._backlog:
             pending = self._pending
-            if pending is None:
-                self._pending = [frame]
-                self._flusher.mark(self)
-            elif len(pending) >= self.limit:
-                return False
-            else:
-                pending.append(frame)
+            if pending is not None and len(pending) >= _IOV_MAX:
+                # A full batch: hand it to the kernel now rather than hold more. Only what the kernel refuses
+                # counts against the limit, so a burst to a fast reader is never mistaken for a slow consumer.
+                self._flush()
+                pending = self._pending
+            if self.broken:
+                return True
+            if not self._backlog:
+                if pending is None:
+                    self._pending = [frame]
+                    self._flusher.mark(self)
+                else:
+                    pending.append(frame)
+                self.sent_frames += 1
+                return True
+        if len(self._backlog) >= self.limit:
+            return False
+        self._backlog.append(frame)
         self.sent_frames += 1
         return True
 
@@ -114,14 +120,15 @@ class Outbox:
             # The writer is already waiting for the socket: keep the order behind it.
             self._backlog.extend(frames)
             return
+        chunk = frames[:_IOV_MAX]
         try:
-            sent = self._sock.sendmsg(frames) if len(frames) > 1 else self._sock.send(frames[0])
+            sent = self._sock.sendmsg(chunk) if len(chunk) > 1 else self._sock.send(chunk[0])
         except BlockingIOError:
             sent = 0
         except OSError:
             self.broken = True
             return
-        remaining = _unsent(frames, sent)
+        remaining = _unsent(chunk, sent) + frames[_IOV_MAX:]
         if remaining:
             self._backlog.extend(remaining)
             self._spawn(self._write)

@@ -51,6 +51,10 @@ SELECT v.n, v.visible, v.hidden, v.error
 """
 
 
+YIELD_EVERY = 256
+"""changes delivered between two yields to the scheduler"""
+
+
 class TableSubscriber(Protocol):
     """What delivery needs of a connection."""
 
@@ -163,6 +167,10 @@ class TableChannels:
         verdicts = await self._authorize(plans) if plans else {}
         frames: dict[tuple[int, tuple[str, ...]], bytes] = {}
         for index, change in enumerate(window.changes):
+            if index and index % YIELD_EVERY == 0:
+                # Let the frames queued so far reach the kernel, so a long window to a fast reader never piles up
+                # in its outbox as if it were a slow consumer.
+                await trio.sleep(0)
             channel = f"table:{change.schema}.{change.table}"
             if change.op == "DISABLE":
                 self._disabled(channel, change)
@@ -242,9 +250,9 @@ class TableChannels:
             return results
 
         try:
-            results = await self.database.run(work)
-        except (DatabaseUnavailable, asyncpg.PostgresError) as exc:
-            # The window's changes cannot be judged: nobody may receive them unchecked, so subscribers are told.
+            results = await self._patiently(work)
+        except asyncpg.PostgresError as exc:
+            # The SQL itself failed (realtime.visible missing or broken): nobody may receive unchecked changes.
             log.error("authorizing a window failed", extra={"ctx_error": describe(exc)})
             for channel in plans:
                 self._tell(
@@ -262,6 +270,18 @@ class TableChannels:
                     frozenset(visible) if visible is not None else None, tuple(hidden or ()), error
                 )
         return verdicts
+
+    async def _patiently(self, work: Any) -> Any:
+        """Run `work` on the database, waiting out unavailability: the window's changes are already read, so
+        giving up would lose them. The changefeed waits behind this window meanwhile (its queue is bounded)."""
+        backoff = 0.05
+        while True:
+            try:
+                return await self.database.run(work)
+            except DatabaseUnavailable as exc:
+                log.warning("authorizing a window: database unavailable, retrying", extra={"ctx_error": str(exc)})
+                await trio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
 
     # ---- errors to subscribers -----------------------------------------------------------------------------
 

@@ -117,7 +117,13 @@ async def _cross(unit: Callable[[], Awaitable[T]]) -> T:
         return await trio_asyncio.aio_as_trio(unit)()
     except DatabaseUnavailable:
         raise
-    except (OSError, asyncpg.InterfaceError, asyncpg.ConnectionDoesNotExistError) as exc:
+    except (
+        OSError,
+        asyncpg.InterfaceError,
+        asyncpg.InternalClientError,
+        asyncpg.ConnectionDoesNotExistError,
+    ) as exc:
+        # InternalClientError: asyncpg's state machine after the backend vanished mid-statement.
         raise DatabaseUnavailable(describe(exc)) from None
     except asyncpg.PostgresError as exc:
         if _is_connection_error(exc):

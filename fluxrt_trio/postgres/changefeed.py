@@ -9,8 +9,8 @@ and the broken variants). `prev` lives in this process, so a lost connection res
 
 from __future__ import annotations
 
+import datetime
 import logging
-from datetime import datetime
 from typing import Any
 
 import asyncpg
@@ -28,7 +28,8 @@ PAGE = 5000
 _WINDOW = """
 WITH cur AS MATERIALIZED (SELECT coalesce($2::text::pg_snapshot, pg_current_snapshot()) AS s)
 SELECT cur.s::text AS snap, c.id, c.xid::text AS xid, c.created_at, c.schema_name, c.table_name, c.op,
-       c.old_record::text AS old_record, c.new_record::text AS new_record
+       c.old_record::text AS old_record, c.new_record::text AS new_record,
+       coalesce((SELECT horizon FROM realtime.pruned) > pg_snapshot_xmin($1::text::pg_snapshot), false) AS missed
   FROM cur LEFT JOIN LATERAL (
     SELECT * FROM realtime.changes c
      WHERE c.xid >= pg_snapshot_xmax($1::text::pg_snapshot) AND c.xid < pg_snapshot_xmax(cur.s)
@@ -40,10 +41,6 @@ SELECT cur.s::text AS snap, c.id, c.xid::text AS xid, c.created_at, c.schema_nam
   ) c ON true
  ORDER BY c.id
  LIMIT $4
-"""
-
-_GAP = """
-SELECT coalesce((SELECT horizon FROM realtime.pruned) > pg_snapshot_xmin($1::text::pg_snapshot), false)
 """
 
 _PRUNE = """
@@ -65,12 +62,14 @@ SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM mark), (SELECT count(*
 """
 
 NOTIFY_CHANNEL = "fluxrt_changes"
+BACKOFF_START = 0.1
+"""seconds before the first reconnect; doubles up to 5 s, back to this after every good connection"""
 
 
 @attrs.frozen(slots=True)
 class Change:
     id: int
-    created_at: datetime
+    created_at: datetime.datetime
     schema: str
     table: str
     op: str
@@ -108,6 +107,8 @@ class Changefeed:
         self._retention = retention
         self._listen = listen
         self._prev: str | None = None
+        self._backoff = BACKOFF_START
+        self._report: trio.TaskStatus[None] | None = None
         self._cur: str | None = None
         self._after = 0
         self._wake = trio.Event()
@@ -117,9 +118,9 @@ class Changefeed:
         self.changes = 0
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Run until cancelled. Reports started once the first read succeeded (or failed: it keeps trying)."""
-        backoff = 0.1
-        started = False
+        """Run until cancelled. Reports started after the first attempt to connect, whether or not it succeeded:
+        the changefeed keeps trying, with backoff reset by every good connection."""
+        self._report = task_status
         while True:
             try:
                 conn = await connect(self._dsn)
@@ -127,8 +128,7 @@ class Changefeed:
                 self._degraded(str(exc))
             else:
                 try:
-                    await self._session(conn, task_status if not started else None)
-                    started = True
+                    await self._session(conn)
                 except DatabaseUnavailable as exc:
                     self._degraded(str(exc))
                 except asyncpg.PostgresError as exc:
@@ -139,11 +139,14 @@ class Changefeed:
                 finally:
                     with trio.CancelScope(shield=True), trio.move_on_after(2):
                         await close_connection(conn)
-            if not started:
-                started = True
-                task_status.started()
-            await trio.sleep(backoff)
-            backoff = min(backoff * 2, 5.0)
+            self._started()
+            await trio.sleep(self._backoff)
+            self._backoff = min(self._backoff * 2, 5.0)
+
+    def _started(self) -> None:
+        report, self._report = self._report, None
+        if report is not None:
+            report.started()
 
     def _degraded(self, reason: str) -> None:
         if self.state != "degraded":
@@ -151,29 +154,21 @@ class Changefeed:
         self.state = "degraded"
         self.last_error = reason
 
-    async def _session(self, conn: Any, task_status: trio.TaskStatus[None] | None) -> None:
+    async def _session(self, conn: Any) -> None:
         if self._listen:
 
             def wake(*_: Any) -> None:
                 self._wake.set()
 
             await on_connection(conn, lambda c: c.add_listener(NOTIFY_CHANNEL, wake))
-        missed = False
         if self._prev is None:
             self._prev = await on_connection(conn, lambda c: c.fetchval("SELECT pg_current_snapshot()::text"))
-        else:
-            prev = self._prev
-            missed = await on_connection(conn, lambda c: c.fetchval(_GAP, prev))
-            if missed:
-                log.error("changes were pruned before this node could read them; subscribers are told to refetch")
         if self.state != "ok":
             log.info("changefeed connected")
         self.state = "ok"
         self.last_error = None
-        if task_status is not None:
-            task_status.started()
-        if missed:
-            await self._out.send(Window([], missed=True))
+        self._backoff = BACKOFF_START
+        self._started()
         while True:
             await self._read(conn)
             if self._wake.is_set():
@@ -192,6 +187,10 @@ class Changefeed:
             rows = await on_connection(
                 conn, lambda c, prev=self._prev, cur=self._cur, after=self._after: _fetch_window(c, prev, cur, after)
             )
+            if self._cur is None and rows[0][9]:
+                # Rows this node had not read yet were pruned: however long it was away (or stalled), say so.
+                log.error("changes were pruned before this node could read them; subscribers are told to refetch")
+                await self._out.send(Window([], missed=True))
             self._cur = rows[0][0]
             page = [
                 Change(r[1], r[3], r[4], r[5], r[6], decode_image(r[7]), decode_image(r[8]))
@@ -212,7 +211,7 @@ class Changefeed:
         conn = await connect(self._dsn)
         try:
             deleted = 0
-            interval = f"{self._retention} seconds"
+            interval = datetime.timedelta(seconds=self._retention)
             await on_connection(
                 conn, lambda c: c.execute("INSERT INTO realtime.horizons (snap) VALUES (pg_current_snapshot())")
             )

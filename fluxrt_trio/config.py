@@ -258,12 +258,15 @@ def _env_overrides(raw: dict[str, Any], environ: Mapping[str, str], source: dict
     problems = []
     sections = {a.name: a.type for a in attrs.fields(Config)}
     for name, text in sorted(environ.items()):
-        if not name.startswith("FLUXRT_") or name == "FLUXRT_CONFIG":
+        if not name.startswith("FLUXRT_"):
             continue
         rest = name[len("FLUXRT_") :].lower()
         section, _, key = rest.partition("_")
         cls = sections.get(section)
-        if cls is None or key not in attrs.fields_dict(cls):  # type: ignore[arg-type]
+        if cls is None:
+            # Not one of ours (FLUXRT_CONFIG, tooling around fluxrt): only FLUXRT_<SECTION>_* is configuration.
+            continue
+        if key not in attrs.fields_dict(cls):  # type: ignore[arg-type]
             problems.append(
                 f"environment {name}: unknown setting; expected FLUXRT_<SECTION>_<KEY>, e.g. FLUXRT_AUTH_JWT_SECRET"
             )

@@ -370,8 +370,9 @@ def test_environment_problems_name_the_variable():
             "FLUXRT_REALTIME_MAX_MESSAGE_SIZE": "0",
         },
     )
-    assert len(found) == 4
-    assert any(p.startswith("environment FLUXRT_BOGUS: unknown setting") for p in found)
+    # FLUXRT_BOGUS names no section: not configuration (tooling may use FLUXRT_* names), so it is left alone.
+    assert len(found) == 3
+    assert not any("FLUXRT_BOGUS" in p for p in found)
     assert any(p.startswith("environment FLUXRT_REALTIME_PORT: unknown setting") for p in found)
     assert any(p.startswith("environment FLUXRT_SERVER_PORT: server.port: expected a TCP port") for p in found)
     assert any(

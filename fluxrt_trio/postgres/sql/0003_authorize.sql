@@ -12,7 +12,7 @@
 --   them, restrictive ones AND'd; no permissive policy means no row;
 -- * row_security_active() under the role decides the owner, FORCE and BYPASSRLS cases; the row gate is schema USAGE
 --   plus has_any_column_privilege, hidden columns come from has_column_privilege;
--- * partitions are judged on their root's policies;
+-- * partitions are judged on their root's policies; generated columns are recomputed;
 -- * after the role switch only pg_catalog objects are named (plpgsql resolves a statement as the role of its
 --   first run), and search_path is pinned.
 -- Call it in a REPEATABLE READ READ ONLY transaction, so that every identity sees one snapshot, and never from a
@@ -32,12 +32,21 @@ DECLARE
     permissive text;
     restrictive text;
     predicate text;
+    generated text;
+    judged jsonb;
     saved_role text := pg_catalog.current_setting('role');
     saved_claims text := pg_catalog.current_setting('request.jwt.claims', true);
 BEGIN
     SELECT c.relname, ns.nspname, ns.oid INTO relname, nspname, nsp
       FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace ns ON ns.oid = c.relnamespace WHERE c.oid = root;
     target := pg_catalog.format('%I.%I', nspname, relname);
+    -- Generated columns are recomputed from their definitions: trigger images can hold them as NULL (virtual
+    -- columns, PostgreSQL 18) or stale, and a policy may read them.
+    SELECT pg_catalog.string_agg(pg_catalog.format('%L, %s', a.attname, pg_catalog.pg_get_expr(d.adbin, d.adrelid)), ', ')
+      INTO generated
+      FROM pg_catalog.pg_attribute a
+      JOIN pg_catalog.pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+     WHERE a.attrelid = root AND a.attgenerated <> '' AND NOT a.attisdropped;
     FOR i IN 0 .. pg_catalog.jsonb_array_length(identities) - 1 LOOP
         ident := identities -> i;
         role_name := ident ->> 'role';
@@ -67,6 +76,16 @@ BEGIN
                      WHERE a.attrelid = root AND a.attnum > 0 AND NOT a.attisdropped
                        AND NOT pg_catalog.has_column_privilege(root, a.attnum, 'SELECT')
                      ORDER BY a.attnum);
+                judged := imgs;
+                IF generated IS NOT NULL THEN
+                    -- As the identity's role, which has USAGE on the table's schema.
+                    EXECUTE pg_catalog.format(
+                        'SELECT pg_catalog.jsonb_agg(e.img || pg_catalog.jsonb_build_object(%s) ORDER BY e.n) '
+                        'FROM pg_catalog.jsonb_array_elements($1) WITH ORDINALITY AS e(img, n), '
+                        'LATERAL pg_catalog.jsonb_populate_record(NULL::%s, e.img) AS %I',
+                        generated, target, relname)
+                      INTO judged USING imgs;
+                END IF;
                 IF pg_catalog.row_security_active(root) THEN
                     predicate := '(' || coalesce(permissive, 'false') || ')' || coalesce(' AND ' || restrictive, '');
                 ELSE
@@ -77,7 +96,7 @@ BEGIN
                     'FROM pg_catalog.jsonb_array_elements($1) WITH ORDINALITY AS e(img, n), '
                     'LATERAL pg_catalog.jsonb_populate_record(NULL::%s, e.img) AS %I WHERE %s',
                     target, relname, predicate)
-                  INTO visible USING imgs;
+                  INTO visible USING judged;
             END IF;
             PERFORM pg_catalog.set_config('role', saved_role, true);
             PERFORM pg_catalog.set_config('request.jwt.claims', coalesce(saved_claims, ''), true);

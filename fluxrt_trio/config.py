@@ -57,6 +57,7 @@ class AuthConfig:
 @attrs.frozen
 class DatabaseConfig:
     dsn: Secret | None = None
+    authorizer_dsn: Secret | None = None
     embedded: str | None = None
     migrate: bool = True
     poll_interval: Seconds = Seconds(0.01 * SECONDS)
@@ -352,18 +353,20 @@ def _cross_checks(config: Config, label: str) -> list[str]:
 _MASK = "********"
 
 
+def _mask_dsn(dsn: str) -> str:
+    dsn = re.sub(r"(://[^:/@]*:)[^@]*@", rf"\1{_MASK}@", dsn)
+    # libpq key=value form: the value is a single word or a quoted string with backslash escapes.
+    return re.sub(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", rf"\1{_MASK}", dsn)
+
+
 def masked(config: Config) -> dict[str, Any]:
     """The effective configuration as plain data, with secrets and DSN passwords masked."""
     data = _converter.unstructure(config)
     if data["auth"]["jwt_secret"]:
         data["auth"]["jwt_secret"] = _MASK
-    dsn = data["database"]["dsn"]
-    if dsn:
-        data["database"]["dsn"] = re.sub(r"(://[^:/@]*:)[^@]*@", rf"\1{_MASK}@", dsn)
-        # libpq key=value form: the value is a single word or a quoted string with backslash escapes.
-        data["database"]["dsn"] = re.sub(
-            r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", rf"\1{_MASK}", data["database"]["dsn"]
-        )
+    for key in ("dsn", "authorizer_dsn"):
+        if data["database"][key]:
+            data["database"][key] = _mask_dsn(data["database"][key])
     for section in data.values():
         for key, value in section.items():
             if isinstance(value, tuple):

@@ -65,7 +65,12 @@ class Server:
         if db.dsn is not None:
             roles = tuple(dict.fromkeys((config.auth.anon_role, config.auth.default_role, *config.auth.roles)))
             self.db = DatabaseService(
-                db.dsn, migrate=db.migrate, roles=roles, poll_interval=db.poll_interval, retention=db.retention
+                db.dsn,
+                authorizer_dsn=db.authorizer_dsn,
+                migrate=db.migrate,
+                roles=roles,
+                poll_interval=db.poll_interval,
+                retention=db.retention,
             )
             self.tables = TableChannels(self.hub, self.db.database, roles)
             self.channel_authorizer = ChannelAuthorizer(self.db.database)

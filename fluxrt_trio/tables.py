@@ -17,7 +17,7 @@ import orjson
 import trio
 
 from .hub import Hub
-from .postgres.bridge import Database, DatabaseUnavailable, describe
+from .postgres.bridge import Database, DatabaseUnavailable, describe, is_connection_error
 from .postgres.changefeed import Change, Window
 from .protocol.channels import Channel
 from .protocol.filters import EVENTS, Filter, FilterError, parse_filter
@@ -43,12 +43,7 @@ SELECT c.oid,
  WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')
 """
 
-_VISIBLE = """
-SELECT v.n, v.visible, v.hidden, v.error
-  FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace ns ON ns.oid = c.relnamespace,
-       LATERAL realtime.visible(c.oid, $3::jsonb, $4) v
- WHERE ns.nspname = $1 AND c.relname = $2
-"""
+_VISIBLE = "SELECT n, visible, readable, error FROM realtime.visible($1::oid, $2::jsonb, $3)"
 
 
 YIELD_EVERY = 256
@@ -77,7 +72,8 @@ class Verdict:
 
     visible: frozenset[int] | None
     """indexes of visible images; None: the identity may not read the table at all"""
-    hidden: tuple[str, ...] = ()
+    readable: tuple[str, ...] | None = None
+    """the columns it may read; only these keys of a row are sent"""
     error: str | None = None
 
 
@@ -165,7 +161,7 @@ class TableChannels:
             )
         plans = self._plan(window.changes)
         verdicts = await self._authorize(plans) if plans else {}
-        frames: dict[tuple[int, tuple[str, ...]], bytes] = {}
+        frames: dict[tuple[int, tuple[str, ...] | None], bytes] = {}
         for index, change in enumerate(window.changes):
             if index and index % YIELD_EVERY == 0:
                 # Let the frames queued so far reach the kernel, so a long window to a fast reader never piles up
@@ -175,23 +171,37 @@ class TableChannels:
             if change.op == "DISABLE":
                 self._disabled(channel, change)
                 continue
+            if change.op == "UNREADABLE":
+                self._tell(
+                    self.hub.subscribers(channel),  # type: ignore[arg-type]
+                    channel,
+                    ErrorCode.CHANGES_MISSED,
+                    "a change to this table could not be read; refetch what you show",
+                )
+                continue
             plan = plans.get(channel)
             if plan is None:
                 continue
             if change.op == "TRUNCATE":
-                frame = text_frame(dumps(_message(channel, change, ())))
-                for subscriber in plan.truncate_recipients:
-                    subscriber.deliver_nowait(frame)
-                    self.delivered += 1
+                frame = text_frame(dumps(_message(channel, change, None)))
+                for subscriber, sub in plan.truncate_recipients:
+                    if _still(subscriber, channel, sub, None, change.op, None):
+                        subscriber.deliver_nowait(frame)
+                        self.delivered += 1
                 continue
-            for subscriber, identity_key in plan.candidates.get(index, ()):
+            image = change.old if change.op == "DELETE" else change.new
+            for subscriber, identity_key, sub in plan.candidates.get(index, ()):
                 verdict = verdicts.get((channel, identity_key))
                 if verdict is None or verdict.visible is None or plan.image_index[index] not in verdict.visible:
                     continue
-                key = (index, verdict.hidden)
+                # The subscriber may have unsubscribed, changed its options or its identity while the window was
+                # being authorized: what was decided for the old state must not reach the new one.
+                if not _still(subscriber, channel, sub, identity_key, change.op, image):
+                    continue
+                key = (index, verdict.readable)
                 frame = frames.get(key)
                 if frame is None:
-                    frame = frames[key] = text_frame(dumps(_message(channel, change, verdict.hidden)))
+                    frame = frames[key] = text_frame(dumps(_message(channel, change, verdict.readable)))
                 subscriber.deliver_nowait(frame)
                 self.delivered += 1
         for (channel, identity_key), verdict in verdicts.items():
@@ -201,7 +211,7 @@ class TableChannels:
     def _plan(self, changes: list[Change]) -> dict[str, _Plan]:
         plans: dict[str, _Plan] = {}
         for index, change in enumerate(changes):
-            if change.op == "DISABLE":
+            if change.op in ("DISABLE", "UNREADABLE"):
                 continue
             channel = f"table:{change.schema}.{change.table}"
             plan = plans.get(channel)
@@ -209,10 +219,12 @@ class TableChannels:
                 members: list[TableSubscriber] = self.hub.subscribers(channel)  # type: ignore[assignment]
                 if not members:
                     continue
-                plan = plans[channel] = _Plan(change.schema, change.table, members)
+                plan = plans[channel] = _Plan(change.relid, members)
             if change.op == "TRUNCATE":
                 plan.truncate_recipients = [
-                    s for s in plan.members if (sub := s.subscription(channel)) and sub.event in ("*", "TRUNCATE")
+                    (s, sub)
+                    for s in plan.members
+                    if (sub := s.subscription(channel)) and sub.event in ("*", "TRUNCATE")
                 ]
                 continue
             image = change.old if change.op == "DELETE" else change.new
@@ -220,11 +232,9 @@ class TableChannels:
             for subscriber in plan.members:
                 sub = subscriber.subscription(channel)
                 identity = subscriber.identity
-                if sub is None or identity is None or sub.event not in ("*", change.op):
+                if sub is None or identity is None or not _wants(sub, change.op, image):
                     continue
-                if sub.filter is not None and not _filter(sub.filter).matches(image):
-                    continue
-                candidates.append((subscriber, plan.identity(identity)))
+                candidates.append((subscriber, plan.identity(identity), sub))
             if candidates:
                 plan.candidates[index] = candidates
                 plan.image_index[index] = len(plan.images)
@@ -232,42 +242,51 @@ class TableChannels:
         return {channel: plan for channel, plan in plans.items() if plan.images or plan.truncate_recipients}
 
     async def _authorize(self, plans: dict[str, _Plan]) -> dict[tuple[str, str], Verdict]:
-        """One crossing: `realtime.visible` for every table, in one REPEATABLE READ READ ONLY transaction."""
+        """One crossing: `realtime.visible` for every table, in one REPEATABLE READ READ ONLY transaction, each
+        table in its own savepoint so that one table's failure costs only that table."""
         calls = [
-            (channel, plan.schema, plan.table, plan.identities_json(), dumps(plan.images).decode())
+            (channel, plan.relid, plan.identities_json(), dumps(plan.images).decode())
             for channel, plan in plans.items()
             if plan.images
         ]
         if not calls:
             return {}
 
-        async def work(conn: asyncpg.Connection) -> list[tuple[str, list[Any]]]:
-            results = []
+        async def work(conn: asyncpg.Connection) -> list[tuple[str, list[Any] | str]]:
+            results: list[tuple[str, list[Any] | str]] = []
             async with conn.transaction(isolation="repeatable_read", readonly=True):
-                for channel, schema, table, identities, images in calls:
-                    rows = await conn.fetch(_VISIBLE, schema, table, identities, images)
-                    results.append((channel, [tuple(r) for r in rows]))
+                for channel, relid, identities, images in calls:
+                    try:
+                        async with conn.transaction():
+                            rows = await conn.fetch(_VISIBLE, relid, identities, images)
+                    except asyncpg.PostgresError as exc:
+                        if is_connection_error(exc):
+                            raise
+                        results.append((channel, describe(exc)))
+                    else:
+                        results.append((channel, [tuple(r) for r in rows]))
             return results
 
-        try:
-            results = await self._patiently(work)
-        except asyncpg.PostgresError as exc:
-            # The SQL itself failed (realtime.visible missing or broken): nobody may receive unchecked changes.
-            log.error("authorizing a window failed", extra={"ctx_error": describe(exc)})
-            for channel in plans:
+        results = await self._patiently(work)
+        verdicts = {}
+        for channel, rows in results:
+            if isinstance(rows, str):
+                # realtime.visible failed for the whole table (dropped meanwhile, the function broken): nobody
+                # may receive its changes unchecked.
+                log.error("authorizing changes failed", extra={"ctx_channel": channel, "ctx_error": rows})
                 self._tell(
                     plans[channel].members,
                     channel,
                     ErrorCode.CHANGES_MISSED,
-                    f"changes could not be authorized ({describe(exc)}); refetch what you show",
+                    "changes to this table could not be authorized; refetch what you show",
                 )
-            return {}
-        verdicts = {}
-        for channel, rows in results:
+                continue
             keys = plans[channel].identity_keys
-            for n, visible, hidden, error in rows:
+            for n, visible, readable, error in rows:
                 verdicts[(channel, keys[n])] = Verdict(
-                    frozenset(visible) if visible is not None else None, tuple(hidden or ()), error
+                    frozenset(visible) if visible is not None else None,
+                    tuple(readable) if readable is not None else None,
+                    error,
                 )
         return verdicts
 
@@ -303,13 +322,15 @@ class TableChannels:
             )
 
     def _policy_failed(self, plan: _Plan, identity_key: str, channel: str, error: str) -> None:
+        # The error text stays in the log: it is written by policy code and may say more than the row would.
+        log.warning("a policy raised for an identity", extra={"ctx_channel": channel, "ctx_error": error})
         recipients = [s for s in plan.members if s.identity is not None and _identity_key(s.identity) == identity_key]
         self._tell(
             recipients,
             channel,
             ErrorCode.CHANGES_MISSED,
-            f"a row-level security policy raised an error for your identity ({error}); "
-            "changes in this window were withheld; refetch what you show",
+            "a row-level security policy raised an error for your identity; changes in this window were withheld; "
+            "refetch what you show",
         )
 
     def _tell(self, recipients: Iterable[TableSubscriber], channel: str, code: ErrorCode, message: str) -> None:
@@ -320,13 +341,12 @@ class TableChannels:
 
 @attrs.define
 class _Plan:
-    schema: str
-    table: str
+    relid: int
     members: list[TableSubscriber]
     images: list[dict[str, Any] | None] = attrs.field(factory=list)
     image_index: dict[int, int] = attrs.field(factory=dict)
-    candidates: dict[int, list[tuple[TableSubscriber, str]]] = attrs.field(factory=dict)
-    truncate_recipients: list[TableSubscriber] = attrs.field(factory=list)
+    candidates: dict[int, list[tuple[TableSubscriber, str, Subscription]]] = attrs.field(factory=dict)
+    truncate_recipients: list[tuple[TableSubscriber, Subscription]] = attrs.field(factory=list)
     identity_keys: list[str] = attrs.field(factory=list)
     _identities: dict[str, Identity] = attrs.field(factory=dict)
 
@@ -360,22 +380,59 @@ def _filter(text: str) -> Filter:
     return flt
 
 
-def _payload(change: Change, hidden: tuple[str, ...]) -> dict[str, Any]:
+def _wants(sub: Subscription, op: str, image: dict[str, Any] | None) -> bool:
+    """Whether the subscription's `event` and `filter` let this change through."""
+    if sub.event not in ("*", op):
+        return False
+    if sub.filter is None:
+        return True
+    try:
+        return _filter(sub.filter).matches(image)
+    except Exception:
+        # One subscriber's odd filter must not cost anyone else the window.
+        log.exception("filter failed", extra={"ctx_filter": sub.filter})
+        return False
+
+
+def _still(
+    subscriber: TableSubscriber,
+    channel: str,
+    planned: Subscription,
+    identity_key: str | None,
+    op: str,
+    image: dict[str, Any] | None,
+) -> bool:
+    """Whether a frame planned for `planned` may still go to `subscriber` now."""
+    current = subscriber.subscription(channel)
+    if current is None:
+        return False
+    if identity_key is not None:
+        identity = subscriber.identity
+        if identity is None or _identity_key(identity) != identity_key:
+            return False
+    if current is planned:
+        return True
+    return _wants(current, op, image) if op != "TRUNCATE" else current.event in ("*", "TRUNCATE")
+
+
+def _payload(change: Change, readable: tuple[str, ...] | None) -> dict[str, Any]:
     payload: dict[str, Any] = {"type": change.op, "schema": change.schema, "table": change.table}
     if change.old is not None and change.op in ("UPDATE", "DELETE"):
-        payload["old_record"] = _without(change.old, hidden)
+        payload["old_record"] = _only(change.old, readable)
     if change.new is not None and change.op in ("INSERT", "UPDATE"):
-        payload["record"] = _without(change.new, hidden)
+        payload["record"] = _only(change.new, readable)
     payload["timestamp"] = change.created_at.isoformat().replace("+00:00", "Z")
     payload["id"] = str(change.id)
     return payload
 
 
-def _message(channel: str, change: Change, hidden: tuple[str, ...]) -> dict[str, Any]:
-    return {"type": "broadcast", "channel": channel, "payload": _payload(change, hidden)}
+def _message(channel: str, change: Change, readable: tuple[str, ...] | None) -> dict[str, Any]:
+    return {"type": "broadcast", "channel": channel, "payload": _payload(change, readable)}
 
 
-def _without(row: dict[str, Any], hidden: tuple[str, ...]) -> dict[str, Any]:
-    if not hidden:
+def _only(row: dict[str, Any], readable: tuple[str, ...] | None) -> dict[str, Any]:
+    """The row with only the readable columns (an allow-list: renamed or dropped columns never slip through)."""
+    if readable is None:
         return row
-    return {k: v for k, v in row.items() if k not in hidden}
+    allowed = set(readable)
+    return {k: v for k, v in row.items() if k in allowed}

@@ -369,6 +369,8 @@ async def test_a_policy_that_raises_withholds_that_identity_only(start_server, d
         first = await recv(fine)
         assert first.get("payload", {}).get("record", {}).get("id") == 1, first
         error = await recv(breaker)
-        assert error["code"] == "CHANGES_MISSED" and "division by zero" in error["message"]
+        assert error["code"] == "CHANGES_MISSED" and "policy raised an error" in error["message"]
+        # What the policy said stays in the server's log: policy code may reveal more than the row would.
+        assert "division by zero" not in error["message"]
         await db.execute("INSERT INTO fragile VALUES (2, 'y')")
         assert (await recv(fine))["payload"]["record"]["id"] == 2

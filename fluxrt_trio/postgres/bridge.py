@@ -7,6 +7,8 @@ returning plain values. Each crossing costs about 0.1 ms, so callers batch (one 
 from __future__ import annotations
 
 import logging
+import re
+import urllib.parse
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -18,7 +20,17 @@ log = logging.getLogger("fluxrt.postgres")
 T = TypeVar("T")
 
 AUTHORIZER_ROLE = "fluxrt_authorizer"
-"""The role that subscribe checks and row-level security run under (see sql/0004_authorizer.sql)."""
+"""The role that subscribe checks and row-level security log in as by default (see sql/0004_authorizer.sql)."""
+
+
+def authorizer_dsn(dsn: str) -> str:
+    """The main DSN with the user replaced by AUTHORIZER_ROLE and any password removed."""
+    split = urllib.parse.urlsplit(dsn)
+    if split.scheme in ("postgres", "postgresql"):
+        host = split.netloc.rpartition("@")[2]
+        return urllib.parse.urlunsplit(split._replace(netloc=f"{AUTHORIZER_ROLE}@{host}"))
+    without = re.sub(r"\b(user|password)\s*=\s*('(?:[^'\\]|\\.)*'|\S+)", "", dsn).strip()
+    return f"{without} user={AUTHORIZER_ROLE}".strip()
 
 
 class DatabaseUnavailable(Exception):
@@ -31,8 +43,8 @@ Work = Callable[[asyncpg.Connection], Awaitable[T]]
 class Database:
     """A small asyncpg pool for checks and authorization, usable only inside `trio_asyncio.open_loop()`.
 
-    Connections whose login role is a superuser switch to AUTHORIZER_ROLE at connect, so that policy code can never
-    act as a superuser (it could reset the role to the session user).
+    Its login role must not be a superuser (connections are refused otherwise): policy code runs in these sessions
+    and can always get back to the session user.
     """
 
     def __init__(self, dsn: str, *, max_size: int = 4) -> None:
@@ -45,7 +57,7 @@ class Database:
         try:
             # min_size=0: connections are made when needed, so a database that is away now costs nothing yet.
             self._pool = await trio_asyncio.aio_as_trio(asyncpg.create_pool)(
-                self.dsn, min_size=0, max_size=self._max_size, init=_as_authorizer
+                self.dsn, min_size=0, max_size=self._max_size, init=_refuse_superuser
             )
         except (OSError, asyncpg.PostgresError) as exc:
             raise DatabaseUnavailable(describe(exc)) from None
@@ -72,21 +84,15 @@ class Database:
         return await _cross(unit)
 
 
-async def _as_authorizer(conn: asyncpg.Connection) -> None:
-    superuser, authorizer = await conn.fetchrow(
-        "SELECT rolsuper, EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = $1)"
-        " FROM pg_catalog.pg_roles WHERE rolname = session_user",
-        AUTHORIZER_ROLE,
-    )
-    if superuser:
-        if not authorizer:
-            raise DatabaseUnavailable(
-                f"role {AUTHORIZER_ROLE} is missing: run `fluxrt migrate` (or set database.migrate: true)"
-            )
-        await conn.execute(f"SET SESSION AUTHORIZATION {AUTHORIZER_ROLE}")
+async def _refuse_superuser(conn: asyncpg.Connection) -> None:
+    if await conn.fetchval("SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = session_user"):
+        raise DatabaseUnavailable(
+            "database.authorizer_dsn logs in as a superuser; policy code would run with its powers: use the "
+            f"{AUTHORIZER_ROLE} role (created by fluxrt migrate) or another role that is not a superuser"
+        )
 
 
-def _is_connection_error(exc: asyncpg.PostgresError) -> bool:
+def is_connection_error(exc: asyncpg.PostgresError) -> bool:
     code = getattr(exc, "sqlstate", "") or ""
     # 08: connection exception; 57P: operator intervention (shutdown, terminated backend); 53: resources.
     return code.startswith(("08", "57P", "53"))
@@ -126,7 +132,7 @@ async def _cross(unit: Callable[[], Awaitable[T]]) -> T:
         # InternalClientError: asyncpg's state machine after the backend vanished mid-statement.
         raise DatabaseUnavailable(describe(exc)) from None
     except asyncpg.PostgresError as exc:
-        if _is_connection_error(exc):
+        if is_connection_error(exc):
             raise DatabaseUnavailable(describe(exc)) from None
         raise
 

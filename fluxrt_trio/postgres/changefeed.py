@@ -27,9 +27,10 @@ PAGE = 5000
 
 _WINDOW = """
 WITH cur AS MATERIALIZED (SELECT coalesce($2::text::pg_snapshot, pg_current_snapshot()) AS s)
-SELECT cur.s::text AS snap, c.id, c.xid::text AS xid, c.created_at, c.schema_name, c.table_name, c.op,
-       c.old_record::text AS old_record, c.new_record::text AS new_record,
-       coalesce((SELECT horizon FROM realtime.pruned) > pg_snapshot_xmin($1::text::pg_snapshot), false) AS missed
+SELECT cur.s::text AS snap,
+       coalesce((SELECT horizon FROM realtime.pruned) > pg_snapshot_xmin($1::text::pg_snapshot), false) AS missed,
+       c.id, c.created_at, c.relid, c.schema_name, c.table_name, c.op,
+       c.old_record::text AS old_record, c.new_record::text AS new_record
   FROM cur LEFT JOIN LATERAL (
     SELECT * FROM realtime.changes c
      WHERE c.xid >= pg_snapshot_xmax($1::text::pg_snapshot) AND c.xid < pg_snapshot_xmax(cur.s)
@@ -70,10 +71,13 @@ BACKOFF_START = 0.1
 class Change:
     id: int
     created_at: datetime.datetime
+    relid: int
+    """the table's oid (a partitioned table's root), by which it is authorized"""
     schema: str
     table: str
     op: str
-    """INSERT, UPDATE, DELETE, TRUNCATE, or DISABLE (realtime was disabled on the table)"""
+    """INSERT, UPDATE, DELETE, TRUNCATE, DISABLE (realtime was disabled on the table), or UNREADABLE (the row
+    images could not be decoded; subscribers are told to refetch)"""
     old: dict[str, Any] | None
     new: dict[str, Any] | None
 
@@ -107,6 +111,7 @@ class Changefeed:
         self._retention = retention
         self._listen = listen
         self._prev: str | None = None
+        self._gap_reported: str | None = None
         self._backoff = BACKOFF_START
         self._report: trio.TaskStatus[None] | None = None
         self._cur: str | None = None
@@ -187,16 +192,14 @@ class Changefeed:
             rows = await on_connection(
                 conn, lambda c, prev=self._prev, cur=self._cur, after=self._after: _fetch_window(c, prev, cur, after)
             )
-            if self._cur is None and rows[0][9]:
-                # Rows this node had not read yet were pruned: however long it was away (or stalled), say so.
+            if rows[0][1] and self._gap_reported != self._prev:
+                # Rows this node had not read yet were pruned: however long it was away (or stalled), say so,
+                # once for this gap.
+                self._gap_reported = self._prev
                 log.error("changes were pruned before this node could read them; subscribers are told to refetch")
                 await self._out.send(Window([], missed=True))
             self._cur = rows[0][0]
-            page = [
-                Change(r[1], r[3], r[4], r[5], r[6], decode_image(r[7]), decode_image(r[8]))
-                for r in rows
-                if r[1] is not None
-            ]
+            page = [_change(r) for r in rows if r[2] is not None]
             if page:
                 self.windows += 1
                 self.changes += len(page)
@@ -236,6 +239,16 @@ class Changefeed:
             else:
                 if deleted:
                     log.debug("pruned", extra={"ctx_rows": deleted})
+
+
+def _change(row: tuple[Any, ...]) -> Change:
+    _, _, change_id, created_at, relid, schema, table, op, old, new = row
+    try:
+        return Change(change_id, created_at, relid, schema, table, op, decode_image(old), decode_image(new))
+    except (ValueError, RecursionError) as exc:
+        # One row that cannot be decoded must not stop the feed for everyone.
+        log.error("undecodable change", extra={"ctx_id": change_id, "ctx_error": repr(exc)[:200]})
+        return Change(change_id, created_at, relid, schema, table, "UNREADABLE", None, None)
 
 
 async def _fetch_window(

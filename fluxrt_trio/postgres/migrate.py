@@ -64,8 +64,15 @@ async def migrate(conn: asyncpg.Connection, roles: tuple[str, ...] = ()) -> list
 
 
 async def _grant_role(conn: asyncpg.Connection, role: str) -> None:
-    exists = await conn.fetchval("SELECT true FROM pg_catalog.pg_roles WHERE rolname = $1", role)
-    if not exists:
+    row = await conn.fetchrow("SELECT rolsuper, rolbypassrls FROM pg_catalog.pg_roles WHERE rolname = $1", role)
+    if row is not None and row["rolsuper"]:
+        # Becoming it would make policy code a superuser.
+        log.error(
+            "not letting the authorizer assume a superuser role; tokens naming it get nothing",
+            extra={"ctx_role": role},
+        )
+        return
+    if row is None:
         await conn.execute(f"CREATE ROLE {_ident(role)} NOLOGIN")
         log.info("created role", extra={"ctx_role": role})
     member = await conn.fetchval("SELECT pg_catalog.pg_has_role($1, $2, 'MEMBER')", AUTHORIZER_ROLE, role)

@@ -11,6 +11,7 @@ import logging
 import trio
 
 from .bridge import Database, DatabaseUnavailable, close_connection, connect, describe, on_connection
+from .bridge import authorizer_dsn as default_authorizer_dsn
 from .changefeed import Changefeed, Window
 from .migrate import migrate
 
@@ -25,6 +26,7 @@ class DatabaseService:
         self,
         dsn: str,
         *,
+        authorizer_dsn: str | None = None,
         migrate: bool,
         roles: tuple[str, ...],
         poll_interval: float,
@@ -33,7 +35,7 @@ class DatabaseService:
         self.dsn = dsn
         self._migrate = migrate
         self._roles = roles
-        self.database = Database(dsn)
+        self.database = Database(authorizer_dsn or default_authorizer_dsn(dsn))
         self._send, self.windows = trio.open_memory_channel[Window](WINDOW_QUEUE)
         self.changefeed = Changefeed(dsn, self._send, poll_interval=poll_interval, retention=retention)
         self.ready = trio.Event()

@@ -32,8 +32,10 @@ class JsonNumber:
 
 
 def _int(text: str) -> int | JsonNumber:
+    # orjson writes integers of up to 64 bits; longer ones travel as written (and never meet int()'s digit limit).
+    if len(text) > 19:
+        return JsonNumber(text)
     value = int(text)
-    # orjson writes integers of up to 64 bits; larger ones travel as written.
     return value if -(2**63) <= value < 2**64 else JsonNumber(text)
 
 
@@ -57,18 +59,22 @@ def dumps(value: Any) -> bytes:
 
 
 def as_decimal(value: Any) -> Decimal | None:
-    """The numeric value of a JSON number (kept or not), or None when `value` is not a number."""
+    """The numeric value of a JSON number (kept or not) or of a numeric string, or None when it is neither (NaN and
+    infinities included)."""
     if isinstance(value, bool):
         return None
-    if isinstance(value, JsonNumber):
-        return value.decimal()
-    if isinstance(value, int):
-        return Decimal(value)
-    if isinstance(value, float):
-        return Decimal(repr(value))
-    if isinstance(value, str):
-        try:
-            return Decimal(value)
-        except InvalidOperation:
+    try:
+        if isinstance(value, JsonNumber):
+            number = value.decimal()
+        elif isinstance(value, int):
+            number = Decimal(value)
+        elif isinstance(value, float):
+            number = Decimal(repr(value))
+        elif isinstance(value, str):
+            number = Decimal(value)
+        else:
             return None
-    return None
+    except InvalidOperation:
+        return None
+    # NaN and infinities do not order; JSON has no such numbers anyway.
+    return number if number.is_finite() else None

@@ -10,6 +10,7 @@ CREATE TABLE realtime.changes (
     id bigint GENERATED ALWAYS AS IDENTITY (CACHE 1) PRIMARY KEY,
     xid xid8 NOT NULL DEFAULT pg_current_xact_id(),
     created_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+    relid oid NOT NULL,
     schema_name name NOT NULL,
     table_name name NOT NULL,
     op text NOT NULL CHECK (op IN ('INSERT', 'UPDATE', 'DELETE', 'TRUNCATE', 'DISABLE')),
@@ -40,23 +41,32 @@ CREATE TABLE realtime.pruned (
 );
 REVOKE ALL ON realtime.horizons, realtime.pruned FROM PUBLIC;
 
--- Runs as its owner (fluxrt's role) so that writers need no privilege on realtime.*. TG_ARGV: notify flag, then
--- for partitioned tables the root's schema and name (a trigger on a partitioned table fires with the leaf's name).
+-- Runs as its owner (fluxrt's role) so that writers need no privilege on realtime.*. TG_ARGV[0]: 'notify' or ''.
 CREATE FUNCTION realtime.capture() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    nsp name := coalesce(TG_ARGV[1], TG_TABLE_SCHEMA);
-    rel name := coalesce(TG_ARGV[2], TG_TABLE_NAME);
+    -- The table is the one the trigger fires on, never what its arguments say: anyone may attach this function to
+    -- a table of their own, so names taken from arguments could forge changes to other tables. A partition
+    -- reports as its root, the table that was enabled and that subscribers name.
+    root oid := coalesce(pg_partition_root(TG_RELID), TG_RELID);
+    nsp name := TG_TABLE_SCHEMA;
+    rel name := TG_TABLE_NAME;
 BEGIN
+    IF root <> TG_RELID THEN
+        SELECT n.nspname, c.relname INTO nsp, rel FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+         WHERE c.oid = root;
+    END IF;
     IF TG_LEVEL = 'STATEMENT' THEN
-        INSERT INTO realtime.changes (schema_name, table_name, op) VALUES (nsp, rel, 'TRUNCATE');
+        INSERT INTO realtime.changes (relid, schema_name, table_name, op) VALUES (root, nsp, rel, 'TRUNCATE');
     ELSIF TG_OP = 'INSERT' THEN
-        INSERT INTO realtime.changes (schema_name, table_name, op, new_record) VALUES (nsp, rel, 'INSERT', to_jsonb(NEW));
+        INSERT INTO realtime.changes (relid, schema_name, table_name, op, new_record)
+        VALUES (root, nsp, rel, 'INSERT', to_jsonb(NEW));
     ELSIF TG_OP = 'UPDATE' THEN
-        INSERT INTO realtime.changes (schema_name, table_name, op, old_record, new_record)
-        VALUES (nsp, rel, 'UPDATE', to_jsonb(OLD), to_jsonb(NEW));
+        INSERT INTO realtime.changes (relid, schema_name, table_name, op, old_record, new_record)
+        VALUES (root, nsp, rel, 'UPDATE', to_jsonb(OLD), to_jsonb(NEW));
     ELSE
-        INSERT INTO realtime.changes (schema_name, table_name, op, old_record) VALUES (nsp, rel, 'DELETE', to_jsonb(OLD));
+        INSERT INTO realtime.changes (relid, schema_name, table_name, op, old_record)
+        VALUES (root, nsp, rel, 'DELETE', to_jsonb(OLD));
     END IF;
     IF TG_ARGV[0] = 'notify' THEN
         PERFORM pg_notify('fluxrt_changes', '');
@@ -65,32 +75,42 @@ BEGIN
 END
 $$;
 
--- Registry changes go through these definer functions; each checks that the caller could itself create or drop the
--- capture triggers (they exist, or not, by the time it is called), so nobody registers a table they do not control.
-CREATE FUNCTION realtime.register(rel oid, notify boolean) RETURNS void
+-- Registry changes go through these definer functions. Each acts only on what the caller demonstrably controls:
+-- register copies the state of the capture trigger (which only someone allowed to create triggers on the table
+-- could have made, notify flag included), unregister acts only once that trigger is gone.
+CREATE FUNCTION realtime.register(rel oid) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    args bytea;
 BEGIN
-    IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = rel AND tgname = 'fluxrt_capture') THEN
+    SELECT tgargs INTO args FROM pg_trigger WHERE tgrelid = rel AND tgname = 'fluxrt_capture';
+    IF NOT FOUND THEN
         RAISE EXCEPTION 'realtime.register: % has no capture trigger; call enable_realtime instead', rel::regclass;
     END IF;
-    INSERT INTO realtime.tables (relid, notify) VALUES (rel, notify)
+    INSERT INTO realtime.tables (relid, notify) VALUES (rel, position('notify'::bytea IN args) = 1)
     ON CONFLICT (relid) DO UPDATE SET notify = EXCLUDED.notify;
 END
 $$;
 
-CREATE FUNCTION realtime.unregister(rel oid, nsp name, relname name) RETURNS void
+CREATE FUNCTION realtime.unregister(rel oid) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    nsp name;
+    relname name;
 BEGIN
     IF EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = rel AND tgname = 'fluxrt_capture') THEN
         RAISE EXCEPTION 'realtime.unregister: % still has its capture trigger; call disable_realtime instead', rel::regclass;
     END IF;
     DELETE FROM realtime.tables WHERE relid = rel;
-    -- In the change log, so that every node tells the table's subscribers in order with the changes.
-    INSERT INTO realtime.changes (schema_name, table_name, op) VALUES (nsp, relname, 'DISABLE');
+    IF FOUND THEN
+        SELECT n.nspname, c.relname INTO nsp, relname
+          FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = rel;
+        -- In the change log, so that every node tells the table's subscribers in order with the changes.
+        INSERT INTO realtime.changes (relid, schema_name, table_name, op) VALUES (rel, nsp, relname, 'DISABLE');
+    END IF;
 END
 $$;
-REVOKE ALL ON FUNCTION realtime.register(oid, boolean), realtime.unregister(oid, name, name) FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION realtime.register(oid, boolean), realtime.unregister(oid, name, name) TO PUBLIC;
+GRANT EXECUTE ON FUNCTION realtime.register(oid), realtime.unregister(oid) TO PUBLIC;
 
 -- Not pinned to a search_path: 'users' must resolve through the caller's.
 CREATE FUNCTION realtime.resolve(tbl text, caller text) RETURNS oid
@@ -144,18 +164,13 @@ DECLARE
     rel oid := realtime.resolve(tbl, 'enable_realtime');
     target text := rel::regclass::text;
     flag text := CASE WHEN notify THEN 'notify' ELSE '' END;
-    root_args text := '';
 BEGIN
-    IF (SELECT relkind FROM pg_catalog.pg_class WHERE oid = rel) = 'p' THEN
-        SELECT format(', %L, %L', n.nspname, c.relname) INTO root_args
-          FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = rel;
-    END IF;
     PERFORM realtime.drop_triggers(rel);
     EXECUTE format('CREATE TRIGGER fluxrt_capture AFTER INSERT OR UPDATE OR DELETE ON %s '
-                   'FOR EACH ROW EXECUTE FUNCTION realtime.capture(%L%s)', target, flag, root_args);
+                   'FOR EACH ROW EXECUTE FUNCTION realtime.capture(%L)', target, flag);
     EXECUTE format('CREATE TRIGGER fluxrt_capture_truncate AFTER TRUNCATE ON %s '
-                   'FOR EACH STATEMENT EXECUTE FUNCTION realtime.capture(%L%s)', target, flag, root_args);
-    PERFORM realtime.register(rel, notify);
+                   'FOR EACH STATEMENT EXECUTE FUNCTION realtime.capture(%L)', target, flag);
+    PERFORM realtime.register(rel);
 END
 $$;
 
@@ -163,13 +178,9 @@ CREATE FUNCTION public.disable_realtime(tbl text) RETURNS void
 LANGUAGE plpgsql AS $$
 DECLARE
     rel oid := realtime.resolve(tbl, 'disable_realtime');
-    nsp name;
-    relname name;
 BEGIN
-    SELECT n.nspname, c.relname INTO nsp, relname
-      FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = rel;
     PERFORM realtime.drop_triggers(rel);
-    PERFORM realtime.unregister(rel, nsp, relname);
+    PERFORM realtime.unregister(rel);
 END
 $$;
 

@@ -2,8 +2,9 @@
 --
 -- identities: a JSON array of {"role": R, "claims": {...}}; images: a JSON array of row images (as text, so that
 -- big integers and long numerics never pass through a float). Returns one row per identity, in order: the 0-based
--- indexes of the images it may see (NULL when it may not read the table at all), the columns it may not read, and
--- the error its policies raised, if any.
+-- indexes of the images it may see (NULL when it may not read the table at all), the columns it may read (an
+-- allow-list: a key the table no longer has, after a rename or a drop, is never passed on), and the error its
+-- policies raised, if any (for fluxrt's log; clients get a generic message).
 --
 -- What it takes to agree with a live SET ROLE + SELECT:
 -- * each identity runs in its own subtransaction (a policy that raises costs only that identity), with role and
@@ -11,14 +12,14 @@
 -- * permissive SELECT/ALL policies of the role (or PUBLIC) are OR'd in descending name order, as Postgres builds
 --   them, restrictive ones AND'd; no permissive policy means no row;
 -- * row_security_active() under the role decides the owner, FORCE and BYPASSRLS cases; the row gate is schema USAGE
---   plus has_any_column_privilege, hidden columns come from has_column_privilege;
+--   plus has_any_column_privilege, readable columns come from has_column_privilege;
 -- * partitions are judged on their root's policies; generated columns are recomputed;
 -- * after the role switch only pg_catalog objects are named (plpgsql resolves a statement as the role of its
 --   first run), and search_path is pinned.
 -- Call it in a REPEATABLE READ READ ONLY transaction, so that every identity sees one snapshot, and never from a
 -- superuser session: policy code can reset the role to the session user.
 CREATE FUNCTION realtime.visible(rel oid, identities jsonb, images text)
-RETURNS TABLE (n integer, visible integer[], hidden text[], error text)
+RETURNS TABLE (n integer, visible integer[], readable text[], error text)
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     root oid := coalesce(pg_catalog.pg_partition_root(rel), rel);
@@ -52,29 +53,30 @@ BEGIN
         role_name := ident ->> 'role';
         n := i;
         visible := NULL;
-        hidden := NULL;
+        readable := NULL;
         error := NULL;
-        SELECT pg_catalog.string_agg('(' || pg_catalog.pg_get_expr(p.polqual, p.polrelid) || ')', ' OR '
-                                     ORDER BY p.polname DESC) FILTER (WHERE p.polpermissive),
-               pg_catalog.string_agg('(' || pg_catalog.pg_get_expr(p.polqual, p.polrelid) || ')', ' AND '
-                                     ORDER BY p.polname) FILTER (WHERE NOT p.polpermissive)
-          INTO permissive, restrictive
-          FROM pg_catalog.pg_policy p
-         WHERE p.polrelid = root
-           AND p.polcmd IN ('r', '*')
-           AND p.polqual IS NOT NULL
-           AND (p.polroles = '{0}'
-                OR EXISTS (SELECT 1 FROM pg_catalog.unnest(p.polroles) AS r(oid)
-                            WHERE r.oid <> 0 AND pg_catalog.pg_has_role(role_name, r.oid, 'USAGE')));
         BEGIN
+            -- Inside the block: a role that no longer exists costs only this identity.
+            SELECT pg_catalog.string_agg('(' || pg_catalog.pg_get_expr(p.polqual, p.polrelid) || ')', ' OR '
+                                         ORDER BY p.polname DESC) FILTER (WHERE p.polpermissive),
+                   pg_catalog.string_agg('(' || pg_catalog.pg_get_expr(p.polqual, p.polrelid) || ')', ' AND '
+                                         ORDER BY p.polname) FILTER (WHERE NOT p.polpermissive)
+              INTO permissive, restrictive
+              FROM pg_catalog.pg_policy p
+             WHERE p.polrelid = root
+               AND p.polcmd IN ('r', '*')
+               AND p.polqual IS NOT NULL
+               AND (p.polroles = '{0}'
+                    OR EXISTS (SELECT 1 FROM pg_catalog.unnest(p.polroles) AS r(oid)
+                                WHERE r.oid <> 0 AND pg_catalog.pg_has_role(role_name, r.oid, 'USAGE')));
             PERFORM pg_catalog.set_config('role', role_name, true);
             PERFORM pg_catalog.set_config('request.jwt.claims', (ident -> 'claims')::text, true);
             IF pg_catalog.has_schema_privilege(nsp, 'USAGE')
                AND pg_catalog.has_any_column_privilege(root, 'SELECT') THEN
-                hidden := ARRAY(
+                readable := ARRAY(
                     SELECT a.attname::text FROM pg_catalog.pg_attribute a
                      WHERE a.attrelid = root AND a.attnum > 0 AND NOT a.attisdropped
-                       AND NOT pg_catalog.has_column_privilege(root, a.attnum, 'SELECT')
+                       AND pg_catalog.has_column_privilege(root, a.attnum, 'SELECT')
                      ORDER BY a.attnum);
                 judged := imgs;
                 IF generated IS NOT NULL THEN
@@ -103,7 +105,7 @@ BEGIN
         EXCEPTION WHEN OTHERS THEN
             -- The subtransaction's rollback has restored role and claims.
             visible := NULL;
-            hidden := NULL;
+            readable := NULL;
             error := SQLERRM;
         END;
         RETURN NEXT;

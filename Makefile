@@ -7,7 +7,7 @@ CONFIG ?= fluxrt.yaml
 # A development-only secret so that `make run` and `make token` work out of the box; real deployments set their own.
 DEV_SECRET ?= dev-only-secret-change-me-0123456789abcdef
 
-.PHONY: setup run test lint format token bench-fanout pyz clean
+.PHONY: setup run test lint format token migrate bench-fanout bench-changes pyz clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,12 @@ test: lint
 
 bench-fanout: $(STAMP)
 	$(BIN)/python bench/fanout.py $(ARGS)
+
+bench-changes: $(STAMP)
+	$(BIN)/python bench/changes.py $(ARGS)
+
+migrate: $(STAMP)
+	$(BIN)/fluxrt --config $(CONFIG) migrate
 
 pyz: $(STAMP)
 	packaging/build-pyz.sh $(BIN)/python

@@ -28,6 +28,7 @@ DECLARE
     nsp oid;
     target text;
     imgs jsonb := images::jsonb;
+    n_images integer := pg_catalog.jsonb_array_length(images::jsonb);
     ident jsonb;
     role_name text;
     permissive text;
@@ -56,19 +57,6 @@ BEGIN
         readable := NULL;
         error := NULL;
         BEGIN
-            -- Inside the block: a role that no longer exists costs only this identity.
-            SELECT pg_catalog.string_agg('(' || pg_catalog.pg_get_expr(p.polqual, p.polrelid) || ')', ' OR '
-                                         ORDER BY p.polname DESC) FILTER (WHERE p.polpermissive),
-                   pg_catalog.string_agg('(' || pg_catalog.pg_get_expr(p.polqual, p.polrelid) || ')', ' AND '
-                                         ORDER BY p.polname) FILTER (WHERE NOT p.polpermissive)
-              INTO permissive, restrictive
-              FROM pg_catalog.pg_policy p
-             WHERE p.polrelid = root
-               AND p.polcmd IN ('r', '*')
-               AND p.polqual IS NOT NULL
-               AND (p.polroles = '{0}'
-                    OR EXISTS (SELECT 1 FROM pg_catalog.unnest(p.polroles) AS r(oid)
-                                WHERE r.oid <> 0 AND pg_catalog.pg_has_role(role_name, r.oid, 'USAGE')));
             PERFORM pg_catalog.set_config('role', role_name, true);
             PERFORM pg_catalog.set_config('request.jwt.claims', (ident -> 'claims')::text, true);
             IF pg_catalog.has_schema_privilege(nsp, 'USAGE')
@@ -78,27 +66,41 @@ BEGIN
                      WHERE a.attrelid = root AND a.attnum > 0 AND NOT a.attisdropped
                        AND pg_catalog.has_column_privilege(root, a.attnum, 'SELECT')
                      ORDER BY a.attnum);
-                judged := imgs;
-                IF generated IS NOT NULL THEN
-                    -- As the identity's role, which has USAGE on the table's schema.
-                    EXECUTE pg_catalog.format(
-                        'SELECT pg_catalog.jsonb_agg(e.img || pg_catalog.jsonb_build_object(%s) ORDER BY e.n) '
-                        'FROM pg_catalog.jsonb_array_elements($1) WITH ORDINALITY AS e(img, n), '
-                        'LATERAL pg_catalog.jsonb_populate_record(NULL::%s, e.img) AS %I',
-                        generated, target, relname)
-                      INTO judged USING imgs;
-                END IF;
-                IF pg_catalog.row_security_active(root) THEN
-                    predicate := '(' || coalesce(permissive, 'false') || ')' || coalesce(' AND ' || restrictive, '');
+                IF NOT pg_catalog.row_security_active(root) THEN
+                    -- No row-level security for this role (off, owner, BYPASSRLS): every image, no query needed.
+                    visible := ARRAY(SELECT g FROM pg_catalog.generate_series(0, n_images - 1) AS g);
                 ELSE
-                    predicate := 'true';
+                    -- The SELECT policies that apply to this role (or PUBLIC), as Postgres picks them.
+                    SELECT pg_catalog.string_agg('(' || pg_catalog.pg_get_expr(p.polqual, p.polrelid) || ')', ' OR '
+                                                 ORDER BY p.polname DESC) FILTER (WHERE p.polpermissive),
+                           pg_catalog.string_agg('(' || pg_catalog.pg_get_expr(p.polqual, p.polrelid) || ')', ' AND '
+                                                 ORDER BY p.polname) FILTER (WHERE NOT p.polpermissive)
+                      INTO permissive, restrictive
+                      FROM pg_catalog.pg_policy p
+                     WHERE p.polrelid = root
+                       AND p.polcmd IN ('r', '*')
+                       AND p.polqual IS NOT NULL
+                       AND (p.polroles = '{0}'
+                            OR EXISTS (SELECT 1 FROM pg_catalog.unnest(p.polroles) AS r(oid)
+                                        WHERE r.oid <> 0 AND pg_catalog.pg_has_role(role_name, r.oid, 'USAGE')));
+                    judged := imgs;
+                    IF generated IS NOT NULL THEN
+                        -- As the identity's role, which has USAGE on the table's schema.
+                        EXECUTE pg_catalog.format(
+                            'SELECT pg_catalog.jsonb_agg(e.img || pg_catalog.jsonb_build_object(%s) ORDER BY e.n) '
+                            'FROM pg_catalog.jsonb_array_elements($1) WITH ORDINALITY AS e(img, n), '
+                            'LATERAL pg_catalog.jsonb_populate_record(NULL::%s, e.img) AS %I',
+                            generated, target, relname)
+                          INTO judged USING imgs;
+                    END IF;
+                    predicate := '(' || coalesce(permissive, 'false') || ')' || coalesce(' AND ' || restrictive, '');
+                    EXECUTE pg_catalog.format(
+                        'SELECT coalesce(pg_catalog.array_agg((e.n - 1)::int ORDER BY e.n), ''{}'') '
+                        'FROM pg_catalog.jsonb_array_elements($1) WITH ORDINALITY AS e(img, n), '
+                        'LATERAL pg_catalog.jsonb_populate_record(NULL::%s, e.img) AS %I WHERE %s',
+                        target, relname, predicate)
+                      INTO visible USING judged;
                 END IF;
-                EXECUTE pg_catalog.format(
-                    'SELECT coalesce(pg_catalog.array_agg((e.n - 1)::int ORDER BY e.n), ''{}'') '
-                    'FROM pg_catalog.jsonb_array_elements($1) WITH ORDINALITY AS e(img, n), '
-                    'LATERAL pg_catalog.jsonb_populate_record(NULL::%s, e.img) AS %I WHERE %s',
-                    target, relname, predicate)
-                  INTO visible USING judged;
             END IF;
             PERFORM pg_catalog.set_config('role', saved_role, true);
             PERFORM pg_catalog.set_config('request.jwt.claims', coalesce(saved_claims, ''), true);

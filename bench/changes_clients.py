@@ -1,0 +1,461 @@
+"""Subscribers for the database-changes benchmark: every table subscriber in one process.
+
+Driven by ``bench/changes.py`` over stdin/stdout (one JSON object per line):
+
+1. reads the connection plan (``--plan FILE``: per connection a channel, a token, the record field carrying the
+   sequence number), opens every connection (WebSocket upgrade by hand on non-blocking sockets, ``?token=``),
+   subscribes each to its one ``table:`` channel, waits for every ack, then prints ``{"event": "ready", ...}``;
+2. from then on records every change it receives as (sequence number, connection index, kernel receive timestamp,
+   time this process read it), and obeys commands on stdin:
+
+   - ``{"cmd": "start"}``: start counting this process's CPU time (one benchmark phase begins);
+   - ``{"cmd": "collect", "expected": N, "grace": G, "timeout": T, "path": P}``: once N changes have arrived in
+     total since the previous collect (or T seconds have passed), keep reading G seconds more so that extra copies
+     (duplicates, rows leaking past row-level security) are seen too, write the records to P as native int64
+     quadruples, print ``{"event": "collected", ...}`` and start a new record;
+   - ``{"cmd": "quit"}``.
+
+The change is matched by its sequence number, which the writers put in the row (``todos.title``,
+``events.body``); the driver knows each number's commit time and who should receive it, so all judging happens
+there. Anything other than a matching INSERT broadcast (an error such as CHANGES_MISSED, a frame on the wrong
+channel) is counted as unexpected and a few are kept as samples.
+
+Receive times are the kernel's (``SO_TIMESTAMPNS``, the same CLOCK_REALTIME as the writers' ``time.time_ns()``),
+so this process being momentarily busy does not add to the latency; the read time is kept too, to show how far
+behind it was. A read holding several segments carries the newest segment's timestamp, which can only overstate a
+latency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import errno
+import hashlib
+import os
+import resource
+import select
+import socket
+import struct
+import sys
+import time
+from array import array
+from typing import Any
+
+import orjson
+
+WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+OP_TEXT = 0x1
+OP_CLOSE = 0x8
+OP_PING = 0x9
+OP_PONG = 0xA
+
+# SO_TIMESTAMPNS is 35 on Linux; older Pythons don't export the constant.
+SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
+TIMESPEC = struct.Struct("@qq")
+ANC_BUFSIZE = socket.CMSG_SPACE(TIMESPEC.size)
+RECV_SIZE = 262144
+SAMPLES = 5
+
+CONNECTING, HANDSHAKING, SUBSCRIBING, LIVE = range(4)
+
+
+class BenchError(Exception):
+    """The run cannot produce a trustworthy number."""
+
+
+def masked_frame(payload: bytes, opcode: int = OP_TEXT) -> bytes:
+    """One final client frame; RFC 6455 requires client frames to be masked."""
+    n = len(payload)
+    if n < 126:
+        header = struct.pack("!BB", 0x80 | opcode, 0x80 | n)
+    elif n < 65536:
+        header = struct.pack("!BBH", 0x80 | opcode, 0x80 | 126, n)
+    else:
+        header = struct.pack("!BBQ", 0x80 | opcode, 0x80 | 127, n)
+    mask = os.urandom(4)
+    if n == 0:
+        return header + mask
+    key = (mask * (n // 4 + 1))[:n]
+    body = (int.from_bytes(payload, "big") ^ int.from_bytes(key, "big")).to_bytes(n, "big")
+    return header + mask + body
+
+
+class Conn:
+    __slots__ = ("accept", "buf", "channel", "fd", "index", "key", "sock", "state", "token")
+
+    def __init__(self, index: int, channel: str, token: str, key: str) -> None:
+        self.index = index
+        self.channel = channel
+        self.token = token
+        self.key = key
+        self.state = CONNECTING
+        self.buf = bytearray()
+        self.accept = b""
+        self.sock: socket.socket | None = None
+        self.fd = -1
+
+
+class Subscribers:
+    def __init__(self, args: argparse.Namespace, plan: list[dict[str, Any]]) -> None:
+        self.host: str = args.host
+        self.port: int = args.port
+        self.path: str = args.path
+        self.timeout: float = args.timeout
+        self.concurrency: int = args.connect_concurrency
+        self.conns = [Conn(i, p["channel"], p["token"], p["key"]) for i, p in enumerate(plan)]
+        self.by_fd: dict[int, Conn] = {}
+        self.ep = select.epoll()
+        self.records = array("q")
+        self.unexpected: dict[str, int] = {}
+        self.samples: list[str] = []
+        self.closed: list[str] = []
+        self.reads = 0
+        self.cpu0 = time.process_time()
+        self.wall0 = time.perf_counter()
+        self.stdin_buf = b""
+        self.collecting: dict[str, Any] | None = None
+
+    # -- connecting ---------------------------------------------------------------------------------------------
+
+    def _open(self, conn: Conn) -> None:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        err = sock.connect_ex((self.host, self.port))
+        if err not in (0, errno.EINPROGRESS):
+            sock.close()
+            raise BenchError(f"connect failed: {os.strerror(err)}")
+        conn.sock = sock
+        conn.fd = sock.fileno()
+        self.by_fd[conn.fd] = conn
+        self.ep.register(conn.fd, select.EPOLLOUT)
+
+    def _send_small(self, conn: Conn, data: bytes) -> None:
+        # Upgrade, subscribe and pong are tiny and go into an idle socket; a short write means something is wrong.
+        assert conn.sock is not None
+        if conn.sock.send(data) != len(data):
+            raise BenchError("short write of a control message")
+
+    def _start_handshake(self, conn: Conn) -> None:
+        assert conn.sock is not None
+        err = conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            raise BenchError(f"connect to {self.host}:{self.port} failed: {os.strerror(err)}")
+        key = base64.b64encode(os.urandom(16))
+        conn.accept = base64.b64encode(hashlib.sha1(key + WS_GUID).digest())
+        request = (
+            f"GET {self.path}?token={conn.token} HTTP/1.1\r\n"
+            f"Host: {self.host}:{self.port}\r\n"
+            "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key.decode()}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        ).encode()
+        self._send_small(conn, request)
+        conn.state = HANDSHAKING
+        self.ep.modify(conn.fd, select.EPOLLIN)
+
+    def _finish_handshake(self, conn: Conn) -> bool:
+        end = conn.buf.find(b"\r\n\r\n")
+        if end < 0:
+            return False
+        head = bytes(conn.buf[:end]).decode("latin-1")
+        del conn.buf[: end + 4]
+        lines = head.split("\r\n")
+        if lines[0].split(" ")[1:2] != ["101"]:
+            raise BenchError(f"upgrade refused: {lines[0]!r}")
+        headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+        if headers.get("sec-websocket-accept", "").encode() != conn.accept:
+            raise BenchError("bad Sec-WebSocket-Accept")
+        return True
+
+    def connect_all(self) -> float:
+        """Open and subscribe every connection, a bounded number of upgrades in flight."""
+        t0 = time.perf_counter()
+        deadline = t0 + self.timeout
+        pending = list(reversed(self.conns))
+        in_flight = ready = 0
+        while ready < len(self.conns):
+            while pending and in_flight < self.concurrency:
+                self._open(pending.pop())
+                in_flight += 1
+            if time.perf_counter() > deadline:
+                raise BenchError(f"only {ready}/{len(self.conns)} connections subscribed after {self.timeout}s")
+            for fd, ev in self.ep.poll(1.0):
+                conn = self.by_fd[fd]
+                if conn.state == CONNECTING:
+                    self._start_handshake(conn)
+                    continue
+                if ev & (select.EPOLLERR | select.EPOLLHUP) and not ev & select.EPOLLIN:
+                    raise BenchError("connection error while connecting")
+                assert conn.sock is not None
+                data = conn.sock.recv(65536)
+                if not data:
+                    raise BenchError(f"server closed a connection while connecting: {bytes(conn.buf[:300])!r}")
+                conn.buf += data
+                if conn.state == HANDSHAKING:
+                    if not self._finish_handshake(conn):
+                        continue
+                    self._send_small(conn, masked_frame(orjson.dumps({"type": "subscribe", "channel": conn.channel})))
+                    conn.state = SUBSCRIBING
+                if conn.state == SUBSCRIBING:
+                    reply = self._next_control_frame(conn)
+                    if reply is None:
+                        continue
+                    msg = orjson.loads(reply)
+                    if msg != {"type": "ack", "channel": conn.channel, "status": "subscribed"}:
+                        raise BenchError(f"unexpected reply to subscribe: {reply[:300]!r}")
+                    conn.state = LIVE
+                    in_flight -= 1
+                    ready += 1
+        return time.perf_counter() - t0
+
+    def _next_control_frame(self, conn: Conn) -> bytes | None:
+        """The next text frame during subscribe (pings answered); None until one is complete."""
+        while True:
+            frame = _parse(conn.buf)
+            if frame is None:
+                return None
+            opcode, payload, length = frame
+            del conn.buf[:length]
+            if opcode == OP_PING:
+                self._send_small(conn, masked_frame(payload, OP_PONG))
+            elif opcode == OP_TEXT:
+                return payload
+            elif opcode == OP_CLOSE:
+                raise BenchError(f"server closed a connection while subscribing: {payload!r}")
+
+    # -- receiving changes --------------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Record changes and obey commands until told to quit (or stdin closes)."""
+        os.set_blocking(0, False)
+        self.ep.register(0, select.EPOLLIN)
+        by_fd = self.by_fd
+        poll = self.ep.poll
+        maxevents = len(by_fd) + 2
+        while True:
+            timeout = 0.05 if self.collecting is not None else 1.0
+            for fd, _ev in poll(timeout, maxevents):
+                if fd == 0:
+                    if not self._stdin():
+                        return
+                    continue
+                conn = by_fd.get(fd)
+                if conn is not None:
+                    self._read(conn)
+            if self.collecting is not None:
+                self._check_collect()
+
+    def _read(self, conn: Conn) -> None:
+        assert conn.sock is not None
+        try:
+            data, ancdata, _flags, _addr = conn.sock.recvmsg(RECV_SIZE, ANC_BUFSIZE)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._lost(conn, f"recv failed: {exc}")
+            return
+        read_ns = time.time_ns()
+        self.reads += 1
+        if not data:
+            self._lost(conn, "server closed the connection")
+            return
+        stamp = read_ns
+        for level, kind, cdata in ancdata:
+            if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
+                sec, nsec = TIMESPEC.unpack_from(cdata)
+                stamp = sec * 1_000_000_000 + nsec
+        buf = conn.buf
+        buf += data
+        pos = 0
+        size = len(buf)
+        loads = orjson.loads
+        extend = self.records.extend
+        while size - pos >= 2:
+            b0 = buf[pos]
+            length = buf[pos + 1] & 0x7F
+            start = pos + 2
+            if length == 126:
+                if size - pos < 4:
+                    break
+                length = (buf[pos + 2] << 8) | buf[pos + 3]
+                start = pos + 4
+            elif length == 127:
+                if size - pos < 10:
+                    break
+                length = int.from_bytes(buf[pos + 2 : pos + 10], "big")
+                start = pos + 10
+            end = start + length
+            if end > size:
+                break
+            payload = bytes(buf[start:end])
+            pos = end
+            opcode = b0 & 0x0F
+            if opcode != OP_TEXT or not b0 & 0x80:
+                if not self._control(conn, b0, payload):
+                    return
+                continue
+            # The hot path: one INSERT broadcast on this connection's channel carrying a sequence number.
+            try:
+                msg = loads(payload)
+                if msg["type"] == "broadcast" and msg["channel"] == conn.channel:
+                    change = msg["payload"]
+                    if change["type"] == "INSERT":
+                        extend((int(change["record"][conn.key]), conn.index, stamp, read_ns))
+                        continue
+            except (KeyError, TypeError, ValueError):
+                pass
+            self._unexpected(conn, payload)
+        if pos:
+            del buf[:pos]
+
+    def _control(self, conn: Conn, b0: int, payload: bytes) -> bool:
+        """Handle a frame that is not a whole text frame; False when the connection is gone."""
+        opcode = b0 & 0x0F
+        if opcode == OP_PING:
+            self._send_small(conn, masked_frame(payload, OP_PONG))
+        elif opcode == OP_CLOSE:
+            code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else None
+            self._lost(conn, f"close frame {code} {payload[2:200]!r}")
+            return False
+        elif opcode != OP_PONG:
+            self._unexpected(conn, b"opcode %d fin %d: " % (opcode, b0 >> 7) + payload[:200])
+        return True
+
+    def _unexpected(self, conn: Conn, payload: bytes) -> None:
+        try:
+            msg = orjson.loads(payload)
+            kind = f"{msg.get('type')}:{msg.get('code') or msg.get('channel')}"
+        except (orjson.JSONDecodeError, AttributeError):
+            kind = "unparsable"
+        self.unexpected[kind] = self.unexpected.get(kind, 0) + 1
+        if len(self.samples) < SAMPLES:
+            self.samples.append(f"conn {conn.index} ({conn.channel}): {payload[:400].decode(errors='replace')}")
+
+    def _lost(self, conn: Conn, why: str) -> None:
+        self.closed.append(f"conn {conn.index} ({conn.channel}): {why}")
+        self.ep.unregister(conn.fd)
+        del self.by_fd[conn.fd]
+        assert conn.sock is not None
+        conn.sock.close()
+
+    # -- commands -----------------------------------------------------------------------------------------------
+
+    def _stdin(self) -> bool:
+        try:
+            chunk = os.read(0, 65536)
+        except BlockingIOError:
+            return True
+        if not chunk:
+            return False
+        self.stdin_buf += chunk
+        while b"\n" in self.stdin_buf:
+            line, _, self.stdin_buf = self.stdin_buf.partition(b"\n")
+            if not line.strip():
+                continue
+            cmd = orjson.loads(line)
+            if cmd["cmd"] == "quit":
+                return False
+            if cmd["cmd"] == "start":
+                self.cpu0 = time.process_time()
+                self.wall0 = time.perf_counter()
+                self.reads = 0
+            elif cmd["cmd"] == "collect":
+                now = time.perf_counter()
+                self.collecting = {**cmd, "deadline": now + cmd["timeout"], "done_at": None}
+                self._check_collect()
+        return True
+
+    def _check_collect(self) -> None:
+        c = self.collecting
+        assert c is not None
+        now = time.perf_counter()
+        if c["done_at"] is None and len(self.records) // 4 >= c["expected"]:
+            c["done_at"] = now
+        if now < (c["deadline"] if c["done_at"] is None else c["done_at"] + c["grace"]):
+            return
+        with open(c["path"], "wb") as f:
+            self.records.tofile(f)
+        wall = time.perf_counter() - self.wall0
+        emit(
+            "collected",
+            deliveries=len(self.records) // 4,
+            timed_out=c["done_at"] is None,
+            unexpected=self.unexpected,
+            samples=self.samples,
+            closed=self.closed,
+            open_connections=len(self.by_fd),
+            reads=self.reads,
+            cpu_s=time.process_time() - self.cpu0,
+            wall_s=wall,
+        )
+        self.records = array("q")
+        self.unexpected = {}
+        self.samples = []
+        self.closed = []
+        self.collecting = None
+
+    def close(self) -> None:
+        for conn in self.conns:
+            if conn.sock is not None:
+                conn.sock.close()
+        self.ep.close()
+
+
+def _parse(buf: bytearray) -> tuple[int, bytes, int] | None:
+    """(opcode, payload, frame length) of the first complete frame in buf, or None."""
+    if len(buf) < 2:
+        return None
+    n = buf[1] & 0x7F
+    offset = 2
+    if n == 126:
+        if len(buf) < 4:
+            return None
+        n, offset = int.from_bytes(buf[2:4], "big"), 4
+    elif n == 127:
+        if len(buf) < 10:
+            return None
+        n, offset = int.from_bytes(buf[2:10], "big"), 10
+    if len(buf) < offset + n:
+        return None
+    return buf[0] & 0x0F, bytes(buf[offset : offset + n]), offset + n
+
+
+def emit(event: str, **fields: Any) -> None:
+    sys.stdout.write(orjson.dumps({"event": event, **fields}).decode() + "\n")
+    sys.stdout.flush()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--path", default="/realtime")
+    parser.add_argument("--plan", required=True, help="JSON list of {channel, token, key}, one per connection")
+    parser.add_argument("--timeout", type=float, default=60.0, help="connect phase timeout (s)")
+    parser.add_argument("--connect-concurrency", type=int, default=50)
+    parser.add_argument("--cpu", type=int, help="pin this process to one CPU")
+    args = parser.parse_args()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    if args.cpu is not None:
+        os.sched_setaffinity(0, {args.cpu})
+    with open(args.plan, "rb") as f:
+        plan = orjson.loads(f.read())
+    subs = Subscribers(args, plan)
+    try:
+        connect_s = subs.connect_all()
+        emit("ready", connections=len(plan), connect_s=connect_s)
+        subs.run()
+    except (BenchError, OSError) as exc:
+        emit("error", message=f"{type(exc).__name__}: {exc}")
+        return 1
+    finally:
+        subs.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -382,9 +382,20 @@ class _Plan:
         ).decode()
 
 
+_keys: dict[int, tuple[Identity, str]] = {}
+
+
 def _identity_key(identity: Identity) -> str:
-    # Same role and same claims: same answer from the policies.
-    return identity.role + "\x00" + orjson.dumps(identity.claims, option=orjson.OPT_SORT_KEYS).decode()
+    """Same role and same claims: same answer from the policies. Remembered per Identity object (a connection keeps
+    its object until its token changes), since it is asked for every subscriber of every change."""
+    hit = _keys.get(id(identity))
+    if hit is not None and hit[0] is identity:
+        return hit[1]
+    key = identity.role + "\x00" + orjson.dumps(identity.claims, option=orjson.OPT_SORT_KEYS).decode()
+    if len(_keys) > 100_000:
+        _keys.clear()
+    _keys[id(identity)] = (identity, key)
+    return key
 
 
 _filters: dict[str, Filter] = {}

@@ -1,8 +1,9 @@
 """The outgoing side of connections: frames queued without blocking, written in as few system calls as possible.
 
-Frames queued for a connection during one scheduling tick are collected, and the `Flusher` hands all of them to the
-kernel in one non-blocking scatter-gather `sendmsg()` as soon as the queueing task yields. A burst of messages to
-thousands of connections therefore costs one system call per connection, not one per message. Only what the kernel
+The first frame queued for a connection in a scheduling tick goes to the kernel at once with a non-blocking
+`send()`; frames that follow it within the same tick are collected, and the `Flusher` hands them to the kernel in
+one scatter-gather `sendmsg()` as soon as the queueing task yields. A lone message is never delayed, and a burst of
+messages to thousands of connections costs two system calls per connection, not one per message. Only what the kernel
 does not take waits in the backlog, which a writer task (started when the backlog appears, gone when it is drained)
 flushes when the socket becomes writable. Pending and backlog frames together are bounded by `limit`; past that the
 connection is a slow consumer and the caller closes it. Nobody ever waits for a slow socket but its own writer.
@@ -20,6 +21,9 @@ import trio
 
 # Linux accepts at most 1024 buffers per sendmsg (IOV_MAX).
 _IOV_MAX = 1024
+# Marks an outbox whose first frame of this tick already went out, without allocating a list per connection per
+# message (thousands of short-lived lists per broadcast would wake the garbage collector).
+_SENT_THIS_TICK: tuple[bytes, ...] = ()
 
 
 class Flusher:
@@ -72,7 +76,7 @@ class Outbox:
         self._sock = sock
         self._spawn = spawn
         self._flusher = flusher
-        self._pending: list[bytes] | None = None
+        self._pending: list[bytes] | tuple[bytes, ...] | None = None
         self._backlog: collections.deque[memoryview | bytes] = collections.deque()
         self._closing = False
         self._drained: trio.Event | None = None
@@ -98,12 +102,17 @@ class Outbox:
             if self.broken:
                 return True
             if not self._backlog:
+                self.sent_frames += 1
                 if pending is None:
-                    self._pending = [frame]
+                    # The first frame of this tick goes to the kernel at once (a lone message is never delayed);
+                    # the ones that follow it within the tick are collected and go out together.
+                    self._pending = _SENT_THIS_TICK
                     self._flusher.mark(self)
+                    self._send_one(frame)
+                elif pending is _SENT_THIS_TICK:
+                    self._pending = [frame]
                 else:
                     pending.append(frame)
-                self.sent_frames += 1
                 return True
         if len(self._backlog) >= self.limit:
             return False
@@ -113,6 +122,23 @@ class Outbox:
 
     def _flush(self) -> None:
         frames, self._pending = self._pending, None
+        self._send(frames if isinstance(frames, list) else [])
+
+    def _send_one(self, frame: bytes) -> None:
+        """The common case of `_send`, without building a list for one frame."""
+        try:
+            sent = self._sock.send(frame)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self.broken = True
+            return
+        if sent < len(frame):
+            self._backlog.append(memoryview(frame)[sent:] if sent else frame)
+            self._spawn(self._write)
+
+    def _send(self, frames: list[bytes]) -> None:
+        """Hand `frames` to the kernel in one non-blocking call; what it refuses waits for the writer."""
         if not frames or self.broken:
             self._drained_now()
             return

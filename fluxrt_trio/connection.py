@@ -255,7 +255,9 @@ class Connection:
             if isinstance(event, TextMessage | BytesMessage):
                 if ws.state is not ConnectionState.OPEN:
                     continue
-                size = len(event.data.encode()) if isinstance(event.data, str) else len(event.data)
+                data = event.data
+                # Bytes on the wire; an ASCII string (the usual JSON) needs no encoding to be measured.
+                size = len(data) if not isinstance(data, str) or data.isascii() else len(data.encode())
                 self._partial_size += size
                 if self._partial_size > max_size:
                     self._partial, self._partial_size = None, 0

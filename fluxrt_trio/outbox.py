@@ -67,7 +67,6 @@ class Outbox:
         "_spawn",
         "broken",
         "limit",
-        "sent_frames",
     )
 
     def __init__(
@@ -82,7 +81,6 @@ class Outbox:
         self._drained: trio.Event | None = None
         self.limit = limit
         self.broken = False
-        self.sent_frames = 0
 
     def send_nowait(self, frame: bytes) -> bool:
         """Queue one whole frame without blocking; it goes to the kernel when the current task yields.
@@ -102,7 +100,6 @@ class Outbox:
             if self.broken:
                 return True
             if not self._backlog:
-                self.sent_frames += 1
                 if pending is None:
                     # The first frame of this tick goes to the kernel at once (a lone message is never delayed);
                     # the ones that follow it within the tick are collected and go out together.
@@ -117,7 +114,6 @@ class Outbox:
         if len(self._backlog) >= self.limit:
             return False
         self._backlog.append(frame)
-        self.sent_frames += 1
         return True
 
     def _flush(self) -> None:

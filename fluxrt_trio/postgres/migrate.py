@@ -9,7 +9,6 @@ from __future__ import annotations
 import importlib.resources
 import logging
 import re
-from typing import Any
 
 import asyncpg
 
@@ -82,17 +81,3 @@ async def _grant_role(conn: asyncpg.Connection, role: str) -> None:
 
 def _ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
-
-
-async def status(conn: asyncpg.Connection) -> dict[str, Any]:
-    """What is applied and what is pending, for `fluxrt migrate --check`."""
-    has_table = await conn.fetchval("SELECT to_regclass('realtime.schema_migrations') IS NOT NULL")
-    done = (
-        {r["version"] for r in await conn.fetch("SELECT version FROM realtime.schema_migrations")}
-        if has_table
-        else set()
-    )
-    return {
-        "applied": [f"{v:04d}_{n}" for v, n, _ in migrations() if v in done],
-        "pending": [f"{v:04d}_{n}" for v, n, _ in migrations() if v not in done],
-    }

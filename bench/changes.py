@@ -46,14 +46,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import math
 import os
 import platform
 import re
-import resource
 import secrets
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -69,11 +66,10 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import common
 import jwt
 import orjson
-
-BENCH_DIR = Path(__file__).resolve().parent
-REPO_ROOT = BENCH_DIR.parent
+from common import BENCH_DIR, REPO_ROOT, free_port, percentile, proc_cpu, raise_nofile_limit, stat_cpu_s
 
 USERS = 20
 TODO_CONNS_PER_USER = 10
@@ -142,30 +138,6 @@ COST_ROW = "cost-bench-row-0000000000"
 # ---- small helpers ------------------------------------------------------------------------------------------------
 
 
-def percentile(values: list[float], pct: float) -> float:
-    """Nearest-rank percentile: the smallest value with at least pct% of values <= it."""
-    ordered = sorted(values)
-    rank = max(1, math.ceil(pct / 100 * len(ordered)))
-    return ordered[rank - 1]
-
-
-def free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def proc_cpu(pid: int) -> float | None:
-    """utime+stime of a process in seconds, from /proc/PID/stat; None when it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
-    except OSError:
-        return None
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def postgres_cpu() -> float:
     """CPU seconds of every process named postgres (the whole cluster, whoever it works for).
 
@@ -181,8 +153,7 @@ def postgres_cpu() -> float:
         except OSError:
             continue
         if stat[stat.index("(") + 1 : stat.rindex(")")] == "postgres":
-            fields = stat[stat.rindex(")") + 2 :].split()
-            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            total += stat_cpu_s(stat)
     return total
 
 
@@ -239,7 +210,7 @@ def fluxrt_config(args: argparse.Namespace, host: str, port: int, secret: str, d
 # ---- the server ---------------------------------------------------------------------------------------------------
 
 
-class Server:
+class Server(common.ServerProcess):
     """fluxrt as a separate process, pinned to the server CPU."""
 
     def __init__(self, args: argparse.Namespace, workdir: Path, dsn: str, secret: str) -> None:
@@ -248,21 +219,8 @@ class Server:
         config = workdir / f"fluxrt-{self.port}.yaml"
         config.write_text(fluxrt_config(args, self.host, self.port, secret, dsn))
         self.config = config
-        self.log_path = workdir / f"fluxrt-{self.port}.log"
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            [args.python, "-m", "fluxrt_trio", "--config", str(config)],
-            cwd=REPO_ROOT,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
-        if args.server_cpu is not None:
-            os.sched_setaffinity(self.proc.pid, {args.server_cpu})
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
+        argv = [args.python, "-m", "fluxrt_trio", "--config", str(config)]
+        super().__init__(argv, workdir / f"fluxrt-{self.port}.log", args.server_cpu)
 
     def health(self) -> dict[str, Any] | None:
         try:
@@ -292,28 +250,6 @@ class Server:
                 return
             await asyncio.sleep(0.1)
         raise RuntimeError(f"fluxrt not healthy after {timeout}s: {self.log_tail()}")
-
-    def stop(self, timeout: float = 15.0) -> str:
-        try:
-            if self.proc.poll() is None:
-                self.proc.send_signal(signal.SIGTERM)
-                try:
-                    self.proc.wait(timeout)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait()
-                    return f"killed: no exit {timeout}s after SIGTERM"
-            return f"exit {self.proc.returncode}"
-        finally:
-            self._log.close()
-
-    def log_tail(self, limit: int = 3000) -> str:
-        with contextlib.suppress(ValueError):
-            self._log.flush()
-        try:
-            return self.log_path.read_text(errors="replace")[-limit:]
-        except OSError:
-            return ""
 
 
 # ---- the subscribers ----------------------------------------------------------------------------------------------
@@ -1188,9 +1124,7 @@ async def amain(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    raise_nofile_limit()
     return asyncio.run(amain(args))
 
 

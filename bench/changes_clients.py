@@ -29,56 +29,36 @@ latency.
 from __future__ import annotations
 
 import argparse
-import base64
-import errno
-import hashlib
 import os
-import resource
 import select
 import socket
-import struct
 import sys
 import time
 from array import array
 from typing import Any
 
 import orjson
+from common import emit, raise_nofile_limit
+from wsraw import (
+    ANC_BUFSIZE,
+    OP_CLOSE,
+    OP_PING,
+    OP_PONG,
+    OP_TEXT,
+    BenchError,
+    finish_handshake,
+    kernel_stamp,
+    masked_frame,
+    open_socket,
+    parse_frame,
+    send_small,
+    start_handshake,
+)
 
-WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
-OP_TEXT = 0x1
-OP_CLOSE = 0x8
-OP_PING = 0x9
-OP_PONG = 0xA
-
-# SO_TIMESTAMPNS is 35 on Linux; older Pythons don't export the constant.
-SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
-TIMESPEC = struct.Struct("@qq")
-ANC_BUFSIZE = socket.CMSG_SPACE(TIMESPEC.size)
 RECV_SIZE = 262144
 SAMPLES = 5
 
 CONNECTING, HANDSHAKING, SUBSCRIBING, LIVE = range(4)
-
-
-class BenchError(Exception):
-    """The run cannot produce a trustworthy number."""
-
-
-def masked_frame(payload: bytes, opcode: int = OP_TEXT) -> bytes:
-    """One final client frame; RFC 6455 requires client frames to be masked."""
-    n = len(payload)
-    if n < 126:
-        header = struct.pack("!BB", 0x80 | opcode, 0x80 | n)
-    elif n < 65536:
-        header = struct.pack("!BBH", 0x80 | opcode, 0x80 | 126, n)
-    else:
-        header = struct.pack("!BBQ", 0x80 | opcode, 0x80 | 127, n)
-    mask = os.urandom(4)
-    if n == 0:
-        return header + mask
-    key = (mask * (n // 4 + 1))[:n]
-    body = (int.from_bytes(payload, "big") ^ int.from_bytes(key, "big")).to_bytes(n, "big")
-    return header + mask + body
 
 
 class Conn:
@@ -119,55 +99,21 @@ class Subscribers:
     # -- connecting ---------------------------------------------------------------------------------------------
 
     def _open(self, conn: Conn) -> None:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setblocking(False)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
-        err = sock.connect_ex((self.host, self.port))
-        if err not in (0, errno.EINPROGRESS):
-            sock.close()
-            raise BenchError(f"connect failed: {os.strerror(err)}")
+        sock = open_socket(self.host, self.port)
         conn.sock = sock
         conn.fd = sock.fileno()
         self.by_fd[conn.fd] = conn
         self.ep.register(conn.fd, select.EPOLLOUT)
 
     def _send_small(self, conn: Conn, data: bytes) -> None:
-        # Upgrade, subscribe and pong are tiny and go into an idle socket; a short write means something is wrong.
         assert conn.sock is not None
-        if conn.sock.send(data) != len(data):
-            raise BenchError("short write of a control message")
+        send_small(conn.sock, data)
 
     def _start_handshake(self, conn: Conn) -> None:
         assert conn.sock is not None
-        err = conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if err:
-            raise BenchError(f"connect to {self.host}:{self.port} failed: {os.strerror(err)}")
-        key = base64.b64encode(os.urandom(16))
-        conn.accept = base64.b64encode(hashlib.sha1(key + WS_GUID).digest())
-        request = (
-            f"GET {self.path}?token={conn.token} HTTP/1.1\r\n"
-            f"Host: {self.host}:{self.port}\r\n"
-            "Upgrade: websocket\r\nConnection: Upgrade\r\n"
-            f"Sec-WebSocket-Key: {key.decode()}\r\nSec-WebSocket-Version: 13\r\n\r\n"
-        ).encode()
-        self._send_small(conn, request)
+        conn.accept = start_handshake(conn.sock, self.host, self.port, f"{self.path}?token={conn.token}")
         conn.state = HANDSHAKING
         self.ep.modify(conn.fd, select.EPOLLIN)
-
-    def _finish_handshake(self, conn: Conn) -> bool:
-        end = conn.buf.find(b"\r\n\r\n")
-        if end < 0:
-            return False
-        head = bytes(conn.buf[:end]).decode("latin-1")
-        del conn.buf[: end + 4]
-        lines = head.split("\r\n")
-        if lines[0].split(" ")[1:2] != ["101"]:
-            raise BenchError(f"upgrade refused: {lines[0]!r}")
-        headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
-        if headers.get("sec-websocket-accept", "").encode() != conn.accept:
-            raise BenchError("bad Sec-WebSocket-Accept")
-        return True
 
     def connect_all(self) -> float:
         """Open and subscribe every connection, a bounded number of upgrades in flight."""
@@ -194,7 +140,7 @@ class Subscribers:
                     raise BenchError(f"server closed a connection while connecting: {bytes(conn.buf[:300])!r}")
                 conn.buf += data
                 if conn.state == HANDSHAKING:
-                    if not self._finish_handshake(conn):
+                    if not finish_handshake(conn.buf, conn.accept):
                         continue
                     self._send_small(conn, masked_frame(orjson.dumps({"type": "subscribe", "channel": conn.channel})))
                     conn.state = SUBSCRIBING
@@ -213,7 +159,7 @@ class Subscribers:
     def _next_control_frame(self, conn: Conn) -> bytes | None:
         """The next text frame during subscribe (pings answered); None until one is complete."""
         while True:
-            frame = _parse(conn.buf)
+            frame = parse_frame(conn.buf, strict=False)
             if frame is None:
                 return None
             opcode, payload, length = frame
@@ -261,11 +207,7 @@ class Subscribers:
         if not data:
             self._lost(conn, "server closed the connection")
             return
-        stamp = read_ns
-        for level, kind, cdata in ancdata:
-            if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
-                sec, nsec = TIMESPEC.unpack_from(cdata)
-                stamp = sec * 1_000_000_000 + nsec
+        stamp = kernel_stamp(ancdata) or read_ns
         buf = conn.buf
         buf += data
         pos = 0
@@ -403,30 +345,6 @@ class Subscribers:
         self.ep.close()
 
 
-def _parse(buf: bytearray) -> tuple[int, bytes, int] | None:
-    """(opcode, payload, frame length) of the first complete frame in buf, or None."""
-    if len(buf) < 2:
-        return None
-    n = buf[1] & 0x7F
-    offset = 2
-    if n == 126:
-        if len(buf) < 4:
-            return None
-        n, offset = int.from_bytes(buf[2:4], "big"), 4
-    elif n == 127:
-        if len(buf) < 10:
-            return None
-        n, offset = int.from_bytes(buf[2:10], "big"), 10
-    if len(buf) < offset + n:
-        return None
-    return buf[0] & 0x0F, bytes(buf[offset : offset + n]), offset + n
-
-
-def emit(event: str, **fields: Any) -> None:
-    sys.stdout.write(orjson.dumps({"event": event, **fields}).decode() + "\n")
-    sys.stdout.flush()
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--host", default="127.0.0.1")
@@ -437,9 +355,7 @@ def main() -> int:
     parser.add_argument("--connect-concurrency", type=int, default=50)
     parser.add_argument("--cpu", type=int, help="pin this process to one CPU")
     args = parser.parse_args()
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    raise_nofile_limit()
     if args.cpu is not None:
         os.sched_setaffinity(0, {args.cpu})
     with open(args.plan, "rb") as f:

@@ -28,10 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import math
 import os
-import resource
-import signal
 import socket
 import statistics
 import subprocess
@@ -42,10 +39,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import common
 import orjson
+from common import BENCH_DIR, free_port, percentile, raise_nofile_limit
 
-BENCH_DIR = Path(__file__).resolve().parent
-REPO_ROOT = BENCH_DIR.parent
 SERVERS = ("fluxrt", "websockets")
 TARGET_RATIO = 1.5
 TARGET_KIB_PER_CONN = 16.0
@@ -105,19 +102,6 @@ class RoundResult:
     details: dict[str, Any] = field(default_factory=dict)
 
 
-def raise_nofile_limit() -> None:
-    """Raise the soft RLIMIT_NOFILE to the hard limit (children inherit it)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
-def free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
 def read_rss_kib(pid: int) -> int:
     """VmRSS of a process in KiB."""
     with open(f"/proc/{pid}/status") as f:
@@ -137,15 +121,16 @@ def http_health(host: str, port: int) -> bool:
     return status.startswith((b"HTTP/1.1 200", b"HTTP/1.0 200"))
 
 
-class ServerProcess:
+class ServerProcess(common.ServerProcess):
     """One server under test, started fresh for a round."""
+
+    LOG_TAIL = 2000
 
     def __init__(self, kind: str, args: argparse.Namespace, workdir: Path) -> None:
         self.kind = kind
         self.host: str = args.host
         self.port = free_port(args.host)
         self.path: str = args.path
-        self.log_path = workdir / f"{kind}-{self.port}.log"
         if kind == "fluxrt":
             config = workdir / f"fluxrt-{self.port}.yaml"
             config.write_text(FLUXRT_CONFIG.format(host=self.host, port=self.port, path=self.path))
@@ -161,16 +146,7 @@ class ServerProcess:
                 "--path",
                 self.path,
             ]
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            argv, cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT
-        )
-        if args.server_cpu is not None:
-            os.sched_setaffinity(self.proc.pid, {args.server_cpu})
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
+        super().__init__(argv, workdir / f"{kind}-{self.port}.log", args.server_cpu)
 
     def wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -181,28 +157,6 @@ class ServerProcess:
                 return
             time.sleep(0.1)
         raise RuntimeError(f"{self.kind} not healthy after {timeout}s: {self.log_tail()}")
-
-    def stop(self, timeout: float = 15.0) -> str:
-        """SIGTERM, then SIGKILL if it hangs; returns how it ended."""
-        try:
-            if self.proc.poll() is None:
-                self.proc.send_signal(signal.SIGTERM)
-                try:
-                    self.proc.wait(timeout)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait()
-                    return f"killed: no exit {timeout}s after SIGTERM"
-            return f"exit {self.proc.returncode}"
-        finally:
-            self._log.close()
-
-    def log_tail(self, limit: int = 2000) -> str:
-        self._log.flush()
-        try:
-            return self.log_path.read_text(errors="replace")[-limit:]
-        except OSError:
-            return ""
 
 
 def start_clients(args: argparse.Namespace, server: ServerProcess) -> subprocess.Popen[str]:
@@ -381,13 +335,6 @@ def fmt_round(r: RoundResult) -> str:
 
 def median_or_none(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
-
-
-def percentile(values: list[float], pct: float) -> float:
-    """Nearest-rank percentile: the smallest value with at least pct% of values <= it."""
-    ordered = sorted(values)
-    rank = max(1, math.ceil(pct / 100 * len(ordered)))
-    return ordered[rank - 1]
 
 
 def summarize(results: list[RoundResult], servers: list[str]) -> dict[str, Any]:

@@ -20,94 +20,37 @@ message) breaks the exact ``M * F`` byte count per connection and is reported as
 from __future__ import annotations
 
 import argparse
-import base64
-import errno
-import hashlib
 import itertools
 import os
-import resource
 import select
 import socket
-import struct
 import sys
 import time
 from typing import Any
 
 import orjson
+from common import emit, proc_cpu, raise_nofile_limit
+from wsraw import (
+    ANC_BUFSIZE,
+    OP_CLOSE,
+    OP_PING,
+    OP_PONG,
+    OP_TEXT,
+    BenchError,
+    finish_handshake,
+    kernel_stamp,
+    masked_frame,
+    open_socket,
+    parse_frame,
+    send_small,
+    start_handshake,
+)
 
-WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
-OP_TEXT = 0x1
-OP_CLOSE = 0x8
-OP_PING = 0x9
-OP_PONG = 0xA
-
-# SO_TIMESTAMPNS is 35 on Linux; older Pythons don't export the constant.
-SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
-TIMESPEC = struct.Struct("@qq")
-ANC_BUFSIZE = socket.CMSG_SPACE(TIMESPEC.size)
 # Kernel timestamps are read once a connection has fewer than this many bytes left (see timed_run).
 NEAR_BYTES = 8192
 
 # Connection states.
 CONNECTING, HANDSHAKING, SUBSCRIBING, IDLE = range(4)
-
-
-class BenchError(Exception):
-    """The run cannot produce a trustworthy number."""
-
-
-def raise_nofile_limit() -> None:
-    """Raise the soft RLIMIT_NOFILE to the hard limit; thousands of sockets need it."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
-def masked_frame(payload: bytes, opcode: int = OP_TEXT) -> bytes:
-    """Build one final client frame; RFC 6455 requires client-to-server frames to be masked."""
-    n = len(payload)
-    if n < 126:
-        header = struct.pack("!BB", 0x80 | opcode, 0x80 | n)
-    elif n < 65536:
-        header = struct.pack("!BBH", 0x80 | opcode, 0x80 | 126, n)
-    else:
-        header = struct.pack("!BBQ", 0x80 | opcode, 0x80 | 127, n)
-    mask = os.urandom(4)
-    if n == 0:
-        return header + mask
-    key = (mask * (n // 4 + 1))[:n]
-    body = (int.from_bytes(payload, "big") ^ int.from_bytes(key, "big")).to_bytes(n, "big")
-    return header + mask + body
-
-
-def parse_frame(buf: bytearray) -> tuple[int, bytes, int] | None:
-    """Parse the first complete server frame in ``buf``.
-
-    Returns ``(opcode, payload, frame_length)`` or None if more bytes are needed.
-    """
-    if len(buf) < 2:
-        return None
-    b0, b1 = buf[0], buf[1]
-    if b1 & 0x80:
-        raise BenchError("server frame is masked")
-    if not b0 & 0x80:
-        raise BenchError("fragmented server frame (not expected for small messages)")
-    n = b1 & 0x7F
-    offset = 2
-    if n == 126:
-        if len(buf) < 4:
-            return None
-        n = int.from_bytes(buf[2:4], "big")
-        offset = 4
-    elif n == 127:
-        if len(buf) < 10:
-            return None
-        n = int.from_bytes(buf[2:10], "big")
-        offset = 10
-    end = offset + n
-    if len(buf) < end:
-        return None
-    return b0 & 0x0F, bytes(buf[offset:end]), end
 
 
 def make_payload(seq: int, size: int) -> dict[str, str]:
@@ -151,65 +94,19 @@ class FanoutClients:
     # -- helpers -----------------------------------------------------------------------------
 
     def _new_conn(self) -> Conn:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setblocking(False)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
-        err = sock.connect_ex((self.host, self.port))
-        if err not in (0, errno.EINPROGRESS):
-            sock.close()
-            raise BenchError(f"connect failed: {os.strerror(err)}")
-        conn = Conn(sock)
+        conn = Conn(open_socket(self.host, self.port))
         self.by_fd[conn.fd] = conn
         self.ep.register(conn.fd, select.EPOLLOUT)
         return conn
 
-    def _send_small(self, conn: Conn, data: bytes) -> None:
-        # Handshake/subscribe/pong frames are tiny and the socket buffer is empty at that point,
-        # so a short write would mean something is badly wrong.
-        sent = conn.sock.send(data)
-        if sent != len(data):
-            raise BenchError(f"short write of {sent}/{len(data)} bytes on a control message")
-
     def _start_handshake(self, conn: Conn) -> None:
-        err = conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if err:
-            raise BenchError(f"connect to {self.host}:{self.port} failed: {os.strerror(err)}")
-        key = base64.b64encode(os.urandom(16))
-        conn.accept = base64.b64encode(hashlib.sha1(key + WS_GUID).digest())
-        request = (
-            f"GET {self.path} HTTP/1.1\r\n"
-            f"Host: {self.host}:{self.port}\r\n"
-            "Upgrade: websocket\r\n"
-            "Connection: Upgrade\r\n"
-            f"Sec-WebSocket-Key: {key.decode()}\r\n"
-            "Sec-WebSocket-Version: 13\r\n"
-            "\r\n"
-        ).encode()
-        self._send_small(conn, request)
+        conn.accept = start_handshake(conn.sock, self.host, self.port, self.path)
         conn.state = HANDSHAKING
         self.ep.modify(conn.fd, select.EPOLLIN)
 
     def _finish_handshake(self, conn: Conn) -> bool:
         """Consume the 101 response from conn.buf; False if it is not complete yet."""
-        end = conn.buf.find(b"\r\n\r\n")
-        if end < 0:
-            if len(conn.buf) > 16384:
-                raise BenchError("oversized handshake response")
-            return False
-        head = bytes(conn.buf[:end]).decode("latin-1")
-        del conn.buf[: end + 4]
-        lines = head.split("\r\n")
-        status = lines[0].split(" ", 2)
-        if len(status) < 2 or status[1] != "101":
-            raise BenchError(f"upgrade refused: {lines[0]!r}")
-        headers = {}
-        for line in lines[1:]:
-            name, _, value = line.partition(":")
-            headers[name.strip().lower()] = value.strip()
-        if headers.get("sec-websocket-accept", "").encode() != conn.accept:
-            raise BenchError("bad Sec-WebSocket-Accept in upgrade response")
-        return True
+        return finish_handshake(conn.buf, conn.accept, max_head=16384)
 
     def _next_message(self, conn: Conn) -> tuple[bytes, int] | None:
         """Pop the next data frame from conn.buf as (payload, frame_length), answering pings."""
@@ -220,7 +117,7 @@ class FanoutClients:
             opcode, payload, length = parsed
             del conn.buf[:length]
             if opcode == OP_PING:
-                self._send_small(conn, masked_frame(payload, OP_PONG))
+                send_small(conn.sock, masked_frame(payload, OP_PONG))
                 continue
             if opcode == OP_PONG:
                 continue
@@ -268,7 +165,7 @@ class FanoutClients:
                 if conn.state == HANDSHAKING:
                     if not self._finish_handshake(conn):
                         continue
-                    self._send_small(conn, self.subscribe_frame)
+                    send_small(conn.sock, self.subscribe_frame)
                     conn.state = SUBSCRIBING
                 parsed = self._next_message(conn)
                 if parsed is None:
@@ -394,7 +291,7 @@ class FanoutClients:
         out = memoryview(frames)
 
         cpu0 = time.process_time()
-        server_cpu0 = read_proc_cpu(self.server_pid)
+        server_cpu0 = proc_cpu(self.server_pid)
         t0 = time.perf_counter()
         t0_ns = time.time_ns()
         # Non-blocking send so a large M can't stall receiving; the rest goes out on EPOLLOUT.
@@ -434,10 +331,7 @@ class FanoutClients:
                     n = recv_into[fd](buf)
                 else:
                     n, ancdata, _flags, _addr = recvmsg_into[fd](bufs, ANC_BUFSIZE)
-                    for level, kind, data in ancdata:
-                        if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
-                            sec, nsec = TIMESPEC.unpack_from(data)
-                            stamp = sec * 1_000_000_000 + nsec
+                    stamp = kernel_stamp(ancdata)
                 if n == 0:
                     raise BenchError("server closed a subscriber during the timed run")
                 total += n
@@ -457,17 +351,11 @@ class FanoutClients:
             if pause:
                 time.sleep(pause)
         cpu1 = time.process_time()
-        server_cpu1 = read_proc_cpu(self.server_pid)
+        server_cpu1 = proc_cpu(self.server_pid)
         wall = max(time.perf_counter() - t0, 1e-9)
         # Finished connections were unregistered; anything still readable on them is an extra
         # frame that the exact byte count would otherwise miss.
-        for conn in self.subs:
-            if received[conn.fd] == target:
-                try:
-                    if conn.sock.recv(1, socket.MSG_PEEK):
-                        overshoot += 1
-                except BlockingIOError:
-                    pass
+        overshoot += self._count_extra_bytes(received, target)
         elapsed = (end_ns - t0_ns) / 1e9 if end_ns else t_last - t0
         delivered = sum(min(received[c.fd], target) for c in self.subs) // self.frame_size
         return {
@@ -483,15 +371,7 @@ class FanoutClients:
             "msgs_per_s": delivered / elapsed if elapsed > 0 else 0.0,
             "polls": polls,
             "recv_calls": recvs,
-            "client_cpu_pct": 100.0 * (cpu1 - cpu0) / wall,
-            "server_cpu_s": (
-                server_cpu1 - server_cpu0 if server_cpu0 is not None and server_cpu1 is not None else None
-            ),
-            "server_cpu_pct": (
-                100.0 * (server_cpu1 - server_cpu0) / wall
-                if server_cpu0 is not None and server_cpu1 is not None
-                else None
-            ),
+            **cpu_fields(cpu1 - cpu0, server_cpu0, server_cpu1, wall),
         }
 
     def paced_run(self, pace_ms: float) -> dict[str, Any]:
@@ -552,7 +432,7 @@ class FanoutClients:
         next_seq = 1  # next message to publish
 
         cpu0 = time.process_time()
-        server_cpu0 = read_proc_cpu(self.server_pid)
+        server_cpu0 = proc_cpu(self.server_pid)
         t0 = time.perf_counter()
         next_send = t0
         idle_deadline = t0 + self.timeout
@@ -585,11 +465,7 @@ class FanoutClients:
                 n, ancdata, _flags, _addr = recvmsg_into[fd](bufs, ANC_BUFSIZE)
                 if n == 0:
                     raise BenchError("server closed a subscriber during the timed run")
-                stamp = 0
-                for level, kind, data in ancdata:
-                    if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
-                        sec, nsec = TIMESPEC.unpack_from(data)
-                        stamp = sec * 1_000_000_000 + nsec
+                stamp = kernel_stamp(ancdata)
                 if not stamp:
                     untimestamped += 1
                     stamp = time.time_ns()
@@ -613,16 +489,9 @@ class FanoutClients:
                     end_ns = max(end_ns, stamp)
             idle_deadline = time.perf_counter() + self.timeout
         cpu1 = time.process_time()
-        server_cpu1 = read_proc_cpu(self.server_pid)
+        server_cpu1 = proc_cpu(self.server_pid)
         wall = max(time.perf_counter() - t0, 1e-9)
-        overshoot = 0
-        for conn in self.subs:
-            if received[conn.fd] == target:
-                try:
-                    if conn.sock.recv(1, socket.MSG_PEEK):
-                        overshoot += 1
-                except BlockingIOError:
-                    pass
+        overshoot = self._count_extra_bytes(received, target)
         start_ns = sent_ns[1]
         elapsed = (end_ns - start_ns) / 1e9 if end_ns and start_ns else wall
         delivered = sum(min(received[c.fd], target) for c in self.subs) // size
@@ -655,16 +524,20 @@ class FanoutClients:
             # had not finished this fan-out when the next one began (the pace is too fast for it).
             "overlapped_messages": sum(1 for k in complete[:-1] if last_ns[k] > sent_ns[k + 1]),
             "late_completions": late,
-            "client_cpu_pct": 100.0 * (cpu1 - cpu0) / wall,
-            "server_cpu_s": (
-                server_cpu1 - server_cpu0 if server_cpu0 is not None and server_cpu1 is not None else None
-            ),
-            "server_cpu_pct": (
-                100.0 * (server_cpu1 - server_cpu0) / wall
-                if server_cpu0 is not None and server_cpu1 is not None
-                else None
-            ),
+            **cpu_fields(cpu1 - cpu0, server_cpu0, server_cpu1, wall),
         }
+
+    def _count_extra_bytes(self, received: list[int], target: int) -> int:
+        """Subscribers that got all ``target`` bytes and still have more to read."""
+        extra = 0
+        for conn in self.subs:
+            if received[conn.fd] == target:
+                try:
+                    if conn.sock.recv(1, socket.MSG_PEEK):
+                        extra += 1
+                except BlockingIOError:
+                    pass
+        return extra
 
     def close(self) -> None:
         for conn in self.by_fd.values():
@@ -672,23 +545,14 @@ class FanoutClients:
         self.ep.close()
 
 
-def read_proc_cpu(pid: int | None) -> float | None:
-    """utime+stime of a process in seconds, from /proc/PID/stat."""
-    if pid is None:
-        return None
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
-    except OSError:
-        return None
-    # The command name may contain spaces; fields after it are fixed.
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def emit(event: str, **fields: Any) -> None:
-    sys.stdout.write(orjson.dumps({"event": event, **fields}).decode() + "\n")
-    sys.stdout.flush()
+def cpu_fields(client_cpu_s: float, server_cpu0: float | None, server_cpu1: float | None, wall: float) -> dict:
+    """This process's CPU use and the server's over a run of ``wall`` seconds."""
+    server_cpu_s = server_cpu1 - server_cpu0 if server_cpu0 is not None and server_cpu1 is not None else None
+    return {
+        "client_cpu_pct": 100.0 * client_cpu_s / wall,
+        "server_cpu_s": server_cpu_s,
+        "server_cpu_pct": 100.0 * server_cpu_s / wall if server_cpu_s is not None else None,
+    }
 
 
 def main() -> int:

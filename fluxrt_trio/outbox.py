@@ -83,7 +83,8 @@ class Outbox:
         self.broken = False
 
     def send_nowait(self, frame: bytes) -> bool:
-        """Queue one whole frame without blocking; it goes to the kernel when the current task yields.
+        """Queue one whole frame without blocking: the first of a tick goes to the kernel now, later ones when the
+        current task yields.
 
         Returns False when `limit` frames already wait for the socket (a slow consumer); the frame is not queued.
         After `close` or on a broken socket the frame is dropped and True returned: the connection is ending.

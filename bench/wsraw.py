@@ -1,0 +1,156 @@
+"""Raw WebSocket client pieces shared by the benchmark load generators (fanout_clients.py, changes_clients.py).
+
+A full WebSocket library per connection would make the load generator the bottleneck, so the clients drive
+non-blocking sockets on one epoll and speak just enough RFC 6455 by hand: the upgrade, masked client frames and
+parsing of the server's frames.
+"""
+
+from __future__ import annotations
+
+import base64
+import errno
+import hashlib
+import os
+import socket
+import struct
+
+WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+OP_TEXT = 0x1
+OP_CLOSE = 0x8
+OP_PING = 0x9
+OP_PONG = 0xA
+
+# SO_TIMESTAMPNS is 35 on Linux; older Pythons don't export the constant.
+SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
+TIMESPEC = struct.Struct("@qq")
+ANC_BUFSIZE = socket.CMSG_SPACE(TIMESPEC.size)
+
+
+class BenchError(Exception):
+    """The run cannot produce a trustworthy number."""
+
+
+def masked_frame(payload: bytes, opcode: int = OP_TEXT) -> bytes:
+    """Build one final client frame; RFC 6455 requires client-to-server frames to be masked."""
+    n = len(payload)
+    if n < 126:
+        header = struct.pack("!BB", 0x80 | opcode, 0x80 | n)
+    elif n < 65536:
+        header = struct.pack("!BBH", 0x80 | opcode, 0x80 | 126, n)
+    else:
+        header = struct.pack("!BBQ", 0x80 | opcode, 0x80 | 127, n)
+    mask = os.urandom(4)
+    if n == 0:
+        return header + mask
+    key = (mask * (n // 4 + 1))[:n]
+    body = (int.from_bytes(payload, "big") ^ int.from_bytes(key, "big")).to_bytes(n, "big")
+    return header + mask + body
+
+
+def parse_frame(buf: bytearray, strict: bool = True) -> tuple[int, bytes, int] | None:
+    """Parse the first complete server frame in ``buf``.
+
+    Returns ``(opcode, payload, frame_length)`` or None if more bytes are needed. ``strict`` rejects masked and
+    fragmented server frames (neither is expected for small messages).
+    """
+    if len(buf) < 2:
+        return None
+    b0, b1 = buf[0], buf[1]
+    if strict:
+        if b1 & 0x80:
+            raise BenchError("server frame is masked")
+        if not b0 & 0x80:
+            raise BenchError("fragmented server frame (not expected for small messages)")
+    n = b1 & 0x7F
+    offset = 2
+    if n == 126:
+        if len(buf) < 4:
+            return None
+        n = int.from_bytes(buf[2:4], "big")
+        offset = 4
+    elif n == 127:
+        if len(buf) < 10:
+            return None
+        n = int.from_bytes(buf[2:10], "big")
+        offset = 10
+    end = offset + n
+    if len(buf) < end:
+        return None
+    return b0 & 0x0F, bytes(buf[offset:end]), end
+
+
+def kernel_stamp(ancdata: list[tuple[int, int, bytes]]) -> int:
+    """The SO_TIMESTAMPNS receive time (ns, CLOCK_REALTIME) in recvmsg's ancillary data; 0 if there is none."""
+    stamp = 0
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
+            sec, nsec = TIMESPEC.unpack_from(data)
+            stamp = sec * 1_000_000_000 + nsec
+    return stamp
+
+
+def open_socket(host: str, port: int) -> socket.socket:
+    """A non-blocking TCP socket (no Nagle, kernel receive timestamps on) with its connect under way."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+    err = sock.connect_ex((host, port))
+    if err not in (0, errno.EINPROGRESS):
+        sock.close()
+        raise BenchError(f"connect failed: {os.strerror(err)}")
+    return sock
+
+
+def send_small(sock: socket.socket, data: bytes) -> None:
+    """Send a control message (upgrade, subscribe, pong) in one call.
+
+    They are tiny and the socket buffer is idle at that point, so a short write would mean something is badly wrong.
+    """
+    sent = sock.send(data)
+    if sent != len(data):
+        raise BenchError(f"short write of {sent}/{len(data)} bytes on a control message")
+
+
+def start_handshake(sock: socket.socket, host: str, port: int, target: str) -> bytes:
+    """Once the connect completed, send the upgrade request for ``target``; returns the Sec-WebSocket-Accept due."""
+    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if err:
+        raise BenchError(f"connect to {host}:{port} failed: {os.strerror(err)}")
+    key = base64.b64encode(os.urandom(16))
+    request = (
+        f"GET {target} HTTP/1.1\r\n"
+        f"Host: {host}:{port}\r\n"
+        "Upgrade: websocket\r\n"
+        "Connection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: {key.decode()}\r\n"
+        "Sec-WebSocket-Version: 13\r\n"
+        "\r\n"
+    ).encode()
+    send_small(sock, request)
+    return base64.b64encode(hashlib.sha1(key + WS_GUID).digest())
+
+
+def finish_handshake(buf: bytearray, accept: bytes, max_head: int | None = None) -> bool:
+    """Consume the 101 response from ``buf``; False if it is not complete yet.
+
+    With ``max_head``, an incomplete response longer than that is an error rather than more to wait for.
+    """
+    end = buf.find(b"\r\n\r\n")
+    if end < 0:
+        if max_head is not None and len(buf) > max_head:
+            raise BenchError("oversized handshake response")
+        return False
+    head = bytes(buf[:end]).decode("latin-1")
+    del buf[: end + 4]
+    lines = head.split("\r\n")
+    status = lines[0].split(" ", 2)
+    if len(status) < 2 or status[1] != "101":
+        raise BenchError(f"upgrade refused: {lines[0]!r}")
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    if headers.get("sec-websocket-accept", "").encode() != accept:
+        raise BenchError("bad Sec-WebSocket-Accept in upgrade response")
+    return True

@@ -217,10 +217,15 @@ class TableChannels:
                 # being authorized: what was decided for the old state must not reach the new one.
                 if not _still(subscriber, channel, sub, identity_key, change.op, image):
                     continue
-                key = (index, verdict.readable)
+                # An UPDATE's old row goes only to those who could see it: a row moved into someone's view must not
+                # show them what it held before.
+                old_at = plan.old_index.get(index)
+                old_visible = old_at is None or old_at in verdict.visible
+                key = (index, verdict.readable, old_visible)
                 frame = frames.get(key)
                 if frame is None:
-                    frame = frames[key] = text_frame(dumps(_message(channel, change, verdict.readable)))
+                    message = _message(channel, change, verdict.readable, old_visible)
+                    frame = frames[key] = text_frame(dumps(message))
                 subscriber.deliver_nowait(frame)
                 self.delivered += 1
         for (channel, identity_key), verdict in verdicts.items():
@@ -258,6 +263,9 @@ class TableChannels:
                 plan.candidates[index] = candidates
                 plan.image_index[index] = len(plan.images)
                 plan.images.append(image)
+                if change.op == "UPDATE":
+                    plan.old_index[index] = len(plan.images)
+                    plan.images.append(change.old)
         return {channel: plan for channel, plan in plans.items() if plan.images or plan.truncate_recipients}
 
     async def _authorize(self, plans: dict[str, _Plan]) -> dict[tuple[str, str], Verdict]:
@@ -364,6 +372,8 @@ class _Plan:
     members: list[TableSubscriber]
     images: list[dict[str, Any] | None] = attrs.field(factory=list)
     image_index: dict[int, int] = attrs.field(factory=dict)
+    old_index: dict[int, int] = attrs.field(factory=dict)
+    """for UPDATE changes, where the old row image is in `images`"""
     candidates: dict[int, list[tuple[TableSubscriber, str, Subscription]]] = attrs.field(factory=dict)
     truncate_recipients: list[tuple[TableSubscriber, Subscription]] = attrs.field(factory=list)
     identity_keys: list[str] = attrs.field(factory=list)
@@ -445,9 +455,9 @@ def _still(
     return _wants(current, op, image) if op != "TRUNCATE" else current.event in ("*", "TRUNCATE")
 
 
-def _payload(change: Change, readable: tuple[str, ...] | None) -> dict[str, Any]:
+def _payload(change: Change, readable: tuple[str, ...] | None, old_visible: bool = True) -> dict[str, Any]:
     payload: dict[str, Any] = {"type": change.op, "schema": change.schema, "table": change.table}
-    if change.old is not None and change.op in ("UPDATE", "DELETE"):
+    if change.old is not None and change.op in ("UPDATE", "DELETE") and old_visible:
         payload["old_record"] = _only(change.old, readable)
     if change.new is not None and change.op in ("INSERT", "UPDATE"):
         payload["record"] = _only(change.new, readable)
@@ -456,8 +466,10 @@ def _payload(change: Change, readable: tuple[str, ...] | None) -> dict[str, Any]
     return payload
 
 
-def _message(channel: str, change: Change, readable: tuple[str, ...] | None) -> dict[str, Any]:
-    return {"type": "broadcast", "channel": channel, "payload": _payload(change, readable)}
+def _message(
+    channel: str, change: Change, readable: tuple[str, ...] | None, old_visible: bool = True
+) -> dict[str, Any]:
+    return {"type": "broadcast", "channel": channel, "payload": _payload(change, readable, old_visible)}
 
 
 def _only(row: dict[str, Any], readable: tuple[str, ...] | None) -> dict[str, Any]:

@@ -152,3 +152,25 @@ async def test_a_dropped_role_costs_only_its_identities(start_server, db):
     finally:
         db.drop()
         pg.run_sql(db.admin, f"DROP ROLE IF EXISTS {ghost}")
+
+
+async def test_an_update_moving_a_row_into_view_does_not_show_its_old_content(start_server, db):
+    db.sql(
+        "CREATE TABLE cards (id int PRIMARY KEY, owner text, note text);"
+        "ALTER TABLE cards ENABLE ROW LEVEL SECURITY;"
+        "CREATE POLICY own ON cards FOR SELECT USING (owner = auth.jwt() ->> 'sub');"
+        "GRANT SELECT ON cards TO authenticated; SELECT enable_realtime('cards');"
+    )
+    server = await start(start_server, db)
+    async with connect(server, tok=token("alice")) as alice:
+        await subscribe(alice, "table:public.cards")
+        await db.execute("INSERT INTO cards VALUES (1, 'bob', 'bob secret'), (2, 'alice', 'mine')")
+        assert (await recv(alice))["payload"]["record"]["id"] == 2
+        await db.execute("UPDATE cards SET owner = 'alice', note = 'handed over' WHERE id = 1")
+        moved = (await recv(alice))["payload"]
+        assert moved["type"] == "UPDATE"
+        assert moved["record"] == {"id": 1, "owner": "alice", "note": "handed over"}
+        assert "old_record" not in moved
+        await db.execute("UPDATE cards SET note = 'edited' WHERE id = 2")
+        kept = (await recv(alice))["payload"]
+        assert kept["old_record"] == {"id": 2, "owner": "alice", "note": "mine"}

@@ -48,10 +48,11 @@ TARGET_RATIO = 1.5
 TARGET_KIB_PER_CONN = 16.0
 CLIENT_LAG_WARN = 0.05
 # --paced preset: PACED_MESSAGES broadcasts, one every PACED_MS ms. Calibrated at 5000 connections
-# on a 2-core box: one message takes both servers ~50-70 ms to fan out (websockets' slowest seen
-# ~125 ms), and a fluxrt full (gen-2) garbage collection, about one per round, stalls it ~115 ms,
-# which pushes that message to ~180-240 ms. At 20-150 ms fan-outs overlapped (so messages could be
-# coalesced); 250 ms leaves room for every message to reach all subscribers before the next.
+# on a 2-core box, where one message takes either server roughly 45-80 ms to reach every subscriber
+# and the slowest seen took ~100-125 ms (websockets; fluxrt's took ~200 ms before commit 2ecd34e,
+# when garbage-collector pauses hit it). At 20 ms neither server kept up, and at 100-150 ms (before
+# 2ecd34e) some fan-outs still overlapped the next message, which can then be coalesced; 250 ms
+# leaves room.
 PACED_MS = 250.0
 PACED_MESSAGES = 100
 

@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import attrs
 import jwt
 
 from .config import AuthConfig
@@ -18,26 +19,70 @@ class AuthError(Exception):
     """The token cannot be accepted; the message says why (for logs, never containing the token)."""
 
 
+@attrs.frozen
+class _RetiredKey:
+    key: str | bytes
+    symmetric: bool
+    retired_at: float
+    """UNIX time of the reload that replaced it: tokens issued later (by `iat`) are refused"""
+
+
+MAX_RETIRED_KEYS = 8
+"""keys replaced by reloads that still verify the tokens they signed; a restart forgets them all"""
+
+
+def read_secret(config: AuthConfig) -> str | None:
+    """The HS* secret: `jwt_secret`, or the first line of `jwt_secret_file` (read now, so a reload picks up a new one).
+
+    Raises OSError when the file cannot be read.
+    """
+    if config.jwt_secret_file:
+        return Path(config.jwt_secret_file).read_text(encoding="utf-8").strip() or None
+    return config.jwt_secret
+
+
 class Verifier:
     """Verifies tokens as AuthConfig says.
 
-    HS* algorithms verify only with `jwt_secret`, and RS*/PS*/ES*/EdDSA only with `jwt_public_key_file`, so a token
+    HS* algorithms verify only with the secret, and RS*/PS*/ES*/EdDSA only with `jwt_public_key_file`, so a token
     cannot pick its own key type (algorithm confusion). `alg: none` is never accepted. `exp` is required.
+
+    Keys are read when the Verifier is made; `rotated` makes the one for a reloaded configuration. Constructing
+    raises OSError when a key file cannot be read.
     """
 
-    def __init__(self, config: AuthConfig) -> None:
+    def __init__(self, config: AuthConfig, retired: tuple[_RetiredKey, ...] = ()) -> None:
         self.config = config
-        self._secret = config.jwt_secret
+        self._secret = read_secret(config)
         self._public_key = (
             Path(config.jwt_public_key_file).read_bytes() if config.jwt_public_key_file is not None else None
         )
+        self._retired = retired
         if config.algorithms:
-            algorithms = config.algorithms
+            algorithms: tuple[str, ...] = config.algorithms
         else:
-            algorithms = (("HS256",) if self._secret else ()) + (
-                _DEFAULT_ASYMMETRIC if self._public_key is not None else ()
-            )
+            symmetric = self._secret is not None or any(k.symmetric for k in retired)
+            asymmetric = self._public_key is not None or any(not k.symmetric for k in retired)
+            algorithms = (("HS256",) if symmetric else ()) + (_DEFAULT_ASYMMETRIC if asymmetric else ())
         self.algorithms = frozenset(a for a in algorithms if a.lower() != "none")
+
+    def rotated(self, config: AuthConfig, now: float | None = None) -> Verifier:
+        """The Verifier for a reloaded `config`. A secret or public key that it replaces keeps verifying the tokens
+        it signed before `now` until they expire (the newest MAX_RETIRED_KEYS replaced keys are kept).
+
+        Raises OSError when a key file cannot be read.
+        """
+        now = time.time() if now is None else now
+        fresh = Verifier(config)
+        retired = list(self._retired)
+        for old, new, symmetric in (
+            (self._secret, fresh._secret, True),
+            (self._public_key, fresh._public_key, False),
+        ):
+            if old is not None and old != new:
+                retired.append(_RetiredKey(old, symmetric, now))
+        kept = tuple(k for k in retired if k.key not in (fresh._secret, fresh._public_key))[-MAX_RETIRED_KEYS:]
+        return Verifier(config, kept) if kept else fresh
 
     @property
     def enabled(self) -> bool:
@@ -60,21 +105,36 @@ class Verifier:
         alg = header.get("alg")
         if not isinstance(alg, str) or alg not in self.algorithms:
             raise AuthError(f"algorithm {alg!r} is not accepted; accepted: {', '.join(sorted(self.algorithms))}")
-        key: Any = self._secret if alg.startswith("HS") else self._public_key
-        if not key:
+        symmetric = alg.startswith("HS")
+        key: Any = self._secret if symmetric else self._public_key
+        candidates = [(key, None)] if key else []
+        candidates += [(k.key, k.retired_at) for k in reversed(self._retired) if k.symmetric == symmetric]
+        if not candidates:
             raise AuthError(f"no key configured for {alg}")
-        try:
-            claims = jwt.decode(
-                token,
-                key,
-                algorithms=[alg],
-                audience=self.config.audience,
-                issuer=self.config.issuer,
-                leeway=self.config.leeway,
-                options={"require": ["exp"], "verify_aud": self.config.audience is not None},
-            )
-        except jwt.PyJWTError as exc:
-            raise AuthError(f"token rejected: {exc}") from None
+        mismatch = "Signature verification failed"
+        for key, retired_at in candidates:
+            try:
+                claims = jwt.decode(
+                    token,
+                    key,
+                    algorithms=[alg],
+                    audience=self.config.audience,
+                    issuer=self.config.issuer,
+                    leeway=self.config.leeway,
+                    options={"require": ["exp"], "verify_aud": self.config.audience is not None},
+                )
+            except (jwt.InvalidSignatureError, jwt.InvalidKeyError) as exc:
+                # Not this key: a retired one (maybe of another type after a switch from RSA to EC) may match.
+                mismatch = str(exc)
+                continue
+            except jwt.PyJWTError as exc:
+                raise AuthError(f"token rejected: {exc}") from None
+            iat = claims.get("iat")
+            if retired_at is not None and isinstance(iat, int | float) and iat > retired_at:
+                raise AuthError("token rejected: signed with a key that was replaced before the token was issued")
+            break
+        else:
+            raise AuthError(f"token rejected: {mismatch}")
         sub = claims.get("sub")
         if sub is not None and not isinstance(sub, str):
             raise AuthError("token rejected: sub must be a string")

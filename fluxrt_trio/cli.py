@@ -10,6 +10,7 @@ import re
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import attrs
 import trio
@@ -17,11 +18,14 @@ import trio_asyncio
 import yaml
 
 from . import __version__, logs
-from .auth import mint
-from .config import Config, ConfigError, load_config, masked
+from .auth import mint, read_secret
+from .config import Config, ConfigError, load_config, masked, plan_reload
 from .postgres.bridge import DatabaseUnavailable, close_connection, connect, on_connection
 from .postgres.embedded import EmbeddedError, EmbeddedPostgres
 from .postgres.migrate import migrate
+
+if TYPE_CHECKING:
+    from .server import Server
 
 log = logging.getLogger("fluxrt.cli")
 
@@ -40,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("serve", help="run the server (the default)")
     sub.add_parser("check-config", help="validate the configuration and print it with secrets masked")
     sub.add_parser("migrate", help="install or upgrade fluxrt's objects in the database (safe to repeat)")
-    token = sub.add_parser("token", help="mint an HS256 token signed with auth.jwt_secret (development and tests)")
+    token = sub.add_parser("token", help="mint an HS256 token with the configured secret (development, tests)")
     token.add_argument("--sub", required=True, help="the token's subject (user id)")
     token.add_argument("--role", help="the role claim (default: none, so auth.default_role applies)")
     token.add_argument("--ttl", default="1h", help="lifetime such as 30s, 15m, 1h (default 1h)")
@@ -73,15 +77,18 @@ def main(argv: list[str] | None = None) -> int:
         print(yaml.safe_dump(masked(config), sort_keys=False), end="")
         return 0
     if args.command == "token":
-        if not config.auth.jwt_secret:
+        secret = read_secret(config.auth)
+        if not secret:
             print(
-                "fluxrt token: auth.jwt_secret is not set (set it in the config or FLUXRT_AUTH_JWT_SECRET)",
+                "fluxrt token: no secret to sign with: set auth.jwt_secret or auth.jwt_secret_file in the config, "
+                "or FLUXRT_AUTH_JWT_SECRET",
                 file=sys.stderr,
             )
             return EXIT_CONFIG
-        print(mint(config.auth.jwt_secret, args.sub, role=args.role, ttl=_ttl(args.ttl)))
+        print(mint(secret, args.sub, role=args.role, ttl=_ttl(args.ttl)))
         return 0
     logs.configure(config.log.level, config.log.format)
+    started = config
     embedded = None
     # A DSN (from the file or FLUXRT_DATABASE_DSN) wins over the embedded development database.
     if config.database.embedded is not None and config.database.dsn is None:
@@ -89,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "migrate":
             return _migrate(config)
-        trio.run(_serve, config)
+        log.info("starting", extra=logs.ctx(version=__version__, config=args.config or "built-in defaults"))
+        trio.run(_serve, config, started, args.config)
     finally:
         if embedded is not None:
             embedded.stop(quiet=True)
@@ -133,16 +141,49 @@ def _migrate(config: Config) -> int:
     return 0
 
 
-async def _serve(config: Config) -> None:
+async def _serve(config: Config, started: Config, path: str | None) -> None:
     from .server import Server
 
     server = Server(config)
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(server.serve)
             # Everything allocated so far lives as long as the process: keep the collector from scanning it.
             gc.freeze()
             async for signum in signals:
+                if signum == signal.SIGHUP:
+                    reload(server, started, path)
+                    continue
                 log.info("signal received", extra=logs.ctx(signal=signal.Signals(signum).name))
                 await server.shutdown()
                 break
+
+
+def reload(server: Server, started: Config, path: str | None) -> bool:
+    """Re-read the configuration (file and environment) and apply what can change live; return whether it did.
+
+    A configuration with any error is rejected in full and the running one stays. Restart-only settings that
+    differ from the ones the server started with are named in one log line and left as they were.
+    """
+    try:
+        new = load_config(path)
+    except ConfigError as exc:
+        log.error("reload rejected; the running configuration stays", extra=logs.ctx(problems=exc.problems))
+        return False
+    plan = plan_reload(started, server.config, new)
+    try:
+        server.reload(plan.config)
+    except OSError as exc:
+        log.error(
+            "reload rejected; the running configuration stays",
+            extra=logs.ctx(problems=[f"cannot read a key file: {exc}"]),
+        )
+        return False
+    logs.configure(plan.config.log.level, plan.config.log.format)
+    log.info("configuration reloaded", extra=logs.ctx(changed=list(plan.changed)))
+    if plan.needs_restart:
+        log.warning(
+            "these settings need a restart and were left as they were",
+            extra=logs.ctx(settings=list(plan.needs_restart)),
+        )
+    return True

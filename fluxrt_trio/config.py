@@ -43,6 +43,7 @@ class ServerConfig:
 @attrs.frozen
 class AuthConfig:
     jwt_secret: Secret | None = None
+    jwt_secret_file: str | None = None
     jwt_public_key_file: str | None = None
     algorithms: tuple[str, ...] = ()
     audience: str | None = None
@@ -331,15 +332,26 @@ def _cross_checks(config: Config, label: str) -> list[str]:
             problems.append(
                 f"{label}: auth.algorithms: {alg!r} is not supported; expected HS256/384/512, RS*, PS*, ES* or EdDSA"
             )
-        elif alg.startswith("HS") and not auth.jwt_secret:
-            problems.append(f"{label}: auth.algorithms: {alg} needs auth.jwt_secret")
+        elif alg.startswith("HS") and not (auth.jwt_secret or auth.jwt_secret_file):
+            problems.append(f"{label}: auth.algorithms: {alg} needs auth.jwt_secret or auth.jwt_secret_file")
         elif not alg.startswith("HS") and not auth.jwt_public_key_file:
             problems.append(f"{label}: auth.algorithms: {alg} needs auth.jwt_public_key_file")
-    if auth.jwt_public_key_file and not Path(auth.jwt_public_key_file).is_file():
-        problems.append(f"{label}: auth.jwt_public_key_file: no such file {auth.jwt_public_key_file!r}")
-    if not auth.allow_anonymous and not (auth.jwt_secret or auth.jwt_public_key_file):
+    if auth.jwt_secret and auth.jwt_secret_file:
+        problems.append(f"{label}: auth.jwt_secret_file: set either auth.jwt_secret or auth.jwt_secret_file, not both")
+    for key in ("jwt_secret_file", "jwt_public_key_file"):
+        path = getattr(auth, key)
+        if path:
+            try:
+                content = Path(path).read_bytes()
+            except OSError as exc:
+                problems.append(f"{label}: auth.{key}: cannot read {path!r}: {exc.strerror}")
+            else:
+                if not content.strip():
+                    problems.append(f"{label}: auth.{key}: {path!r} is empty")
+    if not auth.allow_anonymous and not (auth.jwt_secret or auth.jwt_secret_file or auth.jwt_public_key_file):
         problems.append(
-            f"{label}: auth.allow_anonymous: false needs auth.jwt_secret or auth.jwt_public_key_file to verify tokens"
+            f"{label}: auth.allow_anonymous: false needs auth.jwt_secret, auth.jwt_secret_file or "
+            "auth.jwt_public_key_file to verify tokens"
         )
     rt = config.realtime
     if rt.max_connections_per_user > rt.max_connections:
@@ -372,3 +384,62 @@ def masked(config: Config) -> dict[str, Any]:
             if isinstance(value, tuple):
                 section[key] = list(value)
     return data
+
+
+RESTART_REQUIRED = (
+    "server.host",
+    "server.port",
+    "server.path",
+    "database",
+    "auth.anon_role",
+    "auth.default_role",
+    "auth.roles",
+)
+"""Settings a running server cannot change: the listening socket, the database and the roles it was prepared for
+(a whole section where the name has no dot)."""
+
+
+@attrs.frozen
+class Reload:
+    """What a re-read configuration does to a running one."""
+
+    config: Config
+    """the configuration to run with: the new one, except that restart-only settings keep their running values"""
+    changed: tuple[str, ...]
+    """dotted names of the settings that change now"""
+    needs_restart: tuple[str, ...]
+    """dotted names of restart-only settings that differ from what the server started with; left as they were"""
+
+
+def _settings(config: Config) -> dict[str, Any]:
+    return {
+        f"{section.name}.{field.name}": getattr(getattr(config, section.name), field.name)
+        for section in attrs.fields(Config)
+        for field in attrs.fields(section.type)  # type: ignore[arg-type]
+    }
+
+
+def _restart_only(name: str) -> bool:
+    return any(name == r or name.startswith(r + ".") for r in RESTART_REQUIRED)
+
+
+def plan_reload(started: Config, running: Config, new: Config) -> Reload:
+    """Split `new` (just read) into what applies to the `running` server and what needs a restart.
+
+    `started` is the configuration as read at start, before start-up filled anything in (the embedded database's
+    DSN), so that only settings the operator changed are reported as needing a restart.
+    """
+    before, now, after = _settings(started), _settings(running), _settings(new)
+    sections: dict[str, dict[str, Any]] = {}
+    changed, needs_restart = [], []
+    for name, value in after.items():
+        section, key = name.split(".", 1)
+        if _restart_only(name):
+            if value != before[name]:
+                needs_restart.append(name)
+            value = now[name]
+        elif value != now[name]:
+            changed.append(name)
+        sections.setdefault(section, {})[key] = value
+    config = Config(**{s: type(getattr(new, s))(**fields) for s, fields in sections.items()})
+    return Reload(config, tuple(changed), tuple(needs_restart))

@@ -40,6 +40,7 @@ from .protocol.session import (
     Reply,
     SendPresenceState,
     Session,
+    SessionLimits,
     Subscription,
     Track,
     Untrack,
@@ -63,7 +64,9 @@ class Connection:
     """One client socket, from the first HTTP byte to the last WebSocket frame."""
 
     __slots__ = (
+        "_ended",
         "_grants",
+        "_opened_at",
         "_partial",
         "_partial_size",
         "_reader_scope",
@@ -88,6 +91,9 @@ class Connection:
         self.outbox: Outbox | None = None
         self.closed = False
         self.last_seen = trio.current_time()
+        self._opened_at: float | None = None
+        self._ended: tuple[int, str, str] | None = None
+        """close code, reason, and who closed first ("server", "client" or "network")"""
         self._reader_scope: trio.CancelScope | None = None
         self._partial: list[str | bytes] | None = None
         self._grants: dict[tuple[str, str], bool] | None = None
@@ -117,8 +123,24 @@ class Connection:
         finally:
             self.closed = True
             self.release()
+            self._log_closed()
             trio.lowlevel.notify_closing(self.sock)
             self.sock.close()
+
+    def _log_closed(self) -> None:
+        if self._opened_at is None:
+            return
+        code, reason, by = self._ended or (1006, "connection lost without a close frame", "network")
+        log.info(
+            "connection closed",
+            extra=ctx(
+                conn=self.conn_id,
+                code=code,
+                reason=reason,
+                by=by,
+                duration_s=round(trio.current_time() - self._opened_at, 3),
+            ),
+        )
 
     def release(self) -> None:
         """Give back subscriptions, presence and admission counts. Idempotent."""
@@ -161,12 +183,16 @@ class Connection:
             return trailing
         refusal = server.admit(self, identity)
         if refusal is not None:
+            log.info("connection refused", extra=ctx(conn=self.conn_id, peer=self.peer, reason=refusal))
             self._reply(Error(ErrorCode.RATE_LIMITED, refusal))
             self.close(CloseCode.RATE_LIMITED, "too many connections")
             return trailing
         self.session = Session(self.conn_id, identity, server.session_limits)
         server.supervisor.watch(self)
-        log.debug("connected", extra=ctx(conn=self.conn_id, peer=self.peer, sub=identity.sub, role=identity.role))
+        self._opened_at = trio.current_time()
+        log.info(
+            "connection opened", extra=ctx(conn=self.conn_id, peer=self.peer, sub=identity.sub, role=identity.role)
+        )
         return trailing
 
     def _authenticate(self, token: str | None) -> Identity | None:
@@ -275,6 +301,8 @@ class Connection:
             elif isinstance(event, CloseConnection):
                 if ws.state is ConnectionState.REMOTE_CLOSING:
                     # The client closes: echo its close, unless we had closed first.
+                    if self._ended is None:
+                        self._ended = (event.code, event.reason, "client")
                     self._finish_close(ws.send(event.response()))
                 elif not self.closed and ws.state is ConnectionState.OPEN:
                     # A protocol error found by wsproto (bad UTF-8, bad framing): close with its code.
@@ -416,7 +444,8 @@ class Connection:
             return
         self.closed = True
         self.server.counters.closes[int(code)] += 1
-        log.debug("closing", extra=ctx(conn=self.conn_id, code=int(code), reason=reason))
+        if self._ended is None:
+            self._ended = (int(code), reason, "server")
         frame = b""
         if self.ws is not None:
             try:
@@ -450,6 +479,13 @@ class Connection:
         self._reply(error)
         for effect in self.session.drop(channel):
             self._apply_local(effect)
+
+    def reconfigure(self, limits: SessionLimits, write_buffer_size: int) -> None:
+        """Apply reloaded limits to this open connection."""
+        if self.session is not None:
+            self.session.set_limits(limits)
+        if self.outbox is not None:
+            self.outbox.limit = write_buffer_size
 
     # ---- supervision (see supervisor.py) -------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 import attrs
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
 from .hub import HubStatistics
@@ -32,11 +33,13 @@ class _Collector(Collector):
         connections: Callable[[], int],
         hub: Callable[[], HubStatistics],
         uptime: Callable[[], float],
+        changefeed_lag: Callable[[], float | None],
     ) -> None:
         self._counters = counters
         self._connections = connections
         self._hub = hub
         self._uptime = uptime
+        self._changefeed_lag = changefeed_lag
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         c = self._counters
@@ -76,12 +79,26 @@ class _Collector(Collector):
             rejected.add_metric([reason], n)
         yield rejected
         yield GaugeMetricFamily("fluxrt_uptime_seconds", "Seconds since the server started", value=self._uptime())
+        lag = self._changefeed_lag()
+        if lag is not None:
+            yield GaugeMetricFamily(
+                "fluxrt_changefeed_lag_seconds",
+                "Seconds since the changefeed last read every committed change: an upper bound on the age of the "
+                "oldest change not yet read",
+                value=lag,
+            )
 
 
 def exposition(
-    counters: Counters, connections: Callable[[], int], hub: Callable[[], HubStatistics], uptime: Callable[[], float]
+    counters: Counters,
+    connections: Callable[[], int],
+    hub: Callable[[], HubStatistics],
+    uptime: Callable[[], float],
+    changefeed_lag: Callable[[], float | None],
 ) -> bytes:
-    """The Prometheus text exposition of everything above."""
+    """The Prometheus text exposition of everything above, and the process's own metrics (`process_*`: resident
+    memory, CPU seconds, open and maximum file descriptors; on Linux)."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Collector(counters, connections, hub, uptime))
+    registry.register(_Collector(counters, connections, hub, uptime, changefeed_lag))
+    ProcessCollector(registry=registry)
     return generate_latest(registry)

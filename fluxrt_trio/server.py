@@ -51,11 +51,7 @@ class Server:
         self.verifier = Verifier(config.auth)
         self.counters = metrics.Counters()
         rt = config.realtime
-        self.session_limits = SessionLimits(
-            max_subscriptions=rt.max_subscriptions_per_connection,
-            message_rate_limit=rt.message_rate_limit,
-            max_presence_state_size=rt.max_presence_state_size,
-        )
+        self.session_limits = _session_limits(config)
         self.supervisor = Supervisor(rt.heartbeat_interval, rt.connection_timeout)
         self.flusher = Flusher()
         self.db: DatabaseService | None = None
@@ -187,6 +183,22 @@ class Server:
             self._nursery.cancel_scope.cancel()
         log.info("stopped")
 
+    def reload(self, config: Config) -> None:
+        """Run with `config` from now on, without dropping a connection: limits, origins, keys and timeouts apply to
+        open connections too. The caller keeps restart-only settings as they were (config.plan_reload).
+
+        Raises OSError, changing nothing, when a key file cannot be read.
+        """
+        verifier = self.verifier.rotated(config.auth)
+        self.config = config
+        self.verifier = verifier
+        self.session_limits = limits = _session_limits(config)
+        rt = config.realtime
+        self.supervisor.heartbeat_interval = rt.heartbeat_interval
+        self.supervisor.connection_timeout = rt.connection_timeout
+        for conn in self.connections:
+            conn.reconfigure(limits, rt.write_buffer_size)
+
     # ---- admission -----------------------------------------------------------------------------------------
 
     def admit(self, conn: Connection, identity: Identity) -> str | None:
@@ -265,7 +277,13 @@ class Server:
     def admin(self, endpoint: str) -> tuple[int, bytes, str]:
         """Status, body and content type for `/health` or `/metrics`."""
         if endpoint == "metrics":
-            body = metrics.exposition(self.counters, lambda: len(self.connections), self.hub.statistics, self.uptime)
+            body = metrics.exposition(
+                self.counters,
+                lambda: len(self.connections),
+                self.hub.statistics,
+                self.uptime,
+                lambda: self.db.changefeed.lag() if self.db is not None else None,
+            )
             return 200, body, "text/plain; version=0.0.4; charset=utf-8"
         database = self.database_state()
         status = "draining" if self.draining else "degraded" if database == "degraded" else "ok"
@@ -285,3 +303,12 @@ class Server:
 
     def uptime(self) -> float:
         return time.monotonic() - self._started_at
+
+
+def _session_limits(config: Config) -> SessionLimits:
+    rt = config.realtime
+    return SessionLimits(
+        max_subscriptions=rt.max_subscriptions_per_connection,
+        message_rate_limit=rt.message_rate_limit,
+        max_presence_state_size=rt.max_presence_state_size,
+    )

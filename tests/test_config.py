@@ -296,7 +296,7 @@ def test_cross_checks(tmp_path):
     )
     found = problems(path)
     assert any(p.startswith(f"{path}: auth.algorithms: 'none' is not supported") for p in found)
-    assert f"{path}: auth.algorithms: HS256 needs auth.jwt_secret" in found
+    assert f"{path}: auth.algorithms: HS256 needs auth.jwt_secret or auth.jwt_secret_file" in found
     assert f"{path}: auth.algorithms: RS256 needs auth.jwt_public_key_file" in found
     assert any(p.startswith(f"{path}: auth.allow_anonymous: false needs auth.jwt_secret") for p in found)
     assert f"{path}: realtime.max_connections_per_user: 10 exceeds realtime.max_connections (5)" in found
@@ -306,7 +306,22 @@ def test_cross_checks(tmp_path):
 def test_missing_public_key_file(tmp_path):
     path = write(tmp_path, f"auth:\n  jwt_public_key_file: {tmp_path / 'nope.pem'}\n")
     [problem] = problems(path)
-    assert problem.startswith(f"{path}: auth.jwt_public_key_file: no such file")
+    assert problem.startswith(f"{path}: auth.jwt_public_key_file: cannot read")
+    assert "No such file" in problem
+
+
+def test_secret_file_problems(tmp_path):
+    empty = tmp_path / "empty"
+    empty.write_text("\n")
+    path = write(tmp_path, f"auth:\n  jwt_secret: abc\n  jwt_secret_file: {empty}\n")
+    assert problems(path) == [
+        f"{path}: auth.jwt_secret_file: set either auth.jwt_secret or auth.jwt_secret_file, not both",
+        f"{path}: auth.jwt_secret_file: {str(empty)!r} is empty",
+    ]
+    secret = tmp_path / "secret"
+    secret.write_text("s3cret-from-a-file\n")
+    path = write(tmp_path, f"auth:\n  jwt_secret_file: {secret}\n  allow_anonymous: false\n")
+    assert load_config(path, {}).auth.jwt_secret_file == str(secret)
 
 
 def test_unreadable_and_invalid_files(tmp_path):

@@ -31,7 +31,7 @@ async def test_health_reports_status_connections_uptime_and_database(start_serve
     assert health["database"] == "not_configured"
 
 
-async def test_metrics_are_prometheus_text_prefixed_fluxrt(start_server):
+async def test_metrics_are_prometheus_text_prefixed_fluxrt_or_process(start_server):
     server = await start_server()
     async with connect(server) as ws:
         await subscribe(ws, "broadcast:a")
@@ -43,7 +43,8 @@ async def test_metrics_are_prometheus_text_prefixed_fluxrt(start_server):
     assert headers["content-type"].startswith("text/plain")
     text = body.decode()
     samples = [line for line in text.splitlines() if line and not line.startswith("#")]
-    assert samples and all(line.startswith("fluxrt_") for line in samples)
+    # fluxrt's own metrics, and the standard process metrics of Prometheus clients.
+    assert samples and all(line.startswith(("fluxrt_", "process_")) for line in samples)
     assert "fluxrt_connections 1.0" in text
     assert 'fluxrt_subscriptions{kind="broadcast"} 1.0' in text
     assert 'fluxrt_subscriptions{kind="presence"} 1.0' in text

@@ -116,11 +116,15 @@ class Changefeed:
         self._report: trio.TaskStatus[None] | None = None
         self._cur: str | None = None
         self._after = 0
+        self._cur_taken_at = 0.0
         self._wake = trio.Event()
         self.state = "connecting"
         self.last_error: str | None = None
         self.windows = 0
         self.changes = 0
+        self.caught_up_at: float | None = None
+        """trio.current_time() just before the snapshot of the last read that reached the end: every change
+        committed before then has been read"""
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run until cancelled. Reports started after the first attempt to connect, whether or not it succeeded:
@@ -189,6 +193,10 @@ class Changefeed:
         page sent instead of sending it again.
         """
         while True:
+            if self._cur is None:
+                # This read's snapshot is taken after this instant; a read resumed after a lost connection keeps
+                # the snapshot, and the instant, of its first page.
+                self._cur_taken_at = trio.current_time()
             rows = await on_connection(
                 conn, lambda c, prev=self._prev, cur=self._cur, after=self._after: _fetch_window(c, prev, cur, after)
             )
@@ -208,6 +216,12 @@ class Changefeed:
             if len(page) < PAGE:
                 break
         self._prev, self._cur, self._after = self._cur, None, 0
+        self.caught_up_at = self._cur_taken_at
+
+    def lag(self) -> float | None:
+        """Seconds since the changefeed last read everything committed: an upper bound on the age of the oldest
+        change not yet read (about one poll interval while all is well). None before the first read."""
+        return None if self.caught_up_at is None else trio.current_time() - self.caught_up_at
 
     async def prune(self) -> int:
         """Record a horizon, delete what fell out of retention, return the rows deleted. Uses its own connection."""

@@ -92,6 +92,14 @@ class Allowance:
         if self.bucket is None:
             self.bucket = TokenBucket(float(self.per_minute))
 
+    def resize(self, per_minute: int) -> None:
+        """Change the allowance from now on; tokens already earned are kept, up to the new capacity. The flood
+        detector starts counting afresh, so a client that kept to the old allowance is not closed under the new one."""
+        self.per_minute = per_minute
+        self.attempts = SlidingCount()
+        self.bucket.capacity = float(per_minute)
+        self.bucket.tokens = min(self.bucket.tokens, float(per_minute))
+
     def charge(self, now: float) -> Verdict:
         """Count one message, allowed or not, and decide what happens to it."""
         if self.attempts.add(now) > 2 * self.per_minute:

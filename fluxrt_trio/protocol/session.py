@@ -160,6 +160,13 @@ class Session:
         self._messages = Allowance(limits.message_rate_limit)
         self._subscribes = Allowance(2 * limits.max_subscriptions)
 
+    def set_limits(self, limits: SessionLimits) -> None:
+        """Apply reloaded limits. What the connection already holds stays (subscriptions and presence beyond a
+        lowered limit are kept); the new limits decide every message from now on."""
+        self.limits = limits
+        self._messages.resize(limits.message_rate_limit)
+        self._subscribes.resize(2 * limits.max_subscriptions)
+
     @property
     def presence_key(self) -> str:
         """The JWT `sub`, or for an anonymous connection `anon:` + its opaque id."""

@@ -1,0 +1,234 @@
+"""The policy rewrite without a database: what becomes an identity column, what is refused, how plans combine."""
+
+from __future__ import annotations
+
+import pytest
+
+from fluxrt_trio.postgres.policies import (
+    AuthFunction,
+    Catalog,
+    PerIdentity,
+    Policy,
+    Relation,
+    SetPlan,
+    Unsupported,
+    plan,
+    rewrite_auth_body,
+    rewrite_policy,
+)
+
+UID = "__fluxrt_identity.__fluxrt_uid"
+JWT = "__fluxrt_identity.__fluxrt_jwt"
+CLAIMS = "__fluxrt_identity.__fluxrt_claims"
+
+# The definitions of sql/0002_auth.sql and Supabase's, as prosrc holds them.
+OURS_UID = """
+            SELECT CASE WHEN s ~* '^[0-9a-f]{8}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{12}$' THEN s::uuid END
+              FROM (SELECT nullif(current_setting('request.jwt.claims', true), '')::jsonb ->> 'sub' AS s) c
+        """
+SUPABASE_UID = """
+  select
+  coalesce(
+    nullif(current_setting('request.jwt.claim.sub', true), ''),
+    (nullif(current_setting('request.jwt.claims', true), '')::jsonb ->> 'sub')
+  )::uuid
+"""
+OURS_JWT = "SELECT coalesce(nullif(current_setting('request.jwt.claims', true), '')::jsonb, '{}'::jsonb)"
+
+
+@pytest.mark.parametrize(
+    ("qual", "expected", "uses"),
+    [
+        ("(user_id = auth.uid())", f"user_id = {UID}", {"uid"}),
+        # The fast idiom loses its subquery, so that the join can hash on it.
+        ("(user_id = ( SELECT auth.uid() AS uid))", f"user_id = {UID}", {"uid"}),
+        (
+            "(team_id = ((( SELECT auth.jwt() AS jwt) ->> 'team'::text))::integer)",
+            f"team_id = CAST({JWT} ->> CAST('team' AS text) AS integer)",
+            {"jwt"},
+        ),
+        (
+            "(owner = ((current_setting('request.jwt.claims'::text, true))::jsonb ->> 'sub'::text))",
+            f"owner = CAST({CLAIMS} AS jsonb) ->> CAST('sub' AS text)",
+            {"claims"},
+        ),
+        ("(owner = CURRENT_USER)", "owner = CURRENT_USER", set()),
+        (
+            "(current_setting('app.tenant'::text) = tenant)",
+            "current_setting(CAST('app.tenant' AS text)) = tenant",
+            set(),
+        ),
+        (
+            "(EXISTS ( SELECT 1 FROM public.members m WHERE ((m.user_id = auth.uid()) AND (m.team = docs.team))))",
+            f"EXISTS (SELECT 1 FROM public.members AS m WHERE m.user_id = {UID} AND m.team = docs.team)",
+            {"uid"},
+        ),
+    ],
+)
+def test_identity_reads_become_columns(qual, expected, uses):
+    rewritten = rewrite_policy(qual)
+    assert rewritten.sql == expected
+    assert rewritten.uses == uses
+
+
+def test_builtin_function_names_are_reported_for_the_volatility_check():
+    assert rewrite_policy("(length(title) > abs(n)) AND now() IS NOT NULL").functions == {"length", "abs", "now"}
+
+
+@pytest.mark.parametrize(
+    ("qual", "reason"),
+    [
+        ("(public.is_member(team))", "public.is_member"),
+        ("(current_setting(name) = 'x'::text)", "not a constant"),
+        ("(a OPERATOR(public.===) b)", "public.==="),
+        ("(__fluxrt_identity = 1)", "reserves"),
+        ("(auth.uid(1) = x)", "arguments"),
+        ("(count(*) OVER () > 1)", "window"),
+        ("(user_id = ", "cannot be parsed"),
+    ],
+)
+def test_what_cannot_be_proved_safe_is_refused(qual, reason):
+    with pytest.raises(Unsupported, match=reason):
+        rewrite_policy(qual)
+
+
+def auth(name: str, body: str, **overrides) -> AuthFunction:
+    fields = {"language": "sql", "volatility": "s", "returns": {"uid": "uuid", "jwt": "jsonb"}.get(name, "text")}
+    return AuthFunction(name=name, body=body, **{**fields, **overrides})
+
+
+@pytest.mark.parametrize("body", [OURS_UID, SUPABASE_UID])
+def test_auth_bodies_become_expressions_of_the_claims(body):
+    rewritten = rewrite_auth_body(auth("uid", body))
+    assert rewritten.uses == {"claims"}
+    assert "CAST(__fluxrt_source.__fluxrt_claims AS text)" in rewritten.sql
+    assert rewritten.sql.startswith("(SELECT * FROM (SELECT") and rewritten.sql.endswith("LIMIT 1)::uuid")
+    assert "request.jwt.claims" not in rewritten.sql
+
+
+@pytest.mark.parametrize(
+    ("function", "reason"),
+    [
+        (auth("uid", "BEGIN RETURN NULL; END", language="plpgsql"), "plpgsql"),
+        (auth("uid", OURS_UID, volatility="v"), "VOLATILE"),
+        (auth("uid", OURS_UID, configured=True), "SET options"),
+        (auth("uid", ""), "SQL-standard"),
+        (auth("uid", "SELECT id FROM public.users WHERE name = current_user"), "reads the relation"),
+        (auth("uid", "SELECT 1; SELECT 2"), "single SELECT"),
+        (auth("uid", "SELECT public.lookup()"), "public.lookup"),
+        (auth("uid", "SELECT auth.jwt() ->> 'sub'"), "auth.jwt"),
+    ],
+)
+def test_auth_bodies_that_are_not_plain_functions_of_the_claims_are_refused(function, reason):
+    with pytest.raises(Unsupported, match=reason):
+        rewrite_auth_body(function)
+
+
+# ---- plans ----------------------------------------------------------------------------------------------------------
+
+DOCS, MEMBERS, TEAMS_VIEW = 1, 2, 3
+
+
+def catalog(*policies: Policy, members: tuple[Policy, ...] = (), **relation) -> Catalog:
+    docs = Relation(
+        oid=DOCS,
+        kind="r",
+        row_security=True,
+        schema="public",
+        name="docs",
+        columns=relation.pop("columns", ("id", "user_id", "team")),
+        policies=policies,
+        **relation,
+    )
+    return Catalog(
+        relations={
+            DOCS: docs,
+            MEMBERS: Relation(MEMBERS, "r", True, "public", "members", ("user_id", "team"), policies=members),
+            TEAMS_VIEW: Relation(TEAMS_VIEW, "v", False, "public", "teams_view"),
+        },
+        auth={"uid": auth("uid", OURS_UID), "jwt": auth("jwt", OURS_JWT)},
+        volatile=frozenset({"random", "set_config"}),
+        stable=frozenset({"length", "current_setting", "nullif", "now"}),
+    )
+
+
+def policy(name: str, qual: str, *, permissive: bool = True, roles=("authenticated",), **kwargs) -> Policy:
+    return Policy(name=name, permissive=permissive, qual=qual, roles=frozenset(roles), **kwargs)
+
+
+def test_permissive_policies_are_ored_in_descending_name_order_and_restrictive_ones_anded():
+    result = plan(
+        catalog(
+            policy("a_own", "(user_id = auth.uid())"),
+            policy("b_team", "(team = 1)"),
+            policy("z_limit", "(id < 100)", permissive=False),
+            policy("y_limit", "(id > 0)", permissive=False),
+            policy("for_anon", "(true)", roles=("anon",)),
+        ),
+        DOCS,
+        "authenticated",
+    )
+    assert isinstance(result, SetPlan)
+    assert f"ON ((team = 1) OR (user_id = {UID})) AND (id > 0) AND (id < 100)" in result.query
+    assert result.uses == {"uid"}
+    assert "WHEN s ~* " in result.query  # auth.uid()'s own definition, inlined
+
+
+def test_no_permissive_policy_admits_nothing():
+    result = plan(catalog(policy("only", "(id > 0)", permissive=False)), DOCS, "authenticated")
+    assert isinstance(result, SetPlan) and "ON (false) AND (id > 0)" in result.query
+
+
+def test_generated_columns_are_recomputed_in_the_query():
+    result = plan(
+        catalog(policy("p", "(shared)"), columns=("id", "owner", "shared"), generated={"shared": "(owner = 'x')"}),
+        DOCS,
+        "authenticated",
+    )
+    assert isinstance(result, SetPlan)
+    assert '"docs"."owner", ((owner = \'x\')) AS "shared"' in result.query
+
+
+MEMBER_SUBQUERY = "(EXISTS ( SELECT 1 FROM public.members m WHERE ((m.user_id = auth.uid()) AND (m.team = docs.team))))"
+
+
+@pytest.mark.parametrize(
+    ("members", "expected"),
+    [
+        ((), SetPlan),
+        ((policy("open", "(true)"),), SetPlan),
+        ((policy("own", "(user_id = auth.uid())"),), "public.members, whose policy own depends on the claims"),
+        ((policy("odd", "(public.f())", dependencies=("function public.f/0",)),), "policy odd cannot be rewritten"),
+    ],
+)
+def test_subqueries_into_tables_whose_policies_read_claims_go_per_identity(members, expected):
+    result = plan(
+        catalog(policy("member", MEMBER_SUBQUERY, relations=(MEMBERS,)), members=members), DOCS, "authenticated"
+    )
+    if expected is SetPlan:
+        assert isinstance(result, SetPlan)
+        assert f"m.user_id = {UID}" in result.query
+    else:
+        assert isinstance(result, PerIdentity) and expected in result.reason
+
+
+@pytest.mark.parametrize(
+    ("found", "reason"),
+    [
+        (policy("v", "(EXISTS ( SELECT 1 FROM public.teams_view))", relations=(TEAMS_VIEW,)), "not a table"),
+        (policy("r", "(random() < (0.5)::double precision)"), "random() is volatile"),
+        (policy("u", "(md5(title) = 'x'::text)"), "md5() is not a known built-in"),
+        (policy("f", "(public.ok(id))", dependencies=("function public.ok/1",)), "function public.ok/1"),
+        (policy("d", "(id = 1)", dependencies=("domain public.positive",)), "domain public.positive"),
+        (policy("s", "(auth.role() = 'admin'::text)"), "auth.role() does not exist"),
+    ],
+)
+def test_what_is_not_understood_goes_per_identity(found, reason):
+    result = plan(catalog(found), DOCS, "authenticated")
+    assert isinstance(result, PerIdentity)
+    assert reason in result.reason
+
+
+def test_a_column_with_the_reserved_prefix_goes_per_identity():
+    result = plan(catalog(policy("p", "(true)"), columns=("id", "__fluxrt_n")), DOCS, "authenticated")
+    assert isinstance(result, PerIdentity) and "__fluxrt_n" in result.reason

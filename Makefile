@@ -45,7 +45,7 @@ migrate: $(STAMP)
 	$(BIN)/fluxrt --config $(CONFIG) migrate
 
 pyz: $(STAMP)
-	packaging/build-pyz.sh $(BIN)/python
+	$(BIN)/python packaging/build_pyz.py --python $(BIN)/python
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info fluxrt.pyz .pytest_cache .ruff_cache

@@ -1,0 +1,37 @@
+# fluxrt.pyz's __main__: choose where shiv unpacks the bundled packages, then hand over to shiv's bootstrap.
+# shiv unpacks into $SHIV_ROOT, else ~/.shiv, and fails outright when that cannot be created (a read-only or
+# missing home under systemd's ProtectHome, a locked-down service account). Here ~/.shiv is used only when it is
+# writable; otherwise a private folder in the temporary directory.
+import os
+import stat
+import sys
+import tempfile
+
+
+def _writable(path):
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(path, os.W_OK | os.X_OK)
+
+
+def _private_temp():
+    path = os.path.join(tempfile.gettempdir(), f"fluxrt-shiv-{os.getuid()}")
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        info = os.lstat(path)
+    except OSError as exc:
+        sys.exit(f"fluxrt: cannot unpack: {path}: {exc.strerror}; set SHIV_ROOT to a writable directory")
+    # Someone else's folder (or a symlink) in a shared /tmp could hand us code to run: refuse it.
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o022:
+        sys.exit(f"fluxrt: refusing to unpack into {path}: not a private directory of this user; set SHIV_ROOT")
+    return path
+
+
+if not os.environ.get("SHIV_ROOT") and not _writable(os.path.expanduser("~/.shiv")):
+    os.environ["SHIV_ROOT"] = _private_temp()
+
+import _bootstrap  # noqa: E402
+
+_bootstrap.bootstrap()

@@ -1,0 +1,158 @@
+"""What ops teams install: the systemd unit passes systemd-analyze, and fluxrt.pyz runs air-gapped from an empty
+folder with nothing but Python: migrate, serve, deliver a change and a broadcast."""
+
+from __future__ import annotations
+
+import configparser
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import trio
+import yaml
+
+from fluxrt_trio import __version__
+from fluxrt_trio.config import RealtimeConfig
+
+from . import pg
+from .conftest import SECRET, connect, make_config, recv, send, subscribe, token
+from .process import FluxrtProcess
+
+ROOT = Path(__file__).resolve().parent.parent
+UNIT = ROOT / "packaging" / "fluxrt.service"
+
+
+def _unit() -> configparser.ConfigParser:
+    parser = configparser.ConfigParser(strict=False, interpolation=None)
+    parser.optionxform = str  # type: ignore[assignment,method-assign]
+    parser.read(UNIT)
+    return parser
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed on this host")
+def test_the_unit_file_passes_systemd_analyze_verify():
+    result = subprocess.run(["systemd-analyze", "verify", str(UNIT)], capture_output=True, text=True, timeout=60)
+    # verify exits 0 even for unknown keys: any output at all is a finding.
+    assert (result.returncode, result.stdout + result.stderr) == (0, "")
+
+
+def test_the_unit_is_hardened_and_reloads_with_sighup():
+    service = _unit()["Service"]
+    assert service["User"] == "fluxrt"
+    assert service["ProtectSystem"] == "strict"
+    assert service["NoNewPrivileges"] == "yes"
+    assert service["Restart"] == "on-failure"
+    assert "-HUP" in service["ExecReload"]
+    assert service["StateDirectory"] == "fluxrt"
+    assert "SHIV_ROOT=%S/fluxrt" in service["Environment"] or "SHIV_ROOT=%S/fluxrt" in UNIT.read_text()
+    assert service["EnvironmentFile"] == "/etc/fluxrt/fluxrt.env"
+    assert int(service["LimitNOFILE"]) > RealtimeConfig().max_connections + 100
+
+
+@pytest.fixture(scope="module")
+def pyz(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("build") / "fluxrt.pyz"
+    subprocess.run(
+        [sys.executable, str(ROOT / "packaging" / "build_pyz.py"), "--output", str(out)], check=True, timeout=600
+    )
+    return out
+
+
+def _host_python() -> str:
+    """A system Python of the minor version the pyz was built for, outside any virtual environment."""
+    for candidate in ("/usr/bin/python3", getattr(sys, "_base_executable", sys.executable)):
+        if not Path(candidate).exists():
+            continue
+        version = subprocess.run(
+            [candidate, "-c", "import sys; print(sys.version_info[:2])"], capture_output=True, text=True
+        ).stdout.strip()
+        if version == str(sys.version_info[:2]):
+            return candidate
+    raise AssertionError(f"no Python {sys.version_info[:2]} outside the virtual environment to run the pyz with")
+
+
+class _At:
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.config = make_config()
+
+
+async def test_the_pyz_migrates_serves_and_delivers_from_an_empty_folder_air_gapped(pyz, pg_admin, tmp_path, nursery):
+    folder = tmp_path / "empty"
+    folder.mkdir()
+    shutil.copy(pyz, folder / "fluxrt.pyz")
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    name = f"fluxrt_pyz_{os.getpid()}"
+    pg.run_sql(pg_admin, f"CREATE DATABASE {name}")
+    dsn = pg.with_database(pg_admin, name)
+    (folder / "fluxrt.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "server": {"host": "127.0.0.1", "port": 0},
+                "database": {"dsn": dsn, "poll_interval": "10ms", "migrate": False},
+                "log": {"format": "json"},
+            }
+        )
+    )
+    # Nothing but Python: no venv, no PYTHONPATH, no index to install from, and a home directory that cannot be
+    # written to even by root (/proc), so shiv must unpack elsewhere.
+    env = [
+        "env",
+        "-i",
+        "HOME=/proc/fluxrt-no-home",
+        "PIP_NO_INDEX=1",
+        f"TMPDIR={temp}",
+        f"FLUXRT_AUTH_JWT_SECRET={SECRET}",
+    ]
+    fluxrt = [*env, _host_python(), "fluxrt.pyz", "--config", "fluxrt.yaml"]
+
+    async def run(*args: str, expect: int = 0) -> str:
+        result = await trio.run_process(
+            [*fluxrt, *args], cwd=folder, capture_stdout=True, capture_stderr=True, check=False
+        )
+        output = (result.stdout + result.stderr).decode()
+        assert result.returncode == expect, output
+        return output
+
+    try:
+        assert (await run("--version")).strip() == f"fluxrt {__version__}"
+        assert "valid" in await run("check-config")
+        assert (await run("token", "--sub", "alice")).startswith("eyJ")
+        assert "applied: 0001_changefeed" in await run("migrate")
+        assert "already up to date" in await run("migrate")
+        assert list(temp.glob("fluxrt-shiv-*/fluxrt.pyz_*/site-packages/fluxrt_trio"))
+
+        pg.run_sql(
+            dsn,
+            "CREATE TABLE public.users (id serial PRIMARY KEY, name text);"
+            " GRANT SELECT ON public.users TO anon, authenticated;"
+            " SELECT enable_realtime('public.users');",
+        )
+        proc = FluxrtProcess(fluxrt, {}, cwd=folder)
+        try:
+            await proc.start(nursery)
+            await proc.wait_for("changefeed connected")
+            server = _At(proc.port)
+            async with connect(server, tok=token("alice")) as alice, connect(server, tok=token("bob")) as bob:
+                await subscribe(alice, "table:public.users")
+                await subscribe(alice, "broadcast:room")
+                await subscribe(bob, "broadcast:room")
+                await send(bob, type="broadcast", channel="broadcast:room", payload={"text": "hi"})
+                assert (await recv(alice))["payload"] == {"text": "hi"}
+                await trio.to_thread.run_sync(lambda: pg.run_sql(dsn, "INSERT INTO public.users (name) VALUES ('Ada')"))
+                change = await recv(alice)
+                assert (change["payload"]["type"], change["payload"]["record"]) == ("INSERT", {"id": 1, "name": "Ada"})
+            proc.signal(signal.SIGTERM)
+            assert await proc.wait() == 0
+        finally:
+            proc.kill()
+        broken = folder / "broken.yaml"
+        broken.write_text("realtime: {heartbeat_interval: soon}\n")
+        assert "heartbeat_interval" in await run("--config", str(broken), "check-config", expect=2)
+    finally:
+        pg.run_sql(pg_admin, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")

@@ -7,7 +7,7 @@ CONFIG ?= fluxrt.yaml
 # A development-only secret so that `make run` and `make token` work out of the box; real deployments set their own.
 DEV_SECRET ?= dev-only-secret-change-me-0123456789abcdef
 
-.PHONY: setup run test lint format token migrate bench-fanout bench-changes pyz clean
+.PHONY: setup run test lint format token migrate bench-fanout bench-changes bench-startup pyz clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,9 @@ bench-fanout: $(STAMP)
 
 bench-changes: $(STAMP)
 	$(BIN)/python bench/changes.py $(ARGS)
+
+bench-startup: $(STAMP)
+	$(BIN)/python bench/startup.py $(ARGS)
 
 migrate: $(STAMP)
 	$(BIN)/fluxrt --config $(CONFIG) migrate

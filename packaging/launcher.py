@@ -5,7 +5,6 @@
 import os
 import stat
 import sys
-import tempfile
 
 
 def _writable(path):
@@ -17,6 +16,8 @@ def _writable(path):
 
 
 def _private_temp():
+    import tempfile  # only here: it costs a noticeable part of a warm start
+
     path = os.path.join(tempfile.gettempdir(), f"fluxrt-shiv-{os.getuid()}")
     try:
         os.makedirs(path, mode=0o700, exist_ok=True)

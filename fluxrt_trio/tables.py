@@ -19,6 +19,7 @@ import trio
 from .hub import Hub
 from .postgres.bridge import Database, DatabaseUnavailable, describe, is_connection_error
 from .postgres.changefeed import Change, Window
+from .postgres.rls import RowSecurity
 from .protocol.channels import Channel
 from .protocol.filters import EVENTS, Filter, FilterError, parse_filter
 from .protocol.frames import text_frame
@@ -42,9 +43,6 @@ SELECT c.oid,
   FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
  WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')
 """
-
-_VISIBLE = "SELECT n, visible, readable, error FROM realtime.visible($1::oid, $2::jsonb, $3)"
-
 
 MERGE_LIMIT = 5000
 """changes at most in one delivery made of queued windows"""
@@ -82,10 +80,13 @@ class Verdict:
 class TableChannels:
     """Table subscriptions of one node: admission checks and delivery."""
 
-    def __init__(self, hub: Hub, database: Database, allowed_roles: Iterable[str]) -> None:
+    def __init__(
+        self, hub: Hub, database: Database, allowed_roles: Iterable[str], *, row_security: RowSecurity | None = None
+    ) -> None:
         self.hub = hub
         self.database = database
         self.allowed_roles = frozenset(allowed_roles)
+        self.row_security = row_security or RowSecurity()
         self.delivered = 0
 
     # ---- subscribe -----------------------------------------------------------------------------------------
@@ -269,10 +270,10 @@ class TableChannels:
         return {channel: plan for channel, plan in plans.items() if plan.images or plan.truncate_recipients}
 
     async def _authorize(self, plans: dict[str, _Plan]) -> dict[tuple[str, str], Verdict]:
-        """One crossing: `realtime.visible` for every table, in one REPEATABLE READ READ ONLY transaction, each
-        table in its own savepoint so that one table's failure costs only that table."""
+        """One crossing: every table's row-level security decided in one REPEATABLE READ READ ONLY transaction (one
+        snapshot), each table in its own savepoint so that one table's failure costs only that table."""
         calls = [
-            (channel, plan.relid, plan.identities_json(), dumps(plan.images).decode())
+            (channel, plan.relid, plan.identities(), dumps(plan.images).decode(), len(plan.images))
             for channel, plan in plans.items()
             if plan.images
         ]
@@ -282,10 +283,11 @@ class TableChannels:
         async def work(conn: asyncpg.Connection) -> list[tuple[str, list[Any] | str]]:
             results: list[tuple[str, list[Any] | str]] = []
             async with conn.transaction(isolation="repeatable_read", readonly=True):
-                for channel, relid, identities, images in calls:
+                await self.row_security.refresh(conn, [call[1] for call in calls])
+                for channel, relid, identities, images, n_images in calls:
                     try:
                         async with conn.transaction():
-                            rows = await conn.fetch(_VISIBLE, relid, identities, images)
+                            rows = await self.row_security.decide(conn, relid, identities, images, n_images)
                     except asyncpg.PostgresError as exc:
                         if is_connection_error(exc):
                             raise
@@ -298,7 +300,7 @@ class TableChannels:
         verdicts = {}
         for channel, rows in results:
             if isinstance(rows, str):
-                # realtime.visible failed for the whole table (dropped meanwhile, the function broken): nobody
+                # Authorization failed for the whole table (dropped meanwhile, the function broken): nobody
                 # may receive its changes unchecked.
                 log.error("authorizing changes failed", extra={"ctx_channel": channel, "ctx_error": rows})
                 self._tell(
@@ -386,10 +388,8 @@ class _Plan:
             self.identity_keys.append(key)
         return key
 
-    def identities_json(self) -> str:
-        return orjson.dumps(
-            [{"role": self._identities[k].role, "claims": self._identities[k].claims} for k in self.identity_keys]
-        ).decode()
+    def identities(self) -> list[tuple[str, dict[str, Any]]]:
+        return [(self._identities[k].role, self._identities[k].claims) for k in self.identity_keys]
 
 
 _keys: dict[int, tuple[Identity, str]] = {}

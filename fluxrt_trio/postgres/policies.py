@@ -35,6 +35,9 @@ SOURCE = RESERVED + "source"
 AUTH_FUNCTIONS = ("uid", "role", "jwt")
 CLAIMS = "claims"
 CLAIMS_SETTING = "request.jwt.claims"
+INDEX_KEY = RESERVED + "i"
+CLAIMS_KEY = RESERVED + CLAIMS
+"""the keys of one identity in the query's $1: its index and its claims"""
 
 # What deciding a policy for every identity at once may depend on, beyond the claims: functions in pg_catalog are
 # checked by name for volatility by the caller; objects outside it show up in pg_depend and are refused there.
@@ -388,7 +391,7 @@ def plan(catalog: Catalog, relid: int, role: str) -> SetPlan | PerIdentity:
     identity_columns: dict[str, str] = {}
     for name in sorted(uses):
         if name == CLAIMS:
-            identity_columns[name] = f"{SOURCE}.{RESERVED}{CLAIMS}::text"
+            identity_columns[name] = f"{SOURCE}.{CLAIMS_KEY}::text"
             continue
         function = catalog.auth.get(name)
         if function is None:
@@ -406,7 +409,7 @@ def plan(catalog: Catalog, relid: int, role: str) -> SetPlan | PerIdentity:
 
 
 def query(relation: Relation, identity_columns: Mapping[str, str], predicate: str) -> str:
-    """The query run as the role: $1 is a JSON array of {"i": index, "claims": {...}}, $2 the images as a JSON
+    """The query run as the role: $1 is a JSON array of {INDEX_KEY: index, CLAIMS_KEY: {...}}, $2 the images as a JSON
     array (text); it returns the matching (identity index, image index) pairs as two arrays."""
     alias = _quote(relation.name)
     target = f"{_quote(relation.schema)}.{alias}"
@@ -419,15 +422,15 @@ def query(relation: Relation, identity_columns: Mapping[str, str], predicate: st
     # columns, and its references to the table by name (from inside subqueries) meet the images.
     return (
         f"WITH {RESERVED}identities AS MATERIALIZED ("
-        f"SELECT {SOURCE}.{RESERVED}i{identity_list} "
-        f"FROM pg_catalog.jsonb_to_recordset($1::pg_catalog.jsonb) AS {SOURCE}({RESERVED}i integer, "
-        f"{RESERVED}{CLAIMS} pg_catalog.jsonb)), "
+        f"SELECT {SOURCE}.{INDEX_KEY}{identity_list} "
+        f"FROM pg_catalog.jsonb_to_recordset($1::pg_catalog.jsonb) AS {SOURCE}({INDEX_KEY} integer, "
+        f"{CLAIMS_KEY} pg_catalog.jsonb)), "
         f"{RESERVED}images AS MATERIALIZED ("
         f"SELECT {RESERVED}r.*, ({RESERVED}e.{RESERVED}ord - 1)::integer AS {RESERVED}n "
         f"FROM pg_catalog.jsonb_array_elements($2::pg_catalog.jsonb) WITH ORDINALITY "
         f"AS {RESERVED}e({RESERVED}img, {RESERVED}ord), "
         f"LATERAL (SELECT {columns} FROM pg_catalog.jsonb_populate_record(NULL::{target}, {RESERVED}e.{RESERVED}img) "
         f"AS {alias}) AS {RESERVED}r) "
-        f"SELECT pg_catalog.array_agg({IDENTITY}.{RESERVED}i), pg_catalog.array_agg({alias}.{RESERVED}n) "
+        f"SELECT pg_catalog.array_agg({IDENTITY}.{INDEX_KEY}), pg_catalog.array_agg({alias}.{RESERVED}n) "
         f"FROM {RESERVED}identities AS {IDENTITY} JOIN {RESERVED}images AS {alias} ON {predicate}"
     )

@@ -1,0 +1,273 @@
+"""Deciding which identities see which row images of a table: per role in one query where the policies can be
+rewritten (policies.py), one identity at a time (realtime.visible) where they cannot.
+
+Runs on the asyncio side, inside the caller's REPEATABLE READ READ ONLY transaction. Plans are cached per table and
+role, and dropped when a cheap catalog fingerprint, read once per call of `refresh`, changes (policies, row security
+switches, columns, the auth functions, role memberships, schemas), or when a planned query fails.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import asyncpg
+import attrs
+import orjson
+
+from .policies import CLAIMS_KEY, INDEX_KEY, AuthFunction, Catalog, PerIdentity, Policy, Relation, SetPlan, plan
+
+log = logging.getLogger("fluxrt.rls")
+
+Row = tuple[int, list[int] | None, list[str] | None, str | None]
+"""(identity index, visible image indexes or None, readable columns or None, error), as realtime.visible returns"""
+
+_PIN = "SELECT pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true)"
+
+# xmin changes whenever a catalog row is rewritten (in-place updates by VACUUM and ANALYZE leave it alone).
+_FINGERPRINT = """
+SELECT md5(coalesce(string_agg(x, ',' ORDER BY x), '')) FROM (
+    SELECT 'p' || oid || '.' || xmin FROM pg_policy
+    UNION ALL SELECT 'c' || oid || '.' || xmin FROM pg_class WHERE relrowsecurity OR oid = ANY($1::oid[])
+    UNION ALL SELECT 'a' || attrelid || '.' || attnum || '.' || xmin FROM pg_attribute
+               WHERE attrelid = ANY($1::oid[]) AND attnum > 0
+    UNION ALL SELECT 'd' || oid || '.' || xmin FROM pg_attrdef WHERE adrelid = ANY($1::oid[])
+    UNION ALL SELECT 'f' || p.oid || '.' || p.xmin FROM pg_proc p
+               WHERE p.pronamespace = (SELECT oid FROM pg_namespace WHERE nspname = 'auth')
+    UNION ALL SELECT 'm' || roleid || '.' || member || '.' || xmin FROM pg_auth_members
+    UNION ALL SELECT 'n' || oid || '.' || xmin FROM pg_namespace
+) f(x)
+"""
+
+# Objects of the built-in catalog (oid below FirstNormalObjectId) are judged by name in policies.py; anything else a
+# policy depends on is named here so that the plan can refuse it.
+_DEPENDENCIES = """
+ARRAY(SELECT CASE d.refclassid
+               WHEN 'pg_proc'::regclass THEN (SELECT 'function ' || n.nspname || '.' || p.proname || '/' || p.pronargs
+                                               FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+                                              WHERE p.oid = d.refobjid)
+               WHEN 'pg_operator'::regclass THEN 'operator ' || d.refobjid::regoperator::text
+               ELSE 'domain ' || d.refobjid::regtype::text END
+        FROM pg_depend d
+       WHERE d.classid = {cls}::regclass AND d.objid = {obj} AND d.refobjid >= 16384
+         AND (d.refclassid IN ('pg_proc'::regclass, 'pg_operator'::regclass)
+              OR (d.refclassid = 'pg_type'::regclass
+                  AND (SELECT typtype FROM pg_type WHERE oid = d.refobjid) = 'd')))
+"""
+
+_DESCRIBE = f"""
+SELECT c.oid, c.relkind::text, c.relrowsecurity, n.nspname::text, c.relname::text,
+       ARRAY(SELECT a.attname::text FROM pg_attribute a
+              WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum) AS columns,
+       ARRAY(SELECT ARRAY[a.attname::text, pg_get_expr(ad.adbin, ad.adrelid)]
+               FROM pg_attribute a JOIN pg_attrdef ad ON ad.adrelid = a.attrelid AND ad.adnum = a.attnum
+              WHERE a.attrelid = c.oid AND a.attgenerated <> '' AND NOT a.attisdropped) AS generated,
+       ARRAY(SELECT unnest({_DEPENDENCIES.format(cls="'pg_attrdef'", obj="ad.oid")})
+               FROM pg_attrdef ad WHERE ad.adrelid = c.oid) AS generated_dependencies,
+       (SELECT coalesce(jsonb_agg(jsonb_build_object(
+                  'name', p.polname, 'permissive', p.polpermissive, 'qual', pg_get_expr(p.polqual, p.polrelid),
+                  'roles', ARRAY(SELECT r FROM unnest($2::text[]) r
+                                  WHERE CASE WHEN NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = r) THEN false
+                                             ELSE p.polroles = '{{0}}'
+                                                  OR EXISTS (SELECT 1 FROM unnest(p.polroles) AS o(oid)
+                                                              WHERE o.oid <> 0 AND pg_has_role(r, o.oid, 'USAGE'))
+                                        END),
+                  'dependencies', {_DEPENDENCIES.format(cls="'pg_policy'", obj="p.oid")},
+                  'relations', ARRAY(SELECT DISTINCT d.refobjid FROM pg_depend d
+                                      WHERE d.classid = 'pg_policy'::regclass AND d.objid = p.oid
+                                        AND d.refclassid = 'pg_class'::regclass AND d.refobjid <> p.polrelid))),
+                  '[]')
+          FROM pg_policy p
+         WHERE p.polrelid = c.oid AND p.polcmd IN ('r', '*') AND p.polqual IS NOT NULL) AS policies
+  FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+ WHERE c.oid = ANY($1::oid[])
+"""
+
+_AUTH = """
+SELECT p.proname::text, l.lanname::text, p.provolatile::text, coalesce(p.prosrc, ''),
+       format_type(p.prorettype, NULL), p.proconfig IS NOT NULL
+  FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace JOIN pg_language l ON l.oid = p.prolang
+ WHERE n.nspname = 'auth' AND p.proname IN ('uid', 'role', 'jwt') AND p.pronargs = 0
+"""
+
+_BUILTINS = """
+SELECT proname::text, bool_or(provolatile = 'v') FROM pg_proc
+ WHERE pronamespace = 'pg_catalog'::regnamespace GROUP BY proname
+"""
+
+_VISIBLE = "SELECT n, visible, readable, error FROM realtime.visible($1::oid, $2::jsonb, $3)"
+_VISIBLE_SETS = (
+    "SELECT r, readable, everything, identity, image, error FROM realtime.visible_sets($1::oid, $2::jsonb, $3)"
+)
+
+
+@attrs.define
+class Statistics:
+    set_based: int = 0
+    """role evaluations decided by one query"""
+    per_identity: int = 0
+    """identities decided one at a time"""
+
+
+class RowSecurity:
+    """Plans and runs the visibility decisions. `set_based=False` decides everything per identity (benchmarks and
+    the agreement test compare both)."""
+
+    def __init__(self, *, set_based: bool = True) -> None:
+        self.set_based = set_based
+        self._fingerprint: str | None = None
+        self._relations: dict[int, Relation] = {}
+        self._roles: dict[int, set[str]] = {}
+        """roles each described relation's policies were asked about"""
+        self._auth: dict[str, AuthFunction] = {}
+        self._volatile: frozenset[str] = frozenset()
+        self._stable: frozenset[str] = frozenset()
+        self._plans: dict[tuple[int, str], SetPlan | PerIdentity] = {}
+        self._told: set[tuple[int, str, str]] = set()
+        self.statistics = Statistics()
+
+    async def refresh(self, conn: asyncpg.Connection, relids: Sequence[int]) -> None:
+        """Forget the plans if the catalog changed. Call once per transaction, before `decide`."""
+        if not self.set_based:
+            return
+        await conn.execute(_PIN)
+        fingerprint = await conn.fetchval(_FINGERPRINT, list(relids))
+        if fingerprint != self._fingerprint:
+            self._fingerprint = fingerprint
+            self._relations.clear()
+            self._roles.clear()
+            self._plans.clear()
+            self._auth = {
+                name: AuthFunction(name, language, volatility, body, returns, configured)
+                for name, language, volatility, body, returns, configured in await conn.fetch(_AUTH)
+            }
+        if not self._stable and not self._volatile:
+            rows = await conn.fetch(_BUILTINS)
+            self._volatile = frozenset(name for name, volatile in rows if volatile)
+            self._stable = frozenset(name for name, volatile in rows if not volatile)
+
+    async def decide(
+        self,
+        conn: asyncpg.Connection,
+        relid: int,
+        identities: Sequence[tuple[str, dict[str, Any]]],
+        images: str,
+        n_images: int,
+    ) -> list[Row]:
+        """One row per identity (role, claims), in order, for `n_images` images (a JSON array, as text). Run it in
+        a savepoint: errors of the whole table (dropped meanwhile, a lost connection) raise; a policy's error for
+        some identities is in their rows."""
+        by_role: dict[str, list[int]] = {}
+        for n, (role, _claims) in enumerate(identities):
+            by_role.setdefault(role, []).append(n)
+        plans: dict[str, SetPlan] = {}
+        if self.set_based:
+            await self._describe(conn, relid, list(by_role))
+            for role in by_role:
+                chosen = self._plan(relid, role)
+                if isinstance(chosen, SetPlan):
+                    plans[role] = chosen
+        rows: dict[int, Row] = {}
+        if plans:
+            roles = list(plans)
+            payload = [
+                {
+                    "role": role,
+                    "query": plans[role].query,
+                    "identities": [{INDEX_KEY: n, CLAIMS_KEY: identities[n][1]} for n in by_role[role]],
+                }
+                for role in roles
+            ]
+            results = await conn.fetch(_VISIBLE_SETS, relid, orjson.dumps(payload).decode(), images)
+            for r, readable, everything, identity, image, error in results:
+                role = roles[r]
+                if error is not None:
+                    # The policy raised (for some identity, or a change of the catalog made the query stale):
+                    # those identities are decided one at a time, which confines the error to whom it concerns.
+                    log.info(
+                        "a set-based policy query failed; deciding its identities one at a time",
+                        extra={"ctx_relid": relid, "ctx_role": role, "ctx_error": error},
+                    )
+                    self._plans.pop((relid, role), None)
+                    self._fingerprint = None
+                    continue
+                members = by_role[role]
+                self.statistics.set_based += 1
+                if readable is None:
+                    rows.update((n, (n, None, None, None)) for n in members)
+                    continue
+                if everything:
+                    rows.update((n, (n, list(range(n_images)), readable, None)) for n in members)
+                    continue
+                seen: dict[int, list[int]] = {n: [] for n in members}
+                for i, n in zip(identity or (), image or (), strict=True):
+                    seen[i].append(n)
+                rows.update((n, (n, sorted(seen[n]), readable, None)) for n in members)
+        rest = [n for n in range(len(identities)) if n not in rows]
+        if rest:
+            self.statistics.per_identity += len(rest)
+            subset = orjson.dumps([{"role": identities[n][0], "claims": identities[n][1]} for n in rest]).decode()
+            for k, visible, readable, error in await conn.fetch(_VISIBLE, relid, subset, images):
+                rows[rest[k]] = (rest[k], visible, readable, error)
+        return [rows[n] for n in range(len(identities))]
+
+    async def _describe(self, conn: asyncpg.Connection, relid: int, roles: list[str]) -> None:
+        known = self._roles.get(relid)
+        if known is not None and known.issuperset(roles):
+            return
+        wanted = sorted(set(roles) | (known or set()))
+        todo = [relid]
+        while todo:
+            rows = await conn.fetch(_DESCRIBE, todo, wanted)
+            todo = []
+            for row in rows:
+                relation = _relation(row)
+                self._relations[relation.oid] = relation
+                self._roles[relation.oid] = set(wanted)
+                for policy in relation.policies:
+                    todo.extend(o for o in policy.relations if o not in self._relations and o not in todo)
+        self._plans = {key: value for key, value in self._plans.items() if key[0] != relid}
+
+    def _plan(self, relid: int, role: str) -> SetPlan | PerIdentity:
+        chosen = self._plans.get((relid, role))
+        if chosen is None:
+            catalog = Catalog(self._relations, self._auth, self._volatile, self._stable)
+            chosen = self._plans[(relid, role)] = plan(catalog, relid, role)
+            if isinstance(chosen, PerIdentity) and (relid, role, chosen.reason) not in self._told:
+                self._told.add((relid, role, chosen.reason))
+                relation = self._relations[relid]
+                log.info(
+                    "row-level security for this table and role is decided one identity at a time",
+                    extra={
+                        "ctx_table": f"{relation.schema}.{relation.name}",
+                        "ctx_role": role,
+                        "ctx_reason": chosen.reason,
+                    },
+                )
+        return chosen
+
+
+def _relation(row: asyncpg.Record) -> Relation:
+    policies = tuple(
+        Policy(
+            name=p["name"],
+            permissive=p["permissive"],
+            qual=p["qual"],
+            dependencies=tuple(d for d in p["dependencies"] if d is not None),
+            relations=tuple(int(o) for o in p["relations"]),
+            roles=frozenset(p["roles"]),
+        )
+        for p in orjson.loads(row["policies"])
+    )
+    return Relation(
+        oid=row["oid"],
+        kind=row["relkind"],
+        row_security=row["relrowsecurity"],
+        schema=row["nspname"],
+        name=row["relname"],
+        columns=tuple(row["columns"]),
+        generated={name: expr for name, expr in row["generated"]},
+        generated_dependencies=tuple(d for d in row["generated_dependencies"] if d is not None),
+        policies=policies,
+    )

@@ -1,8 +1,10 @@
 """Table channels: the checks a `table:` subscribe needs, and delivery of change windows to subscribers.
 
-Per window, one crossing into the database decides, for every table with subscribers here, which identities may
-see which row images (`realtime.visible`). `event` and `filter` options are applied first, so filtered-out
-subscribers cost nothing. Every frame is encoded once per change and column set, then handed to each recipient.
+Each table is delivered in its own lane, so that one table's authorization never holds back another's changes. Per
+lane, the windows that queued up meanwhile are decided together in one crossing into the database, which tells which
+identities may see which row images (postgres/rls.py: one query per role where the policies allow it). `event` and
+`filter` options are applied first, so filtered-out subscribers cost nothing. Every frame is encoded once per change
+and column set, then handed to each recipient.
 """
 
 from __future__ import annotations
@@ -45,7 +47,10 @@ SELECT c.oid,
 """
 
 MERGE_LIMIT = 5000
-"""changes at most in one delivery made of queued windows"""
+"""changes at most in one delivery of a table's queued windows"""
+LANE_LIMIT = 100_000
+"""changes a table may have waiting for delivery; beyond it they are dropped and its subscribers told to refetch,
+rather than holding back the changefeed and with it every other table"""
 YIELD_EVERY = 256
 """changes delivered between two yields to the scheduler"""
 
@@ -147,42 +152,66 @@ class TableChannels:
     # ---- delivery ------------------------------------------------------------------------------------------
 
     async def run(self, windows: trio.MemoryReceiveChannel[Window]) -> None:
-        """Deliver windows as the changefeed produces them, in order."""
-        async for first in windows:
-            # Windows that queued up while the previous one was being delivered go out together: one
-            # authorization round trip for all of them instead of one each, so delivery catches up instead of
-            # falling further behind the 10 ms reads.
-            batch = [first]
-            size = len(first.changes)
-            while size < MERGE_LIMIT:
-                try:
-                    window = windows.receive_nowait()
-                except trio.WouldBlock:
-                    break
-                batch.append(window)
-                size += len(window.changes)
-            window = (
-                batch[0]
-                if len(batch) == 1
-                else Window([change for w in batch for change in w.changes], missed=any(w.missed for w in batch))
-            )
-            try:
-                await self.deliver(window)
-            except Exception:
-                # A fault of ours must not stop delivery for everyone; the affected subscribers are told.
-                log.exception("delivering a window failed")
-                self._changes_missed("an internal error lost changes on this table; refetch what you show")
+        """Deliver windows as the changefeed produces them: each table in its own lane, in order within it, so
+        that a table whose policies are slow to decide delays only its own subscribers."""
+        lanes: dict[str, _Lane] = {}
+        async with trio.open_nursery() as nursery:
+            async for window in windows:
+                if window.missed:
+                    self._changes_missed(
+                        "changes on this table were lost while fluxrt could not reach the database for longer than "
+                        "the change log's retention; refetch what you show"
+                    )
+                for change in window.changes:
+                    channel = f"table:{change.schema}.{change.table}"
+                    lane = lanes.get(channel)
+                    if lane is None:
+                        lane = lanes[channel] = _Lane()
+                        nursery.start_soon(self._drive, channel, lane)
+                    lane.pending.append(change)
+                for channel, lane in lanes.items():
+                    if len(lane.pending) > LANE_LIMIT:
+                        lost = len(lane.pending)
+                        lane.pending.clear()
+                        log.warning(
+                            "a table's deliveries fell too far behind; its subscribers are told to refetch",
+                            extra={"ctx_channel": channel, "ctx_dropped": lost},
+                        )
+                        self._tell(
+                            self.hub.subscribers(channel),  # type: ignore[arg-type]
+                            channel,
+                            ErrorCode.CHANGES_MISSED,
+                            "changes to this table could not be authorized fast enough; refetch what you show",
+                        )
+                    if lane.pending:
+                        lane.ready.set()
 
-    async def deliver(self, window: Window) -> None:
-        if window.missed:
-            self._changes_missed(
-                "changes on this table were lost while fluxrt could not reach the database for longer than the "
-                "change log's retention; refetch what you show"
-            )
-        plans = self._plan(window.changes)
+    async def _drive(self, channel: str, lane: _Lane) -> None:
+        while True:
+            await lane.ready.wait()
+            lane.ready = trio.Event()
+            while lane.pending:
+                # What queued up while the previous batch was being delivered goes out together: one
+                # authorization round trip instead of one per window, so delivery catches up with the reads.
+                changes, lane.pending = lane.pending[:MERGE_LIMIT], lane.pending[MERGE_LIMIT:]
+                try:
+                    await self.deliver(changes)
+                except Exception:
+                    # A fault of ours must not stop delivery; the affected subscribers are told.
+                    log.exception("delivering a window failed", extra={"ctx_channel": channel})
+                    self._tell(
+                        self.hub.subscribers(channel),  # type: ignore[arg-type]
+                        channel,
+                        ErrorCode.CHANGES_MISSED,
+                        "an internal error lost changes on this table; refetch what you show",
+                    )
+
+    async def deliver(self, changes: list[Change]) -> None:
+        """Authorize and deliver `changes` (of one table, or several: one database crossing decides them all)."""
+        plans = self._plan(changes)
         verdicts = await self._authorize(plans) if plans else {}
         frames: dict[tuple[int, tuple[str, ...] | None], bytes] = {}
-        for index, change in enumerate(window.changes):
+        for index, change in enumerate(changes):
             if index and index % YIELD_EVERY == 0:
                 # Let the frames queued so far reach the kernel, so a long window to a fast reader never piles up
                 # in its outbox as if it were a slow consumer.
@@ -366,6 +395,12 @@ class TableChannels:
         frame = text_frame(encode(Error(code, message, channel=channel)))
         for subscriber in recipients:
             subscriber.deliver_nowait(frame)
+
+
+@attrs.define
+class _Lane:
+    pending: list[Change] = attrs.field(factory=list)
+    ready: trio.Event = attrs.field(factory=trio.Event)
 
 
 @attrs.define

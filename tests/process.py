@@ -11,6 +11,8 @@ from typing import Any
 import orjson
 import trio
 
+from fluxrt_trio.config import Config
+
 
 class FluxrtProcess:
     """Run `argv` (a fluxrt command logging JSON to stderr) in the caller's nursery; look at its log as it grows."""
@@ -80,3 +82,11 @@ class FluxrtProcess:
     def kill(self) -> None:
         if self._process is not None and self._process.poll() is None:
             self._process.kill()
+
+
+class Remote:
+    """Enough of a Server for the client helpers in conftest.py, for a server running in another process."""
+
+    def __init__(self, port: int, config: Config | None = None) -> None:
+        self.port = port
+        self.config = config if config is not None else Config()

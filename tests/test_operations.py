@@ -16,19 +16,11 @@ from trio_websocket import ConnectionClosed
 
 from fluxrt_trio.auth import mint
 
-from .conftest import connect, http_get, make_config, recv, request, send, subscribe
-from .process import FluxrtProcess
+from .conftest import connect, http_get, recv, request, send, subscribe
+from .process import FluxrtProcess, Remote
 
 SECRET_A = "secret-a-" + "a" * 40
 SECRET_B = "secret-b-" + "b" * 40
-
-
-class _At:
-    """Enough of a Server for the client helpers, for a server running in another process."""
-
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.config = make_config()
 
 
 def _write(path: Path, config: dict[str, Any]) -> None:
@@ -62,7 +54,7 @@ async def test_sighup_reload_keeps_connections_and_rotates_keys_and_logs_what_it
         )
         await proc.wait_for("database unreachable; changes will be read when it is back", after=seen)
         await proc.wait_for("changefeed connected", after=seen)
-        server = _At(proc.port)
+        server = Remote(proc.port)
         before = mint(SECRET_A, "alice")
         async with connect(server, tok=before) as ws:
             await subscribe(ws, "broadcast:one")
@@ -143,7 +135,7 @@ async def test_sigterm_while_the_database_is_away_still_stops(pg_admin, tmp_path
     try:
         await proc.start(nursery)
         await proc.wait_for("database unavailable at start-up; retrying")
-        assert (await http_get(_At(proc.port), "/health"))[0] == 503
+        assert (await http_get(Remote(proc.port), "/health"))[0] == 503
         proc.signal(signal.SIGTERM)
         assert await proc.wait() == 0
     finally:

@@ -19,8 +19,8 @@ from fluxrt_trio import __version__
 from fluxrt_trio.config import RealtimeConfig
 
 from . import pg
-from .conftest import SECRET, connect, make_config, recv, send, subscribe, token
-from .process import FluxrtProcess
+from .conftest import SECRET, connect, recv, send, subscribe, token
+from .process import FluxrtProcess, Remote
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "packaging" / "fluxrt.service"
@@ -73,12 +73,6 @@ def _host_python() -> str:
         if version == str(sys.version_info[:2]):
             return candidate
     raise AssertionError(f"no Python {sys.version_info[:2]} outside the virtual environment to run the pyz with")
-
-
-class _At:
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.config = make_config()
 
 
 async def test_the_pyz_migrates_serves_and_delivers_from_an_empty_folder_air_gapped(pyz, pg_admin, tmp_path, nursery):
@@ -137,7 +131,7 @@ async def test_the_pyz_migrates_serves_and_delivers_from_an_empty_folder_air_gap
         try:
             await proc.start(nursery)
             await proc.wait_for("changefeed connected")
-            server = _At(proc.port)
+            server = Remote(proc.port)
             async with connect(server, tok=token("alice")) as alice, connect(server, tok=token("bob")) as bob:
                 await subscribe(alice, "table:public.users")
                 await subscribe(alice, "broadcast:room")

@@ -14,7 +14,8 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed
 
-from .conftest import SECRET, connect, http_get, make_config, random_key, raw_connect, subscribe, token
+from .conftest import SECRET, connect, http_get, random_key, raw_connect, subscribe, token
+from .process import Remote
 
 
 async def test_shutdown_closes_every_connection_with_1001_and_refuses_handshakes_503(start_server):
@@ -75,7 +76,7 @@ async def test_sigterm_drains_and_exits_0_and_logs_hold_no_token(tmp_path):
         stderr=subprocess.PIPE,
         env=env,
     )
-    server_like = _ServerLike(port)
+    server_like = Remote(port)
     try:
         with trio.fail_after(15):
             while True:
@@ -106,11 +107,3 @@ async def test_sigterm_drains_and_exits_0_and_logs_hold_no_token(tmp_path):
     assert any(line["msg"] == "refused token" for line in lines)
     for secret in (good, bad, good.split(".")[2], bad.split(".")[2]):
         assert secret not in stderr
-
-
-class _ServerLike:
-    """Enough of a Server for the client helpers, for a server running in another process."""
-
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.config = make_config()

@@ -10,7 +10,7 @@ and column set, then handed to each recipient.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any, Protocol
 
 import asyncpg
@@ -27,7 +27,7 @@ from .protocol.filters import EVENTS, Filter, FilterError, parse_filter
 from .protocol.frames import text_frame
 from .protocol.identity import Identity
 from .protocol.messages import Error, ErrorCode, Subscribe, encode
-from .protocol.rows import dumps
+from .protocol.rows import as_decimal, dumps
 from .protocol.session import Subscription
 
 log = logging.getLogger("fluxrt.tables")
@@ -273,7 +273,7 @@ class TableChannels:
                 members: list[TableSubscriber] = self.hub.subscribers(channel)  # type: ignore[assignment]
                 if not members:
                     continue
-                plan = plans[channel] = _Plan(change.relid, members)
+                plan = plans[channel] = _Plan(change.relid, members, _FilterIndex(channel, members))
             if change.op == "TRUNCATE":
                 plan.truncate_recipients = [
                     (s, sub)
@@ -282,13 +282,11 @@ class TableChannels:
                 ]
                 continue
             image = change.old if change.op == "DELETE" else change.new
-            candidates = []
-            for subscriber in plan.members:
-                sub = subscriber.subscription(channel)
-                identity = subscriber.identity
-                if sub is None or identity is None or not _wants(sub, change.op, image):
-                    continue
-                candidates.append((subscriber, plan.identity(identity), sub))
+            candidates = [
+                (subscriber, plan.identity(identity), sub)
+                for subscriber, sub, identity in plan.index.candidates(image)
+                if _wants(sub, change.op, image)
+            ]
             if candidates:
                 plan.candidates[index] = candidates
                 plan.image_index[index] = len(plan.images)
@@ -403,10 +401,74 @@ class _Lane:
     ready: trio.Event = attrs.field(factory=trio.Event)
 
 
+class _FilterIndex:
+    """A table's subscriptions by filter: `column=eq.value` and `in` are found by looking the row's value up, so a
+    change costs its matching subscribers, not one check per subscriber of the table. What the index finds is still
+    checked with the filter itself; it only narrows."""
+
+    def __init__(self, channel: str, members: list[TableSubscriber]) -> None:
+        self.unfiltered: list[tuple[TableSubscriber, Subscription, Identity]] = []
+        self.scanned: list[tuple[TableSubscriber, Subscription, Identity]] = []
+        self.by_value: dict[str, dict[tuple[str, Any], list[tuple[TableSubscriber, Subscription, Identity]]]] = {}
+        for subscriber in members:
+            sub = subscriber.subscription(channel)
+            identity = subscriber.identity
+            if sub is None or identity is None:
+                continue
+            entry = (subscriber, sub, identity)
+            if sub.filter is None:
+                self.unfiltered.append(entry)
+                continue
+            try:
+                flt = _filter(sub.filter)
+            except FilterError:
+                self.scanned.append(entry)
+                continue
+            if flt.op not in ("eq", "in"):
+                self.scanned.append(entry)
+                continue
+            values = flt.value if isinstance(flt.value, tuple) else (flt.value,)
+            column = self.by_value.setdefault(flt.column, {})
+            for key in {key for value in values for key in _filter_keys(value)}:
+                column.setdefault(key, []).append(entry)
+
+    def candidates(self, image: dict[str, Any] | None) -> Iterator[tuple[TableSubscriber, Subscription, Identity]]:
+        yield from self.unfiltered
+        if image is not None:
+            for column, table in self.by_value.items():
+                if column in image:
+                    key = _value_key(image[column])
+                    if key is not None:
+                        yield from table.get(key, ())
+        yield from self.scanned
+
+
+def _value_key(value: Any) -> tuple[str, Any] | None:
+    """What a row's value is equal to, in the terms of filters.py: booleans, strings, and numbers by value."""
+    if isinstance(value, bool):
+        return ("b", value)
+    if isinstance(value, str):
+        return ("s", value)
+    number = as_decimal(value)
+    return ("n", number) if number is not None else None
+
+
+def _filter_keys(text: str) -> list[tuple[str, Any]]:
+    """Every `_value_key` that a filter's value text is equal to."""
+    keys: list[tuple[str, Any]] = [("s", text)]
+    if text in ("true", "false"):
+        keys.append(("b", text == "true"))
+    number = as_decimal(text)
+    if number is not None:
+        keys.append(("n", number))
+    return keys
+
+
 @attrs.define
 class _Plan:
     relid: int
     members: list[TableSubscriber]
+    index: _FilterIndex
     images: list[dict[str, Any] | None] = attrs.field(factory=list)
     image_index: dict[int, int] = attrs.field(factory=dict)
     old_index: dict[int, int] = attrs.field(factory=dict)

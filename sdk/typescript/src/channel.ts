@@ -30,6 +30,8 @@ export interface ChannelHost {
   /** Send now; the returned promise settles with the server's ack or error for `message.ref`. */
   request(message: ClientMessage & { ref: string }): Promise<void>
   ensureConnected(): void
+  /** The channel ended (CLOSED): a later channel(name) makes a new one. */
+  forget(channel: RealtimeChannel<any, any, any>): void
 }
 
 interface Deferred<T> {
@@ -301,6 +303,7 @@ export class RealtimeChannel<R = Row, B = unknown, S = Record<string, unknown>> 
       if (effect.status === 'CLOSED' || this.machine.phase === 'errored') {
         this.settle(effect.error ?? new RealtimeError('CLOSED', `${this.name} was unsubscribed`, this.name))
       }
+      if (effect.status === 'CLOSED') this.host.forget(this)
       for (const callback of this.statusCallbacks) invoke(callback, effect.status, effect.error)
     }
     return replies

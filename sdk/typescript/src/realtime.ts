@@ -102,7 +102,7 @@ export class RealtimeClient {
   private closeWaiters: (() => void)[] = []
   private socket: WebSocketLike | undefined
   private token: string | undefined
-  /** The token the current socket connected with (or last sent with `auth`). */
+  /** The token the server accepted last on the current socket: in its URL, or acknowledged after `auth`. */
   private socketToken: string | undefined
   private state: ConnectionState = 'CLOSED'
   /** The user wants a connection: connect() or a subscribe, until disconnect() or a close not to retry. */
@@ -145,12 +145,15 @@ export class RealtimeClient {
       nextRef: () => String(++this.refs),
       request: (message) => this.request(message),
       ensureConnected: () => this.connect(),
+      forget: (channel) => {
+        if (this.channels.get(channel.name) === channel) this.channels.delete(channel.name)
+      },
     }
   }
 
   /**
-   * The channel named `name` (`table:public.users`, `presence:lobby`, `broadcast:chat`). Asking again for a channel
-   * that is still open returns the same object; table channels take `{ event, filter }`.
+   * The channel named `name` (`table:public.users`, `presence:lobby`, `broadcast:chat`). Asking again before it
+   * ended (unsubscribed) returns the same object; table channels take `{ event, filter }`.
    */
   channel<R = Row, B = unknown, S = Record<string, unknown>>(
     name: string,
@@ -161,7 +164,7 @@ export class RealtimeClient {
       throw new TypeError(`channel(${JSON.stringify(name)}, options): event and filter apply to table: channels only`)
     }
     const existing = this.channels.get(name)
-    if (existing !== undefined && existing.state !== 'closed') {
+    if (existing !== undefined) {
       if (existing.options.event !== options.event || existing.options.filter !== options.filter) {
         throw new TypeError(
           `${name} is already open on this client with other options; the server keeps one subscription per ` +
@@ -175,16 +178,17 @@ export class RealtimeClient {
     return channel
   }
 
-  /** The channels that are not closed. */
+  /** The channels made and not yet ended. */
   getChannels(): RealtimeChannel<any, any, any>[] {
-    return [...this.channels.values()].filter((channel) => channel.state !== 'closed')
+    return [...this.channels.values()]
   }
 
+  /** Unsubscribe `channel` and forget it. */
   async removeChannel(channel: RealtimeChannel<any, any, any>): Promise<void> {
     try {
       await channel.unsubscribe()
     } finally {
-      if (this.channels.get(channel.name) === channel) this.channels.delete(channel.name)
+      this.host.forget(channel)
     }
   }
 
@@ -295,7 +299,10 @@ export class RealtimeClient {
     this.heartbeatTimer = setInterval(() => this.heartbeat(socket), this.heartbeatIntervalMs)
     // A token set while this connection was being made: the server must hear it before anything else.
     if (this.token !== undefined && this.token !== this.socketToken) {
-      this.sendAuth().catch((error: unknown) => this.emitError(error as Error))
+      this.sendAuth().catch((error: RealtimeError) => {
+        // A lost connection speaks for itself (the state change); a refused token is worth telling.
+        if (error.code !== 'DISCONNECTED') this.emitError(error)
+      })
     }
     for (const channel of [...this.channels.values()]) channel._socketOpened()
   }
@@ -403,14 +410,21 @@ export class RealtimeClient {
       for (const channel of [...this.channels.values()]) channel._interrupted(error)
       this.setState({ state: 'CLOSED', code, reason, waitingForToken: true })
     }
-    if (refresh === undefined) {
+    // The token the server refused is the one this connection was made with (or last sent with `auth`).
+    const refused = this.socketToken
+    const replaced = this.token !== undefined && this.token !== refused
+    if (refresh === undefined && !replaced) {
       wait()
       return
     }
     const delayMs = backoffDelay(this.attempt, this.reconnect || DEFAULT_RECONNECT)
     this.attempt += 1
     this.setState({ state: 'CLOSED', code, reason, reconnectInMs: delayMs })
-    const refused = this.token
+    if (replaced || refresh === undefined) {
+      // A new token arrived meanwhile (setAuth, or the refresh ahead of expiry): reconnect with it.
+      this.reconnectTimer = setTimeout(() => this.open(), delayMs)
+      return
+    }
     Promise.resolve()
       .then(refresh)
       .then(
@@ -452,8 +466,11 @@ export class RealtimeClient {
 
   private sendAuth(): Promise<void> {
     const token = this.token as string
-    this.socketToken = token
-    return this.request({ type: 'auth', token, ref: this.host.nextRef() })
+    const accepted = this.request({ type: 'auth', token, ref: this.host.nextRef() }).then(() => {
+      this.socketToken = token
+    })
+    accepted.catch(() => {})
+    return accepted
   }
 
   /** Settle the request `ref` if one waits; returns whether one did. */

@@ -7,7 +7,7 @@ CONFIG ?= fluxrt.yaml
 # A development-only secret so that `make run` and `make token` work out of the box; real deployments set their own.
 DEV_SECRET ?= dev-only-secret-change-me-0123456789abcdef
 
-.PHONY: setup run test lint format token migrate bench-fanout bench-changes bench-startup pyz clean
+.PHONY: setup run test lint format token migrate bench-fanout bench-changes bench-rls bench-startup pyz clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,9 @@ bench-fanout: $(STAMP)
 bench-changes: $(STAMP)
 	$(BIN)/python bench/changes.py $(ARGS)
 
+bench-rls: $(STAMP)
+	$(BIN)/python bench/rls.py $(ARGS)
+
 bench-startup: $(STAMP)
 	$(BIN)/python bench/startup.py $(ARGS)
 
@@ -48,7 +51,7 @@ migrate: $(STAMP)
 	$(BIN)/fluxrt --config $(CONFIG) migrate
 
 pyz: $(STAMP)
-	$(BIN)/python packaging/build_pyz.py --python $(BIN)/python
+	$(BIN)/python packaging/build_pyz.py --python $(BIN)/python --also-next
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info fluxrt.pyz .pytest_cache .ruff_cache

@@ -6,6 +6,9 @@ import os
 import stat
 import sys
 
+SUPPORTED = ()
+"""(major, minor) versions whose extension modules the pyz holds; filled in by build_pyz.py"""
+
 
 def _writable(path):
     try:
@@ -29,6 +32,13 @@ def _private_temp():
         sys.exit(f"fluxrt: refusing to unpack into {path}: not a private directory of this user; set SHIV_ROOT")
     return path
 
+
+if SUPPORTED and sys.version_info[:2] not in SUPPORTED:
+    _built_for = ", ".join(f"{major}.{minor}" for major, minor in SUPPORTED)
+    sys.exit(
+        f"fluxrt: this fluxrt.pyz runs on Python {_built_for}, not on {sys.version_info[0]}.{sys.version_info[1]} "
+        f"({sys.executable}): run it with one of those, or build one for this Python (packaging/INSTALL.md)"
+    )
 
 if not os.environ.get("SHIV_ROOT") and not _writable(os.path.expanduser("~/.shiv")):
     os.environ["SHIV_ROOT"] = _private_temp()

@@ -4,12 +4,14 @@ folder with nothing but Python: migrate, serve, deliver a change and a broadcast
 from __future__ import annotations
 
 import configparser
+import importlib.util
 import os
 import shutil
 import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import trio
@@ -53,35 +55,55 @@ def test_the_unit_is_hardened_and_reloads_with_sighup():
     assert int(service["LimitNOFILE"]) > RealtimeConfig().max_connections + 100
 
 
+def _load_build_pyz() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("build_pyz", ROOT / "packaging" / "build_pyz.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+build_pyz = _load_build_pyz()
+NEXT_MINOR = build_pyz.next_minor(sys.executable)
+
+
 @pytest.fixture(scope="module")
 def pyz(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The pyz as `make pyz` builds it: for this Python, and the next minor version's where one is installed."""
     out = tmp_path_factory.mktemp("build") / "fluxrt.pyz"
-    subprocess.run(
-        [sys.executable, str(ROOT / "packaging" / "build_pyz.py"), "--output", str(out)], check=True, timeout=600
-    )
+    build = [sys.executable, str(ROOT / "packaging" / "build_pyz.py"), "--also-next", "--output", str(out)]
+    subprocess.run(build, check=True, timeout=600)
     return out
 
 
 def _host_python() -> str:
     """A system Python of the minor version the pyz was built for, outside any virtual environment."""
     for candidate in ("/usr/bin/python3", getattr(sys, "_base_executable", sys.executable)):
-        if not Path(candidate).exists():
-            continue
-        version = subprocess.run(
-            [candidate, "-c", "import sys; print(sys.version_info[:2])"], capture_output=True, text=True
-        ).stdout.strip()
-        if version == str(sys.version_info[:2]):
+        if Path(candidate).exists() and build_pyz._version(candidate) == sys.version_info[:2]:
             return candidate
     raise AssertionError(f"no Python {sys.version_info[:2]} outside the virtual environment to run the pyz with")
 
 
-async def test_the_pyz_migrates_serves_and_delivers_from_an_empty_folder_air_gapped(pyz, pg_admin, tmp_path, nursery):
+INTERPRETERS = [
+    pytest.param(_host_python, id="this-minor"),
+    pytest.param(
+        lambda: NEXT_MINOR,
+        id="next-minor",
+        marks=pytest.mark.skipif(NEXT_MINOR is None, reason="no interpreter of the next minor version installed"),
+    ),
+]
+
+
+@pytest.mark.parametrize("python", INTERPRETERS)
+async def test_the_pyz_migrates_serves_and_delivers_from_an_empty_folder_air_gapped(
+    python, pyz, pg_admin, tmp_path, nursery
+):
     folder = tmp_path / "empty"
     folder.mkdir()
     shutil.copy(pyz, folder / "fluxrt.pyz")
     temp = tmp_path / "tmp"
     temp.mkdir()
-    name = f"fluxrt_pyz_{os.getpid()}"
+    name = f"fluxrt_pyz_{os.getpid()}_{tmp_path.name[-12:].lower()}"
     pg.run_sql(pg_admin, f"CREATE DATABASE {name}")
     dsn = pg.with_database(pg_admin, name)
     (folder / "fluxrt.yaml").write_text(
@@ -103,7 +125,7 @@ async def test_the_pyz_migrates_serves_and_delivers_from_an_empty_folder_air_gap
         f"TMPDIR={temp}",
         f"FLUXRT_AUTH_JWT_SECRET={SECRET}",
     ]
-    fluxrt = [*env, _host_python(), "fluxrt.pyz", "--config", "fluxrt.yaml"]
+    fluxrt = [*env, python(), "fluxrt.pyz", "--config", "fluxrt.yaml"]
 
     async def run(*args: str, expect: int = 0) -> str:
         result = await trio.run_process(
@@ -150,3 +172,21 @@ async def test_the_pyz_migrates_serves_and_delivers_from_an_empty_folder_air_gap
         assert "heartbeat_interval" in await run("--config", str(broken), "check-config", expect=2)
     finally:
         pg.run_sql(pg_admin, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def test_the_pyz_names_the_pythons_it_runs_on_when_started_by_another(pyz, tmp_path):
+    built_for = {sys.version_info[:2]} | ({build_pyz._version(NEXT_MINOR)} if NEXT_MINOR else set())
+    pyenv = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv")) / "versions"
+    others = [
+        str(p)
+        for p in [Path("/usr/bin/python3"), *pyenv.glob("3.*/bin/python3")]
+        if p.exists() and build_pyz._version(str(p)) not in built_for and build_pyz._version(str(p)) >= (3, 6)
+    ]
+    if not others:
+        pytest.skip("no Python of another version installed to try")
+    result = subprocess.run(
+        ["env", "-i", f"SHIV_ROOT={tmp_path}", others[0], str(pyz), "--version"], capture_output=True, text=True
+    )
+    assert result.returncode == 1
+    assert result.stderr.startswith("fluxrt: this fluxrt.pyz runs on Python 3.")
+    assert "build one for this Python" in result.stderr

@@ -10,7 +10,7 @@ and column set, then handed to each recipient.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol
 
 import asyncpg
@@ -210,6 +210,9 @@ class TableChannels:
         """Authorize and deliver `changes` (of one table, or several: one database crossing decides them all)."""
         plans = self._plan(changes)
         verdicts = await self._authorize(plans) if plans else {}
+        for (channel, identity_key), verdict in verdicts.items():
+            for at in verdict.visible or ():
+                plans[channel].seen_by.setdefault(at, []).append(identity_key)
         frames: dict[tuple[int, tuple[str, ...] | None], bytes] = {}
         for index, change in enumerate(changes):
             if index and index % YIELD_EVERY == 0:
@@ -238,26 +241,32 @@ class TableChannels:
                         subscriber.deliver_nowait(frame)
                         self.delivered += 1
                 continue
+            at = plan.image_index.get(index)
+            if at is None:
+                continue
             image = change.old if change.op == "DELETE" else change.new
-            for subscriber, identity_key, sub in plan.candidates.get(index, ()):
-                verdict = verdicts.get((channel, identity_key))
-                if verdict is None or verdict.visible is None or plan.image_index[index] not in verdict.visible:
-                    continue
-                # The subscriber may have unsubscribed, changed its options or its identity while the window was
-                # being authorized: what was decided for the old state must not reach the new one.
-                if not _still(subscriber, channel, sub, identity_key, change.op, image):
-                    continue
-                # An UPDATE's old row goes only to those who could see it: a row moved into someone's view must not
-                # show them what it held before.
-                old_at = plan.old_index.get(index)
-                old_visible = old_at is None or old_at in verdict.visible
-                key = (index, verdict.readable, old_visible)
-                frame = frames.get(key)
-                if frame is None:
-                    message = _message(channel, change, verdict.readable, old_visible)
-                    frame = frames[key] = text_frame(dumps(message))
-                subscriber.deliver_nowait(frame)
-                self.delivered += 1
+            # Only the identities that may see this image are visited (one user's change costs its own
+            # subscribers, not a check per subscriber of the table).
+            for identity_key in plan.seen_by.get(at, ()):
+                verdict = verdicts[(channel, identity_key)]
+                for subscriber, sub in plan.index.groups[identity_key]:
+                    if not _wants(sub, change.op, image):
+                        continue
+                    # The subscriber may have unsubscribed, changed its options or its identity while the window
+                    # was being authorized: what was decided for the old state must not reach the new one.
+                    if not _still(subscriber, channel, sub, identity_key, change.op, image):
+                        continue
+                    # An UPDATE's old row goes only to those who could see it: a row moved into someone's view must
+                    # not show them what it held before.
+                    old_at = plan.old_index.get(index)
+                    old_visible = old_at is None or old_at in verdict.visible  # type: ignore[operator]
+                    key = (index, verdict.readable, old_visible)
+                    frame = frames.get(key)
+                    if frame is None:
+                        message = _message(channel, change, verdict.readable, old_visible)
+                        frame = frames[key] = text_frame(dumps(message))
+                    subscriber.deliver_nowait(frame)
+                    self.delivered += 1
         for (channel, identity_key), verdict in verdicts.items():
             if verdict.error is not None:
                 self._policy_failed(plans[channel], identity_key, channel, verdict.error)
@@ -273,7 +282,9 @@ class TableChannels:
                 members: list[TableSubscriber] = self.hub.subscribers(channel)  # type: ignore[assignment]
                 if not members:
                     continue
-                plan = plans[channel] = _Plan(change.relid, members, _FilterIndex(channel, members))
+                plan = _Plan(change.relid, members, _FilterIndex(channel, members))
+                plans[channel] = plan
+                plan.index.register = plan.identity
             if change.op == "TRUNCATE":
                 plan.truncate_recipients = [
                     (s, sub)
@@ -282,13 +293,7 @@ class TableChannels:
                 ]
                 continue
             image = change.old if change.op == "DELETE" else change.new
-            candidates = [
-                (subscriber, plan.identity(identity), sub)
-                for subscriber, sub, identity in plan.index.candidates(image)
-                if _wants(sub, change.op, image)
-            ]
-            if candidates:
-                plan.candidates[index] = candidates
+            if plan.index.wanted(change.op, image):
                 plan.image_index[index] = len(plan.images)
                 plan.images.append(image)
                 if change.op == "UPDATE":
@@ -402,22 +407,31 @@ class _Lane:
 
 
 class _FilterIndex:
-    """A table's subscriptions by filter: `column=eq.value` and `in` are found by looking the row's value up, so a
-    change costs its matching subscribers, not one check per subscriber of the table. What the index finds is still
-    checked with the filter itself; it only narrows."""
+    """A table's subscriptions grouped by identity, and filtered ones by filter: `column=eq.value` and `in` are found
+    by looking the row's value up, so a change costs its matching subscribers, not one check per subscriber of the
+    table. What the index finds is still checked with the filter itself; it only narrows."""
 
     def __init__(self, channel: str, members: list[TableSubscriber]) -> None:
+        self.groups: dict[str, list[tuple[TableSubscriber, Subscription]]] = {}
+        """identity key -> its subscribers (with the subscription planned for)"""
+        self.unfiltered_events: set[str] = set()
         self.unfiltered: list[tuple[TableSubscriber, Subscription, Identity]] = []
         self.scanned: list[tuple[TableSubscriber, Subscription, Identity]] = []
         self.by_value: dict[str, dict[tuple[str, Any], list[tuple[TableSubscriber, Subscription, Identity]]]] = {}
+        self.register: Callable[[Identity], str] = _identity_key
+        """how an identity that some change concerns is made known to the plan"""
+        self._registered: set[str] = set()
+        self._unfiltered_registered = False
         for subscriber in members:
             sub = subscriber.subscription(channel)
             identity = subscriber.identity
             if sub is None or identity is None:
                 continue
+            self.groups.setdefault(_identity_key(identity), []).append((subscriber, sub))
             entry = (subscriber, sub, identity)
             if sub.filter is None:
                 self.unfiltered.append(entry)
+                self.unfiltered_events.add(sub.event)
                 continue
             try:
                 flt = _filter(sub.filter)
@@ -432,8 +446,7 @@ class _FilterIndex:
             for key in {key for value in values for key in _filter_keys(value)}:
                 column.setdefault(key, []).append(entry)
 
-    def candidates(self, image: dict[str, Any] | None) -> Iterator[tuple[TableSubscriber, Subscription, Identity]]:
-        yield from self.unfiltered
+    def filtered(self, image: dict[str, Any] | None) -> Iterator[tuple[TableSubscriber, Subscription, Identity]]:
         if image is not None:
             for column, table in self.by_value.items():
                 if column in image:
@@ -441,6 +454,27 @@ class _FilterIndex:
                     if key is not None:
                         yield from table.get(key, ())
         yield from self.scanned
+
+    def wanted(self, op: str, image: dict[str, Any] | None) -> bool:
+        """Whether any subscriber wants this change; registers the identities of those who do."""
+        hit = False
+        if self.unfiltered_events & {op, "*"}:
+            hit = True
+            if not self._unfiltered_registered:
+                self._unfiltered_registered = True
+                for _subscriber, _sub, identity in self.unfiltered:
+                    self._register(identity)
+        for _subscriber, sub, identity in self.filtered(image):
+            if _wants(sub, op, image):
+                hit = True
+                self._register(identity)
+        return hit
+
+    def _register(self, identity: Identity) -> None:
+        key = _identity_key(identity)
+        if key not in self._registered:
+            self._registered.add(key)
+            self.register(identity)
 
 
 def _value_key(value: Any) -> tuple[str, Any] | None:
@@ -473,7 +507,8 @@ class _Plan:
     image_index: dict[int, int] = attrs.field(factory=dict)
     old_index: dict[int, int] = attrs.field(factory=dict)
     """for UPDATE changes, where the old row image is in `images`"""
-    candidates: dict[int, list[tuple[TableSubscriber, str, Subscription]]] = attrs.field(factory=dict)
+    seen_by: dict[int, list[str]] = attrs.field(factory=dict)
+    """image index -> identity keys that may see it"""
     truncate_recipients: list[tuple[TableSubscriber, Subscription]] = attrs.field(factory=list)
     identity_keys: list[str] = attrs.field(factory=list)
     _identities: dict[str, Identity] = attrs.field(factory=dict)

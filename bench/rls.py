@@ -1,0 +1,277 @@
+"""Row-level security at scale: 1,000 subscribers with distinct identities on one table, both ways of deciding.
+
+Scenarios (issue 6), each measured twice in the same run, on a fresh fluxrt each time:
+
+* teams: the policy admits a row to the 10 members of its team, ``team_id = ((SELECT auth.jwt()) ->> 'team')::int``
+  (100 teams, so each change has 10 recipients);
+* own rows: ``user_id = (SELECT auth.uid())``, one recipient per change;
+
+once as written (one query per role: ``set``) and once with per-identity evaluation forced (``per identity``):
+the forced table's policy wraps the same expression in ``bench.same(x)``, an IMMUTABLE SQL function that PostgreSQL
+inlines (so the per-identity evaluation costs what the plain policy costs) but that the rewrite does not know, so
+fluxrt decides that table one identity at a time.
+
+Writers (2 asyncpg connections) insert rows in batched transactions every 10 ms at each offered rate of
+``--rates`` for ``--step-seconds``; the subscribers (bench/changes_clients.py) record every delivery with its kernel
+receive time. Printed per step: offered and written changes/s, RLS-checked deliveries/s (deliveries over the time
+from the first commit to the last delivery), commit-to-client p50/p99, and deliveries missing or unexpected.
+
+    .venv/bin/python bench/rls.py               # ~3 minutes
+    .venv/bin/python bench/rls.py --quick       # ~1 minute smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import secrets
+import sys
+import tempfile
+import time
+import uuid
+from array import array
+from pathlib import Path
+
+import asyncpg
+import changes
+import jwt
+import orjson
+from common import percentile
+
+SUBSCRIBERS = 1000
+TEAMS = 100
+TICK = 0.01
+
+SCHEMA = """
+CREATE SCHEMA bench;
+CREATE FUNCTION bench.same(x anyelement) RETURNS anyelement LANGUAGE sql IMMUTABLE AS 'SELECT x';
+GRANT USAGE ON SCHEMA bench TO authenticated;
+CREATE TABLE teams_set (id bigserial PRIMARY KEY, seq bigint NOT NULL, team_id int NOT NULL);
+CREATE POLICY team ON teams_set FOR SELECT USING (team_id = ((SELECT auth.jwt()) ->> 'team')::int);
+CREATE TABLE teams_forced (id bigserial PRIMARY KEY, seq bigint NOT NULL, team_id int NOT NULL);
+CREATE POLICY team ON teams_forced FOR SELECT USING (team_id = bench.same(((SELECT auth.jwt()) ->> 'team')::int));
+CREATE TABLE own_set (id bigserial PRIMARY KEY, seq bigint NOT NULL, user_id uuid NOT NULL);
+CREATE POLICY own ON own_set FOR SELECT USING (user_id = (SELECT auth.uid()));
+CREATE TABLE own_forced (id bigserial PRIMARY KEY, seq bigint NOT NULL, user_id uuid NOT NULL);
+CREATE POLICY own ON own_forced FOR SELECT USING (user_id = bench.same((SELECT auth.uid())));
+"""
+TABLES = ("teams_set", "teams_forced", "own_set", "own_forced")
+
+
+def with_database(dsn: str, database: str) -> str:
+    return dsn.rpartition("/")[0] + "/" + database
+
+
+class Run:
+    def __init__(self, args: argparse.Namespace, workdir: Path, dsn: str) -> None:
+        self.args, self.workdir, self.dsn = args, workdir, dsn
+        self.secret = secrets.token_hex(32)
+        self.users = [uuid.uuid4() for _ in range(SUBSCRIBERS)]
+        now = int(time.time())
+        self.tokens = [
+            jwt.encode(
+                {"sub": str(u), "team": i % TEAMS, "iat": now, "exp": now + 6 * 3600}, self.secret, algorithm="HS256"
+            )
+            for i, u in enumerate(self.users)
+        ]
+        self.seq = 1
+
+    def recipients(self, table: str, key: int) -> list[int]:
+        """Connection indexes that must receive a row written with `key` (a team, or a user index)."""
+        if table.startswith("teams"):
+            return list(range(key, SUBSCRIBERS, TEAMS))
+        return [key]
+
+    async def table(self, table: str) -> list[dict]:
+        plan = self.workdir / f"plan-{table}.json"
+        plan.write_bytes(
+            orjson.dumps([{"channel": f"table:public.{table}", "token": t, "key": "seq"} for t in self.tokens])
+        )
+        server = changes.Server(self.args, self.workdir, self.dsn, self.secret)
+        clients = None
+        writers: list[asyncpg.Connection] = []
+        results = []
+        try:
+            await server.wait_ready(self.args.startup_timeout)
+            clients = await changes.Clients.start(self.args, server, plan)
+            ready = await clients.event(180)
+            print(f"  {table}: {ready['connections']} subscribers ready in {ready['connect_s']:.1f}s", flush=True)
+            writers = [await asyncpg.connect(self.dsn) for _ in range(2)]
+            for rate in self.args.rate_list:
+                results.append(await self.step(table, rate, clients, writers))
+        finally:
+            for conn in writers:
+                await conn.close()
+            if clients is not None:
+                await clients.stop()
+            ended = server.stop()
+            if not ended.startswith("exit 0"):
+                print(f"  fluxrt ended: {ended}\n{server.log_tail()}", flush=True)
+        return results
+
+    async def step(self, table: str, rate: float, clients: changes.Clients, writers: list) -> dict:
+        column = "team_id" if table.startswith("teams") else "user_id"
+        seq0 = self.seq
+        commit_ns: dict[int, int] = {}
+        keys: dict[int, int] = {}
+        start = time.perf_counter()
+        total = int(rate * self.args.step_seconds)
+
+        async def writer(w: int, conn: asyncpg.Connection) -> None:
+            written = 0
+            tick = 0
+            while written < total // 2:
+                tick += 1
+                due = min(int(rate / 2 * tick * TICK), total // 2) - written
+                if due > 0:
+                    seqs = [seq0 + 2 * (written + i) + w for i in range(due)]
+                    if column == "team_id":
+                        values = [s % TEAMS for s in seqs]
+                    else:
+                        values = [self.users[s % SUBSCRIBERS] for s in seqs]
+                    kind = "int" if column == "team_id" else "uuid"
+                    await conn.execute(
+                        f"INSERT INTO {table} (seq, {column}) SELECT * FROM unnest($1::bigint[], $2::{kind}[])",
+                        seqs,
+                        values,
+                    )
+                    done = time.time_ns()
+                    for s in seqs:
+                        commit_ns[s] = done
+                        keys[s] = s % TEAMS if column == "team_id" else s % SUBSCRIBERS
+                    written += due
+                await asyncio.sleep(max(0.0, start + tick * TICK - time.perf_counter()))
+
+        await clients.send(cmd="start")
+        await asyncio.gather(*(writer(w, conn) for w, conn in enumerate(writers)))
+        wrote_s = time.perf_counter() - start
+        self.seq = seq0 + 2 * (total // 2) + 2
+        expected = {(s, c) for s in commit_ns for c in self.recipients(table, keys[s])}
+        path = self.workdir / f"records-{table}-{rate}.bin"
+        timeout = max(20.0, 4 * self.args.step_seconds)
+        await clients.send(cmd="collect", expected=len(expected), grace=0.5, timeout=timeout, path=str(path))
+        got = await clients.event(timeout + 60)
+        records = array("q")
+        records.frombytes(path.read_bytes())
+        path.unlink()
+        seen, latencies, last = set(), [], 0
+        for i in range(0, len(records), 4):
+            s, c, stamp = records[i], records[i + 1], records[i + 2]
+            seen.add((s, c))
+            if s in commit_ns:
+                latencies.append((stamp - commit_ns[s]) / 1e6)
+                last = max(last, stamp)
+        first = min(commit_ns.values()) if commit_ns else 0
+        span = (last - first) / 1e9 if last > first else float("nan")
+        result = {
+            "table": table,
+            "offered": rate,
+            "written_per_s": len(commit_ns) / wrote_s,
+            "deliveries": len(latencies),
+            "deliveries_per_s": len(latencies) / span,
+            "p50_ms": percentile(latencies, 50) if latencies else None,
+            "p99_ms": percentile(latencies, 99) if latencies else None,
+            "missing": len(expected - seen),
+            "unexpected": len(seen - expected) + sum(got["unexpected"].values()),
+        }
+        print(
+            f"    {rate:>6.0f} changes/s offered, {result['written_per_s']:>6.0f} written: "
+            f"{result['deliveries_per_s']:>8.0f} deliveries/s, p50 {result['p50_ms'] or 0:7.1f} ms, "
+            f"p99 {result['p99_ms'] or 0:7.1f} ms, missing {result['missing']}, unexpected {result['unexpected']}",
+            flush=True,
+        )
+        return result
+
+
+def summary(results: dict[str, list[dict]]) -> None:
+    print("\nsummary (set-based / per identity):")
+    for scenario in ("teams", "own"):
+        fast, slow = results.get(f"{scenario}_set"), results.get(f"{scenario}_forced")
+        if not fast or not slow:
+            continue
+        best_fast = (
+            max(r["deliveries_per_s"] for r in fast if not r["missing"]) if any(not r["missing"] for r in fast) else 0.0
+        )
+        best_slow = max((r["deliveries_per_s"] for r in slow if not r["missing"]), default=0.0)
+        ratio = best_fast / best_slow if best_slow else float("inf")
+        print(
+            f"  {scenario}: highest complete step {best_fast:,.0f} vs {best_slow:,.0f} deliveries/s "
+            f"(ratio {ratio:.1f}x)"
+        )
+        for f, s in zip(fast, slow, strict=True):
+            if f["offered"] == 1000:
+                print(
+                    f"  {scenario} at 1,000 changes/s: p50 {f['p50_ms']:.1f} vs {s['p50_ms']:.1f} ms, "
+                    f"p99 {f['p99_ms']:.1f} vs {s['p99_ms']:.1f} ms"
+                )
+
+
+async def amain(args: argparse.Namespace) -> int:
+    database = f"fluxrt_bench_rls_{secrets.token_hex(4)}"
+    admin = await asyncpg.connect(args.dsn)
+    await admin.execute(f'CREATE DATABASE "{database}"')
+    version = await admin.fetchval("SHOW server_version")
+    await admin.close()
+    dsn = with_database(args.dsn, database)
+    print(
+        f"rls bench: {os.cpu_count()} CPUs, PostgreSQL {version}, load average {os.getloadavg()[0]:.2f} at start; "
+        f"fluxrt {changes.fluxrt_source(args.python)}",
+        flush=True,
+    )
+    results: dict[str, list[dict]] = {}
+    try:
+        with tempfile.TemporaryDirectory(prefix="fluxrt-bench-rls-") as tmp:
+            workdir = Path(tmp)
+            run = Run(args, workdir, dsn)
+            config = workdir / "migrate.yaml"
+            config.write_text(changes.fluxrt_config(args, args.host, 1, run.secret, dsn))
+            proc = await asyncio.create_subprocess_exec(
+                args.python, "-m", "fluxrt_trio", "--config", str(config), "migrate", cwd=changes.REPO_ROOT
+            )
+            assert await proc.wait() == 0
+            conn = await asyncpg.connect(dsn)
+            await conn.execute(SCHEMA)
+            for table in TABLES:
+                await conn.execute(
+                    f"ALTER TABLE {table} ENABLE ROW LEVEL SECURITY; GRANT SELECT ON {table} TO authenticated;"
+                    f"SELECT enable_realtime('{table}')"
+                )
+            await conn.close()
+            for table in args.table_list:
+                results[table] = await run.table(table)
+    finally:
+        admin = await asyncpg.connect(args.dsn)
+        await admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+        await admin.close()
+    summary(results)
+    if args.json:
+        args.json.write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dsn", default="postgresql://postgres@127.0.0.1:5432/postgres", help="admin connection")
+    parser.add_argument("--rates", default="1000,3000,5000", help="offered changes/s per step")
+    parser.add_argument("--step-seconds", type=float, default=5.0)
+    parser.add_argument("--tables", default=",".join(TABLES))
+    parser.add_argument("--quick", action="store_true", help="smoke run: 2 s steps at 1000 changes/s")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--python", default=sys.executable)
+    parser.add_argument("--startup-timeout", type=float, default=60.0)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.rates, args.step_seconds = "1000", 2.0
+    args.rate_list = [float(r) for r in args.rates.split(",")]
+    args.table_list = args.tables.split(",")
+    # What changes.Server and changes.Clients read: no pinning, default polling, the default authorizer login.
+    args.server_cpu = args.client_cpu = None
+    args.poll_interval = None
+    args.authorizer_dsn = None
+    return asyncio.run(amain(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

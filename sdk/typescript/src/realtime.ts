@@ -389,7 +389,7 @@ export class RealtimeClient {
       return
     }
     if (decision.action === 'reauth') {
-      this.reauthenticate(code, reason)
+      this.reauthenticate(code, reason, this.reconnect as ReconnectOptions)
       return
     }
     this.attempt += 1
@@ -398,7 +398,7 @@ export class RealtimeClient {
   }
 
   /** After 4001: reconnect with a token from `auth.refresh`, or wait for setAuth(). Never with the same token. */
-  private reauthenticate(code: number, reason: string): void {
+  private reauthenticate(code: number, reason: string, backoff: ReconnectOptions): void {
     const refresh = this.auth.refresh
     const wait = (): void => {
       this.waitingForToken = true
@@ -417,7 +417,7 @@ export class RealtimeClient {
       wait()
       return
     }
-    const delayMs = backoffDelay(this.attempt, this.reconnect || DEFAULT_RECONNECT)
+    const delayMs = backoffDelay(this.attempt, backoff)
     this.attempt += 1
     this.setState({ state: 'CLOSED', code, reason, reconnectInMs: delayMs })
     if (replaced || refresh === undefined) {

@@ -2,10 +2,11 @@
 
 Usage: python bench/startup.py [--pyz PATH] [--runs N] [--dsn DSN]
 
-Builds fluxrt.pyz unless --pyz names one. Each start runs the pyz with a cleared environment (`env -i`, as a
-service would) and is timed from spawning the process to the first answered `GET /health` (accepting connections),
-then stopped with SIGTERM. "First" starts use an empty SHIV_ROOT each; "warm" starts reuse one. With --dsn, the
-server also connects to that database (migrations already applied) before it listens, as in production.
+Builds fluxrt.pyz as `make pyz` does unless --pyz names one. Each start runs the pyz with a cleared environment
+(`env -i`, as a service would) and is timed from spawning the process to the first answered `GET /health`
+(accepting connections), then stopped with SIGTERM. "First" starts use an empty SHIV_ROOT each; "warm" starts
+reuse one. With --dsn, the server also connects to that database (migrations already applied) before it listens,
+as in production.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def main() -> None:
         if pyz is None:
             pyz = Path(tmp) / "fluxrt.pyz"
             subprocess.run(
-                [sys.executable, str(REPO_ROOT / "packaging" / "build_pyz.py"), "--output", str(pyz)],
+                [sys.executable, str(REPO_ROOT / "packaging" / "build_pyz.py"), "--also-next", "--output", str(pyz)],
                 check=True,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,

@@ -69,7 +69,10 @@ import asyncpg
 import common
 import jwt
 import orjson
+import trio
 from common import BENCH_DIR, REPO_ROOT, free_port, percentile, proc_cpu, raise_nofile_limit, stat_cpu_s
+
+from fluxrt_trio.client import Change, ClientError, open_client
 
 USERS = 20
 TODO_CONNS_PER_USER = 10
@@ -250,6 +253,43 @@ class Server(common.ServerProcess):
                 return
             await asyncio.sleep(0.1)
         raise RuntimeError(f"fluxrt not healthy after {timeout}s: {self.log_tail()}")
+
+
+# ---- a delivery check before measuring ------------------------------------------------------------------------------
+
+PROBE_TIMEOUT_S = 30.0
+
+
+async def check_delivery(url: str, token: str, dsn: str) -> float:
+    """One change, end to end, through fluxrt's own Python client before the load generator connects: subscribe to
+    `events`, insert one row, receive it. Returns milliseconds from the commit to its arrival (a cold first change,
+    not a measurement). Raises RuntimeError when it does not arrive, so that a server that answers /health but does
+    not deliver fails here, in one line, instead of as missing copies in every phase."""
+
+    async def insert() -> int:
+        conn = await asyncpg.connect(dsn)
+        try:
+            await conn.execute("INSERT INTO events (body) VALUES ('probe')")
+            return time.time_ns()
+        finally:
+            await conn.close()
+
+    try:
+        async with open_client(url, token=token) as client:
+            events = client.channel("table:public.events", event="INSERT")
+            with events.events() as changes, trio.fail_after(PROBE_TIMEOUT_S):
+                await events.subscribe()
+                # asyncpg needs asyncio: run it on a loop of its own in a worker thread.
+                committed_ns = await trio.to_thread.run_sync(lambda: asyncio.run(insert()))
+                change = await changes.__anext__()
+                arrived_ns = time.time_ns()
+    except trio.TooSlowError:
+        raise RuntimeError(f"delivery check: no probe change from fluxrt within {PROBE_TIMEOUT_S:g}s") from None
+    except ClientError as exc:
+        raise RuntimeError(f"delivery check: {exc}") from None
+    if not isinstance(change, Change) or change.record is None or change.record.get("body") != "probe":
+        raise RuntimeError(f"delivery check: expected the probe row, got {change!r}")
+    return (arrived_ns - committed_ns) / 1e6
 
 
 # ---- the subscribers ----------------------------------------------------------------------------------------------
@@ -571,6 +611,13 @@ class Bench:
         writers: Writers | None = None
         try:
             await server.wait_ready(self.args.startup_timeout)
+            url = f"ws://{server.host}:{server.port}/realtime"
+            # The client runs on Trio: a run of its own in a worker thread, beside this driver's asyncio loop.
+            try:
+                probe_ms = await asyncio.to_thread(trio.run, check_delivery, url, self.plan.tokens[0], self.dsn)
+            except RuntimeError as exc:
+                raise RuntimeError(f"{exc}: {server.log_tail()}") from None
+            print(f"  delivery check: the probe row arrived {probe_ms:.0f} ms after its commit", flush=True)
             clients = await Clients.start(self.args, server, self.plan_path)
             ready = await clients.event(120)
             writers = await Writers.open(self.dsn, self.plan.users)

@@ -477,8 +477,7 @@ class ClientCore:
     def broadcast(self, name: str, payload: Any) -> tuple[str, list[Output]]:
         """Returns the ref to wait for, with the outputs. Raises ValueError on a channel that is not broadcast:,
         TypeError for a payload that is not JSON."""
-        if self.channels[name].kind is not ChannelKind.BROADCAST:
-            raise ValueError(f"cannot send on {name}: broadcast messages go to broadcast:{{topic}} channels")
+        _check_broadcast(self.channels[name])
         ref = str(next(self._refs))
         text = encode_client(Broadcast(name, payload, ref=ref))
         if not self.open:
@@ -757,6 +756,11 @@ class ClientCore:
         ]
 
 
+def _check_broadcast(channel: ChannelState) -> None:
+    if channel.kind is not ChannelKind.BROADCAST:
+        raise ValueError(f"cannot send on {channel.name}: broadcast messages go to broadcast:{{topic}} channels")
+
+
 def _copy_state(state: dict[str, list[dict[str, Any]]]) -> dict[str, list[dict[str, Any]]]:
     return {key: list(metas) for key, metas in state.items()}
 
@@ -959,6 +963,7 @@ class Channel:
         ClientClosed when the client has stopped, ValueError on another kind of channel, TypeError for a payload
         that is not JSON.
         """
+        _check_broadcast(self._state)
         await self._client._wait_open()
         ref, outputs = self._client._core.broadcast(self.name, payload)
         await self._client._request(("broadcast", ref), outputs)

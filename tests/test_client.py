@@ -624,8 +624,9 @@ async def test_changes_missed_reaches_the_channel_and_the_stream_goes_on(start_s
 async def test_reconnect_after_a_restart_restores_subscriptions_and_presence(start_server, db):
     users_table(db)
     first = await start(start_server, db)
+    backoff = fast()
     async with (
-        open_client(url(first), token=token("alice"), backoff=fast()) as alice,
+        open_client(url(first), token=token("alice"), backoff=backoff) as alice,
         open_client(url(first), token=token("bob"), backoff=fast()) as bob,
     ):
         users = alice.channel("table:public.users")
@@ -640,6 +641,8 @@ async def test_reconnect_after_a_restart_restores_subscriptions_and_presence(sta
                 await lobby_a.track({"status": "online"})
                 await until(lambda: "alice" in lobby_b.presence_state())
 
+            # As if earlier outages had grown it: a connection the server served starts the backoff over.
+            backoff.attempts = 50
             await first.shutdown()
             assert alice.last_close is None or alice.last_close.code == 1001
             updates.clear()
@@ -650,6 +653,7 @@ async def test_reconnect_after_a_restart_restores_subscriptions_and_presence(sta
                 assert await chat.__anext__() == Resubscribed()
                 await until(lambda: lobby_b.status is SUBSCRIBED and "alice" in lobby_b.presence_state())
             assert alice.last_close.code == 1001 and bob.last_close.code == 1001
+            assert 1 <= backoff.attempts < 50
             assert lobby_b.presence_state()["alice"][0]["state"] == {"status": "online"}
             assert updates[0].event == "sync"
             stats = second.hub.statistics()
@@ -767,5 +771,8 @@ async def test_a_subscribe_waits_for_a_connection_and_an_unsubscribe_interrupts_
                 await until(lambda: channel.status is SUBSCRIBING)
                 await trio.sleep(0.3)
                 assert client.last_close.code == 1006 and "could not connect" in client.last_close.reason
+                # Misuse is refused at once, not after a connection that may never come.
+                with pytest.raises(ValueError, match="broadcast:\\{topic\\}"):
+                    await client.channel("presence:room").send(1)
                 await channel.unsubscribe()
         assert len(outcome) == 1 and "unsubscribed from broadcast:x first" in str(outcome[0])

@@ -100,6 +100,7 @@ for _cls in (ServerConfig, AuthConfig, DatabaseConfig, RealtimeConfig, LogConfig
     attrs.resolve_types(_cls)
 
 _TEXT_TYPES = (str, Secret, str | None, Secret | None, UrlPath)
+_OPTIONAL_TEXT_TYPES = (str | None, Secret | None)
 
 
 class ConfigError(Exception):
@@ -277,9 +278,11 @@ def _env_overrides(raw: dict[str, Any], environ: Mapping[str, str], source: dict
             value = yaml.safe_load(text) if text.strip() else None
         except yaml.YAMLError:
             value = text
-        # A secret, a DSN or a name is a string even when it looks like a number or a boolean.
-        if attrs.fields_dict(cls)[key].type in _TEXT_TYPES:  # type: ignore[arg-type]
-            value = text
+        # A secret, a DSN or a name is a string even when it looks like a number or a boolean; empty unsets an
+        # optional one (FLUXRT_DATABASE_EMBEDDED= turns the embedded database off).
+        kind = attrs.fields_dict(cls)[key].type  # type: ignore[arg-type]
+        if kind in _TEXT_TYPES:
+            value = None if not text and kind in _OPTIONAL_TEXT_TYPES else text
         section_raw = raw.setdefault(section, {})
         if isinstance(section_raw, dict):
             section_raw[key] = value

@@ -375,6 +375,12 @@ def test_text_settings_from_the_environment_stay_text():
     assert config.auth.audience == "yes"
 
 
+def test_an_empty_variable_unsets_an_optional_text_setting_and_keeps_a_required_one():
+    config = load_config(None, {"FLUXRT_DATABASE_EMBEDDED": "", "FLUXRT_AUTH_JWT_SECRET": "", "FLUXRT_AUTH_ISSUER": ""})
+    assert (config.database.embedded, config.auth.jwt_secret, config.auth.issuer) == (None, None, None)
+    assert load_config(None, {"FLUXRT_AUTH_ANON_ROLE": ""}).auth.anon_role == ""
+
+
 def test_environment_problems_name_the_variable():
     found = problems(
         None,

@@ -22,6 +22,8 @@ from pathlib import Path
 log = logging.getLogger("fluxrt.embedded")
 
 UNPRIVILEGED_USER = "nobody"
+_OURS = frozenset({"pgdata", "port", "postgres.log"})
+"""what the embedded server keeps in its folder"""
 
 
 class EmbeddedError(Exception):
@@ -94,6 +96,14 @@ class EmbeddedPostgres:
 
     def _prepare_dirs(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        # The folder becomes the server's (owned by it, mode 700 when run as root): never take over one that holds
+        # anything else, such as the project folder that an empty setting resolves to.
+        others = sorted(p.name for p in self.data_dir.iterdir() if p.name not in _OURS)
+        if others:
+            raise EmbeddedError(
+                f"{self.data_dir} holds other files ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}); "
+                "point database.embedded at a folder of its own, such as .fluxrt/db"
+            )
         if self._user is None:
             return
         import pwd

@@ -215,10 +215,14 @@ async def compare(admin: str, authorizer: str, who: list[tuple[str, dict[str, An
                 async with conn.transaction(isolation="repeatable_read", readonly=True):
                     await security.refresh(conn, [relid])
                     decided = await security.decide(conn, relid, who, orjson.dumps(images).decode(), len(images))
-                answers[set_based] = [
-                    (sorted(v) if v is not None else None, r, e is not None) for _, v, r, e in decided
-                ]
-            live = [await _live(conn, table, role, claims, keys) for role, claims in who]
+                # Only what delivery uses: the images each identity sees (an identity left out sees none), the
+                # columns it may read of them, and whether its policy raised.
+                by_identity = {n: (sorted(v or ()), r if v else None, e is not None) for n, v, r, e in decided}
+                answers[set_based] = [by_identity.get(n, ([], None, False)) for n in range(len(who))]
+            live = [
+                (v or [], raised)
+                for v, raised in [await _live(conn, table, role, claims, keys) for role, claims in who]
+            ]
             paths[table] = await _path(conn, relid, who, images)
             for n, identity in enumerate(who):
                 seen = {

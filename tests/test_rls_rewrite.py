@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import attrs
 import pytest
 
 from fluxrt_trio.postgres.policies import (
@@ -101,9 +102,29 @@ def auth(name: str, body: str, **overrides) -> AuthFunction:
 def test_auth_bodies_become_expressions_of_the_claims(body):
     rewritten = rewrite_auth_body(auth("uid", body))
     assert rewritten.uses == {"claims"}
-    assert "CAST(__fluxrt_source.__fluxrt_claims AS text)" in rewritten.sql
+    # Read as text and parsed back into jsonb, the claims are the claims (already parsed) themselves.
+    assert "__fluxrt_source.__fluxrt_claims ->> 'sub'" in rewritten.sql
+    assert "CAST(__fluxrt_source.__fluxrt_claims AS text)" not in rewritten.sql
     assert rewritten.sql.startswith("(SELECT * FROM (SELECT") and rewritten.sql.endswith("LIMIT 1)::uuid")
     assert "request.jwt.claims" not in rewritten.sql
+
+
+def test_claims_read_as_text_otherwise_stay_text():
+    rewritten = rewrite_auth_body(auth("role", "SELECT length(current_setting('request.jwt.claims', true))::text"))
+    assert "length(CAST(__fluxrt_source.__fluxrt_claims AS text))" in rewritten.sql
+    trimmed = rewrite_auth_body(
+        auth("role", "SELECT btrim(current_setting('request.jwt.claims', true))::jsonb ->> 'x'")
+    )
+    assert "CAST(btrim(CAST(__fluxrt_source.__fluxrt_claims AS text)) AS jsonb)" in trimmed.sql
+
+
+def test_a_body_that_is_one_expression_also_comes_without_the_one_row_subquery():
+    rewritten = rewrite_auth_body(auth("jwt", OURS_JWT))
+    assert rewritten.scalar == "(COALESCE(__fluxrt_source.__fluxrt_claims, CAST('{}' AS jsonb)))::jsonb"
+    # Anything more than `SELECT <expr>` keeps the subquery: a FROM, a WHERE (no row: NULL), a LIMIT...
+    assert rewrite_auth_body(auth("uid", OURS_UID)).scalar is None
+    for body in ("SELECT 'x' WHERE false", "SELECT 'x' LIMIT 0", "SELECT 'a' UNION SELECT 'b'"):
+        assert rewrite_auth_body(auth("role", body)).scalar is None, body
 
 
 @pytest.mark.parametrize(
@@ -174,6 +195,17 @@ def test_permissive_policies_are_ored_in_descending_name_order_and_restrictive_o
     assert "WHEN s ~* " in result.query  # auth.uid()'s own definition, inlined
 
 
+def test_the_one_expression_form_is_used_unless_a_function_in_it_returns_rows_or_aggregates():
+    own = plan(catalog(policy("team", "(team = ((auth.jwt() ->> 'team'))::integer)")), DOCS, "authenticated")
+    assert isinstance(own, SetPlan) and "LIMIT 1" not in own.query
+    base = catalog(policy("long", "(length(auth.role()) > 3)"))
+    with_role = attrs.evolve(base, auth={**base.auth, "role": auth("role", "SELECT length('x')::text")})
+    assert "LIMIT 1" not in plan(with_role, DOCS, "authenticated").query
+    # Were length() a set-returning or aggregate function, the one-row subquery would keep its meaning.
+    shaping = attrs.evolve(with_role, row_shaping=frozenset({"length"}))
+    assert "LIMIT 1)::text" in plan(shaping, DOCS, "authenticated").query
+
+
 def test_no_permissive_policy_admits_nothing():
     result = plan(catalog(policy("only", "(id > 0)", permissive=False)), DOCS, "authenticated")
     assert isinstance(result, SetPlan) and "ON (false) AND (id > 0)" in result.query
@@ -232,3 +264,22 @@ def test_what_is_not_understood_goes_per_identity(found, reason):
 def test_a_column_with_the_reserved_prefix_goes_per_identity():
     result = plan(catalog(policy("p", "(true)"), columns=("id", "__fluxrt_n")), DOCS, "authenticated")
     assert isinstance(result, PerIdentity) and "__fluxrt_n" in result.reason
+
+
+@pytest.mark.parametrize(
+    ("qual", "keys"),
+    [
+        ("(team = ((auth.jwt() ->> 'team'))::integer)", {"team"}),
+        ("(user_id = auth.uid())", {"sub"}),
+        ("((auth.jwt() -> 'app_metadata') ->> 'org') = 'x' OR user_id = auth.uid()", {"app_metadata", "sub"}),
+        # Read any other way, every claim is sent.
+        ("((auth.jwt() #>> '{app_metadata,org}') = 'x')", None),
+        ("(auth.jwt() IS NOT NULL)", None),
+        ("(auth.jwt() ? 'admin')", None),
+        ("(length(current_setting('request.jwt.claims', true)) > 2)", None),
+    ],
+)
+def test_only_the_claims_a_plan_reads_by_constant_key_are_sent(qual, keys):
+    chosen = plan(catalog(policy("p", qual)), DOCS, "authenticated")
+    assert isinstance(chosen, SetPlan)
+    assert chosen.claim_keys == (frozenset(keys) if keys is not None else None)

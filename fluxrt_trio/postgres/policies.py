@@ -60,6 +60,10 @@ class Expression:
     """identity columns it reads: some of uid, role, jwt, claims"""
     functions: frozenset[str]
     """names of pg_catalog functions it calls, whose volatility the caller must check"""
+    scalar: str | None = None
+    """for an auth function whose body is one expression (`SELECT <expr>`, nothing else): that expression, the same
+    value without the one-row subquery (which costs a subplan per identity); valid only when none of `functions`
+    returns a set or aggregates, which the caller checks"""
 
 
 @attrs.frozen
@@ -118,6 +122,8 @@ class Catalog:
     auth: Mapping[str, AuthFunction]
     volatile: frozenset[str]
     stable: frozenset[str]
+    row_shaping: frozenset[str] = frozenset()
+    """pg_catalog function names with an overload that returns a set or is an aggregate or window function"""
 
 
 @attrs.frozen
@@ -126,6 +132,8 @@ class SetPlan:
 
     query: str
     uses: frozenset[str]
+    claim_keys: frozenset[str] | None = None
+    """the only claims the query reads (send just these); None: send them all"""
 
 
 @attrs.frozen
@@ -189,7 +197,30 @@ def rewrite_auth_body(function: AuthFunction) -> Expression:
     select = rewriter.transform(statements[0].stmt)
     # A SQL function returns its first row, NULL when there is none; so does this scalar subquery.
     sql = f"(SELECT * FROM ({_deparse(select)}) AS {RESERVED}f LIMIT 1)::{function.returns}"
-    return Expression(sql, frozenset(rewriter.uses), frozenset(rewriter.functions))
+    scalar = None
+    if _one_expression(select):
+        scalar = f"({_deparse(select.targetList[0].val)})::{function.returns}"
+    return Expression(sql, frozenset(rewriter.uses), frozenset(rewriter.functions), scalar)
+
+
+def _one_expression(select: ast.SelectStmt) -> bool:
+    """`SELECT <expr>` and nothing else: exactly one row, whatever the expression (set-returning and aggregate
+    functions aside, which the caller rules out)."""
+    return (
+        len(select.targetList or ()) == 1
+        and not select.fromClause
+        and select.whereClause is None
+        and not select.groupClause
+        and select.havingClause is None
+        and not select.windowClause
+        and not select.sortClause
+        and not select.distinctClause
+        and select.limitCount is None
+        and select.limitOffset is None
+        and select.withClause is None
+        and not select.valuesLists
+        and select.op in (None, 0, enums.SetOperation.SETOP_NONE)
+    )
 
 
 def _parse_expression(text: str) -> ast.Node:
@@ -269,7 +300,30 @@ class _Rewriter:
                 setattr(node, field, self._sequence(value))
         if isinstance(node, ast.SubLink):
             return self.simplify(node)
+        if self.body and isinstance(node, ast.TypeCast):
+            return self.parsed_claims(node)
         return node
+
+    def parsed_claims(self, cast: ast.TypeCast) -> ast.Node:
+        """`claims::text::jsonb`, or `nullif(claims::text, '')::jsonb`, is the claims themselves: they are a JSON
+        object (never empty text), already parsed. Parsing them again costs microseconds per identity."""
+        if _names(cast.typeName.names)[-1:] != ("jsonb",) or cast.typeName.arrayBounds:
+            return cast
+        inner = cast.arg
+        if (
+            isinstance(inner, ast.A_Expr)
+            and inner.kind == enums.A_Expr_Kind.AEXPR_NULLIF
+            and _constant_text(inner.rexpr) == ""
+        ):
+            inner = inner.lexpr
+        if (
+            isinstance(inner, ast.TypeCast)
+            and _names(inner.typeName.names)[-1:] == ("text",)
+            and isinstance(inner.arg, ast.ColumnRef)
+            and _names(inner.arg.fields) == (self.identity, RESERVED + CLAIMS)
+        ):
+            return inner.arg
+        return cast
 
     def _sequence(self, items: tuple) -> tuple:  # type: ignore[type-arg]
         return tuple(
@@ -425,16 +479,18 @@ def plan(catalog: Catalog, relid: int, role: str) -> SetPlan | PerIdentity:
             _check_functions(catalog, body.functions)
         except Unsupported as exc:
             return PerIdentity(str(exc))
-        identity_columns[name] = body.sql
+        inline = body.scalar is not None and not body.functions & catalog.row_shaping
+        identity_columns[name] = body.scalar if inline else body.sql  # type: ignore[assignment]
     texts = [part.sql for part in parts]
     predicate = "(" + (" OR ".join(f"({t})" for t in texts[: len(permissive)]) or "false") + ")"
     predicate += "".join(f" AND ({t})" for t in texts[len(permissive) :])
-    return SetPlan(query(relation, identity_columns, predicate), uses)
+    return SetPlan(query(relation, identity_columns, predicate), uses, claim_keys(identity_columns, predicate))
 
 
 def query(relation: Relation, identity_columns: Mapping[str, str], predicate: str) -> str:
-    """The query run as the role: $1 is a JSON array of {INDEX_KEY: index, CLAIMS_KEY: {...}}, $2 the images as a JSON
-    array (text); it returns the matching (identity index, image index) pairs as two arrays."""
+    """The query run as the role: $1 is a JSON array of the identities' claims (objects; an identity's index is its
+    position), $2 the images as a JSON array (text); it returns the matching (identity index, image index) pairs as
+    two arrays."""
     alias = _quote(relation.name)
     target = f"{_quote(relation.schema)}.{alias}"
     identity_list = "".join(f", {sql} AS {RESERVED}{name}" for name, sql in identity_columns.items())
@@ -447,8 +503,9 @@ def query(relation: Relation, identity_columns: Mapping[str, str], predicate: st
     return (
         f"WITH {RESERVED}identities AS MATERIALIZED ("
         f"SELECT {SOURCE}.{INDEX_KEY}{identity_list} "
-        f"FROM pg_catalog.jsonb_to_recordset($1::pg_catalog.jsonb) AS {SOURCE}({INDEX_KEY} integer, "
-        f"{CLAIMS_KEY} pg_catalog.jsonb)), "
+        f"FROM (SELECT ({RESERVED}o - 1)::integer AS {INDEX_KEY}, {RESERVED}c AS {CLAIMS_KEY} "
+        f"FROM pg_catalog.jsonb_array_elements($1::pg_catalog.jsonb) WITH ORDINALITY "
+        f"AS {RESERVED}a({RESERVED}c, {RESERVED}o)) AS {SOURCE}), "
         f"{RESERVED}images AS MATERIALIZED ("
         f"SELECT {RESERVED}r.*, ({RESERVED}e.{RESERVED}ord - 1)::integer AS {RESERVED}n "
         f"FROM pg_catalog.jsonb_array_elements($2::pg_catalog.jsonb) WITH ORDINALITY "
@@ -458,3 +515,61 @@ def query(relation: Relation, identity_columns: Mapping[str, str], predicate: st
         f"SELECT pg_catalog.array_agg({IDENTITY}.{INDEX_KEY}), pg_catalog.array_agg({alias}.{RESERVED}n) "
         f"FROM {RESERVED}identities AS {IDENTITY} JOIN {RESERVED}images AS {alias} ON {predicate}"
     )
+
+
+def claim_keys(identity_columns: Mapping[str, str], predicate: str) -> frozenset[str] | None:
+    """The top-level claims the query can read, when it reads them only by constant key (`->> 'team'`): the other
+    claims may then be left out of what is sent, which is what parsing costs. None when it reads them any other
+    way (the whole object, a path, as text)."""
+    _load_pglast()
+    keys: set[str] = set()
+    for name, sql in identity_columns.items():
+        if name == CLAIMS:
+            return None
+        # The jwt column is the claims object itself: its own keys are found where the predicate reads it.
+        found = _key_reads(_parse_expression(sql), (SOURCE, CLAIMS_KEY), whole_ok=name == "jwt")
+        if found is None:
+            return None
+        keys |= found
+    if "jwt" in identity_columns:
+        found = _key_reads(_parse_expression(predicate), (IDENTITY, RESERVED + "jwt"), whole_ok=False)
+        if found is None:
+            return None
+        keys |= found
+    return frozenset(keys)
+
+
+def _key_reads(root: ast.Node, column: tuple[str, str], *, whole_ok: bool) -> set[str] | None:
+    """Constant keys under which `column` is read in `root`, seen through `coalesce(x, '{}')` and casts to jsonb;
+    None if it is read any other way. `whole_ok`: the whole expression may be the column itself."""
+    keys: set[str] = set()
+
+    def visit(node: ast.Node, ancestors: list[ast.Node]) -> bool:
+        if isinstance(node, ast.ColumnRef) and _names(node.fields) == column:
+            child: ast.Node = node
+            for parent in reversed(ancestors):
+                if isinstance(parent, ast.TypeCast) and _names(parent.typeName.names)[-1:] == ("jsonb",):
+                    child = parent
+                    continue
+                if isinstance(parent, ast.CoalesceExpr) and parent.args and parent.args[0] is child:
+                    child = parent
+                    continue
+                key = _constant_text(parent.rexpr) if isinstance(parent, ast.A_Expr) else None
+                if (
+                    key is not None
+                    and parent.kind == enums.A_Expr_Kind.AEXPR_OP
+                    and _names(parent.name) in (("->>",), ("->",))
+                    and parent.lexpr is child
+                ):
+                    keys.add(key)
+                    return True
+                return False
+            return whole_ok
+        for field in type(node).__slots__:
+            value = getattr(node, field)
+            for item in value if isinstance(value, tuple) else (value,):
+                if isinstance(item, ast.Node) and not visit(item, [*ancestors, node]):
+                    return False
+        return True
+
+    return keys if visit(root, []) else None

@@ -16,27 +16,28 @@ import asyncpg
 import attrs
 import orjson
 
-from .policies import CLAIMS_KEY, INDEX_KEY, AuthFunction, Catalog, PerIdentity, Policy, Relation, SetPlan, plan
+from .policies import AuthFunction, Catalog, PerIdentity, Policy, Relation, SetPlan, plan
 
 log = logging.getLogger("fluxrt.rls")
 
 Row = tuple[int, list[int] | None, list[str] | None, str | None]
 """(identity index, visible image indexes or None, readable columns or None, error), as realtime.visible returns"""
 
-_PIN = "SELECT pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true)"
-
-# xmin changes whenever a catalog row is rewritten (in-place updates by VACUUM and ANALYZE leave it alone).
+# xmin changes whenever a catalog row is rewritten (in-place updates by VACUUM and ANALYZE leave it alone). The same
+# statement pins search_path for the rest of the transaction, saving a round trip.
 _FINGERPRINT = """
-SELECT md5(coalesce(string_agg(x, ',' ORDER BY x), '')) FROM (
-    SELECT 'p' || oid || '.' || xmin FROM pg_policy
-    UNION ALL SELECT 'c' || oid || '.' || xmin FROM pg_class WHERE relrowsecurity OR oid = ANY($1::oid[])
-    UNION ALL SELECT 'a' || attrelid || '.' || attnum || '.' || xmin FROM pg_attribute
+SELECT pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true) IS NULL,
+       md5(coalesce(string_agg(x, ',' ORDER BY x), '')) FROM (
+    SELECT 'p' || oid || '.' || xmin FROM pg_catalog.pg_policy
+    UNION ALL SELECT 'c' || oid || '.' || xmin FROM pg_catalog.pg_class WHERE relrowsecurity OR oid = ANY($1::oid[])
+    UNION ALL SELECT 'a' || attrelid || '.' || attnum || '.' || xmin FROM pg_catalog.pg_attribute
                WHERE attrelid = ANY($1::oid[]) AND attnum > 0
-    UNION ALL SELECT 'd' || oid || '.' || xmin FROM pg_attrdef WHERE adrelid = ANY($1::oid[])
-    UNION ALL SELECT 'f' || p.oid || '.' || p.xmin FROM pg_proc p
-               WHERE p.pronamespace = (SELECT oid FROM pg_namespace WHERE nspname = 'auth')
-    UNION ALL SELECT 'm' || roleid || '.' || member || '.' || xmin FROM pg_auth_members
-    UNION ALL SELECT 'n' || oid || '.' || xmin FROM pg_namespace
+    UNION ALL SELECT 'd' || oid || '.' || xmin FROM pg_catalog.pg_attrdef WHERE adrelid = ANY($1::oid[])
+    UNION ALL SELECT 'f' || p.oid || '.' || p.xmin FROM pg_catalog.pg_proc p
+               WHERE p.proname IN ('uid', 'role', 'jwt')
+                 AND p.pronamespace = (SELECT oid FROM pg_catalog.pg_namespace WHERE nspname = 'auth')
+    UNION ALL SELECT 'm' || roleid || '.' || member || '.' || xmin FROM pg_catalog.pg_auth_members
+    UNION ALL SELECT 'n' || oid || '.' || xmin FROM pg_catalog.pg_namespace
 ) f(x)
 """
 
@@ -92,7 +93,7 @@ SELECT p.proname::text, l.lanname::text, p.provolatile::text, coalesce(p.prosrc,
 """
 
 _BUILTINS = """
-SELECT proname::text, bool_or(provolatile = 'v') FROM pg_proc
+SELECT proname::text, bool_or(provolatile = 'v'), bool_or(proretset OR prokind IN ('a', 'w')) FROM pg_proc
  WHERE pronamespace = 'pg_catalog'::regnamespace GROUP BY proname
 """
 
@@ -123,6 +124,7 @@ class RowSecurity:
         self._auth: dict[str, AuthFunction] = {}
         self._volatile: frozenset[str] = frozenset()
         self._stable: frozenset[str] = frozenset()
+        self._row_shaping: frozenset[str] = frozenset()
         self._plans: dict[tuple[int, str], SetPlan | PerIdentity] = {}
         self._told: set[tuple[int, str, str]] = set()
         self.statistics = Statistics()
@@ -131,8 +133,7 @@ class RowSecurity:
         """Forget the plans if the catalog changed. Call once per transaction, before `decide`."""
         if not self.set_based:
             return
-        await conn.execute(_PIN)
-        fingerprint = await conn.fetchval(_FINGERPRINT, list(relids))
+        fingerprint = (await conn.fetchrow(_FINGERPRINT, list(relids)))[1]
         if fingerprint != self._fingerprint:
             self._fingerprint = fingerprint
             self._relations.clear()
@@ -144,8 +145,9 @@ class RowSecurity:
             }
         if not self._stable and not self._volatile:
             rows = await conn.fetch(_BUILTINS)
-            self._volatile = frozenset(name for name, volatile in rows if volatile)
-            self._stable = frozenset(name for name, volatile in rows if not volatile)
+            self._volatile = frozenset(name for name, volatile, _ in rows if volatile)
+            self._stable = frozenset(name for name, volatile, _ in rows if not volatile)
+            self._row_shaping = frozenset(name for name, _, shaping in rows if shaping)
 
     async def decide(
         self,
@@ -155,9 +157,9 @@ class RowSecurity:
         images: str,
         n_images: int,
     ) -> list[Row]:
-        """One row per identity (role, claims), in order, for `n_images` images (a JSON array, as text). Run it in
-        a savepoint: errors of the whole table (dropped meanwhile, a lost connection) raise; a policy's error for
-        some identities is in their rows."""
+        """Which of `n_images` images (a JSON array, as text) each identity (role, claims) sees: rows for the
+        identities that see at least one image, or whose policy raised (the error is in their row); the others see
+        nothing. Run it in a savepoint: errors of the whole table (dropped meanwhile, a lost connection) raise."""
         by_role: dict[str, list[int]] = {}
         for n, (role, _claims) in enumerate(identities):
             by_role.setdefault(role, []).append(n)
@@ -168,14 +170,15 @@ class RowSecurity:
                 chosen = self._plan(relid, role)
                 if isinstance(chosen, SetPlan):
                     plans[role] = chosen
-        rows: dict[int, Row] = {}
+        rows: list[Row] = []
+        decided: set[str] = set()
         if plans:
             roles = list(plans)
             payload = [
                 {
                     "role": role,
                     "query": plans[role].query,
-                    "identities": [{INDEX_KEY: n, CLAIMS_KEY: identities[n][1]} for n in by_role[role]],
+                    "identities": _claims_json([identities[n][1] for n in by_role[role]], plans[role].claim_keys),
                 }
                 for role in roles
             ]
@@ -192,25 +195,25 @@ class RowSecurity:
                     self._plans.pop((relid, role), None)
                     self._fingerprint = None
                     continue
+                decided.add(role)
                 members = by_role[role]
                 self.statistics.set_based += 1
                 if readable is None:
-                    rows.update((n, (n, None, None, None)) for n in members)
                     continue
                 if everything:
-                    rows.update((n, (n, list(range(n_images)), readable, None)) for n in members)
+                    rows.extend((n, list(range(n_images)), readable, None) for n in members)
                     continue
-                seen: dict[int, list[int]] = {n: [] for n in members}
+                seen: dict[int, list[int]] = {}
                 for i, n in zip(identity or (), image or (), strict=True):
-                    seen[i].append(n)
-                rows.update((n, (n, sorted(seen[n]), readable, None)) for n in members)
-        rest = [n for n in range(len(identities)) if n not in rows]
+                    seen.setdefault(members[i], []).append(n)
+                rows.extend((n, sorted(visible), readable, None) for n, visible in seen.items())
+        rest = [n for role, members in by_role.items() if role not in decided for n in members]
         if rest:
             self.statistics.per_identity += len(rest)
             subset = orjson.dumps([{"role": identities[n][0], "claims": identities[n][1]} for n in rest]).decode()
             for k, visible, readable, error in await conn.fetch(_VISIBLE, relid, subset, images):
-                rows[rest[k]] = (rest[k], visible, readable, error)
-        return [rows[n] for n in range(len(identities))]
+                rows.append((rest[k], visible, readable, error))
+        return rows
 
     async def _describe(self, conn: asyncpg.Connection, relid: int, roles: list[str]) -> None:
         known = self._roles.get(relid)
@@ -232,7 +235,7 @@ class RowSecurity:
     def _plan(self, relid: int, role: str) -> SetPlan | PerIdentity:
         chosen = self._plans.get((relid, role))
         if chosen is None:
-            catalog = Catalog(self._relations, self._auth, self._volatile, self._stable)
+            catalog = Catalog(self._relations, self._auth, self._volatile, self._stable, self._row_shaping)
             chosen = self._plans[(relid, role)] = plan(catalog, relid, role)
             if isinstance(chosen, PerIdentity) and (relid, role, chosen.reason) not in self._told:
                 self._told.add((relid, role, chosen.reason))
@@ -246,6 +249,14 @@ class RowSecurity:
                     },
                 )
         return chosen
+
+
+def _claims_json(claims: list[dict[str, Any]], keys: frozenset[str] | None) -> orjson.Fragment:
+    """The identities' claims as one JSON array, each object cut down to `keys` when the query reads no more:
+    PostgreSQL parses every byte sent, which is most of what deciding costs."""
+    if keys is None:
+        return orjson.Fragment(orjson.dumps(claims))
+    return orjson.Fragment(orjson.dumps([{k: c[k] for k in keys if k in c} for c in claims]))
 
 
 def _relation(row: asyncpg.Record) -> Relation:

@@ -351,6 +351,11 @@ class Connection:
                 case _:
                     self._apply_local(effect)
 
+    def _table_changed(self, channel: Channel) -> None:
+        tables = self.server.tables
+        if tables is not None and channel.kind is ChannelKind.TABLE:
+            tables.subscriptions_changed(channel.name)
+
     def _apply_local(self, effect: Effect) -> None:
         hub = self.server.hub
         match effect:
@@ -358,8 +363,10 @@ class Connection:
                 self._reply(message)
             case Join(subscription=sub):
                 hub.join(sub.channel.name, self)
+                self._table_changed(sub.channel)
             case Leave(channel=channel):
                 hub.leave(channel.name, self)
+                self._table_changed(channel)
             case SendPresenceState(channel=channel):
                 self._reply(PresenceEvent(channel.name, "sync", hub.presence_state(channel.name)))
             case Publish(channel=channel, payload=payload):
@@ -402,6 +409,8 @@ class Connection:
         effects = session.authenticated(identity, ref)
         self._grants = None
         self.server.supervisor.identity_changed(self)
+        for subscription in session.subscriptions.values():
+            self._table_changed(subscription.channel)
         # Table subscriptions are re-authorized under the new identity; those no longer allowed end with FORBIDDEN.
         for name, subscription in list(session.subscriptions.items()):
             if subscription.channel.kind is not ChannelKind.TABLE:

@@ -10,7 +10,7 @@ and column set, then handed to each recipient.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any, Protocol
 
 import asyncpg
@@ -93,6 +93,14 @@ class TableChannels:
         self.allowed_roles = frozenset(allowed_roles)
         self.row_security = row_security or RowSecurity()
         self.delivered = 0
+        self._indexes: dict[str, _FilterIndex] = {}
+        """per channel, its subscribers grouped for lookup; dropped whenever one of them changes"""
+
+    def subscriptions_changed(self, channel: str) -> None:
+        """A subscription to `channel` began, ended or changed (options, or the identity behind it): the next
+        window looks its subscribers up afresh. Connections call this; without it, a new subscriber would be missed
+        (a stale entry is harmless: every frame is checked against the subscriber's current state)."""
+        self._indexes.pop(channel, None)
 
     # ---- subscribe -----------------------------------------------------------------------------------------
 
@@ -282,9 +290,10 @@ class TableChannels:
                 members: list[TableSubscriber] = self.hub.subscribers(channel)  # type: ignore[assignment]
                 if not members:
                     continue
-                plan = _Plan(change.relid, members, _FilterIndex(channel, members))
-                plans[channel] = plan
-                plan.index.register = plan.identity
+                lookup = self._indexes.get(channel)
+                if lookup is None:
+                    lookup = self._indexes[channel] = _FilterIndex(channel, members)
+                plan = plans[channel] = _Plan(change.relid, members, lookup)
             if change.op == "TRUNCATE":
                 plan.truncate_recipients = [
                     (s, sub)
@@ -293,7 +302,7 @@ class TableChannels:
                 ]
                 continue
             image = change.old if change.op == "DELETE" else change.new
-            if plan.index.wanted(change.op, image):
+            if plan.wanted(change.op, image):
                 plan.image_index[index] = len(plan.images)
                 plan.images.append(image)
                 if change.op == "UPDATE":
@@ -409,27 +418,31 @@ class _Lane:
 class _FilterIndex:
     """A table's subscriptions grouped by identity, and filtered ones by filter: `column=eq.value` and `in` are found
     by looking the row's value up, so a change costs its matching subscribers, not one check per subscriber of the
-    table. What the index finds is still checked with the filter itself; it only narrows."""
+    table. What the index finds is still checked with the filter itself; it only narrows. Kept across windows until
+    a subscription to the table changes."""
 
     def __init__(self, channel: str, members: list[TableSubscriber]) -> None:
         self.groups: dict[str, list[tuple[TableSubscriber, Subscription]]] = {}
         """identity key -> its subscribers (with the subscription planned for)"""
+        self.identities: dict[str, Identity] = {}
         self.unfiltered_events: set[str] = set()
-        self.unfiltered: list[tuple[TableSubscriber, Subscription, Identity]] = []
-        self.scanned: list[tuple[TableSubscriber, Subscription, Identity]] = []
-        self.by_value: dict[str, dict[tuple[str, Any], list[tuple[TableSubscriber, Subscription, Identity]]]] = {}
-        self.register: Callable[[Identity], str] = _identity_key
-        """how an identity that some change concerns is made known to the plan"""
-        self._registered: set[str] = set()
-        self._unfiltered_registered = False
+        self.unfiltered: list[tuple[TableSubscriber, Subscription, str]] = []
+        self.unfiltered_keys: list[str] = []
+        """identity keys of the subscribers without a filter"""
+        self.scanned: list[tuple[TableSubscriber, Subscription, str]] = []
+        self.by_value: dict[str, dict[tuple[str, Any], list[tuple[TableSubscriber, Subscription, str]]]] = {}
+        unfiltered: dict[str, None] = {}
         for subscriber in members:
             sub = subscriber.subscription(channel)
             identity = subscriber.identity
             if sub is None or identity is None:
                 continue
-            self.groups.setdefault(_identity_key(identity), []).append((subscriber, sub))
-            entry = (subscriber, sub, identity)
+            key = _identity_key(identity)
+            self.identities[key] = identity
+            self.groups.setdefault(key, []).append((subscriber, sub))
+            entry = (subscriber, sub, key)
             if sub.filter is None:
+                unfiltered[key] = None
                 self.unfiltered.append(entry)
                 self.unfiltered_events.add(sub.event)
                 continue
@@ -443,10 +456,11 @@ class _FilterIndex:
                 continue
             values = flt.value if isinstance(flt.value, tuple) else (flt.value,)
             column = self.by_value.setdefault(flt.column, {})
-            for key in {key for value in values for key in _filter_keys(value)}:
-                column.setdefault(key, []).append(entry)
+            for value_key in {value_key for value in values for value_key in _filter_keys(value)}:
+                column.setdefault(value_key, []).append(entry)
+        self.unfiltered_keys = list(unfiltered)
 
-    def filtered(self, image: dict[str, Any] | None) -> Iterator[tuple[TableSubscriber, Subscription, Identity]]:
+    def filtered(self, image: dict[str, Any] | None) -> Iterator[tuple[TableSubscriber, Subscription, str]]:
         if image is not None:
             for column, table in self.by_value.items():
                 if column in image:
@@ -454,27 +468,6 @@ class _FilterIndex:
                     if key is not None:
                         yield from table.get(key, ())
         yield from self.scanned
-
-    def wanted(self, op: str, image: dict[str, Any] | None) -> bool:
-        """Whether any subscriber wants this change; registers the identities of those who do."""
-        hit = False
-        if self.unfiltered_events & {op, "*"}:
-            hit = True
-            if not self._unfiltered_registered:
-                self._unfiltered_registered = True
-                for _subscriber, _sub, identity in self.unfiltered:
-                    self._register(identity)
-        for _subscriber, sub, identity in self.filtered(image):
-            if _wants(sub, op, image):
-                hit = True
-                self._register(identity)
-        return hit
-
-    def _register(self, identity: Identity) -> None:
-        key = _identity_key(identity)
-        if key not in self._registered:
-            self._registered.add(key)
-            self.register(identity)
 
 
 def _value_key(value: Any) -> tuple[str, Any] | None:
@@ -511,17 +504,34 @@ class _Plan:
     """image index -> identity keys that may see it"""
     truncate_recipients: list[tuple[TableSubscriber, Subscription]] = attrs.field(factory=list)
     identity_keys: list[str] = attrs.field(factory=list)
-    _identities: dict[str, Identity] = attrs.field(factory=dict)
+    """the identities some change of this window concerns, in the order they are authorized"""
+    _registered: set[str] = attrs.field(factory=set)
+    _unfiltered_registered: bool = False
 
-    def identity(self, identity: Identity) -> str:
-        key = _identity_key(identity)
-        if key not in self._identities:
-            self._identities[key] = identity
+    def wanted(self, op: str, image: dict[str, Any] | None) -> bool:
+        """Whether any subscriber wants this change; registers the identities of those who do."""
+        hit = False
+        index = self.index
+        if index.unfiltered_events & {op, "*"}:
+            hit = True
+            if not self._unfiltered_registered:
+                self._unfiltered_registered = True
+                for key in index.unfiltered_keys:
+                    self._register(key)
+        for _subscriber, sub, key in index.filtered(image):
+            if _wants(sub, op, image):
+                hit = True
+                self._register(key)
+        return hit
+
+    def _register(self, key: str) -> None:
+        if key not in self._registered:
+            self._registered.add(key)
             self.identity_keys.append(key)
-        return key
 
     def identities(self) -> list[tuple[str, dict[str, Any]]]:
-        return [(self._identities[k].role, self._identities[k].claims) for k in self.identity_keys]
+        identities = self.index.identities
+        return [(identities[k].role, identities[k].claims) for k in self.identity_keys]
 
 
 _keys: dict[int, tuple[Identity, str]] = {}

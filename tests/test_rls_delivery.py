@@ -3,7 +3,7 @@ and a policy change takes effect in the next window (the cached plans follow the
 
 from __future__ import annotations
 
-from .conftest import connect, nothing_arrives, recv, subscribe, token
+from .conftest import connect, nothing_arrives, recv, request, subscribe, token
 from .test_tables import start
 
 
@@ -45,3 +45,31 @@ async def test_a_new_policy_applies_to_the_next_change(start_server, db):
         await db.execute("DROP POLICY mine ON notes")
         await db.execute("INSERT INTO notes VALUES (3, 'alice')")
         await nothing_arrives(alice)
+
+
+async def test_who_receives_follows_every_subscription_change_between_two_changes(start_server, db):
+    # The lookup of a table's subscribers is kept across windows: joining, leaving, changing a filter and changing
+    # the token must each show in the very next change.
+    db.sql(
+        "CREATE TABLE notes (id int PRIMARY KEY, owner text); ALTER TABLE notes ENABLE ROW LEVEL SECURITY;"
+        "CREATE POLICY mine ON notes FOR SELECT USING (owner = (SELECT auth.jwt() ->> 'sub'));"
+        "GRANT SELECT ON notes TO authenticated; SELECT enable_realtime('notes');"
+    )
+    server = await start(start_server, db)
+    async with connect(server, tok=token("alice")) as alice, connect(server, tok=token("bob")) as bob:
+        await subscribe(alice, "table:public.notes")
+        await db.execute("INSERT INTO notes VALUES (1, 'alice')")
+        assert (await recv(alice))["payload"]["record"]["id"] == 1
+        await subscribe(bob, "table:public.notes")  # joins after the lookup was made
+        await db.execute("INSERT INTO notes VALUES (2, 'bob')")
+        assert (await recv(bob))["payload"]["record"]["id"] == 2
+        await subscribe(alice, "table:public.notes", filter="id=eq.4")  # a filter now
+        await db.execute("INSERT INTO notes VALUES (3, 'alice'), (4, 'alice')")
+        assert (await recv(alice))["payload"]["record"]["id"] == 4
+        await request(bob, type="auth", token=token("alice"))  # bob's connection is alice's now
+        await db.execute("INSERT INTO notes VALUES (5, 'alice'), (6, 'bob')")
+        assert (await recv(bob))["payload"]["record"]["id"] == 5
+        await request(bob, type="unsubscribe", channel="table:public.notes")
+        await db.execute("INSERT INTO notes VALUES (7, 'alice')")
+        await nothing_arrives(bob)
+        await nothing_arrives(alice)  # 5 and 7 do not pass alice's filter

@@ -127,6 +127,7 @@ class RowSecurity:
         self._row_shaping: frozenset[str] = frozenset()
         self._plans: dict[tuple[int, str], SetPlan | PerIdentity] = {}
         self._told: set[tuple[int, str, str]] = set()
+        self._claims_cache: dict[int, tuple[dict[str, Any], frozenset[str] | None, bytes]] = {}
         self.statistics = Statistics()
 
     async def refresh(self, conn: asyncpg.Connection, relids: Sequence[int]) -> None:
@@ -178,7 +179,7 @@ class RowSecurity:
                 {
                     "role": role,
                     "query": plans[role].query,
-                    "identities": _claims_json([identities[n][1] for n in by_role[role]], plans[role].claim_keys),
+                    "identities": self._claims_json([identities[n][1] for n in by_role[role]], plans[role].claim_keys),
                 }
                 for role in roles
             ]
@@ -215,6 +216,22 @@ class RowSecurity:
                 rows.append((rest[k], visible, readable, error))
         return rows
 
+    def _claims_json(self, claims: list[dict[str, Any]], keys: frozenset[str] | None) -> orjson.Fragment:
+        """The identities' claims as one JSON array, each object cut down to `keys` when the query reads no more:
+        PostgreSQL parses every byte sent, which is most of what deciding costs. Each identity's part is made once
+        (claims objects live as long as the token they came from)."""
+        cache = self._claims_cache
+        if len(cache) > 100_000:
+            cache.clear()
+        parts = []
+        for c in claims:
+            hit = cache.get(id(c))
+            if hit is None or hit[0] is not c or hit[1] != keys:
+                text = orjson.dumps(c if keys is None else {k: c[k] for k in keys if k in c})
+                hit = cache[id(c)] = (c, keys, text)
+            parts.append(hit[2])
+        return orjson.Fragment(b"[" + b",".join(parts) + b"]")
+
     async def _describe(self, conn: asyncpg.Connection, relid: int, roles: list[str]) -> None:
         known = self._roles.get(relid)
         if known is not None and known.issuperset(roles):
@@ -249,14 +266,6 @@ class RowSecurity:
                     },
                 )
         return chosen
-
-
-def _claims_json(claims: list[dict[str, Any]], keys: frozenset[str] | None) -> orjson.Fragment:
-    """The identities' claims as one JSON array, each object cut down to `keys` when the query reads no more:
-    PostgreSQL parses every byte sent, which is most of what deciding costs."""
-    if keys is None:
-        return orjson.Fragment(orjson.dumps(claims))
-    return orjson.Fragment(orjson.dumps([{k: c[k] for k in keys if k in c} for c in claims]))
 
 
 def _relation(row: asyncpg.Record) -> Relation:

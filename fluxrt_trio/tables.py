@@ -9,7 +9,6 @@ and column set, then handed to each recipient.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Iterable, Iterator
 from typing import Any, Protocol
@@ -312,8 +311,8 @@ class TableChannels:
         return {channel: plan for channel, plan in plans.items() if plan.images or plan.truncate_recipients}
 
     async def _authorize(self, plans: dict[str, _Plan]) -> dict[tuple[str, str], Verdict]:
-        """One crossing: every table's row-level security decided in one REPEATABLE READ READ ONLY transaction (one
-        snapshot), each table in its own savepoint so that one table's failure costs only that table."""
+        """One crossing into the database: each table's row-level security decided on its own (postgres/rls.py: one
+        statement in the steady state), so that one table's failure costs only that table."""
         calls = [
             (channel, plan.relid, plan.identities(), dumps(plan.images).decode(), len(plan.images))
             for channel, plan in plans.items()
@@ -324,21 +323,15 @@ class TableChannels:
 
         async def work(conn: asyncpg.Connection) -> list[tuple[str, list[Any] | str]]:
             results: list[tuple[str, list[Any] | str]] = []
-            async with conn.transaction(isolation="repeatable_read", readonly=True):
-                await self.row_security.refresh(conn, [call[1] for call in calls])
-                for channel, relid, identities, images, n_images in calls:
-                    # A savepoint per table confines one table's failure to it; alone, a table needs none (two round
-                    # trips fewer).
-                    savepoint = conn.transaction() if len(calls) > 1 else contextlib.nullcontext()
-                    try:
-                        async with savepoint:
-                            rows = await self.row_security.decide(conn, relid, identities, images, n_images)
-                    except asyncpg.PostgresError as exc:
-                        if is_connection_error(exc):
-                            raise
-                        results.append((channel, describe(exc)))
-                    else:
-                        results.append((channel, [tuple(r) for r in rows]))
+            for channel, relid, identities, images, n_images in calls:
+                try:
+                    rows = await self.row_security.decide(conn, relid, identities, images, n_images)
+                except asyncpg.PostgresError as exc:
+                    if is_connection_error(exc):
+                        raise
+                    results.append((channel, describe(exc)))
+                else:
+                    results.append((channel, [tuple(r) for r in rows]))
             return results
 
         results = await self._patiently(work)

@@ -202,6 +202,8 @@ async def compare(admin: str, authorizer: str, who: list[tuple[str, dict[str, An
     conn = await asyncpg.connect(authorizer)
     mismatches: list[str] = []
     paths: dict[str, str] = {}
+    shortcut: dict[str, int] = {}
+    raising: set[str] = set()
     try:
         for table in TABLES:
             relid = await setup.fetchval("SELECT $1::text::regclass::oid", table)
@@ -210,32 +212,35 @@ async def compare(admin: str, authorizer: str, who: list[tuple[str, dict[str, An
             # What the trigger would capture; generated columns arrive stale or NULL and must be recomputed.
             images = [{**k, "shared": None} if table == "generated" else k for k in keys]
             answers = {}
-            for set_based in (True, False):
+            # Set-based twice: the first call plans (in a transaction), the second takes the one-statement path.
+            for name, set_based, calls in (("planned", True, 1), ("cached", True, 2), ("per identity", False, 1)):
                 security = RowSecurity(set_based=set_based)
-                async with conn.transaction(isolation="repeatable_read", readonly=True):
-                    await security.refresh(conn, [relid])
+                for _ in range(calls):
                     decided = await security.decide(conn, relid, who, orjson.dumps(images).decode(), len(images))
                 # Only what delivery uses: the images each identity sees (an identity left out sees none), the
                 # columns it may read of them, and whether its policy raised.
                 by_identity = {n: (sorted(v or ()), r if v else None, e is not None) for n, v, r, e in decided}
-                answers[set_based] = [by_identity.get(n, ([], None, False)) for n in range(len(who))]
+                answers[name] = [by_identity.get(n, ([], None, False)) for n in range(len(who))]
+                if name == "cached":
+                    shortcut[table] = security.statistics.one_statement
+            if any(raised for _, _, raised in answers["planned"]):
+                raising.add(table)
             live = [
                 (v or [], raised)
                 for v, raised in [await _live(conn, table, role, claims, keys) for role, claims in who]
             ]
             paths[table] = await _path(conn, relid, who, images)
             for n, identity in enumerate(who):
-                seen = {
-                    "set-based": answers[True][n][0::2],
-                    "per identity": answers[False][n][0::2],
-                    "live": live[n],
-                }
-                if len({repr(v) for v in seen.values()}) > 1 or answers[True][n][1] != answers[False][n][1]:
-                    readable = (answers[True][n][1], answers[False][n][1])
+                seen = {name: answer[n][0::2] for name, answer in answers.items()} | {"live": live[n]}
+                readable = {name: answer[n][1] for name, answer in answers.items()}
+                if len({repr(v) for v in seen.values()}) > 1 or len({repr(v) for v in readable.values()}) > 1:
                     mismatches.append(f"{table} {identity}: {seen}, readable {readable}")
     finally:
         await conn.close()
         await setup.close()
+    # Where every role's policies are decided per role and none raised, the second window took the one-statement path.
+    expected = {t for t, path in paths.items() if path == "set"} - raising
+    assert {t for t, n in shortcut.items() if n} == expected, shortcut
     return mismatches, paths
 
 
@@ -243,9 +248,7 @@ async def _path(conn: asyncpg.Connection, relid: int, who: list, images: list[di
     """How the authenticated role's policies were decided (the breaker makes a raising policy fall back)."""
     members = [(role, claims) for role, claims in who if role == "authenticated" and claims.get("sub") != "breaker"]
     security = RowSecurity()
-    async with conn.transaction(isolation="repeatable_read", readonly=True):
-        await security.refresh(conn, [relid])
-        await security.decide(conn, relid, members, orjson.dumps(images).decode(), len(images))
+    await security.decide(conn, relid, members, orjson.dumps(images).decode(), len(images))
     taken = security.statistics
     return {(1, 0): "set", (0, len(members)): "per identity"}.get((taken.set_based, taken.per_identity), "mixed")
 

@@ -57,7 +57,17 @@ class Database:
         try:
             # min_size=0: connections are made when needed, so a database that is away now costs nothing yet.
             self._pool = await trio_asyncio.aio_as_trio(asyncpg.create_pool)(
-                self.dsn, min_size=0, max_size=self._max_size, init=_refuse_superuser
+                self.dsn,
+                min_size=0,
+                max_size=self._max_size,
+                init=_refuse_superuser,
+                # A statement on its own is then a read-only transaction with one snapshot, as every use here wants
+                # (row-level security decides a window in one statement). Set at connection start, these survive the
+                # pool's RESET ALL.
+                server_settings={
+                    "default_transaction_read_only": "on",
+                    "default_transaction_isolation": "repeatable read",
+                },
             )
         except (OSError, asyncpg.PostgresError) as exc:
             raise DatabaseUnavailable(describe(exc)) from None

@@ -23,23 +23,28 @@ log = logging.getLogger("fluxrt.rls")
 Row = tuple[int, list[int] | None, list[str] | None, str | None]
 """(identity index, visible image indexes or None, readable columns or None, error), as realtime.visible returns"""
 
-# xmin changes whenever a catalog row is rewritten (in-place updates by VACUUM and ANALYZE leave it alone). The same
-# statement pins search_path for the rest of the transaction, saving a round trip.
-_FINGERPRINT = """
-SELECT pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true) IS NULL,
-       md5(coalesce(string_agg(x, ',' ORDER BY x), '')) FROM (
-    SELECT 'p' || oid || '.' || xmin FROM pg_catalog.pg_policy
-    UNION ALL SELECT 'c' || oid || '.' || xmin FROM pg_catalog.pg_class WHERE relrowsecurity OR oid = ANY($1::oid[])
-    UNION ALL SELECT 'a' || attrelid || '.' || attnum || '.' || xmin FROM pg_catalog.pg_attribute
-               WHERE attrelid = ANY($1::oid[]) AND attnum > 0
-    UNION ALL SELECT 'd' || oid || '.' || xmin FROM pg_catalog.pg_attrdef WHERE adrelid = ANY($1::oid[])
-    UNION ALL SELECT 'f' || p.oid || '.' || p.xmin FROM pg_catalog.pg_proc p
-               WHERE p.proname IN ('uid', 'role', 'jwt')
-                 AND p.pronamespace = (SELECT oid FROM pg_catalog.pg_namespace WHERE nspname = 'auth')
-    UNION ALL SELECT 'm' || roleid || '.' || member || '.' || xmin FROM pg_catalog.pg_auth_members
-    UNION ALL SELECT 'n' || oid || '.' || xmin FROM pg_catalog.pg_namespace
-) f(x)
+# xmin changes whenever a catalog row is rewritten (in-place updates by VACUUM and ANALYZE leave it alone). Two parts:
+# what every plan depends on, and the columns of the table being decided ($1), so that tables decided in turn do not
+# invalidate each other's plans. The same statement pins search_path for the rest of its transaction.
+_FINGERPRINT_PARTS = """
+SELECT pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true) IS NULL AS pinned,
+       (SELECT md5(coalesce(string_agg(x, ',' ORDER BY x), '')) FROM (
+            SELECT 'p' || oid || '.' || xmin FROM pg_catalog.pg_policy
+            UNION ALL SELECT 'c' || oid || '.' || xmin FROM pg_catalog.pg_class WHERE relrowsecurity
+            UNION ALL SELECT 'f' || p.oid || '.' || p.xmin FROM pg_catalog.pg_proc p
+                       WHERE p.proname IN ('uid', 'role', 'jwt')
+                         AND p.pronamespace = (SELECT oid FROM pg_catalog.pg_namespace WHERE nspname = 'auth')
+            UNION ALL SELECT 'm' || roleid || '.' || member || '.' || xmin FROM pg_catalog.pg_auth_members
+            UNION ALL SELECT 'n' || oid || '.' || xmin FROM pg_catalog.pg_namespace
+        ) f(x)) AS global,
+       (SELECT md5(coalesce(string_agg(x, ',' ORDER BY x), '')) FROM (
+            SELECT 'c' || oid || '.' || xmin FROM pg_catalog.pg_class WHERE oid = $1::oid
+            UNION ALL SELECT 'a' || attnum || '.' || xmin FROM pg_catalog.pg_attribute
+                       WHERE attrelid = $1::oid AND attnum > 0
+            UNION ALL SELECT 'd' || oid || '.' || xmin FROM pg_catalog.pg_attrdef WHERE adrelid = $1::oid
+        ) f(x)) AS local
 """
+_FINGERPRINT = f"SELECT global, local FROM ({_FINGERPRINT_PARTS}) f"
 
 # Objects of the built-in catalog (oid below FirstNormalObjectId) are judged by name in policies.py; anything else a
 # policy depends on is named here so that the plan can refuse it.
@@ -101,6 +106,13 @@ _VISIBLE = "SELECT n, visible, readable, error FROM realtime.visible($1::oid, $2
 _VISIBLE_SETS = (
     "SELECT r, readable, everything, identity, image, error FROM realtime.visible_sets($1::oid, $2::jsonb, $3)"
 )
+# The steady state in one round trip: the fingerprint, and the decision only if the plans still match it ($4, $5).
+_CHECKED_VISIBLE_SETS = f"""
+SELECT f.global, f.local, v.r, v.readable, v.everything, v.identity, v.image, v.error
+  FROM ({_FINGERPRINT_PARTS}) f
+  LEFT JOIN LATERAL realtime.visible_sets(
+      $1::oid, CASE WHEN f.global = $4 AND f.local = $5 THEN $2::jsonb ELSE '[]'::jsonb END, $3) v ON true
+"""
 
 
 @attrs.define
@@ -109,6 +121,8 @@ class Statistics:
     """role evaluations decided by one query"""
     per_identity: int = 0
     """identities decided one at a time"""
+    one_statement: int = 0
+    """windows decided by the one statement that checks the fingerprint, with every plan cached"""
 
 
 class RowSecurity:
@@ -118,6 +132,9 @@ class RowSecurity:
     def __init__(self, *, set_based: bool = True) -> None:
         self.set_based = set_based
         self._fingerprint: str | None = None
+        """of what every plan depends on"""
+        self._local: dict[int, str] = {}
+        """per table, the fingerprint of its own columns"""
         self._relations: dict[int, Relation] = {}
         self._roles: dict[int, set[str]] = {}
         """roles each described relation's policies were asked about"""
@@ -130,13 +147,13 @@ class RowSecurity:
         self._claims_cache: dict[int, tuple[dict[str, Any], frozenset[str] | None, bytes]] = {}
         self.statistics = Statistics()
 
-    async def refresh(self, conn: asyncpg.Connection, relids: Sequence[int]) -> None:
-        """Forget the plans if the catalog changed. Call once per transaction, before `decide`."""
-        if not self.set_based:
-            return
-        fingerprint = (await conn.fetchrow(_FINGERPRINT, list(relids)))[1]
+    async def _refresh(self, conn: asyncpg.Connection, relid: int) -> None:
+        """Forget the plans the catalog no longer supports: all of them when a policy, a role membership or an auth
+        function changed, the table's when its columns did."""
+        fingerprint, local = await conn.fetchrow(_FINGERPRINT, relid)
         if fingerprint != self._fingerprint:
             self._fingerprint = fingerprint
+            self._local.clear()
             self._relations.clear()
             self._roles.clear()
             self._plans.clear()
@@ -144,6 +161,11 @@ class RowSecurity:
                 name: AuthFunction(name, language, volatility, body, returns, configured)
                 for name, language, volatility, body, returns, configured in await conn.fetch(_AUTH)
             }
+        if self._local.get(relid) != local:
+            self._local[relid] = local
+            self._relations.pop(relid, None)
+            self._roles.pop(relid, None)
+            self._plans = {key: value for key, value in self._plans.items() if key[0] != relid}
         if not self._stable and not self._volatile:
             rows = await conn.fetch(_BUILTINS)
             self._volatile = frozenset(name for name, volatile, _ in rows if volatile)
@@ -160,10 +182,65 @@ class RowSecurity:
     ) -> list[Row]:
         """Which of `n_images` images (a JSON array, as text) each identity (role, claims) sees: rows for the
         identities that see at least one image, or whose policy raised (the error is in their row); the others see
-        nothing. Run it in a savepoint: errors of the whole table (dropped meanwhile, a lost connection) raise."""
+        nothing. Errors of the whole table (dropped meanwhile, a lost connection) raise.
+
+        With every role's plan cached, one statement checks the catalog fingerprint and decides; otherwise (the
+        first time, after a catalog change, or for roles decided one identity at a time) a REPEATABLE READ READ ONLY
+        transaction does, so that every identity is decided under one snapshot."""
         by_role: dict[str, list[int]] = {}
         for n, (role, _claims) in enumerate(identities):
             by_role.setdefault(role, []).append(n)
+        plans = self._cached(relid, by_role)
+        if plans is not None:
+            payload = self._payload(plans, identities, by_role)
+            results = await conn.fetch(
+                _CHECKED_VISIBLE_SETS, relid, payload, images, self._fingerprint, self._local.get(relid)
+            )
+            if results and (results[0][0], results[0][1]) == (self._fingerprint, self._local.get(relid)):
+                rows, decided = self._set_rows(relid, plans, by_role, [tuple(r)[2:] for r in results], n_images)
+                if len(decided) == len(by_role):
+                    self.statistics.one_statement += 1
+                    return rows
+        async with conn.transaction(isolation="repeatable_read", readonly=True):
+            if self.set_based:
+                await self._refresh(conn, relid)
+            return await self._decide(conn, relid, identities, images, n_images, by_role)
+
+    def _cached(self, relid: int, by_role: dict[str, list[int]]) -> dict[str, SetPlan] | None:
+        """The plans for every role, when all are cached and set-based."""
+        if not self.set_based or self._fingerprint is None or relid not in self._local:
+            return None
+        plans = {}
+        for role in by_role:
+            chosen = self._plans.get((relid, role))
+            if not isinstance(chosen, SetPlan):
+                return None
+            plans[role] = chosen
+        return plans
+
+    def _payload(
+        self, plans: dict[str, SetPlan], identities: Sequence[tuple[str, dict[str, Any]]], by_role: dict[str, list[int]]
+    ) -> str:
+        return orjson.dumps(
+            [
+                {
+                    "role": role,
+                    "query": plan.query,
+                    "identities": self._claims_json([identities[n][1] for n in by_role[role]], plan.claim_keys),
+                }
+                for role, plan in plans.items()
+            ]
+        ).decode()
+
+    async def _decide(
+        self,
+        conn: asyncpg.Connection,
+        relid: int,
+        identities: Sequence[tuple[str, dict[str, Any]]],
+        images: str,
+        n_images: int,
+        by_role: dict[str, list[int]],
+    ) -> list[Row]:
         plans: dict[str, SetPlan] = {}
         if self.set_based:
             await self._describe(conn, relid, list(by_role))
@@ -174,40 +251,8 @@ class RowSecurity:
         rows: list[Row] = []
         decided: set[str] = set()
         if plans:
-            roles = list(plans)
-            payload = [
-                {
-                    "role": role,
-                    "query": plans[role].query,
-                    "identities": self._claims_json([identities[n][1] for n in by_role[role]], plans[role].claim_keys),
-                }
-                for role in roles
-            ]
-            results = await conn.fetch(_VISIBLE_SETS, relid, orjson.dumps(payload).decode(), images)
-            for r, readable, everything, identity, image, error in results:
-                role = roles[r]
-                if error is not None:
-                    # The policy raised (for some identity, or a change of the catalog made the query stale):
-                    # those identities are decided one at a time, which confines the error to whom it concerns.
-                    log.info(
-                        "a set-based policy query failed; deciding its identities one at a time",
-                        extra={"ctx_relid": relid, "ctx_role": role, "ctx_error": error},
-                    )
-                    self._plans.pop((relid, role), None)
-                    self._fingerprint = None
-                    continue
-                decided.add(role)
-                members = by_role[role]
-                self.statistics.set_based += 1
-                if readable is None:
-                    continue
-                if everything:
-                    rows.extend((n, list(range(n_images)), readable, None) for n in members)
-                    continue
-                seen: dict[int, list[int]] = {}
-                for i, n in zip(identity or (), image or (), strict=True):
-                    seen.setdefault(members[i], []).append(n)
-                rows.extend((n, sorted(visible), readable, None) for n, visible in seen.items())
+            results = await conn.fetch(_VISIBLE_SETS, relid, self._payload(plans, identities, by_role), images)
+            rows, decided = self._set_rows(relid, plans, by_role, [tuple(r) for r in results], n_images)
         rest = [n for role, members in by_role.items() if role not in decided for n in members]
         if rest:
             self.statistics.per_identity += len(rest)
@@ -215,6 +260,44 @@ class RowSecurity:
             for k, visible, readable, error in await conn.fetch(_VISIBLE, relid, subset, images):
                 rows.append((rest[k], visible, readable, error))
         return rows
+
+    def _set_rows(
+        self,
+        relid: int,
+        plans: dict[str, SetPlan],
+        by_role: dict[str, list[int]],
+        results: list[tuple[Any, ...]],
+        n_images: int,
+    ) -> tuple[list[Row], set[str]]:
+        """Rows from realtime.visible_sets, and the roles it decided (a role whose query raised is left out)."""
+        roles = list(plans)
+        rows: list[Row] = []
+        decided: set[str] = set()
+        for r, readable, everything, identity, image, error in results:
+            role = roles[r]
+            if error is not None:
+                # The policy raised (for some identity, or a change of the catalog made the query stale):
+                # those identities are decided one at a time, which confines the error to whom it concerns.
+                log.info(
+                    "a set-based policy query failed; deciding its identities one at a time",
+                    extra={"ctx_relid": relid, "ctx_role": role, "ctx_error": error},
+                )
+                self._plans.pop((relid, role), None)
+                self._fingerprint = None
+                continue
+            decided.add(role)
+            members = by_role[role]
+            self.statistics.set_based += 1
+            if readable is None:
+                continue
+            if everything:
+                rows.extend((n, list(range(n_images)), readable, None) for n in members)
+                continue
+            seen: dict[int, list[int]] = {}
+            for i, n in zip(identity or (), image or (), strict=True):
+                seen.setdefault(members[i], []).append(n)
+            rows.extend((n, sorted(visible), readable, None) for n, visible in seen.items())
+        return rows, decided
 
     def _claims_json(self, claims: list[dict[str, Any]], keys: frozenset[str] | None) -> orjson.Fragment:
         """The identities' claims as one JSON array, each object cut down to `keys` when the query reads no more:

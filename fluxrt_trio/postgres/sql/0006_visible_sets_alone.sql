@@ -1,0 +1,53 @@
+-- realtime.visible_sets, as in 0005, but safe to call as a statement of its own rather than only inside a
+-- REPEATABLE READ READ ONLY transaction: fluxrt now decides a window in one round trip (the catalog fingerprint and
+-- this call in one statement), and the function makes that statement's transaction read-only before any policy runs.
+CREATE OR REPLACE FUNCTION realtime.visible_sets(rel oid, roles jsonb, images text)
+RETURNS TABLE (r integer, readable text[], everything boolean, identity integer[], image integer[], error text)
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    root oid := coalesce(pg_catalog.pg_partition_root(rel), rel);
+    nsp oid;
+    imgs jsonb := images::jsonb;
+    entry jsonb;
+    saved_role text := pg_catalog.current_setting('role');
+BEGIN
+    -- Called alone, as one statement, it makes its own transaction read-only: nothing a policy runs may write.
+    -- (Turning read-only on is allowed at any time; turning it off again, after this query began, is not.)
+    PERFORM pg_catalog.set_config('transaction_read_only', 'on', true);
+    SELECT c.relnamespace INTO nsp FROM pg_catalog.pg_class c WHERE c.oid = root;
+    FOR i IN 0 .. pg_catalog.jsonb_array_length(roles) - 1 LOOP
+        entry := roles -> i;
+        r := i;
+        readable := NULL;
+        everything := false;
+        identity := NULL;
+        image := NULL;
+        error := NULL;
+        BEGIN
+            PERFORM pg_catalog.set_config('role', entry ->> 'role', true);
+            IF pg_catalog.has_schema_privilege(nsp, 'USAGE')
+               AND pg_catalog.has_any_column_privilege(root, 'SELECT') THEN
+                readable := ARRAY(
+                    SELECT a.attname::text FROM pg_catalog.pg_attribute a
+                     WHERE a.attrelid = root AND a.attnum > 0 AND NOT a.attisdropped
+                       AND pg_catalog.has_column_privilege(root, a.attnum, 'SELECT')
+                     ORDER BY a.attnum);
+                IF NOT pg_catalog.row_security_active(root) THEN
+                    everything := true;
+                ELSE
+                    EXECUTE entry ->> 'query' INTO identity, image USING entry -> 'identities', imgs;
+                END IF;
+            END IF;
+            PERFORM pg_catalog.set_config('role', saved_role, true);
+        EXCEPTION WHEN OTHERS THEN
+            -- The subtransaction's rollback has restored the role.
+            readable := NULL;
+            everything := false;
+            identity := NULL;
+            image := NULL;
+            error := SQLERRM;
+        END;
+        RETURN NEXT;
+    END LOOP;
+END
+$$;

@@ -175,6 +175,9 @@ async def test_set_based_and_per_identity_decisions_agree_with_live_select(db):
             f"GRANT {editor}, {bypass} TO {AUTHORIZER_ROLE};"
             f"ALTER TABLE owned OWNER TO {editor}; ALTER TABLE forced OWNER TO {editor};"
             "ALTER TABLE forced FORCE ROW LEVEL SECURITY;"
+            # The editor may not call auth.uid(): live, the policies that do raise for it, and so must both paths.
+            "REVOKE EXECUTE ON FUNCTION auth.uid() FROM PUBLIC;"
+            f"GRANT EXECUTE ON FUNCTION auth.uid() TO anon, authenticated, {bypass};"
         )
         for table in TABLES:
             if table != "plain":

@@ -283,3 +283,12 @@ def test_only_the_claims_a_plan_reads_by_constant_key_are_sent(qual, keys):
     chosen = plan(catalog(policy("p", qual)), DOCS, "authenticated")
     assert isinstance(chosen, SetPlan)
     assert chosen.claim_keys == (frozenset(keys) if keys is not None else None)
+
+
+def test_a_role_that_may_not_call_an_auth_function_goes_per_identity():
+    # Inlined, auth.uid()'s body would run where PostgreSQL refuses the call; per identity, the policy raises as live.
+    allowed = attrs.evolve(catalog(policy("own", "(user_id = auth.uid())")), executable={"authenticated": frozenset()})
+    result = plan(allowed, DOCS, "authenticated")
+    assert isinstance(result, PerIdentity) and result.reason == "role authenticated may not call auth.uid()"
+    granted = attrs.evolve(allowed, executable={"authenticated": frozenset({"uid"})})
+    assert isinstance(plan(granted, DOCS, "authenticated"), SetPlan)

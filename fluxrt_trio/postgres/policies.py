@@ -124,6 +124,8 @@ class Catalog:
     stable: frozenset[str]
     row_shaping: frozenset[str] = frozenset()
     """pg_catalog function names with an overload that returns a set or is an aggregate or window function"""
+    executable: Mapping[str, frozenset[str]] | None = None
+    """per role, the auth functions it may call (USAGE on the schema and EXECUTE); None: not checked"""
 
 
 @attrs.frozen
@@ -474,6 +476,9 @@ def plan(catalog: Catalog, relid: int, role: str) -> SetPlan | PerIdentity:
         function = catalog.auth.get(name)
         if function is None:
             return PerIdentity(f"auth.{name}() does not exist")
+        if catalog.executable is not None and name not in catalog.executable.get(role, frozenset()):
+            # Inlined, the body would run where PostgreSQL refuses the call: let the call fail as it would live.
+            return PerIdentity(f"role {role} may not call auth.{name}()")
         try:
             body = rewrite_auth_body(function)
             _check_functions(catalog, body.functions)

@@ -97,6 +97,15 @@ SELECT p.proname::text, l.lanname::text, p.provolatile::text, coalesce(p.prosrc,
  WHERE n.nspname = 'auth' AND p.proname IN ('uid', 'role', 'jwt') AND p.pronargs = 0
 """
 
+_EXECUTABLE = """
+SELECT r, ARRAY(SELECT p.proname::text FROM pg_catalog.pg_proc p
+                 WHERE p.pronamespace = n.oid AND p.proname IN ('uid', 'role', 'jwt') AND p.pronargs = 0
+                   AND pg_catalog.has_schema_privilege(r, n.oid, 'USAGE')
+                   AND pg_catalog.has_function_privilege(r, p.oid, 'EXECUTE'))
+  FROM unnest($1::text[]) r, pg_catalog.pg_namespace n
+ WHERE n.nspname = 'auth' AND EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = r)
+"""
+
 _BUILTINS = """
 SELECT proname::text, bool_or(provolatile = 'v'), bool_or(proretset OR prokind IN ('a', 'w')) FROM pg_proc
  WHERE pronamespace = 'pg_catalog'::regnamespace GROUP BY proname
@@ -142,6 +151,8 @@ class RowSecurity:
         self._volatile: frozenset[str] = frozenset()
         self._stable: frozenset[str] = frozenset()
         self._row_shaping: frozenset[str] = frozenset()
+        self._executable: dict[str, frozenset[str]] = {}
+        """per role, the auth functions it may call"""
         self._plans: dict[tuple[int, str], SetPlan | PerIdentity] = {}
         self._told: set[tuple[int, str, str]] = set()
         self._claims_cache: dict[int, tuple[dict[str, Any], frozenset[str] | None, bytes]] = {}
@@ -154,6 +165,7 @@ class RowSecurity:
         if fingerprint != self._fingerprint:
             self._fingerprint = fingerprint
             self._local.clear()
+            self._executable.clear()
             self._relations.clear()
             self._roles.clear()
             self._plans.clear()
@@ -320,6 +332,10 @@ class RowSecurity:
         if known is not None and known.issuperset(roles):
             return
         wanted = sorted(set(roles) | (known or set()))
+        unknown = [r for r in wanted if r not in self._executable]
+        if unknown:
+            found = {r: frozenset(names) for r, names in await conn.fetch(_EXECUTABLE, unknown)}
+            self._executable.update({r: found.get(r, frozenset()) for r in unknown})
         todo = [relid]
         while todo:
             rows = await conn.fetch(_DESCRIBE, todo, wanted)
@@ -335,7 +351,9 @@ class RowSecurity:
     def _plan(self, relid: int, role: str) -> SetPlan | PerIdentity:
         chosen = self._plans.get((relid, role))
         if chosen is None:
-            catalog = Catalog(self._relations, self._auth, self._volatile, self._stable, self._row_shaping)
+            catalog = Catalog(
+                self._relations, self._auth, self._volatile, self._stable, self._row_shaping, self._executable
+            )
             chosen = self._plans[(relid, role)] = plan(catalog, relid, role)
             if isinstance(chosen, PerIdentity) and (relid, role, chosen.reason) not in self._told:
                 self._told.add((relid, role, chosen.reason))

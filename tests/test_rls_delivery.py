@@ -73,3 +73,25 @@ async def test_who_receives_follows_every_subscription_change_between_two_change
         await db.execute("INSERT INTO notes VALUES (7, 'alice')")
         await nothing_arrives(bob)
         await nothing_arrives(alice)  # 5 and 7 do not pass alice's filter
+
+
+async def test_a_policy_the_rewrite_refuses_is_decided_per_identity_and_said_once(start_server, db, caplog):
+    db.sql(
+        "CREATE FUNCTION public.is_mine(owner text) RETURNS boolean LANGUAGE sql STABLE"
+        " AS $$ SELECT owner = (SELECT auth.jwt() ->> 'sub') $$;"
+        "CREATE TABLE notes (id int PRIMARY KEY, owner text); ALTER TABLE notes ENABLE ROW LEVEL SECURITY;"
+        "CREATE POLICY mine ON notes FOR SELECT USING (public.is_mine(owner));"
+        "GRANT SELECT ON notes TO authenticated; SELECT enable_realtime('notes');"
+    )
+    caplog.set_level("INFO", logger="fluxrt.rls")
+    server = await start(start_server, db)
+    async with connect(server, tok=token("alice")) as alice, connect(server, tok=token("bob")) as bob:
+        await subscribe(alice, "table:public.notes")
+        await subscribe(bob, "table:public.notes")
+        for n in range(1, 4):
+            await db.execute(f"INSERT INTO notes VALUES ({n}, 'alice')")
+            assert (await recv(alice))["payload"]["record"]["id"] == n
+        await nothing_arrives(bob)
+    said = [r for r in caplog.records if "decided one identity at a time" in r.getMessage()]
+    assert len(said) == 1
+    assert said[0].ctx_table == "public.notes" and "public.is_mine" in said[0].ctx_reason

@@ -121,9 +121,25 @@ def test_claims_read_as_text_otherwise_stay_text():
 def test_a_body_that_is_one_expression_also_comes_without_the_one_row_subquery():
     rewritten = rewrite_auth_body(auth("jwt", OURS_JWT))
     assert rewritten.scalar == "(COALESCE(__fluxrt_source.__fluxrt_claims, CAST('{}' AS jsonb)))::jsonb"
-    # Anything more than `SELECT <expr>` keeps the subquery: a FROM, a WHERE (no row: NULL), a LIMIT...
-    assert rewrite_auth_body(auth("uid", OURS_UID)).scalar is None
-    for body in ("SELECT 'x' WHERE false", "SELECT 'x' LIMIT 0", "SELECT 'a' UNION SELECT 'b'"):
+    # A FROM of one one-row subquery is flattened into the expression, each use of its column replaced.
+    assert rewrite_auth_body(auth("uid", OURS_UID)).scalar == (
+        "(CASE WHEN __fluxrt_source.__fluxrt_claims ->> 'sub' ~* "
+        "'^[0-9a-f]{8}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{12}$' "
+        "THEN CAST(__fluxrt_source.__fluxrt_claims ->> 'sub' AS uuid) END)::uuid"
+    )
+    assert rewrite_auth_body(auth("role", "SELECT 2 * x FROM (SELECT 1 + 1, 3) AS c(x, y)")).scalar == (
+        "(2 * (1 + 1))::text"
+    )
+    # Anything else keeps the subquery: a WHERE (no row: NULL), a LIMIT, a UNION, a FROM that is not one row...
+    for body in (
+        "SELECT 'x' WHERE false",
+        "SELECT 'x' LIMIT 0",
+        "SELECT 'a' UNION SELECT 'b'",
+        "SELECT * FROM (SELECT 'x' AS s) c",
+        "SELECT s FROM (SELECT 'x' AS s WHERE false) c",
+        "SELECT s FROM (SELECT 'x' AS s) c, (SELECT 'y' AS t) d",
+        "SELECT s || t FROM (SELECT 'x' AS s) c",
+    ):
         assert rewrite_auth_body(auth("role", body)).scalar is None, body
 
 
@@ -192,7 +208,7 @@ def test_permissive_policies_are_ored_in_descending_name_order_and_restrictive_o
     assert isinstance(result, SetPlan)
     assert f"ON ((team = 1) OR (user_id = {UID})) AND (id > 0) AND (id < 100)" in result.query
     assert result.uses == {"uid"}
-    assert "WHEN s ~* " in result.query  # auth.uid()'s own definition, inlined
+    assert "CASE WHEN __fluxrt_source.__fluxrt_claims ->> 'sub' ~* " in result.query  # auth.uid()'s own body
 
 
 def test_the_one_expression_form_is_used_unless_a_function_in_it_returns_rows_or_aggregates():

@@ -20,7 +20,7 @@ Pure: no database, no I/O. `fluxrt_trio.postgres.rls` fetches the catalog facts 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
@@ -199,18 +199,67 @@ def rewrite_auth_body(function: AuthFunction) -> Expression:
     select = rewriter.transform(statements[0].stmt)
     # A SQL function returns its first row, NULL when there is none; so does this scalar subquery.
     sql = f"(SELECT * FROM ({_deparse(select)}) AS {RESERVED}f LIMIT 1)::{function.returns}"
-    scalar = None
-    if _one_expression(select):
-        scalar = f"({_deparse(select.targetList[0].val)})::{function.returns}"
+    expression = _scalar(select)
+    scalar = f"({expression})::{function.returns}" if expression is not None else None
     return Expression(sql, frozenset(rewriter.uses), frozenset(rewriter.functions), scalar)
 
 
-def _one_expression(select: ast.SelectStmt) -> bool:
-    """`SELECT <expr>` and nothing else: exactly one row, whatever the expression (set-returning and aggregate
-    functions aside, which the caller rules out)."""
+def _scalar(select: ast.SelectStmt) -> str | None:
+    """The one value a body returns, as an expression: `SELECT <expr>`, or `SELECT <expr> FROM (SELECT <a> AS x,
+    ...) c` with each `x` (or `c.x`) in <expr> replaced by <a>. None for anything else."""
+    if _one_row(select, columns=1, with_from=False):
+        return _deparse(select.targetList[0].val)
+    if not _one_row(select, columns=1, with_from=True):
+        return None
+    source = select.fromClause[0]
+    inner = source.subquery if isinstance(source, ast.RangeSubselect) else None
+    if inner is None or source.lateral or not isinstance(inner, ast.SelectStmt) or source.alias is None:
+        return None
+    if not _one_row(inner, columns=len(inner.targetList or ()), with_from=False):
+        return None
+    names = _names(source.alias.colnames) or tuple(t.name for t in inner.targetList)
+    if len(names) != len(inner.targetList) or None in names:
+        return None
+    values = {name: _deparse(t.val) for name, t in zip(names, inner.targetList, strict=True)}
+    alias = source.alias.aliasname
+    replaced = True
+
+    def substitute(node: ast.Node) -> ast.Node:
+        nonlocal replaced
+        if isinstance(node, ast.ColumnRef):
+            fields = _names(node.fields)
+            name = fields[-1] if fields[:-1] in ((), (alias,)) and len(fields) == len(node.fields) else None
+            if name not in values:
+                replaced = False
+                return node
+            return _parse_expression(values[name])
+        for field in type(node).__slots__:
+            value = getattr(node, field)
+            if isinstance(value, ast.Node | tuple):
+                setattr(node, field, walk(value))
+        return node
+
+    def walk(value: Any) -> Any:
+        if isinstance(value, ast.Node):
+            return substitute(value)
+        if isinstance(value, tuple):
+            return tuple(walk(item) for item in value)
+        return value
+
+    try:
+        expression = substitute(_parse_expression(_deparse(select.targetList[0].val)))
+    except Unsupported:  # `SELECT *` and the like: not one expression
+        return None
+    return _deparse(expression) if replaced else None
+
+
+def _one_row(select: ast.SelectStmt, *, columns: int, with_from: bool) -> bool:
+    """Exactly one row of `columns` values whatever the expressions (set-returning and aggregate functions aside,
+    which the caller rules out): `SELECT <exprs>`, with `with_from` over one FROM item, and nothing else."""
     return (
-        len(select.targetList or ()) == 1
-        and not select.fromClause
+        columns >= 1
+        and len(select.targetList or ()) == columns
+        and (len(select.fromClause or ()) == 1 if with_from else not select.fromClause)
         and select.whereClause is None
         and not select.groupClause
         and select.havingClause is None

@@ -9,7 +9,7 @@ from typing import Any
 import asyncpg
 import orjson
 
-from fluxrt_trio.postgres.bridge import AUTHORIZER_ROLE
+from fluxrt_trio.postgres.bridge import AUTHORIZER_ROLE, AUTHORIZER_SESSION
 from fluxrt_trio.postgres.rls import RowSecurity
 
 from . import pg
@@ -202,7 +202,7 @@ async def test_set_based_and_per_identity_decisions_agree_with_live_select(db):
 
 async def compare(admin: str, authorizer: str, who: list[tuple[str, dict[str, Any]]]) -> tuple[list[str], dict]:
     setup = await asyncpg.connect(admin)
-    conn = await asyncpg.connect(authorizer)
+    conn = await asyncpg.connect(authorizer, server_settings=AUTHORIZER_SESSION)
     mismatches: list[str] = []
     paths: dict[str, str] = {}
     shortcut: dict[str, int] = {}
@@ -273,3 +273,31 @@ async def _live(conn: asyncpg.Connection, table: str, role: str, claims: dict, k
     except asyncpg.PostgresError:
         return (None, True)
     return (sorted(i for i, k in enumerate(keys) if k[first] in got), False)
+
+
+async def test_a_session_not_in_repeatable_read_is_decided_in_a_transaction_of_its_own(db):
+    # Policy code can change a pooled session's default isolation; the one-statement path then declines (its catalog
+    # check would not share the decisions' snapshot) and a REPEATABLE READ transaction decides, with the same answer.
+    db.sql(
+        "CREATE TABLE notes (id int PRIMARY KEY, owner text); ALTER TABLE notes ENABLE ROW LEVEL SECURITY;"
+        "CREATE POLICY mine ON notes FOR SELECT USING (owner = (SELECT auth.jwt() ->> 'sub'));"
+        "GRANT SELECT ON notes TO authenticated;"
+    )
+    relid = db.sql("SELECT 'notes'::regclass::oid")[0][0]
+    authorizer = db.dsn.replace("postgres@", f"{AUTHORIZER_ROLE}@", 1)
+    who = [("authenticated", {"sub": "alice"}), ("authenticated", {"sub": "bob"})]
+    images = orjson.dumps([{"id": 1, "owner": "alice"}, {"id": 2, "owner": "bob"}]).decode()
+
+    async def decide_three_times(settings: dict[str, str]) -> tuple[list, int]:
+        conn = await asyncpg.connect(authorizer, server_settings=settings)
+        try:
+            security = RowSecurity()
+            for _ in range(3):
+                rows = await security.decide(conn, relid, who, images, 2)
+            return sorted((n, v) for n, v, _, _ in rows), security.statistics.one_statement
+        finally:
+            await conn.close()
+
+    assert await in_asyncio(decide_three_times, AUTHORIZER_SESSION) == ([(0, [0]), (1, [1])], 2)
+    read_committed = {**AUTHORIZER_SESSION, "default_transaction_isolation": "read committed"}
+    assert await in_asyncio(decide_three_times, read_committed) == ([(0, [0]), (1, [1])], 0)

@@ -139,6 +139,8 @@ def test_a_body_that_is_one_expression_also_comes_without_the_one_row_subquery()
         "SELECT s FROM (SELECT 'x' AS s WHERE false) c",
         "SELECT s FROM (SELECT 'x' AS s) c, (SELECT 'y' AS t) d",
         "SELECT s || t FROM (SELECT 'x' AS s) c",
+        # Inside the nested SELECT, x is q's own column: substituting the outer x there would change the answer.
+        "SELECT (SELECT x FROM (SELECT 'inner' AS x) q) FROM (SELECT 'outer' AS x) c",
     ):
         assert rewrite_auth_body(auth("role", body)).scalar is None, body
 
@@ -149,6 +151,7 @@ def test_a_body_that_is_one_expression_also_comes_without_the_one_row_subquery()
         (auth("uid", "BEGIN RETURN NULL; END", language="plpgsql"), "plpgsql"),
         (auth("uid", OURS_UID, volatility="v"), "VOLATILE"),
         (auth("uid", OURS_UID, configured=True), "SET options"),
+        (auth("uid", OURS_UID, definer=True), "SECURITY DEFINER"),
         (auth("uid", ""), "SQL-standard"),
         (auth("uid", "SELECT id FROM public.users WHERE name = current_user"), "reads the relation"),
         (auth("uid", "SELECT 1; SELECT 2"), "single SELECT"),

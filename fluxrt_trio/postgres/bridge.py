@@ -40,6 +40,12 @@ class DatabaseUnavailable(Exception):
 Work = Callable[[asyncpg.Connection], Awaitable[T]]
 
 
+AUTHORIZER_SESSION = {"default_transaction_read_only": "on", "default_transaction_isolation": "repeatable read"}
+"""Session defaults of the authorizer's connections: a statement on its own is then a read-only transaction with one
+snapshot, as every use wants (row-level security decides a window in one statement). Given at connection start, they
+survive the pool's RESET ALL."""
+
+
 class Database:
     """A small asyncpg pool for checks and authorization, usable only inside `trio_asyncio.open_loop()`.
 
@@ -61,13 +67,7 @@ class Database:
                 min_size=0,
                 max_size=self._max_size,
                 init=_refuse_superuser,
-                # A statement on its own is then a read-only transaction with one snapshot, as every use here wants
-                # (row-level security decides a window in one statement). Set at connection start, these survive the
-                # pool's RESET ALL.
-                server_settings={
-                    "default_transaction_read_only": "on",
-                    "default_transaction_isolation": "repeatable read",
-                },
+                server_settings=AUTHORIZER_SESSION,
             )
         except (OSError, asyncpg.PostgresError) as exc:
             raise DatabaseUnavailable(describe(exc)) from None

@@ -111,6 +111,8 @@ class AuthFunction:
     """format_type of the result"""
     configured: bool = False
     """it carries SET options (search_path, ...), which change how its body reads"""
+    definer: bool = False
+    """SECURITY DEFINER: its body runs as its owner, so inlined it would answer differently"""
 
 
 @attrs.frozen
@@ -187,6 +189,8 @@ def rewrite_auth_body(function: AuthFunction) -> Expression:
         raise Unsupported(f"{label} is VOLATILE")
     if function.configured:
         raise Unsupported(f"{label} has SET options")
+    if function.definer:
+        raise Unsupported(f"{label} is SECURITY DEFINER")
     if not function.body.strip():
         raise Unsupported(f"{label} has a SQL-standard body")
     try:
@@ -220,6 +224,9 @@ def _scalar(select: ast.SelectStmt) -> str | None:
     names = _names(source.alias.colnames) or tuple(t.name for t in inner.targetList)
     if len(names) != len(inner.targetList) or None in names:
         return None
+    if _has_subquery(select.targetList[0].val):
+        # A name inside a nested SELECT may be that SELECT's own column: substituting there could change its meaning.
+        return None
     values = {name: _deparse(t.val) for name, t in zip(names, inner.targetList, strict=True)}
     alias = source.alias.aliasname
     replaced = True
@@ -251,6 +258,16 @@ def _scalar(select: ast.SelectStmt) -> str | None:
     except Unsupported:  # `SELECT *` and the like: not one expression
         return None
     return _deparse(expression) if replaced else None
+
+
+def _has_subquery(node: Any) -> bool:
+    if isinstance(node, ast.SubLink | ast.SelectStmt | ast.RangeSubselect):
+        return True
+    if isinstance(node, tuple):
+        return any(_has_subquery(item) for item in node)
+    if isinstance(node, ast.Node):
+        return any(_has_subquery(getattr(node, field)) for field in type(node).__slots__)
+    return False
 
 
 def _one_row(select: ast.SelectStmt, *, columns: int, with_from: bool) -> bool:

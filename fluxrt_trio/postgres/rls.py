@@ -92,7 +92,7 @@ SELECT c.oid, c.relkind::text, c.relrowsecurity, n.nspname::text, c.relname::tex
 
 _AUTH = """
 SELECT p.proname::text, l.lanname::text, p.provolatile::text, coalesce(p.prosrc, ''),
-       format_type(p.prorettype, NULL), p.proconfig IS NOT NULL
+       format_type(p.prorettype, NULL), p.proconfig IS NOT NULL, p.prosecdef
   FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace JOIN pg_language l ON l.oid = p.prolang
  WHERE n.nspname = 'auth' AND p.proname IN ('uid', 'role', 'jwt') AND p.pronargs = 0
 """
@@ -170,8 +170,8 @@ class RowSecurity:
             self._roles.clear()
             self._plans.clear()
             self._auth = {
-                name: AuthFunction(name, language, volatility, body, returns, configured)
-                for name, language, volatility, body, returns, configured in await conn.fetch(_AUTH)
+                name: AuthFunction(name, language, volatility, body, returns, configured, definer)
+                for name, language, volatility, body, returns, configured, definer in await conn.fetch(_AUTH)
             }
         if self._local.get(relid) != local:
             self._local[relid] = local
@@ -209,7 +209,9 @@ class RowSecurity:
                 _CHECKED_VISIBLE_SETS, relid, payload, images, self._fingerprint, self._local.get(relid)
             )
             if results and (results[0][0], results[0][1]) == (self._fingerprint, self._local.get(relid)):
-                rows, decided = self._set_rows(relid, plans, by_role, [tuple(r)[2:] for r in results], n_images)
+                # No role rows (r is NULL) when visible_sets declined: then the transaction below decides.
+                decisions = [tuple(r)[2:] for r in results if r[2] is not None]
+                rows, decided = self._set_rows(relid, plans, by_role, decisions, n_images)
                 if len(decided) == len(by_role):
                     self.statistics.one_statement += 1
                     return rows

@@ -14,6 +14,12 @@ BEGIN
     -- Called alone, as one statement, it makes its own transaction read-only: nothing a policy runs may write.
     -- (Turning read-only on is allowed at any time; turning it off again, after this query began, is not.)
     PERFORM pg_catalog.set_config('transaction_read_only', 'on', true);
+    -- fluxrt checks its plans against the catalog in the same statement: that holds only if the whole statement
+    -- reads one snapshot. A session whose default isolation was changed (policy code can) gets no rows, and fluxrt
+    -- then decides in a REPEATABLE READ transaction of its own.
+    IF pg_catalog.current_setting('transaction_isolation') NOT IN ('repeatable read', 'serializable') THEN
+        RETURN;
+    END IF;
     SELECT c.relnamespace INTO nsp FROM pg_catalog.pg_class c WHERE c.oid = root;
     FOR i IN 0 .. pg_catalog.jsonb_array_length(roles) - 1 LOOP
         entry := roles -> i;

@@ -37,7 +37,7 @@ def read_secret(config: AuthConfig) -> str | None:
     Raises OSError when the file cannot be read.
     """
     if config.jwt_secret_file:
-        return Path(config.jwt_secret_file).read_text(encoding="utf-8").strip() or None
+        return Path(config.jwt_secret_file).read_bytes().decode("utf-8", errors="strict").strip() or None
     return config.jwt_secret
 
 
@@ -66,9 +66,22 @@ class Verifier:
             algorithms = (("HS256",) if symmetric else ()) + (_DEFAULT_ASYMMETRIC if asymmetric else ())
         self.algorithms = frozenset(a for a in algorithms if a.lower() != "none")
 
+    def _check_retired(self, claims: dict[str, Any], retired_at: float) -> None:
+        """A replaced key still vouches for the tokens it signed before it was replaced (`iat`, which is then
+        required), and for no longer than `auth.rotation_grace` after: whoever still holds it cannot sign new ones
+        by backdating `iat` and choosing a far `exp`."""
+        iat = claims.get("iat")
+        if not isinstance(iat, int | float):
+            raise AuthError("token rejected: signed with a replaced key and without iat")
+        if iat > retired_at:
+            raise AuthError("token rejected: signed with a key that was replaced before the token was issued")
+        if time.time() > retired_at + self.config.rotation_grace:
+            raise AuthError("token rejected: signed with a key replaced longer ago than auth.rotation_grace")
+
     def rotated(self, config: AuthConfig, now: float | None = None) -> Verifier:
         """The Verifier for a reloaded `config`. A secret or public key that it replaces keeps verifying the tokens
-        it signed before `now` until they expire (the newest MAX_RETIRED_KEYS replaced keys are kept).
+        it signed before `now` until they expire, for at most `auth.rotation_grace` (the newest MAX_RETIRED_KEYS
+        replaced keys are kept).
 
         Raises OSError when a key file cannot be read.
         """
@@ -129,9 +142,8 @@ class Verifier:
                 continue
             except jwt.PyJWTError as exc:
                 raise AuthError(f"token rejected: {exc}") from None
-            iat = claims.get("iat")
-            if retired_at is not None and isinstance(iat, int | float) and iat > retired_at:
-                raise AuthError("token rejected: signed with a key that was replaced before the token was issued")
+            if retired_at is not None:
+                self._check_retired(claims, retired_at)
             break
         else:
             raise AuthError(f"token rejected: {mismatch}")

@@ -70,6 +70,9 @@ def _ttl(text: str) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Until serving installs its handler, a reload request must not kill the process (SIGHUP's default action):
+    # start-up may take seconds (the embedded database, migrations), and systemd allows `reload` meanwhile.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     args = _parser().parse_args(argv)
     config = _load(args.config)
     if args.command == "check-config":
@@ -173,10 +176,11 @@ def reload(server: Server, started: Config, path: str | None) -> bool:
     plan = plan_reload(started, server.config, new)
     try:
         server.reload(plan.config)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
+        # The files changed since they were checked (or cannot be used as keys): nothing was applied.
         log.error(
             "reload rejected; the running configuration stays",
-            extra=logs.ctx(problems=[f"cannot read a key file: {exc}"]),
+            extra=logs.ctx(problems=[f"cannot use a key file: {exc}"]),
         )
         return False
     logs.configure(plan.config.log.level, plan.config.log.format)

@@ -49,6 +49,7 @@ class AuthConfig:
     audience: str | None = None
     issuer: str | None = None
     leeway: Seconds = Seconds(10 * SECONDS)
+    rotation_grace: Seconds = Seconds(24 * 3600 * SECONDS)
     allow_anonymous: bool = True
     anon_role: str = "anon"
     default_role: str = "authenticated"
@@ -100,7 +101,7 @@ for _cls in (ServerConfig, AuthConfig, DatabaseConfig, RealtimeConfig, LogConfig
     attrs.resolve_types(_cls)
 
 _TEXT_TYPES = (str, Secret, str | None, Secret | None, UrlPath)
-_OPTIONAL_TEXT_TYPES = (str | None, Secret | None)
+_EMPTY_UNSETS = frozenset({"database.dsn", "database.authorizer_dsn", "database.embedded"})
 
 
 class ConfigError(Exception):
@@ -278,11 +279,18 @@ def _env_overrides(raw: dict[str, Any], environ: Mapping[str, str], source: dict
             value = yaml.safe_load(text) if text.strip() else None
         except yaml.YAMLError:
             value = text
-        # A secret, a DSN or a name is a string even when it looks like a number or a boolean; empty unsets an
-        # optional one (FLUXRT_DATABASE_EMBEDDED= turns the embedded database off).
+        # A secret, a DSN or a name is a string even when it looks like a number or a boolean. Empty turns off the
+        # database settings that may be off (FLUXRT_DATABASE_EMBEDDED= stops the embedded database) and is an error
+        # for the other texts.
         kind = attrs.fields_dict(cls)[key].type  # type: ignore[arg-type]
         if kind in _TEXT_TYPES:
-            value = None if not text and kind in _OPTIONAL_TEXT_TYPES else text
+            value = text
+        if not text and f"{section}.{key}" in _EMPTY_UNSETS:
+            value = None
+        elif not text and kind in _TEXT_TYPES:
+            # An empty audience or issuer must not quietly turn a check off (a compose file's `${UNSET}`).
+            problems.append(f"environment {name}: empty; unset the variable to keep the configuration file's value")
+            continue
         section_raw = raw.setdefault(section, {})
         if isinstance(section_raw, dict):
             section_raw[key] = value
@@ -351,6 +359,11 @@ def _cross_checks(config: Config, label: str) -> list[str]:
             else:
                 if not content.strip():
                     problems.append(f"{label}: auth.{key}: {path!r} is empty")
+                elif key == "jwt_secret_file" and not _is_utf8(content):
+                    problems.append(
+                        f"{label}: auth.{key}: {path!r} is not UTF-8 text; write the secret as text (for random bytes, "
+                        "their base64 or hex form, as your token issuer uses it)"
+                    )
     if not auth.allow_anonymous and not (auth.jwt_secret or auth.jwt_secret_file or auth.jwt_public_key_file):
         problems.append(
             f"{label}: auth.allow_anonymous: false needs auth.jwt_secret, auth.jwt_secret_file or "
@@ -363,6 +376,14 @@ def _cross_checks(config: Config, label: str) -> list[str]:
             f"realtime.max_connections ({rt.max_connections})"
         )
     return problems
+
+
+def _is_utf8(content: bytes) -> bool:
+    try:
+        content.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 _MASK = "********"

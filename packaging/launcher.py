@@ -3,8 +3,13 @@
 # missing home under systemd's ProtectHome, a locked-down service account). Here ~/.shiv is used only when it is
 # writable; otherwise a private folder in the temporary directory.
 import os
+import signal
 import stat
 import sys
+
+# A reload request during the first start (seconds of unpacking and compiling) must not kill the process; fluxrt
+# takes SIGHUP over once it serves.
+signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
 SUPPORTED = ()
 """(major, minor) versions whose extension modules the pyz holds; filled in by build_pyz.py"""

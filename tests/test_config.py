@@ -318,6 +318,11 @@ def test_secret_file_problems(tmp_path):
         f"{path}: auth.jwt_secret_file: set either auth.jwt_secret or auth.jwt_secret_file, not both",
         f"{path}: auth.jwt_secret_file: {str(empty)!r} is empty",
     ]
+    binary = tmp_path / "binary"
+    binary.write_bytes(b"\xff\xfe random bytes")
+    path = write(tmp_path, f"auth:\n  jwt_secret_file: {binary}\n")
+    [problem] = problems(path)
+    assert problem.startswith(f"{path}: auth.jwt_secret_file: {str(binary)!r} is not UTF-8 text")
     secret = tmp_path / "secret"
     secret.write_text("s3cret-from-a-file\n")
     path = write(tmp_path, f"auth:\n  jwt_secret_file: {secret}\n  allow_anonymous: false\n")
@@ -375,10 +380,17 @@ def test_text_settings_from_the_environment_stay_text():
     assert config.auth.audience == "yes"
 
 
-def test_an_empty_variable_unsets_an_optional_text_setting_and_keeps_a_required_one():
-    config = load_config(None, {"FLUXRT_DATABASE_EMBEDDED": "", "FLUXRT_AUTH_JWT_SECRET": "", "FLUXRT_AUTH_ISSUER": ""})
-    assert (config.database.embedded, config.auth.jwt_secret, config.auth.issuer) == (None, None, None)
-    assert load_config(None, {"FLUXRT_AUTH_ANON_ROLE": ""}).auth.anon_role == ""
+def test_an_empty_variable_turns_a_database_setting_off_and_is_an_error_elsewhere():
+    environ = {"FLUXRT_DATABASE_EMBEDDED": "", "FLUXRT_DATABASE_DSN": ""}
+    config = load_config(None, environ)
+    assert (config.database.embedded, config.database.dsn) == (None, None)
+    # An empty audience would quietly turn the audience check off: it is refused, naming the variable.
+    for name in ("FLUXRT_AUTH_AUDIENCE", "FLUXRT_AUTH_ISSUER", "FLUXRT_AUTH_JWT_SECRET", "FLUXRT_AUTH_ANON_ROLE"):
+        with pytest.raises(ConfigError) as info:
+            load_config(None, {name: ""})
+        assert info.value.problems == [
+            f"environment {name}: empty; unset the variable to keep the configuration file's value"
+        ]
 
 
 def test_environment_problems_name_the_variable():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import time
 from typing import Any
 
@@ -12,6 +13,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from fluxrt_trio.auth import MAX_RETIRED_KEYS, AuthError, Verifier, mint
+from fluxrt_trio.cli import main
 from fluxrt_trio.config import AuthConfig, Config, DatabaseConfig, RealtimeConfig, ServerConfig, plan_reload
 from fluxrt_trio.protocol.identity import Identity
 from fluxrt_trio.protocol.limits import Allowance, Verdict
@@ -72,6 +74,33 @@ def test_tokens_signed_with_a_replaced_secret_before_the_reload_stay_valid_until
         verifier.verify(mint(OLD, "mallory", iat=int(rotated_at) + 1))
     with pytest.raises(AuthError, match="Signature"):
         verifier.verify(mint("never-configured-" + "x" * 40, "eve"))
+
+
+def test_a_replaced_key_vouches_only_for_tokens_with_iat_and_only_within_the_grace():
+    rotated_at = time.time()
+    config = AuthConfig(jwt_secret=NEW, rotation_grace=3600)
+    verifier = Verifier(AuthConfig(jwt_secret=OLD)).rotated(config, now=rotated_at)
+    without_iat = jwt.encode({"sub": "alice", "exp": int(rotated_at) + 300}, OLD)
+    with pytest.raises(AuthError, match="without iat"):
+        verifier.verify(without_iat)
+    # Whoever still holds the old key could backdate iat and pick a far exp: the grace bounds that.
+    long_ago = Verifier(AuthConfig(jwt_secret=OLD)).rotated(config, now=rotated_at - 3601)
+    backdated = mint(OLD, "mallory", iat=int(rotated_at) - 7200, ttl=30 * 86400)
+    with pytest.raises(AuthError, match="rotation_grace"):
+        long_ago.verify(backdated)
+    assert verifier.verify(backdated).sub == "mallory"  # within the grace, as any token from before the reload
+
+
+def test_sighup_is_ignored_from_the_start_of_the_command():
+    # Until serving installs its handler, a reload request (SIGHUP) must not kill a starting fluxrt.
+    previous = signal.getsignal(signal.SIGHUP)
+    try:
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        with pytest.raises(SystemExit):
+            main(["--version"])
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, previous)
 
 
 def test_rotating_back_and_forth_keeps_only_the_newest_retired_keys():

@@ -7,6 +7,15 @@ from .conftest import connect, nothing_arrives, recv, request, subscribe, token
 from .test_tables import start
 
 
+def notes(policy: str) -> str:
+    """A realtime table `notes` (id, owner) whose rows the policy `mine` admits."""
+    return (
+        "CREATE TABLE notes (id int PRIMARY KEY, owner text); ALTER TABLE notes ENABLE ROW LEVEL SECURITY;"
+        f"CREATE POLICY mine ON notes FOR SELECT USING ({policy});"
+        "GRANT SELECT ON notes TO authenticated; SELECT enable_realtime('notes');"
+    )
+
+
 async def test_a_slow_table_does_not_hold_back_another(start_server, db):
     db.sql(
         "CREATE TABLE slow (id int PRIMARY KEY); ALTER TABLE slow ENABLE ROW LEVEL SECURITY;"
@@ -26,11 +35,7 @@ async def test_a_slow_table_does_not_hold_back_another(start_server, db):
 
 
 async def test_a_new_policy_applies_to_the_next_change(start_server, db):
-    db.sql(
-        "CREATE TABLE notes (id int PRIMARY KEY, owner text); ALTER TABLE notes ENABLE ROW LEVEL SECURITY;"
-        "CREATE POLICY mine ON notes FOR SELECT USING (owner = (SELECT auth.jwt() ->> 'sub'));"
-        "GRANT SELECT ON notes TO authenticated; SELECT enable_realtime('notes');"
-    )
+    db.sql(notes("owner = (SELECT auth.jwt() ->> 'sub')"))
     server = await start(start_server, db)
     async with connect(server, tok=token("alice")) as alice, connect(server, tok=token("bob")) as bob:
         await subscribe(alice, "table:public.notes")
@@ -50,11 +55,7 @@ async def test_a_new_policy_applies_to_the_next_change(start_server, db):
 async def test_who_receives_follows_every_subscription_change_between_two_changes(start_server, db):
     # The lookup of a table's subscribers is kept across windows: joining, leaving, changing a filter and changing
     # the token must each show in the very next change.
-    db.sql(
-        "CREATE TABLE notes (id int PRIMARY KEY, owner text); ALTER TABLE notes ENABLE ROW LEVEL SECURITY;"
-        "CREATE POLICY mine ON notes FOR SELECT USING (owner = (SELECT auth.jwt() ->> 'sub'));"
-        "GRANT SELECT ON notes TO authenticated; SELECT enable_realtime('notes');"
-    )
+    db.sql(notes("owner = (SELECT auth.jwt() ->> 'sub')"))
     server = await start(start_server, db)
     async with connect(server, tok=token("alice")) as alice, connect(server, tok=token("bob")) as bob:
         await subscribe(alice, "table:public.notes")
@@ -78,10 +79,7 @@ async def test_who_receives_follows_every_subscription_change_between_two_change
 async def test_a_policy_the_rewrite_refuses_is_decided_per_identity_and_said_once(start_server, db, caplog):
     db.sql(
         "CREATE FUNCTION public.is_mine(owner text) RETURNS boolean LANGUAGE sql STABLE"
-        " AS $$ SELECT owner = (SELECT auth.jwt() ->> 'sub') $$;"
-        "CREATE TABLE notes (id int PRIMARY KEY, owner text); ALTER TABLE notes ENABLE ROW LEVEL SECURITY;"
-        "CREATE POLICY mine ON notes FOR SELECT USING (public.is_mine(owner));"
-        "GRANT SELECT ON notes TO authenticated; SELECT enable_realtime('notes');"
+        " AS $$ SELECT owner = (SELECT auth.jwt() ->> 'sub') $$;" + notes("public.is_mine(owner)")
     )
     caplog.set_level("INFO", logger="fluxrt.rls")
     server = await start(start_server, db)

@@ -12,7 +12,9 @@
 -- As in realtime.visible: the role is set locally and restored, search_path is pinned (the rewritten policy names
 -- everything outside pg_catalog with its schema), the row gate is schema USAGE plus has_any_column_privilege,
 -- row_security_active() decides under the role, partitions are judged on their root. Run it in the same
--- REPEATABLE READ READ ONLY transaction, never from a superuser session.
+-- REPEATABLE READ READ ONLY transaction, or as a statement of its own (fluxrt checks its cached plans against the
+-- catalog in the same statement): it then makes that transaction read-only before any policy runs, and declines in
+-- anything but REPEATABLE READ. Never from a superuser session.
 CREATE FUNCTION realtime.visible_sets(rel oid, roles jsonb, images text)
 RETURNS TABLE (r integer, readable text[], everything boolean, identity integer[], image integer[], error text)
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
@@ -23,6 +25,15 @@ DECLARE
     entry jsonb;
     saved_role text := pg_catalog.current_setting('role');
 BEGIN
+    -- Called alone, as one statement, it makes its own transaction read-only: nothing a policy runs may write.
+    -- (Turning read-only on is allowed at any time; turning it off again, after this query began, is not.)
+    PERFORM pg_catalog.set_config('transaction_read_only', 'on', true);
+    -- fluxrt checks its plans against the catalog in the same statement: that holds only if the whole statement
+    -- reads one snapshot. A session whose default isolation was changed (policy code can) gets no rows, and fluxrt
+    -- then decides in a REPEATABLE READ transaction of its own.
+    IF pg_catalog.current_setting('transaction_isolation') NOT IN ('repeatable read', 'serializable') THEN
+        RETURN;
+    END IF;
     SELECT c.relnamespace INTO nsp FROM pg_catalog.pg_class c WHERE c.oid = root;
     FOR i IN 0 .. pg_catalog.jsonb_array_length(roles) - 1 LOOP
         entry := roles -> i;

@@ -162,8 +162,8 @@ async def _serve(config: Config, started: Config, path: str | None) -> None:
                 break
 
 
-def reload(server: Server, started: Config, path: str | None) -> bool:
-    """Re-read the configuration (file and environment) and apply what can change live; return whether it did.
+def reload(server: Server, started: Config, path: str | None) -> None:
+    """Re-read the configuration (file and environment) and apply what can change live.
 
     A configuration with any error is rejected in full and the running one stays. Restart-only settings that
     differ from the ones the server started with are named in one log line and left as they were.
@@ -172,7 +172,7 @@ def reload(server: Server, started: Config, path: str | None) -> bool:
         new = load_config(path)
     except ConfigError as exc:
         log.error("reload rejected; the running configuration stays", extra=logs.ctx(problems=exc.problems))
-        return False
+        return
     plan = plan_reload(started, server.config, new)
     try:
         server.reload(plan.config)
@@ -182,7 +182,7 @@ def reload(server: Server, started: Config, path: str | None) -> bool:
             "reload rejected; the running configuration stays",
             extra=logs.ctx(problems=[f"cannot use a key file: {exc}"]),
         )
-        return False
+        return
     logs.configure(plan.config.log.level, plan.config.log.format)
     log.info("configuration reloaded", extra=logs.ctx(changed=list(plan.changed)))
     if plan.needs_restart:
@@ -190,4 +190,3 @@ def reload(server: Server, started: Config, path: str | None) -> bool:
             "these settings need a restart and were left as they were",
             extra=logs.ctx(settings=list(plan.needs_restart)),
         )
-    return True

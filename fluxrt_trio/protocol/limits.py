@@ -27,12 +27,9 @@ class TokenBucket:
 
     capacity: float
     period: float = WINDOW
-    tokens: float = attrs.field(default=None)
+    tokens: float = attrs.field(default=attrs.Factory(lambda self: self.capacity, takes_self=True))
+    """full to start with"""
     updated: float | None = None
-
-    def __attrs_post_init__(self) -> None:
-        if self.tokens is None:
-            self.tokens = self.capacity
 
     def take(self, now: float, amount: float = 1.0) -> bool:
         """Take `amount` tokens if the bucket holds them; return whether it did."""
@@ -85,12 +82,10 @@ class Allowance:
     """A per-minute allowance: a token bucket for the allowance and a flood detector at twice it."""
 
     per_minute: int
-    bucket: TokenBucket = attrs.field(default=None)
+    bucket: TokenBucket = attrs.field(
+        default=attrs.Factory(lambda self: TokenBucket(float(self.per_minute)), takes_self=True)
+    )
     attempts: SlidingCount = attrs.field(factory=SlidingCount)
-
-    def __attrs_post_init__(self) -> None:
-        if self.bucket is None:
-            self.bucket = TokenBucket(float(self.per_minute))
 
     def resize(self, per_minute: int) -> None:
         """Change the allowance from now on; tokens already earned are kept, up to the new capacity. The flood

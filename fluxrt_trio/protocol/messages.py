@@ -6,6 +6,7 @@ Client messages are tagged on `type`. Decoding is strict: a field of the wrong J
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import attrs
@@ -180,17 +181,21 @@ def _make_converter() -> cattrs.Converter:
     conv.register_structure_hook(Any, lambda v, _: v)
     # Server messages: fields in the reference's order, `type` first; optional fields omitted when unset.
     for cls, names in _WIRE_ORDER.items():
-        fn = make_dict_unstructure_fn(
+        # The generator's own settings are all spelled out, so that the field overrides can only go to **kwargs.
+        fn: Callable[[Any], dict[str, Any]] = make_dict_unstructure_fn(
             cls,
             conv,
             _cattrs_omit_if_default=True,
+            _cattrs_use_linecache=True,
+            _cattrs_use_alias="from_converter",
+            _cattrs_include_init_false=False,
             **{a.name: override(omit_if_default=a.default is None) for a in attrs.fields(cls) if a.name != "type"},
         )
         conv.register_unstructure_hook(cls, _ordered(fn, names))
     return conv
 
 
-def _ordered(fn: Any, names: list[str]) -> Any:
+def _ordered(fn: Callable[[Any], dict[str, Any]], names: list[str]) -> Callable[[Any], dict[str, Any]]:
     def unstructure(obj: Any) -> dict[str, Any]:
         raw = fn(obj)
         raw["type"] = obj.type

@@ -43,7 +43,8 @@ def decode_image(text: str | None) -> dict[str, Any] | None:
     """A row image from Postgres' jsonb text; None stays None."""
     if text is None:
         return None
-    return json.loads(text, parse_float=JsonNumber, parse_int=_int)
+    image: dict[str, Any] = json.loads(text, parse_float=JsonNumber, parse_int=_int)
+    return image
 
 
 def encode_default(value: Any) -> Any:

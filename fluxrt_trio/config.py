@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Literal, NewType
+from typing import Any, Literal, NewType, TypeGuard, get_args
 
 import attrs
 import cattrs
@@ -124,13 +124,13 @@ class _Invalid(ValueError):
     pass
 
 
-def _number(value: object) -> bool:
+def _number(value: object) -> TypeGuard[int | float]:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _seconds(value: object, _: Any) -> float:
     if _number(value):
-        seconds = float(value)  # type: ignore[arg-type]
+        seconds = float(value)
     elif isinstance(value, str) and (m := _DURATION.match(value)):
         seconds = float(m[1]) * _DURATION_UNITS[m[2]]
     else:
@@ -205,9 +205,13 @@ def _literal(options: tuple[str, ...]) -> Any:
     def structure(value: object, _: Any) -> str:
         if value not in options:
             raise _Invalid(f"expected one of {', '.join(options)}, got {value!r}")
-        return value  # type: ignore[return-value]
+        return value
 
     return structure
+
+
+def _is(kind: object) -> Callable[[Any], bool]:
+    return lambda t: bool(t == kind)
 
 
 def _make_converter() -> cattrs.Converter:
@@ -226,7 +230,7 @@ def _make_converter() -> cattrs.Converter:
         conv.register_structure_hook(kind, hook)
     conv.register_structure_hook_func(lambda t: t == tuple[str, ...], _strings)
     for literal in (LogLevel, LogFormat):
-        conv.register_structure_hook_func(lambda t, lit=literal: t == lit, _literal(literal.__args__))
+        conv.register_structure_hook_func(_is(literal), _literal(get_args(literal)))
     return conv
 
 
@@ -270,7 +274,7 @@ def _env_overrides(raw: dict[str, Any], environ: Mapping[str, str], source: dict
         if cls is None:
             # Not one of ours (FLUXRT_CONFIG, tooling around fluxrt): only FLUXRT_<SECTION>_* is configuration.
             continue
-        if key not in attrs.fields_dict(cls):  # type: ignore[arg-type]
+        if key not in attrs.fields_dict(cls):
             problems.append(
                 f"environment {name}: unknown setting; expected FLUXRT_<SECTION>_<KEY>, e.g. FLUXRT_AUTH_JWT_SECRET"
             )
@@ -282,7 +286,7 @@ def _env_overrides(raw: dict[str, Any], environ: Mapping[str, str], source: dict
         # A secret, a DSN or a name is a string even when it looks like a number or a boolean. Empty turns off the
         # database settings that may be off (FLUXRT_DATABASE_EMBEDDED= stops the embedded database) and is an error
         # for the other texts.
-        kind = attrs.fields_dict(cls)[key].type  # type: ignore[arg-type]
+        kind = attrs.fields_dict(cls)[key].type
         if kind in _TEXT_TYPES:
             value = text
         if not text and f"{section}.{key}" in _EMPTY_UNSETS:
@@ -397,7 +401,7 @@ def _mask_dsn(dsn: str) -> str:
 
 def masked(config: Config) -> dict[str, Any]:
     """The effective configuration as plain data, with secrets and DSN passwords masked."""
-    data = _converter.unstructure(config)
+    data: dict[str, Any] = _converter.unstructure(config)
     if data["auth"]["jwt_secret"]:
         data["auth"]["jwt_secret"] = _MASK
     for key in ("dsn", "authorizer_dsn"):

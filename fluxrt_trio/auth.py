@@ -120,7 +120,7 @@ class Verifier:
             raise AuthError(f"algorithm {alg!r} is not accepted; accepted: {', '.join(sorted(self.algorithms))}")
         symmetric = alg.startswith("HS")
         key: Any = self._secret if symmetric else self._public_key
-        candidates = [(key, None)] if key else []
+        candidates: list[tuple[Any, float | None]] = [(key, None)] if key else []
         candidates += [(k.key, k.retired_at) for k in reversed(self._retired) if k.symmetric == symmetric]
         if not candidates:
             raise AuthError(f"no key configured for {alg}")

@@ -387,7 +387,8 @@ def decode_server(text: str | bytes) -> ServerMessage:
     cls = _SERVER_TYPES.get(kind) if isinstance(kind, str) else None
     if cls is None:
         raise ProtocolViolation(f"server message of unknown type: {str(text)[:200]}")
-    return _structure(raw, cls)
+    message: ServerMessage = _structure(raw, cls)
+    return message
 
 
 def _structure(raw: Any, cls: type[Any]) -> Any:
@@ -594,8 +595,9 @@ class ClientCore:
     # ---- replies ----------------------------------------------------------------------------------------------
 
     def _ack(self, ack: Ack) -> list[Output]:
-        request = self._requests.pop(ack.ref, None) if ack.ref is not None else None
-        if request is None:
+        ref = ack.ref
+        request = self._requests.pop(ref, None) if ref is not None else None
+        if ref is None or request is None:
             return []
         name = request.channel
         match request.kind:
@@ -624,9 +626,9 @@ class ClientCore:
                 return [Resolve(("unsubscribe", name))]
             case "auth":
                 self.presented = request.token
-                return [Resolve(("auth", ack.ref))]
+                return [Resolve(("auth", ref))]
             case _:
-                return [Resolve(("broadcast", ack.ref))]
+                return [Resolve(("broadcast", ref))]
 
     def _error(self, error: Error) -> list[Output]:
         if error.ref is None:
@@ -1061,7 +1063,7 @@ class _Target:
         # The query may hold a token: never log it.
         return f"{'wss' if self.ssl_context else 'ws'}://{self.host_header}{self.resource.partition('?')[0]}"
 
-    async def open_stream(self) -> trio.abc.Stream:
+    async def open_stream(self) -> trio.SocketStream | trio.SSLStream[trio.SocketStream]:
         if self.ssl_context is None:
             return await trio.open_tcp_stream(self.host, self.port)
         return await trio.open_ssl_over_tcp_stream(
@@ -1201,7 +1203,7 @@ class Client:
                         stream = await self._target.open_stream()
                         ws = await wrap_client_stream(
                             nursery,
-                            stream,  # type: ignore[arg-type]
+                            stream,
                             self._target.host_header,
                             self._target.resource,
                             extra_headers=headers,
@@ -1221,9 +1223,11 @@ class Client:
             if stream is not None:
                 await trio.aclose_forcefully(stream)
             self._set_state(ConnectionState.CLOSED)
+        # mypy takes the nursery for one that never swallows an exception (trio types open_nursery() so), but the
+        # heartbeat's cancellation of it ends there, with no result.
         if result is None:
             # The heartbeat cancelled the connection's nursery.
-            result = CloseInfo(ABNORMAL_CLOSURE, self._abort_reason or "connection aborted"), self._core.confirmed
+            result = CloseInfo(ABNORMAL_CLOSURE, self._abort_reason or "connection aborted"), self._core.confirmed  # type: ignore[unreachable]
         return result
 
     async def _serve(self, ws: WebSocketConnection, nursery: trio.Nursery) -> tuple[CloseInfo, bool]:

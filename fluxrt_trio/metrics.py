@@ -70,8 +70,8 @@ class _Collector:
         closes = CounterMetricFamily(
             "fluxrt_closes", "Connections closed by the server, by close code", labels=["code"]
         )
-        for code, n in sorted(c.closes.items()):
-            closes.add_metric([str(code)], n)
+        for close_code, n in sorted(c.closes.items()):
+            closes.add_metric([str(close_code)], n)
         yield closes
         yield CounterMetricFamily(
             "fluxrt_slow_consumer_closes",

@@ -14,13 +14,12 @@ from typing import TYPE_CHECKING
 
 import attrs
 import trio
-import trio_asyncio
 import yaml
 
 from . import __version__, logs
 from .auth import mint, read_secret
-from .config import Config, ConfigError, load_config, masked, plan_reload
-from .postgres.bridge import DatabaseUnavailable, close_connection, connect, on_connection
+from .config import Config, ConfigError, Secret, load_config, masked, plan_reload
+from .postgres.bridge import DatabaseUnavailable, asyncio_loop, close_connection, connect, on_connection
 from .postgres.embedded import EmbeddedError, EmbeddedPostgres
 from .postgres.migrate import migrate
 
@@ -118,18 +117,19 @@ def _start_embedded(config: Config, config_path: str | None) -> tuple[EmbeddedPo
         print(f"fluxrt: database.embedded: {exc}", file=sys.stderr)
         raise SystemExit(EXIT_CONFIG) from None
     log.info(f"embedded PostgreSQL ready; connect with: {embedded.psql_command()}")
-    return embedded, attrs.evolve(config, database=attrs.evolve(config.database, dsn=dsn, embedded=None))
+    return embedded, attrs.evolve(config, database=attrs.evolve(config.database, dsn=Secret(dsn), embedded=None))
 
 
 def _migrate(config: Config) -> int:
-    if config.database.dsn is None:
+    dsn = config.database.dsn
+    if dsn is None:
         print("fluxrt migrate: no database configured (database.dsn or database.embedded)", file=sys.stderr)
         return EXIT_CONFIG
     roles = tuple(dict.fromkeys((config.auth.anon_role, config.auth.default_role, *config.auth.roles)))
 
     async def run() -> list[str]:
-        async with trio_asyncio.open_loop():
-            conn = await connect(config.database.dsn)  # type: ignore[arg-type]
+        async with asyncio_loop():
+            conn = await connect(dsn)
             try:
                 return await on_connection(conn, lambda c: migrate(c, roles))
             finally:

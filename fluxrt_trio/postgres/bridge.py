@@ -9,7 +9,8 @@ from __future__ import annotations
 import logging
 import re
 import urllib.parse
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 import asyncpg
@@ -31,6 +32,13 @@ def authorizer_dsn(dsn: str) -> str:
         return urllib.parse.urlunsplit(split._replace(netloc=f"{AUTHORIZER_ROLE}@{host}"))
     without = re.sub(r"\b(user|password)\s*=\s*('(?:[^'\\]|\\.)*'|\S+)", "", dsn).strip()
     return f"{without} user={AUTHORIZER_ROLE}".strip()
+
+
+@asynccontextmanager
+async def asyncio_loop() -> AsyncIterator[None]:
+    """The asyncio event loop that asyncpg runs on, for a Trio program: every crossing happens inside it."""
+    async with trio_asyncio.open_loop():
+        yield
 
 
 class DatabaseUnavailable(Exception):
@@ -89,7 +97,9 @@ class Database:
 
         async def unit() -> T:
             async with pool.acquire() as conn:
-                return await work(conn)
+                # A pooled connection is a proxy that hands every attribute to its asyncpg.Connection; the stubs
+                # keep the two classes apart.
+                return await work(conn)  # type: ignore[arg-type]
 
         return await _cross(unit)
 
@@ -130,7 +140,8 @@ async def on_connection(conn: Any, work: Work[T]) -> T:
 async def _cross(unit: Callable[[], Awaitable[T]]) -> T:
     """Run `unit()` on asyncio; a lost or unreachable server becomes DatabaseUnavailable, SQL errors propagate."""
     try:
-        return await trio_asyncio.aio_as_trio(unit)()
+        result: T = await trio_asyncio.aio_as_trio(unit)()  # trio_asyncio has no types: Any
+        return result
     except DatabaseUnavailable:
         raise
     except (

@@ -208,26 +208,30 @@ def rewrite_auth_body(function: AuthFunction) -> Expression:
     return Expression(sql, frozenset(rewriter.uses), frozenset(rewriter.functions), scalar)
 
 
-def _scalar(select: ast.SelectStmt) -> str | None:
+def _scalar(select: ast.Node) -> str | None:
     """The one value a body returns, as an expression: `SELECT <expr>`, or `SELECT <expr> FROM (SELECT <a> AS x,
     ...) c` with each `x` (or `c.x`) in <expr> replaced by <a>. None for anything else."""
+    if not isinstance(select, ast.SelectStmt):
+        return None
+    targets = select.targetList or ()
     if _one_row(select, columns=1, with_from=False):
-        return _deparse(select.targetList[0].val)
+        return _deparse(targets[0].val)
     if not _one_row(select, columns=1, with_from=True):
         return None
-    source = select.fromClause[0]
+    source = (select.fromClause or ())[0]
     inner = source.subquery if isinstance(source, ast.RangeSubselect) else None
     if inner is None or source.lateral or not isinstance(inner, ast.SelectStmt) or source.alias is None:
         return None
-    if not _one_row(inner, columns=len(inner.targetList or ()), with_from=False):
+    inner_targets = inner.targetList or ()
+    if not _one_row(inner, columns=len(inner_targets), with_from=False):
         return None
-    names = _names(source.alias.colnames) or tuple(t.name for t in inner.targetList)
-    if len(names) != len(inner.targetList) or None in names:
+    names = _names(source.alias.colnames) or tuple(t.name for t in inner_targets)
+    if len(names) != len(inner_targets) or None in names:
         return None
-    if _has_subquery(select.targetList[0].val):
+    if _has_subquery(targets[0].val):
         # A name inside a nested SELECT may be that SELECT's own column: substituting there could change its meaning.
         return None
-    values = {name: _deparse(t.val) for name, t in zip(names, inner.targetList, strict=True)}
+    values = {name: _deparse(t.val) for name, t in zip(names, inner_targets, strict=True)}
     alias = source.alias.aliasname
     replaced = True
 
@@ -235,12 +239,12 @@ def _scalar(select: ast.SelectStmt) -> str | None:
         nonlocal replaced
         if isinstance(node, ast.ColumnRef):
             fields = _names(node.fields)
-            name = fields[-1] if fields[:-1] in ((), (alias,)) and len(fields) == len(node.fields) else None
+            name = fields[-1] if fields[:-1] in ((), (alias,)) and len(fields) == len(node.fields or ()) else None
             if name not in values:
                 replaced = False
                 return node
             return _parse_expression(values[name])
-        for field in type(node).__slots__:
+        for field in node:
             value = getattr(node, field)
             if isinstance(value, ast.Node | tuple):
                 setattr(node, field, walk(value))
@@ -254,7 +258,7 @@ def _scalar(select: ast.SelectStmt) -> str | None:
         return value
 
     try:
-        expression = substitute(_parse_expression(_deparse(select.targetList[0].val)))
+        expression = substitute(_parse_expression(_deparse(targets[0].val)))
     except Unsupported:  # `SELECT *` and the like: not one expression
         return None
     return _deparse(expression) if replaced else None
@@ -266,7 +270,7 @@ def _has_subquery(node: Any) -> bool:
     if isinstance(node, tuple):
         return any(_has_subquery(item) for item in node)
     if isinstance(node, ast.Node):
-        return any(_has_subquery(getattr(node, field)) for field in type(node).__slots__)
+        return any(_has_subquery(getattr(node, field)) for field in node)
     return False
 
 
@@ -301,14 +305,15 @@ def _parse_expression(text: str) -> ast.Node:
     select = statements[0].stmt
     if not isinstance(select, ast.SelectStmt) or len(select.targetList or ()) != 1 or select.fromClause:
         raise Unsupported("the expression is not a single expression")
-    return select.targetList[0].val
+    value: ast.Node = (select.targetList or ())[0].val
+    return value
 
 
 def _deparse(node: ast.Node) -> str:
     return RawStream()(node)
 
 
-def _constant_text(node: ast.Node | None) -> str | None:
+def _constant_text(node: object) -> str | None:
     """The value of a string constant, seen through casts ('x'::text); None for anything else."""
     while isinstance(node, ast.TypeCast):
         node = node.arg
@@ -318,7 +323,7 @@ def _constant_text(node: ast.Node | None) -> str | None:
 
 
 def _names(items: Sequence[ast.Node] | None) -> tuple[str, ...]:
-    return tuple(item.sval for item in items or () if isinstance(item, ast.String))
+    return tuple(item.sval for item in items or () if isinstance(item, ast.String) and item.sval is not None)
 
 
 class _Rewriter:
@@ -360,7 +365,7 @@ class _Rewriter:
                 raise Unsupported(f"type {'.'.join(_names(node.names))} is not built in")
         elif isinstance(node, ast.ParamRef):
             raise Unsupported("it has parameters")
-        for field in type(node).__slots__:
+        for field in node:
             value = getattr(node, field)
             if isinstance(value, ast.Node):
                 setattr(node, field, self.transform(value))
@@ -375,7 +380,7 @@ class _Rewriter:
     def parsed_claims(self, cast: ast.TypeCast) -> ast.Node:
         """`claims::text::jsonb`, or `nullif(claims::text, '')::jsonb`, is the claims themselves: they are a JSON
         object (never empty text), already parsed. Parsing them again costs microseconds per identity."""
-        if _names(cast.typeName.names)[-1:] != ("jsonb",) or cast.typeName.arrayBounds:
+        if cast.typeName is None or _names(cast.typeName.names)[-1:] != ("jsonb",) or cast.typeName.arrayBounds:
             return cast
         inner = cast.arg
         if (
@@ -386,6 +391,7 @@ class _Rewriter:
             inner = inner.lexpr
         if (
             isinstance(inner, ast.TypeCast)
+            and inner.typeName is not None
             and _names(inner.typeName.names)[-1:] == ("text",)
             and isinstance(inner.arg, ast.ColumnRef)
             and _names(inner.arg.fields) == (self.identity, RESERVED + CLAIMS)
@@ -393,7 +399,7 @@ class _Rewriter:
             return inner.arg
         return cast
 
-    def _sequence(self, items: tuple) -> tuple:  # type: ignore[type-arg]
+    def _sequence(self, items: tuple[Any, ...]) -> tuple[Any, ...]:
         return tuple(
             self.transform(item)
             if isinstance(item, ast.Node)
@@ -550,8 +556,8 @@ def plan(catalog: Catalog, relid: int, role: str) -> SetPlan | PerIdentity:
             _check_functions(catalog, body.functions)
         except Unsupported as exc:
             return PerIdentity(str(exc))
-        inline = body.scalar is not None and not body.functions & catalog.row_shaping
-        identity_columns[name] = body.scalar if inline else body.sql  # type: ignore[assignment]
+        inline = None if body.functions & catalog.row_shaping else body.scalar
+        identity_columns[name] = inline if inline is not None else body.sql
     texts = [part.sql for part in parts]
     predicate = "(" + (" OR ".join(f"({t})" for t in texts[: len(permissive)]) or "false") + ")"
     predicate += "".join(f" AND ({t})" for t in texts[len(permissive) :])
@@ -619,24 +625,29 @@ def _key_reads(root: ast.Node, column: tuple[str, str], *, whole_ok: bool) -> se
         if isinstance(node, ast.ColumnRef) and _names(node.fields) == column:
             child: ast.Node = node
             for parent in reversed(ancestors):
-                if isinstance(parent, ast.TypeCast) and _names(parent.typeName.names)[-1:] == ("jsonb",):
+                if (
+                    isinstance(parent, ast.TypeCast)
+                    and parent.typeName is not None
+                    and _names(parent.typeName.names)[-1:] == ("jsonb",)
+                ):
                     child = parent
                     continue
                 if isinstance(parent, ast.CoalesceExpr) and parent.args and parent.args[0] is child:
                     child = parent
                     continue
-                key = _constant_text(parent.rexpr) if isinstance(parent, ast.A_Expr) else None
-                if (
-                    key is not None
-                    and parent.kind == enums.A_Expr_Kind.AEXPR_OP
-                    and _names(parent.name) in (("->>",), ("->",))
-                    and parent.lexpr is child
-                ):
-                    keys.add(key)
-                    return True
+                if isinstance(parent, ast.A_Expr):
+                    key = _constant_text(parent.rexpr)
+                    if (
+                        key is not None
+                        and parent.kind == enums.A_Expr_Kind.AEXPR_OP
+                        and _names(parent.name) in (("->>",), ("->",))
+                        and parent.lexpr is child
+                    ):
+                        keys.add(key)
+                        return True
                 return False
             return whole_ok
-        for field in type(node).__slots__:
+        for field in node:
             value = getattr(node, field)
             for item in value if isinstance(value, tuple) else (value,):
                 if isinstance(item, ast.Node) and not visit(item, [*ancestors, node]):

@@ -64,7 +64,8 @@ class ChannelAuthorizer:
                     identity.role,
                     claims,
                 )
-                return await conn.fetchval("SELECT realtime.authorize($1, $2)", channel, action)
+                allowed: bool | None = await conn.fetchval("SELECT realtime.authorize($1, $2)", channel, action)
+                return allowed
 
         try:
             allowed = await self._database.run(ask)

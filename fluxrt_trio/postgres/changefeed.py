@@ -10,6 +10,7 @@ and the broken variants). `prev` lives in this process, so a lost connection res
 from __future__ import annotations
 
 import datetime
+import functools
 import logging
 from typing import Any
 
@@ -198,7 +199,7 @@ class Changefeed:
                 # the snapshot, and the instant, of its first page.
                 self._cur_taken_at = trio.current_time()
             rows = await on_connection(
-                conn, lambda c, prev=self._prev, cur=self._cur, after=self._after: _fetch_window(c, prev, cur, after)
+                conn, functools.partial(_fetch_window, prev=self._prev, cur=self._cur, after=self._after)
             )
             if rows[0][1] and self._gap_reported != self._prev:
                 # Rows this node had not read yet were pruned: however long it was away (or stalled), say so,
@@ -233,7 +234,7 @@ class Changefeed:
                 conn, lambda c: c.execute("INSERT INTO realtime.horizons (snap) VALUES (pg_current_snapshot())")
             )
             while True:
-                n = await on_connection(conn, lambda c: c.fetchval(_PRUNE, interval, 10000))
+                n: int = await on_connection(conn, lambda c: c.fetchval(_PRUNE, interval, 10000))
                 deleted += n
                 if n < 10000:
                     return deleted

@@ -55,7 +55,8 @@ def _free_port(preferred: int = 0) -> int:
             s.bind(("127.0.0.1", preferred))
         except OSError:
             s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
 class EmbeddedPostgres:

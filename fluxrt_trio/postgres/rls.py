@@ -161,7 +161,7 @@ class RowSecurity:
     async def _refresh(self, conn: asyncpg.Connection, relid: int) -> None:
         """Forget the plans the catalog no longer supports: all of them when a policy, a role membership or an auth
         function changed, the table's when its columns did."""
-        fingerprint, local = await conn.fetchrow(_FINGERPRINT, relid)
+        fingerprint, local = (await conn.fetch(_FINGERPRINT, relid))[0]  # a SELECT without FROM: one row
         if fingerprint != self._fingerprint:
             self._fingerprint = fingerprint
             self._local.clear()

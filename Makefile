@@ -27,6 +27,8 @@ token: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/lint-imports --no-cache --no-logo
 
 format: $(STAMP)
 	$(BIN)/ruff format .
@@ -54,4 +56,4 @@ pyz: $(STAMP)
 	$(BIN)/python packaging/build_pyz.py --python $(BIN)/python --also-next
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info fluxrt.pyz .pytest_cache .ruff_cache
+	rm -rf $(VENV) build dist *.egg-info fluxrt.pyz .pytest_cache .ruff_cache .mypy_cache

@@ -7,11 +7,13 @@ everything it held.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import socket
-from typing import TYPE_CHECKING
+from typing import Protocol
 
+import attrs
 import h11
 import orjson
 import trio
@@ -21,33 +23,40 @@ from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
 from wsproto.utilities import LocalProtocolError
 
 from . import http
-from .auth import AuthError
+from .admission import Admission
+from .auth import AuthError, Verifier
+from .checks import ChannelChecks
+from .config import Config
+from .hub import Hub
 from .logs import ctx
-from .outbox import Outbox
+from .metrics import Counters
+from .outbox import Flusher, Outbox
 from .protocol.channels import Channel, ChannelKind
 from .protocol.frames import PING, text_frame
 from .protocol.identity import Identity
-from .protocol.messages import CloseCode, Error, ErrorCode, PresenceEvent, ServerMessage, Subscribe, encode
+from .protocol.messages import CloseCode, Error, ErrorCode, PresenceEvent, ServerMessage, encode
 from .protocol.session import (
     Authenticate,
-    Authorize,
+    CheckAction,
     CheckSubscribe,
     Close,
     Effect,
+    IdentityChanged,
     Join,
     Leave,
+    Outcome,
     Publish,
     Reply,
+    Request,
     SendPresenceState,
     Session,
     SessionLimits,
     Subscription,
     Track,
     Untrack,
+    message_ref,
 )
-
-if TYPE_CHECKING:
-    from .server import Server
+from .supervisor import Supervisor
 
 log = logging.getLogger("fluxrt.connection")
 
@@ -60,29 +69,88 @@ MAX_REQUEST_HEAD = 16 * 1024
 INVALID_TOKEN = "Invalid or expired token"
 
 
+@attrs.frozen(slots=True)
+class ConnectionSettings:
+    """The settings a connection reads, from the configuration. A reload replaces the host's; a connection reads
+    them anew for each use, so that new limits apply to open connections too."""
+
+    ws_path: str
+    realtime_enabled: bool
+    allowed_origins: tuple[str, ...]
+    allow_anonymous: bool
+    read_buffer_size: int
+    max_message_size: int
+    write_buffer_size: int
+    session_limits: SessionLimits
+
+    @classmethod
+    def from_config(cls, config: Config) -> ConnectionSettings:
+        rt = config.realtime
+        return cls(
+            ws_path=config.server.path,
+            realtime_enabled=rt.enabled,
+            allowed_origins=config.server.allowed_origins,
+            allow_anonymous=config.auth.allow_anonymous,
+            read_buffer_size=rt.read_buffer_size,
+            max_message_size=rt.max_message_size,
+            write_buffer_size=rt.write_buffer_size,
+            session_limits=SessionLimits(
+                max_subscriptions=rt.max_subscriptions_per_connection,
+                message_rate_limit=rt.message_rate_limit,
+                max_presence_state_size=rt.max_presence_state_size,
+            ),
+        )
+
+
+class ConnectionHost(Protocol):
+    """What a connection needs of the node it runs on (the Server, or a test's own)."""
+
+    @property
+    def settings(self) -> ConnectionSettings: ...
+
+    @property
+    def draining(self) -> bool:
+        """Shutting down: new handshakes are refused with 503."""
+
+    @property
+    def verifier(self) -> Verifier: ...
+
+    hub: Hub
+    counters: Counters
+    flusher: Flusher
+    supervisor: Supervisor
+    admission: Admission[Connection]
+    checks: ChannelChecks
+
+    def subscriptions_changed(self, channel: str) -> None:
+        """A subscription to a table channel began, ended, or changed its identity."""
+
+    def admin(self, endpoint: str) -> tuple[int, bytes, str]:
+        """Status, body and content type for `/health` or `/metrics`."""
+
+
 class Connection:
     """One client socket, from the first HTTP byte to the last WebSocket frame."""
 
     __slots__ = (
         "_ended",
-        "_grants",
         "_opened_at",
         "_partial",
         "_partial_size",
         "_reader_scope",
         "closed",
         "conn_id",
+        "host",
         "last_seen",
         "outbox",
         "peer",
-        "server",
         "session",
         "sock",
         "ws",
     )
 
-    def __init__(self, server: Server, sock: socket.socket, conn_id: str, peer: str) -> None:
-        self.server = server
+    def __init__(self, host: ConnectionHost, sock: socket.socket, conn_id: str, peer: str) -> None:
+        self.host = host
         self.sock = sock
         self.conn_id = conn_id
         self.peer = peer
@@ -95,8 +163,7 @@ class Connection:
         self._ended: tuple[int, str, str] | None = None
         """close code, reason, and who closed first ("server", "client" or "network")"""
         self._reader_scope: trio.CancelScope | None = None
-        self._partial: list[str | bytes] | None = None
-        self._grants: dict[tuple[str, str], bool] | None = None
+        self._partial: list[str] | None = None
         self._partial_size = 0
 
     # ---- lifecycle -----------------------------------------------------------------------------------------
@@ -106,7 +173,7 @@ class Connection:
         try:
             async with trio.open_nursery() as nursery:
                 self.outbox = Outbox(
-                    self.sock, self.server.config.realtime.write_buffer_size, nursery.start_soon, self.server.flusher
+                    self.sock, self.host.settings.write_buffer_size, nursery.start_soon, self.host.flusher
                 )
                 with trio.CancelScope() as self._reader_scope:
                     try:
@@ -149,7 +216,7 @@ class Connection:
             return
         for effect in session.close():
             self._apply_local(effect)
-        self.server.unregister(self, session.identity)
+        self.host.admission.release(self, session.identity)
 
     async def _handshake(self) -> bytes | None:
         """Route the HTTP request; after a WebSocket upgrade return the bytes already read past it, else None.
@@ -159,16 +226,16 @@ class Connection:
         request, conn, trailing = await self._read_request()
         if request is None:
             return None
-        server = self.server
+        host, settings = self.host, self.host.settings
         decision = http.route(
             request,
-            ws_path=server.config.server.path,
-            realtime_enabled=server.config.realtime.enabled,
-            draining=server.draining,
-            allowed_origins=server.config.server.allowed_origins,
+            ws_path=settings.ws_path,
+            realtime_enabled=settings.realtime_enabled,
+            draining=host.draining,
+            allowed_origins=settings.allowed_origins,
         )
         if isinstance(decision, http.Admin):
-            status, body, content_type = server.admin(decision.endpoint)
+            status, body, content_type = host.admin(decision.endpoint)
             self._send_http(http.response_bytes(conn, status, body, content_type, head=request.method == b"HEAD"))
             return None
         if isinstance(decision, http.Refuse):
@@ -181,14 +248,14 @@ class Connection:
         identity = self._authenticate(decision.token)
         if identity is None:
             return trailing
-        refusal = server.admit(self, identity)
+        refusal = host.admission.admit(self, identity)
         if refusal is not None:
             log.info("connection refused", extra=ctx(conn=self.conn_id, peer=self.peer, reason=refusal))
             self._reply(Error(ErrorCode.RATE_LIMITED, refusal))
             self.close(CloseCode.RATE_LIMITED, "too many connections")
             return trailing
-        self.session = Session(self.conn_id, identity, server.session_limits)
-        server.supervisor.watch(self)
+        self.session = Session(self.conn_id, identity, settings.session_limits)
+        host.supervisor.watch(self)
         self._opened_at = trio.current_time()
         log.info(
             "connection opened", extra=ctx(conn=self.conn_id, peer=self.peer, sub=identity.sub, role=identity.role)
@@ -196,9 +263,9 @@ class Connection:
         return trailing
 
     def _authenticate(self, token: str | None) -> Identity | None:
-        verifier = self.server.verifier
+        verifier = self.host.verifier
         if token is None:
-            if self.server.config.auth.allow_anonymous:
+            if self.host.settings.allow_anonymous:
                 return verifier.anonymous()
             reason = "no token given and auth.allow_anonymous is false"
         else:
@@ -246,7 +313,7 @@ class Connection:
         sock = self.sock
         while True:
             try:
-                data = sock.recv(self.server.config.realtime.read_buffer_size)
+                data = sock.recv(self.host.settings.read_buffer_size)
             except BlockingIOError:
                 await trio.lowlevel.wait_readable(sock)
                 continue
@@ -276,7 +343,7 @@ class Connection:
     async def _handle_events(self) -> None:
         ws = self.ws
         assert ws is not None
-        max_size = self.server.config.realtime.max_message_size
+        max_size = self.host.settings.max_message_size
         for event in ws.events():
             if isinstance(event, TextMessage | BytesMessage):
                 if ws.state is not ConnectionState.OPEN:
@@ -290,9 +357,11 @@ class Connection:
                     self.close(CloseCode.MESSAGE_TOO_BIG, f"message larger than {max_size} bytes")
                     continue
                 if not event.message_finished:
-                    if self._partial is None:
-                        self._partial = []
-                    self._partial.append(event.data)
+                    # A binary message is refused whole: only its size counts, its bytes are not kept.
+                    if isinstance(event, TextMessage):
+                        if self._partial is None:
+                            self._partial = []
+                        self._partial.append(event.data)
                     continue
                 parts, self._partial, self._partial_size = self._partial, None, 0
                 await self._message(event, parts)
@@ -302,62 +371,70 @@ class Connection:
                 if ws.state is ConnectionState.REMOTE_CLOSING:
                     # The client closes: echo its close, unless we had closed first.
                     if self._ended is None:
-                        self._ended = (event.code, event.reason, "client")
+                        self._ended = (event.code, event.reason or "", "client")
                     self._finish_close(ws.send(event.response()))
                 elif not self.closed and ws.state is ConnectionState.OPEN:
                     # A protocol error found by wsproto (bad UTF-8, bad framing): close with its code.
                     self.close(event.code, event.reason or "protocol error")
 
-    async def _message(self, event: TextMessage | BytesMessage, parts: list[str | bytes] | None) -> None:
+    async def _message(self, event: TextMessage | BytesMessage, parts: list[str] | None) -> None:
         session = self.session
         if session is None or self.closed:
             return
-        self.server.counters.messages_in += 1
+        self.host.counters.messages_in += 1
         now = trio.current_time()
         if isinstance(event, BytesMessage):
             effects = session.binary_frame(now)
         else:
-            text = "".join([*parts, event.data]) if parts else event.data  # type: ignore[list-item]
+            text = "".join([*parts, event.data]) if parts else event.data
             effects = session.receive(text, now)
         try:
             await self._apply(effects)
         except Exception:
             # A fault of ours while handling one message: say so, and keep serving the connection.
             log.exception("internal error handling a message", extra=ctx(conn=self.conn_id))
-            self._reply(
-                Error(ErrorCode.INTERNAL_ERROR, "internal error while handling this message", ref=session.last_ref)
-            )
+            ref = message_ref(effects)
+            self._reply(Error(ErrorCode.INTERNAL_ERROR, "internal error while handling this message", ref=ref))
 
     # ---- effects -------------------------------------------------------------------------------------------
 
     async def _apply(self, effects: list[Effect]) -> None:
-        for effect in effects:
-            if self.session is None:
+        """Carry out `effects` in order; a request's answer goes back to the session, and what it returns is
+        carried out next, before the rest."""
+        session = self.session
+        pending = collections.deque(effects)
+        while pending:
+            # The connection may have closed (and released its session) while a check ran.
+            if session is None or self.session is not session:
                 return
-            match effect:
-                case Authorize(channel=channel, action=action, ref=ref):
-                    refusal = await self._authorize(channel, action, ref)
-                    if refusal is not None:
-                        if self.session is not None:
-                            self.session.refused(effect)
-                        self._reply(refusal)
-                        return
-                case CheckSubscribe(request=request, channel=channel):
-                    refusal = await self.server.check_subscribe(self.session.identity, channel, request)
-                    if self.session is not None:
-                        await self._apply(self.session.subscribe_checked(request, channel, refusal))
-                case Authenticate(token=token, ref=ref):
-                    await self._apply(await self._reauthenticate(token, ref))
-                case _:
-                    self._apply_local(effect)
+            effect = pending.popleft()
+            if isinstance(effect, CheckSubscribe | CheckAction | Authenticate):
+                outcome = await self._ask(session, effect)
+                pending.extendleft(reversed(session.answered(effect, outcome)))
+            else:
+                self._apply_local(effect)
+
+    async def _ask(self, session: Session, request: Request) -> Outcome:
+        match request:
+            case CheckSubscribe():
+                return await self.host.checks.subscribe(session.identity, request)
+            case CheckAction():
+                return await self.host.checks.action(session.identity, request)
+            case Authenticate(token=token, ref=ref):
+                try:
+                    identity = self.host.verifier.verify(token)
+                except AuthError as exc:
+                    log.info("refused token refresh", extra=ctx(conn=self.conn_id, reason=str(exc)))
+                    return Error(ErrorCode.UNAUTHORIZED, INVALID_TOKEN, ref=ref)
+                refusal = self.host.admission.readmit(session.identity, identity)
+                return Error(ErrorCode.RATE_LIMITED, refusal, ref=ref) if refusal is not None else identity
 
     def _table_changed(self, channel: Channel) -> None:
-        tables = self.server.tables
-        if tables is not None and channel.kind is ChannelKind.TABLE:
-            tables.subscriptions_changed(channel.name)
+        if channel.kind is ChannelKind.TABLE:
+            self.host.subscriptions_changed(channel.name)
 
     def _apply_local(self, effect: Effect) -> None:
-        hub = self.server.hub
+        hub = self.host.hub
         match effect:
             case Reply(message=message):
                 self._reply(message)
@@ -375,58 +452,19 @@ class Connection:
                 hub.track(channel.name, key, ref, state)
             case Untrack(channel=channel, key=key, ref=ref):
                 hub.untrack(channel.name, key, ref)
+            case IdentityChanged(channels=channels):
+                self.host.supervisor.identity_changed(self)
+                for name in channels:
+                    self.host.subscriptions_changed(name)
             case Close(code=code, reason=reason):
                 self.close(code, reason)
             case _:
                 raise AssertionError(f"effect {effect!r} needs the async path")
 
-    async def _authorize(self, channel: Channel, action: str, ref: str | None) -> Error | None:
-        """The channel hook's answer, remembered for this connection until its identity changes."""
-        if self.server.channel_authorizer is None or self.session is None:
-            return None
-        key = (channel.name, action)
-        grants = self._grants
-        if grants is not None and key in grants:
-            return None
-        refusal = await self.server.check_channel(self.session.identity, channel, action, ref)
-        if refusal is None:
-            if self._grants is None:
-                self._grants = {}
-            self._grants[key] = True
-        return refusal
-
-    async def _reauthenticate(self, token: str, ref: str | None) -> list[Effect]:
-        session = self.session
-        assert session is not None
-        try:
-            identity = self.server.verifier.verify(token)
-        except AuthError as exc:
-            log.info("refused token refresh", extra=ctx(conn=self.conn_id, reason=str(exc)))
-            return [Reply(Error(ErrorCode.UNAUTHORIZED, INVALID_TOKEN, ref=ref))]
-        refusal = self.server.readmit(self, session.identity, identity)
-        if refusal is not None:
-            return [Reply(Error(ErrorCode.RATE_LIMITED, refusal, ref=ref))]
-        effects = session.authenticated(identity, ref)
-        self._grants = None
-        self.server.supervisor.identity_changed(self)
-        for subscription in session.subscriptions.values():
-            self._table_changed(subscription.channel)
-        # Table subscriptions are re-authorized under the new identity; those no longer allowed end with FORBIDDEN.
-        for name, subscription in list(session.subscriptions.items()):
-            if subscription.channel.kind is not ChannelKind.TABLE:
-                continue
-            request = Subscribe(name, subscription.event, subscription.filter)
-            refusal = await self.server.check_subscribe(identity, subscription.channel, request)
-            if refusal is not None and self.session is session:
-                message = f"no longer allowed under the new token: {refusal.message}"
-                effects.append(Reply(Error(ErrorCode.FORBIDDEN, message, channel=name)))
-                effects.extend(session.drop(name))
-        return effects
-
     # ---- output --------------------------------------------------------------------------------------------
 
     def _reply(self, message: ServerMessage) -> None:
-        counters = self.server.counters
+        counters = self.host.counters
         counters.messages_out += 1
         if isinstance(message, Error):
             counters.errors[message.code.value] += 1
@@ -440,7 +478,7 @@ class Connection:
         """Hub entry point: queue a frame; a connection whose queue overflows is closed 4009."""
         outbox = self.outbox
         if outbox is not None and not outbox.send_nowait(frame):
-            self.server.counters.slow_consumer_closes += 1
+            self.host.counters.slow_consumer_closes += 1
             log.info("slow consumer", extra=ctx(conn=self.conn_id, backlog=outbox.backlog))
             self.close(CloseCode.SLOW_CONSUMER, "slow consumer: outgoing queue overflowed", discard_backlog=True)
 
@@ -452,7 +490,7 @@ class Connection:
         if self.closed:
             return
         self.closed = True
-        self.server.counters.closes[int(code)] += 1
+        self.host.counters.closes[int(code)] += 1
         if self._ended is None:
             self._ended = (int(code), reason, "server")
         frame = b""
@@ -489,12 +527,12 @@ class Connection:
         for effect in self.session.drop(channel):
             self._apply_local(effect)
 
-    def reconfigure(self, limits: SessionLimits, write_buffer_size: int) -> None:
+    def reconfigure(self, settings: ConnectionSettings) -> None:
         """Apply reloaded limits to this open connection."""
         if self.session is not None:
-            self.session.set_limits(limits)
+            self.session.set_limits(settings.session_limits)
         if self.outbox is not None:
-            self.outbox.limit = write_buffer_size
+            self.outbox.limit = settings.write_buffer_size
 
     # ---- supervision (see supervisor.py) -------------------------------------------------------------------
 

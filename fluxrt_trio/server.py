@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import errno
 import itertools
@@ -15,22 +14,18 @@ from typing import Any
 
 import orjson
 import trio
-import trio_asyncio
 
 from . import metrics
+from .admission import Admission
 from .auth import Verifier
+from .checks import ChannelChecks
 from .config import Config
-from .connection import Connection
+from .connection import Connection, ConnectionSettings
 from .hub import Hub, LocalHub
 from .logs import ctx
 from .outbox import Flusher
-from .postgres.authorize import ChannelAuthorizer, Refused
-from .postgres.bridge import DatabaseUnavailable
 from .postgres.service import DatabaseService
-from .protocol.channels import Channel, ChannelKind
-from .protocol.identity import Identity
-from .protocol.messages import CloseCode, Error, ErrorCode, Subscribe
-from .protocol.session import SessionLimits
+from .protocol.messages import CloseCode
 from .supervisor import Supervisor
 from .tables import TableChannels
 
@@ -43,7 +38,8 @@ _LISTEN_BACKLOG = 4096
 
 
 class Server:
-    """One fluxrt node. `serve` runs it; `shutdown` drains it; both are meant for one Trio run."""
+    """One fluxrt node. `serve` runs it; `shutdown` drains it; both are meant for one Trio run. It is the
+    `ConnectionHost` of its connections."""
 
     def __init__(self, config: Config, *, hub: Hub | None = None) -> None:
         self.config = config
@@ -51,15 +47,17 @@ class Server:
         self.verifier = Verifier(config.auth)
         self.counters = metrics.Counters()
         rt = config.realtime
-        self.session_limits = _session_limits(config)
+        self.settings = ConnectionSettings.from_config(config)
         self.supervisor = Supervisor(rt.heartbeat_interval, rt.connection_timeout)
         self.flusher = Flusher()
+        self.admission: Admission[Connection] = Admission(
+            rt.max_connections, rt.max_connections_per_user, self.counters.rejected_connections
+        )
         self.db: DatabaseService | None = None
         self.tables: TableChannels | None = None
-        self.channel_authorizer: ChannelAuthorizer | None = None
+        roles = tuple(dict.fromkeys((config.auth.anon_role, config.auth.default_role, *config.auth.roles)))
         db = config.database
         if db.dsn is not None:
-            roles = tuple(dict.fromkeys((config.auth.anon_role, config.auth.default_role, *config.auth.roles)))
             self.db = DatabaseService(
                 db.dsn,
                 authorizer_dsn=db.authorizer_dsn,
@@ -68,10 +66,8 @@ class Server:
                 poll_interval=db.poll_interval,
                 retention=db.retention,
             )
-            self.tables = TableChannels(self.hub, self.db.database, roles)
-            self.channel_authorizer = ChannelAuthorizer(self.db.database)
-        self.connections: set[Connection] = set()
-        self.per_user: collections.Counter[str] = collections.Counter()
+            self.tables = TableChannels(self.hub, self.db.authorizer_pool, self.counters)
+        self.checks = ChannelChecks(self.db.authorizer_pool if self.db is not None else None, roles)
         self.draining = False
         self.port: int | None = None
         self._started_at = time.monotonic()
@@ -92,9 +88,7 @@ class Server:
         try:
             async with contextlib.AsyncExitStack() as stack:
                 if self.db is not None:
-                    # asyncpg lives on this asyncio loop, for as long as the server runs.
-                    await stack.enter_async_context(trio_asyncio.open_loop())
-                    stack.push_async_callback(self.db.aclose)
+                    await stack.enter_async_context(self.db.opened())
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
                     nursery.start_soon(self.supervisor.run)
@@ -174,8 +168,8 @@ class Server:
         if self._accept_scope is not None:
             self._accept_scope.cancel()
         self._close_listener()
-        for conn in list(self.connections):
-            conn.close(CloseCode.GOING_AWAY, "server shutting down")
+        for connection in list(self.connections):
+            connection.close(CloseCode.GOING_AWAY, "server shutting down")
         if self._handlers:
             with trio.move_on_after(self.config.realtime.shutdown_timeout):
                 await self._idle.wait()
@@ -192,82 +186,23 @@ class Server:
         verifier = self.verifier.rotated(config.auth)
         self.config = config
         self.verifier = verifier
-        self.session_limits = limits = _session_limits(config)
+        self.settings = settings = ConnectionSettings.from_config(config)
         rt = config.realtime
         self.supervisor.heartbeat_interval = rt.heartbeat_interval
         self.supervisor.connection_timeout = rt.connection_timeout
-        for conn in self.connections:
-            conn.reconfigure(limits, rt.write_buffer_size)
+        self.admission.max_connections = rt.max_connections
+        self.admission.max_connections_per_user = rt.max_connections_per_user
+        for connection in self.connections:
+            connection.reconfigure(settings)
 
-    # ---- admission -----------------------------------------------------------------------------------------
+    @property
+    def connections(self) -> set[Connection]:
+        """The open connections (admitted and not yet released)."""
+        return self.admission.connections
 
-    def admit(self, conn: Connection, identity: Identity) -> str | None:
-        """Count a new connection in, or return why it is refused (too many on the node or for the user)."""
-        rt = self.config.realtime
-        if len(self.connections) >= rt.max_connections:
-            self.counters.rejected_connections["node_limit"] += 1
-            return f"too many connections on this node (realtime.max_connections = {rt.max_connections})"
-        if identity.sub is not None and self.per_user[identity.sub] >= rt.max_connections_per_user:
-            self.counters.rejected_connections["user_limit"] += 1
-            return f"too many connections for this user (at most {rt.max_connections_per_user})"
-        self.connections.add(conn)
-        if identity.sub is not None:
-            self.per_user[identity.sub] += 1
-        return None
-
-    def readmit(self, conn: Connection, old: Identity, new: Identity) -> str | None:
-        """Move a connection's per-user count from `old` to `new`, or return why the new user is refused."""
-        if old.sub == new.sub:
-            return None
-        limit = self.config.realtime.max_connections_per_user
-        if new.sub is not None and self.per_user[new.sub] >= limit:
-            return f"too many connections for this user (at most {limit}); the current token stays in use"
-        self._uncount(old)
-        if new.sub is not None:
-            self.per_user[new.sub] += 1
-        return None
-
-    def unregister(self, conn: Connection, identity: Identity) -> None:
-        if conn in self.connections:
-            self.connections.discard(conn)
-            self._uncount(identity)
-
-    def _uncount(self, identity: Identity) -> None:
-        if identity.sub is not None:
-            self.per_user[identity.sub] -= 1
-            if self.per_user[identity.sub] <= 0:
-                del self.per_user[identity.sub]
-
-    # ---- channel checks ------------------------------------------------------------------------------------
-
-    async def check_subscribe(self, identity: Identity, channel: Channel, request: Subscribe) -> Error | None:
-        """The checks a subscribe needs beyond its own format; None when it may proceed."""
-        if channel.kind is not ChannelKind.TABLE:
-            return await self.check_channel(identity, channel, "subscribe", request.ref)
-        if self.tables is None:
-            return Error(
-                ErrorCode.SUBSCRIPTION_FAILED,
-                f"cannot subscribe to {channel.name}: no database is configured "
-                "(set database.dsn or database.embedded in fluxrt.yaml, or FLUXRT_DATABASE_DSN)",
-                channel=channel.name,
-                ref=request.ref,
-            )
-        return await self.tables.check_subscribe(identity, channel, request)
-
-    async def check_channel(self, identity: Identity, channel: Channel, action: str, ref: str | None) -> Error | None:
-        """Ask `realtime.authorize` (when the database defines it) about a presence or broadcast channel."""
-        if self.channel_authorizer is None:
-            return None
-        try:
-            await self.channel_authorizer.check(identity, channel.name, action)
-        except Refused as exc:
-            return Error(ErrorCode.FORBIDDEN, str(exc), channel=channel.name, ref=ref)
-        except DatabaseUnavailable as exc:
-            code = ErrorCode.SUBSCRIPTION_FAILED if action == "subscribe" else ErrorCode.FORBIDDEN
-            return Error(
-                code, f"database unavailable to authorize {channel.name} ({exc})", channel=channel.name, ref=ref
-            )
-        return None
+    def subscriptions_changed(self, channel: str) -> None:
+        if self.tables is not None:
+            self.tables.subscriptions_changed(channel)
 
     # ---- admin endpoints -----------------------------------------------------------------------------------
 
@@ -303,12 +238,3 @@ class Server:
 
     def uptime(self) -> float:
         return time.monotonic() - self._started_at
-
-
-def _session_limits(config: Config) -> SessionLimits:
-    rt = config.realtime
-    return SessionLimits(
-        max_subscriptions=rt.max_subscriptions_per_connection,
-        message_rate_limit=rt.message_rate_limit,
-        max_presence_state_size=rt.max_presence_state_size,
-    )

@@ -256,7 +256,7 @@ async def test_auth_changing_user_moves_presence_and_the_per_user_count(start_se
         diffs = [await recv(ws), await recv(ws)]
         assert diffs[0]["payload"]["leaves"] == {anon: [{"ref": anon.removeprefix("anon:"), "state": {"s": 1}}]}
         assert list(diffs[1]["payload"]["joins"]) == ["dave"]
-        assert server.per_user["dave"] == 1
+        assert server.admission.per_user["dave"] == 1
         # dave is now at his limit of one connection.
         client = await raw_connect(server, query=f"token={token('dave')}")
         assert (await client.next_message())["code"] == "RATE_LIMITED"
@@ -264,7 +264,7 @@ async def test_auth_changing_user_moves_presence_and_the_per_user_count(start_se
         async with connect(server, tok=token("erin")) as other:
             reply = await request(other, type="auth", token=token("dave"), ref="2")
             assert reply["code"] == "RATE_LIMITED" and reply["ref"] == "2"
-            assert server.per_user["erin"] == 1
+            assert server.admission.per_user["erin"] == 1
 
 
 async def test_client_close_is_answered_with_1000(start_server):

@@ -184,7 +184,7 @@ async def test_a_fault_outside_message_handling_closes_1011(start_server, monkey
     def broken_admit(conn, identity):
         raise RuntimeError("injected fault")
 
-    monkeypatch.setattr(server, "admit", broken_admit)
+    monkeypatch.setattr(server.admission, "admit", broken_admit)
     client = await raw_connect(server)
     assert await client.close_code() == 1011
     monkeypatch.undo()

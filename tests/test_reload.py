@@ -183,11 +183,11 @@ def test_new_limits_decide_the_next_messages_of_an_open_session_and_keep_what_it
     session = Session("c1", Identity("alice", "authenticated"), SessionLimits(max_subscriptions=3))
     for name in ("a", "b"):
         [check] = session.receive(f'{{"type":"subscribe","channel":"broadcast:{name}"}}', 0.0)
-        session.subscribe_checked(check.request, check.channel, None)
+        session.answered(check, None)
     session.set_limits(SessionLimits(max_subscriptions=1, message_rate_limit=1))
     assert set(session.subscriptions) == {"broadcast:a", "broadcast:b"}
     [check] = session.receive('{"type":"subscribe","channel":"broadcast:c","ref":"s"}', 0.0)
-    [refusal] = session.subscribe_checked(check.request, check.channel, None)
+    [refusal] = session.answered(check, None)
     assert refusal.message.code is ErrorCode.SUBSCRIPTION_FAILED and "at most 1" in refusal.message.message
     assert not any(getattr(getattr(e, "message", None), "code", None) for e in _broadcast(session, "1"))
     [limited] = [e for e in _broadcast(session, "2") if hasattr(e, "message")]

@@ -225,7 +225,7 @@ async def compare(admin: str, authorizer: str, who: list[tuple[str, dict[str, An
                 by_identity = {n: (sorted(v or ()), r if v else None, e is not None) for n, v, r, e in decided}
                 answers[name] = [by_identity.get(n, ([], None, False)) for n in range(len(who))]
                 if name == "cached":
-                    shortcut[table] = security.statistics.one_statement
+                    shortcut[table] = security.statistics().one_statement
             if any(raised for _, _, raised in answers["planned"]):
                 raising.add(table)
             live = [
@@ -252,7 +252,7 @@ async def _path(conn: asyncpg.Connection, relid: int, who: list, images: list[di
     members = [(role, claims) for role, claims in who if role == "authenticated" and claims.get("sub") != "breaker"]
     security = RowSecurity()
     await security.decide(conn, relid, members, orjson.dumps(images).decode(), len(images))
-    taken = security.statistics
+    taken = security.statistics()
     return {(1, 0): "set", (0, len(members)): "per identity"}.get((taken.set_based, taken.per_identity), "mixed")
 
 
@@ -294,7 +294,7 @@ async def test_a_session_not_in_repeatable_read_is_decided_in_a_transaction_of_i
             security = RowSecurity()
             for _ in range(3):
                 rows = await security.decide(conn, relid, who, images, 2)
-            return sorted((n, v) for n, v, _, _ in rows), security.statistics.one_statement
+            return sorted((n, v) for n, v, _, _ in rows), security.statistics().one_statement
         finally:
             await conn.close()
 

@@ -10,10 +10,10 @@ import attrs
 import orjson
 
 from fluxrt_trio.protocol.channels import parse_channel
+from fluxrt_trio.protocol.delivery import FilterIndex, wants
 from fluxrt_trio.protocol.identity import Identity
 from fluxrt_trio.protocol.rows import decode_image
 from fluxrt_trio.protocol.session import Subscription
-from fluxrt_trio.tables import _FilterIndex, _wants
 
 CHANNEL = "table:public.tasks"
 
@@ -73,16 +73,16 @@ def test_the_index_finds_what_a_scan_finds():
     subscribers = [Subscriber(str(i), Subscription(parse_channel(CHANNEL), "*", f)) for i, f in enumerate(FILTERS)]
     subscribers.append(Subscriber("gone", None))
     subscribers.append(Subscriber("anonymous-less", Subscription(parse_channel(CHANNEL)), None))
-    index = _FilterIndex(CHANNEL, subscribers)
+    index = FilterIndex(CHANNEL, subscribers)
     checked = 0
     for n, s, b in itertools.product(VALUES, repeat=3):
         image: dict[str, Any] = decode_image(f'{{"n": {n}, "s": {s}, "b": {b}, "big": {n}}}')
         scanned = {
             x.conn_id
             for x in subscribers
-            if x.sub is not None and x.identity is not None and _wants(x.sub, "INSERT", image)
+            if x.sub is not None and x.identity is not None and wants(x.sub, "INSERT", image)
         }
-        found = [x.conn_id for x, sub, _ in [*index.unfiltered, *index.filtered(image)] if _wants(sub, "INSERT", image)]
+        found = [x.conn_id for x, sub, _ in [*index.unfiltered, *index.filtered(image)] if wants(sub, "INSERT", image)]
         assert len(found) == len(set(found)), (image, found)
         assert set(found) == scanned, orjson.dumps(image)
         checked += len(scanned)

@@ -20,9 +20,10 @@ from fluxrt_trio.protocol.messages import (
 )
 from fluxrt_trio.protocol.session import (
     Authenticate,
-    Authorize,
+    CheckAction,
     CheckSubscribe,
     Close,
+    IdentityChanged,
     Join,
     Leave,
     Publish,
@@ -33,6 +34,7 @@ from fluxrt_trio.protocol.session import (
     Subscription,
     Track,
     Untrack,
+    message_ref,
 )
 
 CONN = "conn-1"
@@ -45,8 +47,16 @@ def make(sub: str | None = None, **limits: Any) -> Session:
 
 
 def send(session: Session, message: Any, now: float = 0.0) -> list[Any]:
-    """The effects of one message, as if every Authorize check passed (those are tested on their own below)."""
-    return [e for e in session.receive(orjson.dumps(message), now) if not isinstance(e, Authorize)]
+    """The effects of one message, as if every CheckAction passed (those are tested on their own below)."""
+    effects: list[Any] = []
+    for effect in session.receive(orjson.dumps(message), now):
+        effects.extend(session.answered(effect, None) if isinstance(effect, CheckAction) else [effect])
+    return effects
+
+
+def authenticate(session: Session, identity: Identity, ref: str | None = None) -> list[Any]:
+    """The effects of a verified token refresh."""
+    return session.answered(Authenticate("t", ref), identity)
 
 
 def subscribe(session: Session, channel: str, now: float = 0.0, **fields: Any) -> list[Any]:
@@ -55,7 +65,7 @@ def subscribe(session: Session, channel: str, now: float = 0.0, **fields: Any) -
     assert len(effects) == 1, effects
     [check] = effects
     assert isinstance(check, CheckSubscribe)
-    return session.subscribe_checked(check.request, check.channel, None)
+    return session.answered(check, None)
 
 
 def the_error(effects: list[Any]) -> Error:
@@ -100,7 +110,7 @@ def test_subscribe_checked_joins_and_acks():
     effects = send(session, {"type": "subscribe", "channel": "table:public.users", "ref": "s1"})
     [check] = effects
     channel = parse_channel("table:public.users")
-    assert session.subscribe_checked(check.request, check.channel, None) == [
+    assert session.answered(check, None) == [
         Join(Subscription(channel, "*", None)),
         Reply(Ack("subscribed", "table:public.users", "s1")),
     ]
@@ -138,7 +148,7 @@ def test_subscribe_refused_by_the_outside_checks():
     session = make()
     [check] = send(session, {"type": "subscribe", "channel": "table:public.secret", "ref": "r"})
     refusal = Error(ErrorCode.FORBIDDEN, "no", channel="table:public.secret", ref="r")
-    assert session.subscribe_checked(check.request, check.channel, refusal) == [Reply(refusal)]
+    assert session.answered(check, refusal) == [Reply(refusal)]
     assert session.subscriptions == {}
 
 
@@ -175,7 +185,7 @@ def test_subscription_limit():
     subscribe(session, "table:public.b")
     [check] = send(session, {"type": "subscribe", "channel": "presence:c", "ref": "3"})
     assert_error(
-        session.subscribe_checked(check.request, check.channel, None),
+        session.answered(check, None),
         ErrorCode.SUBSCRIPTION_FAILED,
         channel="presence:c",
         ref="3",
@@ -447,7 +457,8 @@ def test_presence_state_size_is_measured_as_compact_json():
     subscribe(session, "presence:room")
     state = {"a": [1, 2, 3], "b": "cc"}  # {"a":[1,2,3],"b":"cc"} is 22 bytes; as sent below it is 32
     text = '{"type": "presence", "channel": "presence:room", "event": "track", "payload": {"a": [1, 2, 3], "b": "cc"}}'
-    assert session.receive(text, 0.0)[1:] == [Track(parse_channel("presence:room"), ANON_KEY, CONN, state)]
+    [check] = session.receive(text, 0.0)
+    assert session.answered(check, None) == [Track(parse_channel("presence:room"), ANON_KEY, CONN, state)]
 
 
 # ---- ping and auth -------------------------------------------------------------------------------------------
@@ -467,7 +478,7 @@ def test_auth_asks_for_verification():
 def test_authenticated_acks_without_channel():
     session = make()
     identity = Identity("alice", "authenticated")
-    assert session.authenticated(identity, "r") == [Reply(Ack("authorized", None, "r"))]
+    assert authenticate(session, identity, "r") == [Reply(Ack("authorized", None, "r")), IdentityChanged(identity, ())]
     assert session.identity == identity
     assert session.presence_key == "alice"
 
@@ -481,12 +492,14 @@ def test_authenticated_moves_presence_from_the_anon_key_to_the_sub():
     send(session, {"type": "presence", "channel": "presence:b", "event": "track", "payload": {"n": 2}})
     assert session.presence_key == ANON_KEY
     a, b = parse_channel("presence:a"), parse_channel("presence:b")
-    assert session.authenticated(Identity("alice", "authenticated"), None) == [
+    alice = Identity("alice", "authenticated")
+    assert authenticate(session, alice) == [
         Reply(Ack("authorized")),
         Untrack(a, ANON_KEY, CONN),
         Track(a, "alice", CONN, {"n": 1}),
         Untrack(b, ANON_KEY, CONN),
         Track(b, "alice", CONN, {"n": 2}),
+        IdentityChanged(alice, ()),
     ]
     assert session.presence_key == "alice"
     # A later untrack and unsubscribe use the new key.
@@ -499,17 +512,51 @@ def test_authenticated_moves_presence_from_the_anon_key_to_the_sub():
 def test_authenticated_as_another_user_moves_presence():
     session = tracked_session("alice")
     channel = parse_channel("presence:room")
-    assert session.authenticated(Identity("bob", "authenticated"), "x") == [
+    bob = Identity("bob", "authenticated")
+    assert authenticate(session, bob, "x") == [
         Reply(Ack("authorized", None, "x")),
         Untrack(channel, "alice", CONN),
         Track(channel, "bob", CONN, {"s": 1}),
+        IdentityChanged(bob, ()),
     ]
 
 
 def test_token_refresh_for_the_same_user_keeps_presence():
     session = tracked_session("alice")
-    assert session.authenticated(Identity("alice", "authenticated", expires_at=2e9), None) == [Reply(Ack("authorized"))]
+    refreshed = Identity("alice", "authenticated", expires_at=2e9)
+    assert authenticate(session, refreshed) == [Reply(Ack("authorized")), IdentityChanged(refreshed, ())]
     assert session.identity.expires_at == 2e9
+
+
+def test_a_new_identity_checks_every_table_subscription_again_and_ends_the_refused_ones():
+    session = make("alice")
+    subscribe(session, "table:public.a", filter="id=eq.1")
+    subscribe(session, "table:public.b", event="INSERT")
+    subscribe(session, "broadcast:c")
+    bob = Identity("bob", "authenticated")
+    effects = authenticate(session, bob, "r")
+    a, b = parse_channel("table:public.a"), parse_channel("table:public.b")
+    assert effects == [
+        Reply(Ack("authorized", None, "r")),
+        IdentityChanged(bob, ("table:public.a", "table:public.b")),
+        CheckSubscribe(Subscribe("table:public.a", "*", "id=eq.1"), a, renewal=True),
+        CheckSubscribe(Subscribe("table:public.b", "INSERT"), b, renewal=True),
+    ]
+    assert session.answered(effects[2], None) == []
+    refusal = Error(ErrorCode.FORBIDDEN, "role bob may not read public.b", channel="table:public.b")
+    assert session.answered(effects[3], refusal) == [
+        Reply(
+            Error(
+                ErrorCode.FORBIDDEN,
+                "no longer allowed under the new token: role bob may not read public.b",
+                channel="table:public.b",
+            )
+        ),
+        Leave(b),
+    ]
+    assert set(session.subscriptions) == {"table:public.a", "broadcast:c"}
+    # A subscription the server ended while the check ran is not ended twice.
+    assert session.answered(effects[3], refusal) == []
 
 
 # ---- invalid messages ----------------------------------------------------------------------------------------
@@ -754,34 +801,65 @@ def test_auth_uses_the_control_allowance_not_the_broadcast_one():
     assert reply.message.code is ErrorCode.RATE_LIMITED
 
 
-def test_broadcast_and_track_ask_for_authorization_first():
+def test_broadcast_and_track_ask_for_authorization_first_and_once_per_identity():
     session = make("alice")
     subscribe(session, "presence:room")
-    room = parse_channel("presence:room")
-    effects = session.receive(orjson.dumps({"type": "broadcast", "channel": "broadcast:x", "payload": 1}), 0.0)
-    assert effects[0] == Authorize(parse_channel("broadcast:x"), "broadcast", None)
-    effects = session.receive(
-        orjson.dumps({"type": "presence", "channel": "presence:room", "event": "track", "payload": {"a": 1}}), 0.0
-    )
-    assert effects[0] == Authorize(room, "track", None, previous_state=None)
-    assert isinstance(effects[1], Track)
+    room, topic = parse_channel("presence:room"), parse_channel("broadcast:x")
+    broadcast = orjson.dumps({"type": "broadcast", "channel": "broadcast:x", "payload": 1, "ref": "b"})
+    [check] = session.receive(broadcast, 0.0)
+    assert check == CheckAction(topic, "broadcast", "b", 1)
+    assert session.answered(check, None) == [Publish(topic, 1), Reply(Ack("sent", "broadcast:x", "b"))]
+    # Allowed once: the next broadcast there is not asked about again, until the identity changes.
+    assert session.receive(broadcast, 0.0) == [Publish(topic, 1), Reply(Ack("sent", "broadcast:x", "b"))]
+    track = orjson.dumps({"type": "presence", "channel": "presence:room", "event": "track", "payload": {"a": 1}})
+    [check] = session.receive(track, 0.0)
+    assert check == CheckAction(room, "track", None, {"a": 1})
+    assert session.tracked == {}
+    assert session.answered(check, None) == [Track(room, "alice", CONN, {"a": 1})]
+    authenticate(session, Identity("alice", "authenticated", expires_at=2e9))
+    assert session.receive(broadcast, 0.0) == [CheckAction(topic, "broadcast", "b", 1)]
 
 
-def test_a_refused_track_leaves_the_previous_state():
+def test_a_refused_action_changes_nothing():
     session = make("alice")
     subscribe(session, "presence:room")
     send(session, {"type": "presence", "channel": "presence:room", "event": "track", "payload": {"v": 1}})
-    effects = session.receive(
+    # A new token: the next track is asked about again.
+    authenticate(session, Identity("alice", "authenticated", expires_at=2e9))
+    [check] = session.receive(
         orjson.dumps({"type": "presence", "channel": "presence:room", "event": "track", "payload": {"v": 2}}), 0.0
     )
-    check = effects[0]
-    assert check.previous_state == {"v": 1}
-    session.refused(check)
+    assert check == CheckAction(parse_channel("presence:room"), "track", None, {"v": 2})
+    refusal = Error(ErrorCode.FORBIDDEN, "no", channel="presence:room")
+    assert session.answered(check, refusal) == [Reply(refusal)]
     assert session.tracked == {"presence:room": {"v": 1}}
-    other = make("bob")
-    subscribe(other, "presence:room")
-    first = other.receive(
-        orjson.dumps({"type": "presence", "channel": "presence:room", "event": "track", "payload": {"v": 1}}), 0.0
-    )[0]
-    other.refused(first)
-    assert other.tracked == {}
+    [check] = session.receive(orjson.dumps({"type": "broadcast", "channel": "broadcast:x", "payload": 1}), 0.0)
+    assert session.answered(check, refusal) == [Reply(refusal)]
+    # Refused is not remembered: the next one is asked about again.
+    assert isinstance(
+        session.receive(orjson.dumps({"type": "broadcast", "channel": "broadcast:x", "payload": 1}), 0.0)[0],
+        CheckAction,
+    )
+
+
+def test_a_track_whose_subscription_ended_during_the_check_is_refused():
+    session = make("alice")
+    subscribe(session, "presence:room")
+    [check] = session.receive(
+        orjson.dumps({"type": "presence", "channel": "presence:room", "event": "track", "payload": {}, "ref": "t"}), 0.0
+    )
+    session.drop("presence:room")
+    [reply] = session.answered(check, None)
+    assert reply.message.code is ErrorCode.SUBSCRIPTION_FAILED and reply.message.ref == "t"
+    assert session.tracked == {}
+
+
+def test_message_ref_is_the_ref_of_the_message_the_effects_answer():
+    session = make("alice")
+    assert message_ref(session.receive(b'{"type":"subscribe","channel":"broadcast:a","ref":"s"}', 0.0)) == "s"
+    assert message_ref(session.receive(b'{"type":"ping","ref":"p"}', 0.0)) == "p"
+    assert (
+        message_ref(session.receive(b'{"type":"broadcast","channel":"broadcast:a","payload":1,"ref":"b"}', 0.0)) == "b"
+    )
+    assert message_ref(session.receive(b'{"type":"unsubscribe","channel":"broadcast:a","ref":"u"}', 0.0)) == "u"
+    assert message_ref(session.receive(b'{"nope', 0.0)) is None

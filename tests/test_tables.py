@@ -6,7 +6,7 @@ import orjson
 import pytest
 import trio
 
-from .conftest import connect, nothing_arrives, recv, request, subscribe, token
+from .conftest import connect, http_get, nothing_arrives, recv, request, subscribe, token
 
 ALICE = "11111111-1111-1111-1111-111111111111"
 BOB = "22222222-2222-2222-2222-222222222222"
@@ -83,6 +83,21 @@ async def test_change_ids_increase_and_timestamps_are_utc(start_server, db):
         first, second = await recv(ws), await recv(ws)
     assert int(first["payload"]["id"]) < int(second["payload"]["id"])
     assert first["payload"]["timestamp"][:4].isdigit()
+
+
+async def test_table_deliveries_are_counted_in_messages_out(start_server, db):
+    users_table(db)
+    server = await start(start_server, db)
+    async with connect(server) as first, connect(server) as second:
+        for ws in (first, second):
+            await subscribe(ws, "table:public.users")
+        await db.execute("INSERT INTO users VALUES (1, 'a', null), (2, 'b', null), (3, 'c', null)")
+        for ws in (first, second):
+            for _ in range(3):
+                await recv(ws)
+        _, _, body = await http_get(server, "/metrics")
+    # Two acks and three changes to each of two subscribers.
+    assert b"fluxrt_messages_out_total 8.0" in body
 
 
 async def test_subscribe_checks_in_order(start_server, db):

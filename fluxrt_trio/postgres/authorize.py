@@ -15,7 +15,7 @@ import orjson
 import trio
 
 from ..protocol.identity import Identity
-from .bridge import Database, DatabaseUnavailable, describe
+from .bridge import AuthorizerPool, DatabaseUnavailable, describe
 
 log = logging.getLogger("fluxrt.authorize")
 
@@ -28,8 +28,8 @@ class Refused(Exception):
 
 
 class ChannelAuthorizer:
-    def __init__(self, database: Database) -> None:
-        self._database = database
+    def __init__(self, pool: AuthorizerPool) -> None:
+        self._pool = pool
         self._hook: bool | None = None
         self._checked_at = -HOOK_RECHECK
 
@@ -37,7 +37,7 @@ class ChannelAuthorizer:
         now = trio.current_time()
         if self._hook is None or now - self._checked_at >= HOOK_RECHECK:
             try:
-                self._hook = await self._database.run(
+                self._hook = await self._pool.run(
                     lambda c: c.fetchval("SELECT to_regprocedure('realtime.authorize(text,text)') IS NOT NULL")
                 )
             except DatabaseUnavailable:
@@ -68,7 +68,7 @@ class ChannelAuthorizer:
                 return allowed
 
         try:
-            allowed = await self._database.run(ask)
+            allowed = await self._pool.run(ask)
         except asyncpg.PostgresError as exc:
             log.warning("realtime.authorize failed", extra={"ctx_channel": channel, "ctx_error": describe(exc)})
             raise Refused(f"realtime.authorize failed for {channel} ({describe(exc)})") from None

@@ -1,6 +1,6 @@
 """The door between Trio and asyncpg: one crossing per unit of work, never one per row or per subscriber.
 
-`Database` owns the asyncpg pool and hands out nothing asyncio-shaped: its methods are Trio coroutines taking and
+`AuthorizerPool` owns the asyncpg pool and hands out nothing asyncio-shaped: its methods are Trio coroutines taking and
 returning plain values. Each crossing costs about 0.1 ms, so callers batch (one window, one batch of checks).
 """
 
@@ -54,7 +54,7 @@ snapshot, as every use wants (row-level security decides a window in one stateme
 survive the pool's RESET ALL."""
 
 
-class Database:
+class AuthorizerPool:
     """A small asyncpg pool for checks and authorization, usable only inside `trio_asyncio.open_loop()`.
 
     Its login role must not be a superuser (connections are refused otherwise): policy code runs in these sessions

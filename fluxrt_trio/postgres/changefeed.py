@@ -15,9 +15,9 @@ import logging
 from typing import Any
 
 import asyncpg
-import attrs
 import trio
 
+from ..protocol.changes import RowChange, Window
 from ..protocol.rows import decode_image
 from .bridge import DatabaseUnavailable, close_connection, connect, describe, on_connection
 
@@ -66,29 +66,6 @@ SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM mark), (SELECT count(*
 NOTIFY_CHANNEL = "fluxrt_changes"
 BACKOFF_START = 0.1
 """seconds before the first reconnect; doubles up to 5 s, back to this after every good connection"""
-
-
-@attrs.frozen(slots=True)
-class Change:
-    id: int
-    created_at: datetime.datetime
-    relid: int
-    """the table's oid (a partitioned table's root), by which it is authorized"""
-    schema: str
-    table: str
-    op: str
-    """INSERT, UPDATE, DELETE, TRUNCATE, DISABLE (realtime was disabled on the table), or UNREADABLE (the row
-    images could not be decoded; subscribers are told to refetch)"""
-    old: dict[str, Any] | None
-    new: dict[str, Any] | None
-
-
-@attrs.frozen(slots=True)
-class Window:
-    """The changes committed between two reads, in id order. `missed`: changes were pruned before being read."""
-
-    changes: list[Change]
-    missed: bool = False
 
 
 class Changefeed:
@@ -256,14 +233,14 @@ class Changefeed:
                     log.debug("pruned", extra={"ctx_rows": deleted})
 
 
-def _change(row: tuple[Any, ...]) -> Change:
+def _change(row: tuple[Any, ...]) -> RowChange:
     _, _, change_id, created_at, relid, schema, table, op, old, new = row
     try:
-        return Change(change_id, created_at, relid, schema, table, op, decode_image(old), decode_image(new))
+        return RowChange(change_id, created_at, relid, schema, table, op, decode_image(old), decode_image(new))
     except (ValueError, RecursionError) as exc:
         # One row that cannot be decoded must not stop the feed for everyone.
         log.error("undecodable change", extra={"ctx_id": change_id, "ctx_error": repr(exc)[:200]})
-        return Change(change_id, created_at, relid, schema, table, "UNREADABLE", None, None)
+        return RowChange(change_id, created_at, relid, schema, table, "UNREADABLE", None, None)
 
 
 async def _fetch_window(

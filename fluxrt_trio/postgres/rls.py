@@ -16,6 +16,7 @@ import asyncpg
 import attrs
 import orjson
 
+from .bridge import describe, is_connection_error
 from .policies import AuthFunction, Catalog, PerIdentity, Policy, Relation, SetPlan, plan
 
 log = logging.getLogger("fluxrt.rls")
@@ -124,8 +125,8 @@ SELECT f.global, f.local, v.r, v.readable, v.everything, v.identity, v.image, v.
 """
 
 
-@attrs.define
-class Statistics:
+@attrs.frozen(slots=True)
+class RowSecurityStatistics:
     set_based: int = 0
     """role evaluations decided by one query"""
     per_identity: int = 0
@@ -156,7 +157,15 @@ class RowSecurity:
         self._plans: dict[tuple[int, str], SetPlan | PerIdentity] = {}
         self._told: set[tuple[int, str, str]] = set()
         self._claims_cache: dict[int, tuple[dict[str, Any], frozenset[str] | None, bytes]] = {}
-        self.statistics = Statistics()
+        self._statistics = RowSecurityStatistics()
+
+    def statistics(self) -> RowSecurityStatistics:
+        """How decisions were made so far (benchmarks and tests read it)."""
+        return self._statistics
+
+    def _count(self, **more: int) -> None:
+        now = self._statistics
+        self._statistics = attrs.evolve(now, **{name: getattr(now, name) + n for name, n in more.items()})
 
     async def _refresh(self, conn: asyncpg.Connection, relid: int) -> None:
         """Forget the plans the catalog no longer supports: all of them when a policy, a role membership or an auth
@@ -213,7 +222,7 @@ class RowSecurity:
                 decisions = [tuple(r)[2:] for r in results if r[2] is not None]
                 rows, decided = self._set_rows(relid, plans, by_role, decisions, n_images)
                 if len(decided) == len(by_role):
-                    self.statistics.one_statement += 1
+                    self._count(one_statement=1)
                     return rows
         async with conn.transaction(isolation="repeatable_read", readonly=True):
             if self.set_based:
@@ -269,7 +278,7 @@ class RowSecurity:
             rows, decided = self._set_rows(relid, plans, by_role, [tuple(r) for r in results], n_images)
         rest = [n for role, members in by_role.items() if role not in decided for n in members]
         if rest:
-            self.statistics.per_identity += len(rest)
+            self._count(per_identity=len(rest))
             subset = orjson.dumps([{"role": identities[n][0], "claims": identities[n][1]} for n in rest]).decode()
             for k, visible, readable, error in await conn.fetch(_VISIBLE, relid, subset, images):
                 rows.append((rest[k], visible, readable, error))
@@ -301,7 +310,7 @@ class RowSecurity:
                 continue
             decided.add(role)
             members = by_role[role]
-            self.statistics.set_based += 1
+            self._count(set_based=1)
             if readable is None:
                 continue
             if everything:
@@ -394,3 +403,34 @@ def _relation(row: asyncpg.Record) -> Relation:
         generated_dependencies=tuple(d for d in row["generated_dependencies"] if d is not None),
         policies=policies,
     )
+
+
+@attrs.frozen(slots=True)
+class TableQuestion:
+    """Which of a table's row images (a JSON array as text, `n_images` long) each identity (role, claims) sees."""
+
+    channel: str
+    relid: int
+    identities: list[tuple[str, dict[str, Any]]]
+    images: str
+    n_images: int
+
+
+async def decide_tables(
+    conn: asyncpg.Connection, row_security: RowSecurity, questions: Sequence[TableQuestion]
+) -> list[tuple[str, list[Row] | str]]:
+    """Each table decided on its own, so that one table's failure (dropped meanwhile, a policy function broken)
+    costs only that table: its entry is then the error's description instead of rows. A lost connection raises."""
+    results: list[tuple[str, list[Row] | str]] = []
+    for question in questions:
+        try:
+            rows = await row_security.decide(
+                conn, question.relid, question.identities, question.images, question.n_images
+            )
+        except asyncpg.PostgresError as exc:
+            if is_connection_error(exc):
+                raise
+            results.append((question.channel, describe(exc)))
+        else:
+            results.append((question.channel, [(r[0], r[1], r[2], r[3]) for r in rows]))
+    return results

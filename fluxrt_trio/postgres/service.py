@@ -6,13 +6,17 @@ as degraded, and keeps trying; table subscribes are refused with a message sayin
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import AsyncIterator
 
 import trio
+import trio_asyncio
 
-from .bridge import Database, DatabaseUnavailable, close_connection, connect, describe, on_connection
+from .bridge import AuthorizerPool, DatabaseUnavailable, close_connection, connect, describe, on_connection
 from .bridge import authorizer_dsn as default_authorizer_dsn
-from .changefeed import Changefeed, Window
+from ..protocol.changes import Window
+from .changefeed import Changefeed
 from .migrate import migrate
 
 log = logging.getLogger("fluxrt.postgres")
@@ -35,7 +39,7 @@ class DatabaseService:
         self.dsn = dsn
         self._migrate = migrate
         self._roles = roles
-        self.database = Database(authorizer_dsn or default_authorizer_dsn(dsn))
+        self.authorizer_pool = AuthorizerPool(authorizer_dsn or default_authorizer_dsn(dsn))
         self._send, self.windows = trio.open_memory_channel[Window](WINDOW_QUEUE)
         self.changefeed = Changefeed(dsn, self._send, poll_interval=poll_interval, retention=retention)
         self.ready = trio.Event()
@@ -48,7 +52,7 @@ class DatabaseService:
         return self.changefeed.state
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Run inside `trio_asyncio.open_loop()`. Reports started as soon as the first attempt finished."""
+        """Run inside `opened()`. Reports started as soon as the first attempt finished."""
         await self._prepare(task_status)
         async with trio.open_nursery() as nursery:
             await nursery.start(self.changefeed.run)
@@ -69,7 +73,7 @@ class DatabaseService:
                             await close_connection(conn)
                     if applied:
                         log.info("database migrated", extra={"ctx_applied": ",".join(applied)})
-                await self.database.open()
+                await self.authorizer_pool.open()
                 break
             except DatabaseUnavailable as exc:
                 self.changefeed.last_error = str(exc)
@@ -86,6 +90,12 @@ class DatabaseService:
         if not reported:
             task_status.started()
 
-    async def aclose(self) -> None:
-        with trio.CancelScope(shield=True):
-            await self.database.close()
+    @contextlib.asynccontextmanager
+    async def opened(self) -> AsyncIterator[None]:
+        """The asyncio loop asyncpg lives on, for as long as the node runs; the pool is closed on the way out."""
+        async with trio_asyncio.open_loop():
+            try:
+                yield
+            finally:
+                with trio.CancelScope(shield=True):
+                    await self.authorizer_pool.close()

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import attrs
+import orjson
 
 
 @attrs.frozen(slots=True)
@@ -15,6 +17,17 @@ class Identity:
     role: str
     claims: dict[str, Any] = attrs.field(factory=dict, eq=False, hash=False)
     expires_at: float | None = None
+    policy_key: str = attrs.field(init=False, eq=False, hash=False, repr=False)
+    """Same role and same claims, same answer from row-level security: subscribers sharing it share one check.
+    Computed once here, because delivery asks for it for every subscriber of every change."""
+
+    def __attrs_post_init__(self) -> None:
+        try:
+            claims = orjson.dumps(self.claims, option=orjson.OPT_SORT_KEYS).decode()
+        except TypeError:
+            # A token may carry an integer beyond 64 bits, which orjson refuses; the key only has to be stable.
+            claims = json.dumps(self.claims, sort_keys=True)
+        object.__setattr__(self, "policy_key", self.role + "\x00" + claims)
 
     @property
     def anonymous(self) -> bool:

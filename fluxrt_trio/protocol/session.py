@@ -2,17 +2,19 @@
 
 `Session.receive` takes one client frame and returns effects for the I/O shell to carry out, in order. Checks that
 need the outside world (the database, token verification) come back as requests (`CheckSubscribe`, `Authenticate`)
-whose outcome the shell feeds back through `subscribe_checked` and `authenticated`.
+whose outcome the shell feeds back through `answered`; the session changes no state before a check has passed.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import attrs
 import orjson
 
 from .channels import Channel, ChannelError, ChannelKind, parse_channel
+from .filters import Filter, FilterError, parse_filter
 from .identity import Identity
 from .limits import Allowance, Verdict
 from .messages import (
@@ -46,9 +48,22 @@ class Subscription:
     channel: Channel
     event: str = "*"
     filter: str | None = None
+    condition: Filter | None = attrs.field(init=False, eq=False, repr=False)
+    """`filter` parsed; None without a filter and for one that does not parse (table subscribes refuse those)"""
+
+    def __attrs_post_init__(self) -> None:
+        condition = None
+        if self.filter is not None:
+            with contextlib.suppress(FilterError):
+                condition = parse_filter(self.filter)
+        object.__setattr__(self, "condition", condition)
 
 
 # ---- effects -------------------------------------------------------------------------------------------------
+#
+# Requests (CheckSubscribe, CheckAction, Authenticate) ask the outside world something; the shell answers each
+# through `Session.answered`, which returns the effects that follow. Each request carries the ref of the message it
+# serves, so the answer (an ack or an error) can echo it.
 
 
 @attrs.frozen(slots=True)
@@ -58,21 +73,41 @@ class Reply:
 
 @attrs.frozen(slots=True)
 class CheckSubscribe:
-    """Ask the outside world whether this subscribe may proceed; answer with `Session.subscribe_checked`."""
+    """May this identity subscribe to `channel`? Outcome: None, or the refusal to send.
+
+    `renewal`: the subscription exists and the identity changed; a refusal ends it with FORBIDDEN."""
 
     request: Subscribe
     channel: Channel
+    renewal: bool = False
+
+    @property
+    def ref(self) -> str | None:
+        return self.request.ref
 
 
 @attrs.frozen(slots=True)
-class Authorize:
-    """Ask whether this identity may `action` (`broadcast`, `track`) on `channel`. If not, the shell replies
-    FORBIDDEN, skips the effects after this one and calls `Session.refused`."""
+class CheckAction:
+    """May this identity `action` (`broadcast`, `track`) on `channel`? Outcome: None, or the refusal to send.
+    `payload` is what is broadcast, or the presence state to track."""
 
     channel: Channel
     action: str
     ref: str | None
-    previous_state: dict[str, Any] | None = None
+    payload: Any
+
+
+@attrs.frozen(slots=True)
+class Authenticate:
+    """Verify `token`. Outcome: the new Identity, or the refusal to send (the identity stays)."""
+
+    token: str
+    ref: str | None
+
+
+Request = CheckSubscribe | CheckAction | Authenticate
+Outcome = Identity | Error | None
+"""what the shell found: None (allowed), an Error to send (refused), or a verified Identity (Authenticate)"""
 
 
 @attrs.frozen(slots=True)
@@ -101,6 +136,7 @@ class Track:
     channel: Channel
     key: str
     ref: str
+    """the presence meta's ref (the connection id), not a message ref"""
     state: dict[str, Any]
 
 
@@ -112,11 +148,12 @@ class Untrack:
 
 
 @attrs.frozen(slots=True)
-class Authenticate:
-    """Verify `token`; answer with `Session.authenticated`, or reply UNAUTHORIZED and keep the identity."""
+class IdentityChanged:
+    """The connection runs as `identity` from now on: its token expiry and its table subscriptions (`channels`)
+    must be looked at afresh."""
 
-    token: str
-    ref: str | None
+    identity: Identity
+    channels: tuple[str, ...]
 
 
 @attrs.frozen(slots=True)
@@ -128,14 +165,15 @@ class Close:
 Effect = (
     Reply
     | CheckSubscribe
-    | Authorize
+    | CheckAction
+    | Authenticate
     | Join
     | SendPresenceState
     | Leave
     | Publish
     | Track
     | Untrack
-    | Authenticate
+    | IdentityChanged
     | Close
 )
 
@@ -144,10 +182,21 @@ def error(code: ErrorCode, message: str, *, channel: str | None = None, ref: str
     return [Reply(Error(code, message, channel=channel, ref=ref))]
 
 
+def message_ref(effects: list[Effect]) -> str | None:
+    """The ref of the client message that `effects` answer (they all answer the same one), for a reply the shell
+    makes itself, such as INTERNAL_ERROR."""
+    for effect in effects:
+        if isinstance(effect, Reply) and isinstance(effect.message, Ack | Error | Pong):
+            return effect.message.ref
+        if isinstance(effect, CheckSubscribe | CheckAction | Authenticate):
+            return effect.ref
+    return None
+
+
 class Session:
     """The protocol state of one connection. `conn_id` is opaque and unique per connection."""
 
-    __slots__ = ("_messages", "_subscribes", "conn_id", "identity", "last_ref", "limits", "subscriptions", "tracked")
+    __slots__ = ("_granted", "_messages", "_subscribes", "conn_id", "identity", "limits", "subscriptions", "tracked")
 
     def __init__(self, conn_id: str, identity: Identity, limits: SessionLimits) -> None:
         self.conn_id = conn_id
@@ -155,8 +204,8 @@ class Session:
         self.limits = limits
         self.subscriptions: dict[str, Subscription] = {}
         self.tracked: dict[str, dict[str, Any]] = {}
-        self.last_ref: str | None = None
-        """the ref of the message received last, for replies the shell makes itself"""
+        self._granted: set[tuple[str, str]] = set()
+        """(channel, action) pairs allowed under the current identity: asked once, until the identity changes"""
         self._messages = Allowance(limits.message_rate_limit)
         self._subscribes = Allowance(2 * limits.max_subscriptions)
 
@@ -178,11 +227,9 @@ class Session:
         try:
             message = decode(text)
         except DecodeError as exc:
-            self.last_ref = exc.ref
             return self._charged(self._messages, now, exc.ref) or error(
                 ErrorCode.INVALID_MESSAGE, str(exc), ref=exc.ref
             )
-        self.last_ref = message.ref
         match message:
             case Ping(ref=ref):
                 return [Reply(Pong(ref=ref))]
@@ -248,10 +295,38 @@ class Session:
             return channel
         return [CheckSubscribe(message, channel)]
 
-    def subscribe_checked(self, request: Subscribe, channel: Channel, refusal: Error | None) -> list[Effect]:
-        """Finish a subscribe once the shell has run the outside checks; `refusal` is their error, if any."""
-        if refusal is not None:
+    def _renewal_checked(self, check: CheckSubscribe, refusal: Outcome) -> list[Effect]:
+        name = check.channel.name
+        # Ended meanwhile by the server (realtime disabled): nothing left to end.
+        if not isinstance(refusal, Error) or name not in self.subscriptions:
+            return []
+        message = f"no longer allowed under the new token: {refusal.message}"
+        return [Reply(Error(ErrorCode.FORBIDDEN, message, channel=name)), *self.drop(name)]
+
+    def answered(self, request: Request, outcome: Outcome) -> list[Effect]:
+        """What follows once the shell has answered `request`: None allows it, an Error refuses it (and is sent),
+        an Identity is the verified identity of an `Authenticate`."""
+        match request:
+            case CheckSubscribe(renewal=True):
+                return self._renewal_checked(request, outcome)
+            case CheckSubscribe():
+                return self._subscribe_checked(request, outcome)
+            case CheckAction():
+                if isinstance(outcome, Error):
+                    return [Reply(outcome)]
+                self._granted.add((request.channel.name, request.action))
+                return self._allowed(request)
+            case Authenticate():
+                if isinstance(outcome, Identity):
+                    return self._authenticated(outcome, request.ref)
+                if isinstance(outcome, Error):
+                    return [Reply(outcome)]
+        raise AssertionError(f"{request!r} cannot be answered with {outcome!r}")
+
+    def _subscribe_checked(self, check: CheckSubscribe, refusal: Outcome) -> list[Effect]:
+        if isinstance(refusal, Error):
             return [Reply(refusal)]
+        request, channel = check.request, check.channel
         name = channel.name
         if name not in self.subscriptions and len(self.subscriptions) >= self.limits.max_subscriptions:
             return error(
@@ -306,10 +381,37 @@ class Session:
                 channel=channel.name,
                 ref=message.ref,
             )
-        effects: list[Effect] = [Authorize(channel, "broadcast", message.ref), Publish(channel, message.payload)]
-        if message.ref is not None:
-            effects.append(Reply(Ack("sent", channel.name, message.ref)))
+        return self._ask(CheckAction(channel, "broadcast", message.ref, message.payload))
+
+    def _ask(self, check: CheckAction) -> list[Effect]:
+        """The check, unless this identity was already allowed the same action on the same channel."""
+        if (check.channel.name, check.action) in self._granted:
+            return self._allowed(check)
+        return [check]
+
+    def _allowed(self, check: CheckAction) -> list[Effect]:
+        channel, name, ref = check.channel, check.channel.name, check.ref
+        if check.action == "broadcast":
+            effects: list[Effect] = [Publish(channel, check.payload)]
+            if ref is not None:
+                effects.append(Reply(Ack("sent", name, ref)))
+            return effects
+        if name not in self.subscriptions:
+            # Ended by the server while the check ran.
+            return self._not_subscribed(name, "track", ref)
+        # The ack goes first, then the diff that every subscriber (this one included) receives.
+        self.tracked[name] = check.payload
+        effects = [Reply(Ack("tracked", name, ref))] if ref is not None else []
+        effects.append(Track(channel, self.presence_key, self.conn_id, check.payload))
         return effects
+
+    def _not_subscribed(self, name: str, event: str, ref: str | None) -> list[Effect]:
+        return error(
+            ErrorCode.SUBSCRIPTION_FAILED,
+            f"not subscribed to {name}: subscribe to the channel before presence {event}",
+            channel=name,
+            ref=ref,
+        )
 
     def _presence(self, message: Presence) -> list[Effect]:
         channel = self._channel(message.channel, message.ref)
@@ -331,13 +433,7 @@ class Session:
                 ref=ref,
             )
         if name not in self.subscriptions:
-            return error(
-                ErrorCode.SUBSCRIPTION_FAILED,
-                f"not subscribed to {name}: subscribe to the channel before presence {message.event}",
-                channel=name,
-                ref=ref,
-            )
-        # The ack goes first, then the diff that every subscriber (this one included) receives.
+            return self._not_subscribed(name, message.event, ref)
         effects: list[Effect] = []
         if message.event == "untrack":
             if ref is not None:
@@ -362,30 +458,24 @@ class Session:
                 channel=name,
                 ref=ref,
             )
-        effects.append(Authorize(channel, "track", ref, previous_state=self.tracked.get(name)))
-        self.tracked[name] = state
-        if ref is not None:
-            effects.append(Reply(Ack("tracked", name, ref)))
-        effects.append(Track(channel, self.presence_key, self.conn_id, state))
-        return effects
+        return self._ask(CheckAction(channel, "track", ref, state))
 
-    def refused(self, check: Authorize) -> None:
-        """The shell refused `check`: undo what the message did to this session (the rest of its effects are
-        dropped)."""
-        if check.action == "track":
-            if check.previous_state is None:
-                self.tracked.pop(check.channel.name, None)
-            else:
-                self.tracked[check.channel.name] = check.previous_state
-
-    def authenticated(self, identity: Identity, ref: str | None) -> list[Effect]:
-        """Adopt a freshly verified identity: ack, then presence tracked under the old key moves to the new one."""
+    def _authenticated(self, identity: Identity, ref: str | None) -> list[Effect]:
+        """Adopt a freshly verified identity: ack, then presence tracked under the old key moves to the new one,
+        then every table subscription is checked again under it (those no longer allowed end with FORBIDDEN)."""
         old_key = self.presence_key
         self.identity = identity
+        self._granted.clear()
         effects: list[Effect] = [Reply(Ack("authorized", ref=ref))]
         if self.presence_key != old_key:
             for name, state in self.tracked.items():
                 channel = self.subscriptions[name].channel
                 effects.append(Untrack(channel, old_key, self.conn_id))
                 effects.append(Track(channel, self.presence_key, self.conn_id, state))
+        tables = [sub for sub in self.subscriptions.values() if sub.channel.kind is ChannelKind.TABLE]
+        effects.append(IdentityChanged(identity, tuple(sub.channel.name for sub in tables)))
+        for sub in tables:
+            effects.append(
+                CheckSubscribe(Subscribe(sub.channel.name, sub.event, sub.filter), sub.channel, renewal=True)
+            )
         return effects

@@ -1,0 +1,111 @@
+"""The checks a connection's requests need beyond their own format: may this identity subscribe to a channel, or
+broadcast or track presence on it. Each answer is None (allowed) or the Error to send, echoing the request's ref."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from .postgres.authorize import ChannelAuthorizer, Refused
+from .postgres.bridge import AuthorizerPool, DatabaseUnavailable
+from .postgres.subscribe import TableAccess, UnknownRole, table_access
+from .protocol.channels import ChannelKind
+from .protocol.filters import EVENTS, FilterError, parse_filter
+from .protocol.identity import Identity
+from .protocol.messages import Error, ErrorCode
+from .protocol.session import CheckAction, CheckSubscribe
+
+NO_DATABASE = "no database is configured (set database.dsn or database.embedded in fluxrt.yaml, or FLUXRT_DATABASE_DSN)"
+
+
+class ChannelChecks:
+    """Table subscribes are checked against the catalog; presence and broadcast channels against the optional
+    `realtime.authorize` hook. Without a database (`pool` None) table channels are refused and the others open."""
+
+    def __init__(self, pool: AuthorizerPool | None, allowed_roles: Iterable[str]) -> None:
+        self.allowed_roles = frozenset(allowed_roles)
+        self._pool = pool
+        self._hook = ChannelAuthorizer(pool) if pool is not None else None
+
+    async def subscribe(self, identity: Identity, check: CheckSubscribe) -> Error | None:
+        """The checks of docs/protocol.md "Subscribe checks, in order" after the format."""
+        channel = check.channel
+        if channel.kind is not ChannelKind.TABLE:
+            return await self._hook_allows(identity, channel.name, "subscribe", check.ref)
+        assert channel.schema is not None and channel.table is not None
+        if self._pool is None:
+            return _refusal(check, ErrorCode.SUBSCRIPTION_FAILED, f"cannot subscribe to {channel.name}: {NO_DATABASE}")
+        role = identity.role
+        if role not in self.allowed_roles:
+            return _refusal(
+                check,
+                ErrorCode.FORBIDDEN,
+                f"role {role!r} may not be assumed by fluxrt; allowed: {', '.join(sorted(self.allowed_roles))} "
+                "(add it to auth.roles)",
+            )
+        try:
+            access = await table_access(self._pool, channel.schema, channel.table, role)
+        except DatabaseUnavailable as exc:
+            return _refusal(check, ErrorCode.SUBSCRIPTION_FAILED, f"database unavailable, try again later ({exc})")
+        except UnknownRole:
+            return _refusal(check, ErrorCode.FORBIDDEN, f"role {role!r} does not exist in the database")
+        return judge_table_subscribe(check, role, access)
+
+    async def action(self, identity: Identity, check: CheckAction) -> Error | None:
+        """Whether the hook lets the identity broadcast or track presence on the channel."""
+        return await self._hook_allows(identity, check.channel.name, check.action, check.ref)
+
+    async def _hook_allows(self, identity: Identity, channel: str, action: str, ref: str | None) -> Error | None:
+        if self._hook is None:
+            return None
+        try:
+            await self._hook.check(identity, channel, action)
+        except Refused as exc:
+            return Error(ErrorCode.FORBIDDEN, str(exc), channel=channel, ref=ref)
+        except DatabaseUnavailable as exc:
+            code = ErrorCode.SUBSCRIPTION_FAILED if action == "subscribe" else ErrorCode.FORBIDDEN
+            return Error(code, f"database unavailable to authorize {channel} ({exc})", channel=channel, ref=ref)
+        return None
+
+
+def judge_table_subscribe(check: CheckSubscribe, role: str, access: TableAccess | None) -> Error | None:
+    """The refusal of a table subscribe, given what the catalog says about the table (None: no such table)."""
+    channel, request = check.channel, check.request
+    qualified = f"{channel.schema}.{channel.table}"
+    if access is None:
+        return _refusal(check, ErrorCode.SUBSCRIPTION_FAILED, f"table {qualified} does not exist")
+    if not access.readable:
+        return _refusal(
+            check, ErrorCode.FORBIDDEN, f"role {role} may not read {qualified}: GRANT SELECT ON {qualified} TO {role}"
+        )
+    if not access.enabled:
+        return _refusal(
+            check,
+            ErrorCode.SUBSCRIPTION_FAILED,
+            f"realtime is not enabled for {qualified}: run SELECT enable_realtime('{qualified}')",
+        )
+    if request.event not in EVENTS:
+        return _refusal(
+            check,
+            ErrorCode.SUBSCRIPTION_FAILED,
+            f"invalid event {request.event[:64]!r}: expected one of {', '.join(EVENTS)}",
+        )
+    if request.filter is not None:
+        try:
+            condition = parse_filter(request.filter)
+        except FilterError as exc:
+            return _refusal(check, ErrorCode.SUBSCRIPTION_FAILED, str(exc))
+        if condition.column not in access.columns:
+            return _refusal(
+                check, ErrorCode.SUBSCRIPTION_FAILED, f"invalid filter: {qualified} has no column {condition.column!r}"
+            )
+        if condition.column not in access.readable_columns:
+            return _refusal(
+                check,
+                ErrorCode.SUBSCRIPTION_FAILED,
+                f"invalid filter: role {role} may not read column {condition.column!r} of {qualified}",
+            )
+    return None
+
+
+def _refusal(check: CheckSubscribe, code: ErrorCode, message: str) -> Error:
+    return Error(code, message, channel=check.channel.name, ref=check.ref)

@@ -1,0 +1,52 @@
+"""What the database says about a `table:` subscribe: the table, whether the role may read it and which columns,
+and whether realtime is enabled for it. checks.py turns the answer into the client's error."""
+
+from __future__ import annotations
+
+import asyncpg
+import attrs
+
+from .bridge import AuthorizerPool
+
+_ACCESS = """
+SELECT pg_catalog.has_schema_privilege($3, n.oid, 'USAGE')
+         AND pg_catalog.has_any_column_privilege($3, c.oid, 'SELECT') AS readable,
+       EXISTS (SELECT 1 FROM realtime.tables t WHERE t.relid = c.oid) AS enabled,
+       ARRAY(SELECT a.attname::text FROM pg_catalog.pg_attribute a
+              WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped) AS columns,
+       ARRAY(SELECT a.attname::text FROM pg_catalog.pg_attribute a
+              WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+                AND pg_catalog.has_column_privilege($3, c.oid, a.attnum, 'SELECT')) AS readable_columns
+  FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+ WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')
+"""
+
+
+class UnknownRole(Exception):
+    """The role does not exist in the database."""
+
+
+@attrs.frozen(slots=True)
+class TableAccess:
+    """One role's access to one table."""
+
+    readable: bool
+    """USAGE on the schema and SELECT on some column"""
+    enabled: bool
+    """realtime is enabled for the table"""
+    columns: frozenset[str]
+    readable_columns: frozenset[str]
+
+
+async def table_access(pool: AuthorizerPool, schema: str, table: str, role: str) -> TableAccess | None:
+    """`role`'s access to `schema.table`; None when there is no such table (or it is a view or a system table).
+
+    Raises UnknownRole, and DatabaseUnavailable when the database cannot be asked.
+    """
+    try:
+        row = await pool.run(lambda conn: conn.fetchrow(_ACCESS, schema, table, role))
+    except asyncpg.UndefinedObjectError:
+        raise UnknownRole(role) from None
+    if row is None:
+        return None
+    return TableAccess(row["readable"], row["enabled"], frozenset(row["columns"]), frozenset(row["readable_columns"]))

@@ -1,0 +1,448 @@
+"""Which subscriber of a table gets which frame of a window of row changes. Pure: values in, values out.
+
+Delivering a window takes three steps around one database crossing:
+
+1. `DeliveryPlanner.plan` picks, per table, the row images some subscriber wants once `event` and `filter` are
+   applied (`eq` and `in` filters by lookup, so a change costs its matching subscribers, not a check per
+   subscriber), and the identities (role and claims) that must be asked about them.
+2. Row-level security decides which identity sees which image (postgres/rls.py); `visibilities` reads its answer.
+3. `deliveries` yields each frame for each subscriber, encoded once per change and column set, and the errors
+   some subscribers must be told. A frame is checked against the subscriber's state at that moment, so what was
+   decided for a subscription that ended or changed while the window was being decided never reaches it.
+
+The Trio side (tables.py) runs the crossing and hands out what `deliveries` yields.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Protocol
+
+import attrs
+
+from .changes import RowChange
+from .frames import text_frame
+from .identity import Identity
+from .messages import Error, ErrorCode, encode
+from .rows import as_decimal, dumps
+from .session import Subscription
+
+YIELD_EVERY = 256
+"""changes between two pauses in `deliveries`, where the caller lets the scheduler run"""
+
+WINDOW_MISSED = (
+    "changes on this table were lost while fluxrt could not reach the database for longer than the change log's "
+    "retention; refetch what you show"
+)
+FELL_BEHIND = "changes to this table could not be authorized fast enough; refetch what you show"
+INTERNAL_ERROR = "an internal error lost changes on this table; refetch what you show"
+UNREADABLE = "a change to this table could not be read; refetch what you show"
+UNDECIDED = "changes to this table could not be authorized; refetch what you show"
+POLICY_RAISED = (
+    "a row-level security policy raised an error for your identity; changes in this window were withheld; "
+    "refetch what you show"
+)
+
+
+class TableSubscriber(Protocol):
+    """What delivery needs of a connection."""
+
+    conn_id: str
+
+    @property
+    def identity(self) -> Identity | None: ...
+
+    def subscription(self, channel: str) -> Subscription | None: ...
+
+    def deliver_nowait(self, frame: bytes) -> None: ...
+
+    def end_subscription(self, channel: str, error: Error) -> None:
+        """Send `error` and drop the subscription (for example when realtime was disabled on the table)."""
+
+
+Subscribers = Callable[[str], list[TableSubscriber]]
+"""The subscribers of a channel on this node (the hub's `subscribers`)."""
+
+
+# ---- what a subscription lets through ------------------------------------------------------------------------
+
+
+def wants(sub: Subscription, op: str, image: dict[str, Any] | None) -> bool:
+    """Whether the subscription's `event` and `filter` let this change through. A filter that does not parse
+    (table subscribes refuse those first) lets nothing through."""
+    if sub.event not in ("*", op):
+        return False
+    if sub.filter is None:
+        return True
+    condition = sub.condition
+    if condition is None:
+        return False
+    try:
+        return condition.matches(image)
+    except Exception:
+        # One subscriber's odd filter must not cost anyone else the window.
+        return False
+
+
+def still_wanted(
+    subscriber: TableSubscriber,
+    channel: str,
+    planned: Subscription,
+    identity_key: str | None,
+    op: str,
+    image: dict[str, Any] | None,
+) -> bool:
+    """Whether a frame planned for `planned` may still go to `subscriber` now: it may have unsubscribed, changed its
+    options or its identity since."""
+    current = subscriber.subscription(channel)
+    if current is None:
+        return False
+    if identity_key is not None:
+        identity = subscriber.identity
+        if identity is None or identity.policy_key != identity_key:
+            return False
+    if current is planned:
+        return True
+    return wants(current, op, image) if op != "TRUNCATE" else current.event in ("*", "TRUNCATE")
+
+
+Entry = tuple[TableSubscriber, Subscription, str]
+"""a subscriber, the subscription planned for, and its identity's policy key"""
+
+
+class FilterIndex:
+    """A table's subscriptions grouped by identity, and filtered ones by filter: `column=eq.value` and `in` are found
+    by looking the row's value up, so a change costs its matching subscribers, not one check per subscriber of the
+    table. What the index finds is still checked with the filter itself; it only narrows."""
+
+    def __init__(self, channel: str, members: Iterable[TableSubscriber]) -> None:
+        self.groups: dict[str, list[tuple[TableSubscriber, Subscription]]] = {}
+        """identity key -> its subscribers (with the subscription planned for)"""
+        self.identities: dict[str, Identity] = {}
+        self.unfiltered_events: set[str] = set()
+        self.unfiltered: list[Entry] = []
+        self.unfiltered_keys: list[str] = []
+        """identity keys of the subscribers without a filter"""
+        self.scanned: list[Entry] = []
+        self.by_value: dict[str, dict[tuple[str, Any], list[Entry]]] = {}
+        unfiltered: dict[str, None] = {}
+        for subscriber in members:
+            sub = subscriber.subscription(channel)
+            identity = subscriber.identity
+            if sub is None or identity is None:
+                continue
+            key = identity.policy_key
+            self.identities[key] = identity
+            self.groups.setdefault(key, []).append((subscriber, sub))
+            entry = (subscriber, sub, key)
+            if sub.filter is None:
+                unfiltered[key] = None
+                self.unfiltered.append(entry)
+                self.unfiltered_events.add(sub.event)
+                continue
+            condition = sub.condition
+            if condition is None or condition.op not in ("eq", "in"):
+                self.scanned.append(entry)
+                continue
+            values = condition.value if isinstance(condition.value, tuple) else (condition.value,)
+            column = self.by_value.setdefault(condition.column, {})
+            for value_key in {value_key for value in values for value_key in _filter_keys(value)}:
+                column.setdefault(value_key, []).append(entry)
+        self.unfiltered_keys = list(unfiltered)
+
+    def filtered(self, image: dict[str, Any] | None) -> Iterator[Entry]:
+        """The filtered subscriptions that may let `image` through (each at most once); check them with `wants`."""
+        if image is not None:
+            for column, table in self.by_value.items():
+                if column in image:
+                    key = _value_key(image[column])
+                    if key is not None:
+                        yield from table.get(key, ())
+        yield from self.scanned
+
+
+def _value_key(value: Any) -> tuple[str, Any] | None:
+    """What a row's value is equal to, in the terms of filters.py: booleans, strings, and numbers by value."""
+    if isinstance(value, bool):
+        return ("b", value)
+    if isinstance(value, str):
+        return ("s", value)
+    number = as_decimal(value)
+    return ("n", number) if number is not None else None
+
+
+def _filter_keys(text: str) -> list[tuple[str, Any]]:
+    """Every `_value_key` that a filter's value text is equal to."""
+    keys: list[tuple[str, Any]] = [("s", text)]
+    if text in ("true", "false"):
+        keys.append(("b", text == "true"))
+    number = as_decimal(text)
+    if number is not None:
+        keys.append(("n", number))
+    return keys
+
+
+# ---- planning ------------------------------------------------------------------------------------------------
+
+
+@attrs.define
+class TablePlan:
+    """One table's part of a window: the images to decide and the identities to decide them for."""
+
+    relid: int
+    members: list[TableSubscriber]
+    index: FilterIndex
+    images: list[dict[str, Any] | None] = attrs.field(factory=list)
+    image_index: dict[int, int] = attrs.field(factory=dict)
+    """change index in the window -> where its deciding image is in `images`"""
+    old_index: dict[int, int] = attrs.field(factory=dict)
+    """for UPDATE changes, where the old row image is in `images`"""
+    truncate_recipients: list[tuple[TableSubscriber, Subscription]] = attrs.field(factory=list)
+    identity_keys: list[str] = attrs.field(factory=list)
+    """the identities some change of this window concerns, in the order they are decided"""
+    _registered: set[str] = attrs.field(factory=set)
+    _unfiltered_registered: bool = False
+
+    def wanted(self, op: str, image: dict[str, Any] | None) -> bool:
+        """Whether any subscriber wants this change; registers the identities of those who do."""
+        hit = False
+        index = self.index
+        if index.unfiltered_events & {op, "*"}:
+            hit = True
+            if not self._unfiltered_registered:
+                self._unfiltered_registered = True
+                for key in index.unfiltered_keys:
+                    self._register(key)
+        for _subscriber, sub, key in index.filtered(image):
+            if wants(sub, op, image):
+                hit = True
+                self._register(key)
+        return hit
+
+    def _register(self, key: str) -> None:
+        if key not in self._registered:
+            self._registered.add(key)
+            self.identity_keys.append(key)
+
+    def identities(self) -> list[tuple[str, dict[str, Any]]]:
+        """(role, claims) of each identity to decide, in `identity_keys` order."""
+        identities = self.index.identities
+        return [(identities[k].role, identities[k].claims) for k in self.identity_keys]
+
+    def images_json(self) -> str:
+        return dumps(self.images).decode()
+
+
+class DeliveryPlanner:
+    """Plans the windows of one node. Each table's `FilterIndex` is kept across windows until a subscription to the
+    table changes (`subscriptions_changed`)."""
+
+    def __init__(self) -> None:
+        self._indexes: dict[str, FilterIndex] = {}
+
+    def subscriptions_changed(self, channel: str) -> None:
+        """A subscription to `channel` began, ended or changed (options, or the identity behind it): the next
+        window looks its subscribers up afresh. Without this call a new subscriber would be missed (a stale entry
+        is harmless: every frame is checked against the subscriber's current state)."""
+        self._indexes.pop(channel, None)
+
+    def plan(self, changes: list[RowChange], subscribers: Subscribers) -> dict[str, TablePlan]:
+        """The tables of `changes` that someone wants something of, each with what must be decided."""
+        plans: dict[str, TablePlan] = {}
+        for index, change in enumerate(changes):
+            if change.op in ("DISABLE", "UNREADABLE"):
+                continue
+            channel = change.channel
+            plan = plans.get(channel)
+            if plan is None:
+                members = subscribers(channel)
+                if not members:
+                    continue
+                lookup = self._indexes.get(channel)
+                if lookup is None:
+                    lookup = self._indexes[channel] = FilterIndex(channel, members)
+                plan = plans[channel] = TablePlan(change.relid, members, lookup)
+            if change.op == "TRUNCATE":
+                plan.truncate_recipients = [
+                    (s, sub)
+                    for s in plan.members
+                    if (sub := s.subscription(channel)) and sub.event in ("*", "TRUNCATE")
+                ]
+                continue
+            image = change.image
+            if plan.wanted(change.op, image):
+                plan.image_index[index] = len(plan.images)
+                plan.images.append(image)
+                if change.op == "UPDATE":
+                    plan.old_index[index] = len(plan.images)
+                    plan.images.append(change.old)
+        return {channel: plan for channel, plan in plans.items() if plan.images or plan.truncate_recipients}
+
+
+# ---- what the database decided -------------------------------------------------------------------------------
+
+
+@attrs.frozen(slots=True)
+class Visibility:
+    """What one identity may see of one table in one window."""
+
+    visible: frozenset[int] | None
+    """indexes of visible images; None: the identity may not read the table at all"""
+    readable: tuple[str, ...] | None = None
+    """the columns it may read; only these keys of a row are sent"""
+    error: str | None = None
+    """what a policy raised for this identity"""
+
+
+Decision = tuple[int, list[int] | None, list[str] | None, str | None]
+"""(identity index, visible image indexes, readable columns, error), as postgres/rls.py returns them"""
+
+
+def visibilities(
+    plans: dict[str, TablePlan], decided: Iterable[tuple[str, list[Decision] | str]]
+) -> tuple[dict[tuple[str, str], Visibility], dict[str, str]]:
+    """Per (channel, identity key), what the identity may see; and the tables whose decision failed as a whole,
+    with the error (nobody may receive their changes unchecked)."""
+    result: dict[tuple[str, str], Visibility] = {}
+    failed: dict[str, str] = {}
+    for channel, rows in decided:
+        if isinstance(rows, str):
+            failed[channel] = rows
+            continue
+        keys = plans[channel].identity_keys
+        for n, visible, readable, error in rows:
+            result[(channel, keys[n])] = Visibility(
+                frozenset(visible) if visible is not None else None,
+                tuple(readable) if readable is not None else None,
+                error,
+            )
+    return result, failed
+
+
+# ---- what to hand out ----------------------------------------------------------------------------------------
+
+
+@attrs.frozen(slots=True)
+class Missed:
+    """Tell `recipients` that changes of `channel` were lost (`CHANGES_MISSED`): they should refetch."""
+
+    recipients: list[TableSubscriber]
+    channel: str
+    message: str
+    detail: str | None = None
+    """for the log only (a policy's error text may say more than the row would)"""
+
+    @property
+    def error(self) -> Error:
+        return Error(ErrorCode.CHANGES_MISSED, self.message, channel=self.channel)
+
+
+@attrs.frozen(slots=True)
+class Disabled:
+    """Realtime was disabled on the table: end the subscription of each of `recipients` with `error`."""
+
+    recipients: list[TableSubscriber]
+    channel: str
+    error: Error
+
+
+PAUSE = None
+"""yielded every `YIELD_EVERY` changes: let the frames queued so far reach the kernel"""
+
+Handout = tuple[TableSubscriber, bytes] | Missed | Disabled | None
+
+
+def deliveries(
+    changes: list[RowChange],
+    plans: dict[str, TablePlan],
+    decided: dict[tuple[str, str], Visibility],
+    subscribers: Subscribers,
+) -> Iterator[Handout]:
+    """Everything to hand out for `changes`, in order: (subscriber, frame) pairs, `Missed`, `Disabled`, and `PAUSE`.
+
+    Only the identities that may see an image are visited (one user's change costs its own subscribers, not a
+    check per subscriber of the table). An UPDATE's old row goes only to those who could see it too."""
+    seen_by: dict[str, dict[int, list[str]]] = {}
+    for (channel, identity_key), visibility in decided.items():
+        by_image = seen_by.setdefault(channel, {})
+        for seen in visibility.visible or ():
+            by_image.setdefault(seen, []).append(identity_key)
+    frames: dict[tuple[int, tuple[str, ...] | None, bool], bytes] = {}
+    for index, change in enumerate(changes):
+        if index and index % YIELD_EVERY == 0:
+            yield PAUSE
+        channel = change.channel
+        if change.op == "DISABLE":
+            qualified = f"{change.schema}.{change.table}"
+            reason = (
+                f"realtime was disabled for {qualified}; run SELECT enable_realtime('{qualified}') and subscribe again"
+            )
+            error = Error(ErrorCode.SUBSCRIPTION_FAILED, reason, channel=channel)
+            yield Disabled(subscribers(channel), channel, error)
+            continue
+        if change.op == "UNREADABLE":
+            yield Missed(subscribers(channel), channel, UNREADABLE)
+            continue
+        plan = plans.get(channel)
+        if plan is None:
+            continue
+        if change.op == "TRUNCATE":
+            truncated = text_frame(dumps(change_message(channel, change, None)))
+            for subscriber, sub in plan.truncate_recipients:
+                if still_wanted(subscriber, channel, sub, None, change.op, None):
+                    yield subscriber, truncated
+            continue
+        at = plan.image_index.get(index)
+        if at is None:
+            continue
+        image = change.image
+        old_at = plan.old_index.get(index)
+        for identity_key in seen_by.get(channel, {}).get(at, ()):
+            visibility = decided[(channel, identity_key)]
+            old_visible = old_at is None or (visibility.visible is not None and old_at in visibility.visible)
+            for subscriber, sub in plan.index.groups[identity_key]:
+                if not wants(sub, change.op, image):
+                    continue
+                if not still_wanted(subscriber, channel, sub, identity_key, change.op, image):
+                    continue
+                key = (index, visibility.readable, old_visible)
+                frame = frames.get(key)
+                if frame is None:
+                    message = change_message(channel, change, visibility.readable, old_visible)
+                    frame = frames[key] = text_frame(dumps(message))
+                yield subscriber, frame
+    for (channel, identity_key), visibility in decided.items():
+        if visibility.error is not None:
+            recipients = [
+                s for s in plans[channel].members if s.identity is not None and s.identity.policy_key == identity_key
+            ]
+            yield Missed(recipients, channel, POLICY_RAISED, detail=visibility.error)
+
+
+def error_frame(error: Error) -> bytes:
+    return text_frame(encode(error))
+
+
+# ---- the messages --------------------------------------------------------------------------------------------
+
+
+def change_message(
+    channel: str, change: RowChange, readable: tuple[str, ...] | None, old_visible: bool = True
+) -> dict[str, Any]:
+    """The `broadcast` message for one change, with only the `readable` columns (all when None)."""
+    payload: dict[str, Any] = {"type": change.op, "schema": change.schema, "table": change.table}
+    if change.old is not None and change.op in ("UPDATE", "DELETE") and old_visible:
+        payload["old_record"] = _only(change.old, readable)
+    if change.new is not None and change.op in ("INSERT", "UPDATE"):
+        payload["record"] = _only(change.new, readable)
+    payload["timestamp"] = change.created_at.isoformat().replace("+00:00", "Z")
+    payload["id"] = str(change.id)
+    return {"type": "broadcast", "channel": channel, "payload": payload}
+
+
+def _only(row: dict[str, Any], readable: tuple[str, ...] | None) -> dict[str, Any]:
+    """The row with only the readable columns (an allow-list: renamed or dropped columns never slip through)."""
+    if readable is None:
+        return row
+    allowed = set(readable)
+    return {k: v for k, v in row.items() if k in allowed}

@@ -1,0 +1,206 @@
+"""protocol/delivery.py as values: which images a window needs decided, and who gets which frame once row
+visibility is known. No database: what postgres/rls.py would answer is written out by hand."""
+
+from __future__ import annotations
+
+import datetime
+from typing import Any
+
+import attrs
+import orjson
+
+from fluxrt_trio.protocol.changes import RowChange
+from fluxrt_trio.protocol.channels import parse_channel
+from fluxrt_trio.protocol.delivery import (
+    PAUSE,
+    POLICY_RAISED,
+    UNREADABLE,
+    YIELD_EVERY,
+    DeliveryPlanner,
+    Disabled,
+    Missed,
+    Visibility,
+    deliveries,
+    visibilities,
+)
+from fluxrt_trio.protocol.identity import Identity
+from fluxrt_trio.protocol.messages import ErrorCode
+from fluxrt_trio.protocol.session import Subscription
+
+CHANNEL = "table:public.tasks"
+AT = datetime.datetime(2026, 1, 2, 3, 4, 5, tzinfo=datetime.UTC)
+ALICE = Identity("alice", "authenticated", {"sub": "alice"})
+BOB = Identity("bob", "authenticated", {"sub": "bob"})
+
+
+@attrs.define(eq=False)
+class Subscriber:
+    conn_id: str
+    identity: Identity | None
+    subs: dict[str, Subscription] = attrs.field(factory=dict)
+
+    def subscription(self, channel: str) -> Subscription | None:
+        return self.subs.get(channel)
+
+    def deliver_nowait(self, frame: bytes) -> None:
+        raise AssertionError("delivery.py hands frames out; it never delivers")
+
+    def end_subscription(self, channel: str, error: Any) -> None:
+        raise AssertionError("delivery.py hands notices out; it never acts on them")
+
+
+def subscriber(conn_id: str, identity: Identity, event: str = "*", filter: str | None = None) -> Subscriber:
+    return Subscriber(conn_id, identity, {CHANNEL: Subscription(parse_channel(CHANNEL), event, filter)})
+
+
+def change(n: int, op: str, new: dict | None = None, old: dict | None = None, table: str = "tasks") -> RowChange:
+    return RowChange(n, AT, 42, "public", table, op, old, new)
+
+
+def members(*subscribers: Subscriber):
+    return lambda channel: [s for s in subscribers if channel in s.subs]
+
+
+def frames(handouts) -> dict[str, list[dict]]:
+    """conn_id -> the messages it was handed, decoded."""
+    out: dict[str, list[dict]] = {}
+    for handout in handouts:
+        if isinstance(handout, tuple):
+            who, frame = handout
+            # A server frame: FIN + text opcode, then the length; the JSON follows.
+            out.setdefault(who.conn_id, []).append(orjson.loads(frame[frame.index(b"{") :]))
+    return out
+
+
+def test_the_plan_asks_only_about_wanted_images_and_the_identities_that_want_them():
+    a = subscriber("a", ALICE, filter="owner=eq.alice")
+    b = subscriber("b", BOB, event="DELETE")
+    changes = [change(1, "INSERT", {"id": 1, "owner": "alice"}), change(2, "INSERT", {"id": 2, "owner": "carol"})]
+    plans = DeliveryPlanner().plan(changes, members(a, b))
+    plan = plans[CHANNEL]
+    assert plan.images == [{"id": 1, "owner": "alice"}]
+    assert plan.identity_keys == [ALICE.policy_key]
+    assert plan.identities() == [("authenticated", {"sub": "alice"})]
+    # Nobody wants a change to a table without subscribers, or one that no filter lets through.
+    assert DeliveryPlanner().plan([change(3, "INSERT", {"id": 3, "owner": "carol"})], members(a, b)) == {}
+
+
+def test_an_update_asks_about_both_images_and_the_old_one_goes_only_to_who_saw_it():
+    a, b = subscriber("a", ALICE), subscriber("b", BOB)
+    changes = [change(1, "UPDATE", {"id": 1, "v": 2}, {"id": 1, "v": 1})]
+    plans = DeliveryPlanner().plan(changes, members(a, b))
+    assert plans[CHANNEL].images == [{"id": 1, "v": 2}, {"id": 1, "v": 1}]
+    decided = {
+        (CHANNEL, ALICE.policy_key): Visibility(frozenset({0, 1})),
+        (CHANNEL, BOB.policy_key): Visibility(frozenset({0})),
+    }
+    got = frames(deliveries(changes, plans, decided, members(a, b)))
+    assert got["a"][0]["payload"]["old_record"] == {"id": 1, "v": 1}
+    assert "old_record" not in got["b"][0]["payload"]
+    assert got["b"][0]["payload"]["record"] == {"id": 1, "v": 2}
+
+
+def test_frames_are_encoded_once_per_change_and_column_set():
+    first, second, third = subscriber("1", ALICE), subscriber("2", ALICE), subscriber("3", BOB)
+    changes = [change(1, "INSERT", {"id": 1, "secret": "x"})]
+    plans = DeliveryPlanner().plan(changes, members(first, second, third))
+    decided = {
+        (CHANNEL, ALICE.policy_key): Visibility(frozenset({0})),
+        (CHANNEL, BOB.policy_key): Visibility(frozenset({0}), readable=("id",)),
+    }
+    handouts = [h for h in deliveries(changes, plans, decided, members(first, second, third)) if h is not PAUSE]
+    by_conn = {who.conn_id: frame for who, frame in handouts}
+    assert by_conn["1"] is by_conn["2"]
+    assert frames(handouts)["3"][0]["payload"]["record"] == {"id": 1}
+    assert frames(handouts)["1"][0]["payload"]["record"] == {"id": 1, "secret": "x"}
+
+
+def test_what_an_identity_may_not_see_never_reaches_it():
+    a, b = subscriber("a", ALICE), subscriber("b", BOB)
+    changes = [change(1, "INSERT", {"id": 1}), change(2, "DELETE", None, {"id": 2})]
+    plans = DeliveryPlanner().plan(changes, members(a, b))
+    decided = {(CHANNEL, ALICE.policy_key): Visibility(frozenset({1})), (CHANNEL, BOB.policy_key): Visibility(None)}
+    got = frames(deliveries(changes, plans, decided, members(a, b)))
+    assert [m["payload"]["type"] for m in got["a"]] == ["DELETE"]
+    assert "b" not in got
+
+
+def test_a_subscription_that_changed_while_the_window_was_decided_gets_nothing_decided_for_the_old_one():
+    gone, narrowed, reidentified = subscriber("gone", ALICE), subscriber("narrowed", ALICE), subscriber("re", ALICE)
+    changes = [change(1, "INSERT", {"id": 1})]
+    everyone = members(gone, narrowed, reidentified)
+    plans = DeliveryPlanner().plan(changes, everyone)
+    decided = {(CHANNEL, ALICE.policy_key): Visibility(frozenset({0}))}
+    del gone.subs[CHANNEL]
+    narrowed.subs[CHANNEL] = Subscription(parse_channel(CHANNEL), "DELETE")
+    reidentified.identity = BOB
+    assert frames(deliveries(changes, plans, decided, everyone)) == {}
+
+
+def test_the_planner_keeps_its_index_until_told_that_subscriptions_changed():
+    a = subscriber("a", ALICE)
+    late = subscriber("late", BOB)
+    planner = DeliveryPlanner()
+    changes = [change(1, "INSERT", {"id": 1})]
+    planner.plan(changes, members(a))
+    assert planner.plan(changes, members(a, late))[CHANNEL].identity_keys == [ALICE.policy_key]
+    planner.subscriptions_changed(CHANNEL)
+    assert planner.plan(changes, members(a, late))[CHANNEL].identity_keys == [ALICE.policy_key, BOB.policy_key]
+
+
+def test_truncate_goes_to_star_and_truncate_subscribers_without_asking_the_database():
+    star, inserts, truncates = (
+        subscriber("star", ALICE),
+        subscriber("ins", ALICE, "INSERT"),
+        subscriber("tr", BOB, "TRUNCATE"),
+    )
+    changes = [change(1, "TRUNCATE")]
+    everyone = members(star, inserts, truncates)
+    plans = DeliveryPlanner().plan(changes, everyone)
+    assert plans[CHANNEL].images == []
+    got = frames(deliveries(changes, plans, {}, everyone))
+    assert sorted(got) == ["star", "tr"]
+    assert got["star"][0]["payload"]["type"] == "TRUNCATE" and "record" not in got["star"][0]["payload"]
+
+
+def test_disabled_unreadable_and_policy_errors_become_notices():
+    a, b = subscriber("a", ALICE), subscriber("b", BOB)
+    everyone = members(a, b)
+    changes = [change(1, "INSERT", {"id": 1}), change(2, "UNREADABLE"), change(3, "DISABLE")]
+    plans = DeliveryPlanner().plan(changes, everyone)
+    decided = {
+        (CHANNEL, ALICE.policy_key): Visibility(frozenset({0})),
+        (CHANNEL, BOB.policy_key): Visibility(frozenset(), error="division by zero"),
+    }
+    notices = [h for h in deliveries(changes, plans, decided, everyone) if not isinstance(h, tuple)]
+    unreadable, disabled, policy = notices
+    assert isinstance(unreadable, Missed) and unreadable.recipients == [a, b] and unreadable.message == UNREADABLE
+    assert unreadable.error.code is ErrorCode.CHANGES_MISSED and unreadable.error.channel == CHANNEL
+    assert isinstance(disabled, Disabled) and disabled.recipients == [a, b]
+    assert disabled.error.code is ErrorCode.SUBSCRIPTION_FAILED
+    assert "enable_realtime('public.tasks')" in disabled.error.message
+    # Only the identity the policy raised for is told, and the policy's text stays out of the message.
+    assert isinstance(policy, Missed) and policy.recipients == [b] and policy.message == POLICY_RAISED
+    assert policy.detail == "division by zero" and "division" not in policy.error.message
+
+
+def test_long_windows_pause_for_the_scheduler():
+    a = subscriber("a", ALICE)
+    changes = [change(n, "INSERT", {"id": n}) for n in range(2 * YIELD_EVERY + 1)]
+    plans = DeliveryPlanner().plan(changes, members(a))
+    decided = {(CHANNEL, ALICE.policy_key): Visibility(frozenset(range(len(changes))))}
+    handouts = list(deliveries(changes, plans, decided, members(a)))
+    assert handouts.count(PAUSE) == 2
+    assert len(handouts) == len(changes) + 2
+    assert handouts.index(PAUSE) == YIELD_EVERY
+
+
+def test_visibilities_reads_the_database_answer_and_names_the_tables_that_failed():
+    a, b = subscriber("a", ALICE), subscriber("b", BOB)
+    changes = [change(1, "INSERT", {"id": 1}), change(2, "INSERT", {"id": 2}, table="other")]
+    other = "table:public.other"
+    b.subs[other] = Subscription(parse_channel(other))
+    plans = DeliveryPlanner().plan(changes, members(a, b))
+    decided, failed = visibilities(plans, [(CHANNEL, [(1, [0], ["id"], None)]), (other, "relation does not exist")])
+    assert decided == {(CHANNEL, BOB.policy_key): Visibility(frozenset({0}), ("id",))}
+    assert failed == {other: "relation does not exist"}

@@ -31,7 +31,7 @@ from .hub import Hub
 from .logs import ctx
 from .metrics import Counters
 from .outbox import Flusher, Outbox
-from .protocol.channels import Channel, ChannelKind
+from .protocol.channels import ChannelKind, ChannelName
 from .protocol.frames import PING, text_frame
 from .protocol.identity import Identity
 from .protocol.messages import CloseCode, Error, ErrorCode, PresenceEvent, ServerMessage, encode
@@ -223,7 +223,7 @@ class Connection:
 
         Kept apart from the reader loop so that nothing of the HTTP exchange stays alive with the connection.
         """
-        request, conn, trailing = await self._read_request()
+        request, exchange, trailing = await self._read_request()
         if request is None:
             return None
         host, settings = self.host, self.host.settings
@@ -236,14 +236,14 @@ class Connection:
         )
         if isinstance(decision, http.Admin):
             status, body, content_type = host.admin(decision.endpoint)
-            self._send_http(http.response_bytes(conn, status, body, content_type, head=request.method == b"HEAD"))
+            self._send_http(http.response_bytes(exchange, status, body, content_type, head=request.method == b"HEAD"))
             return None
         if isinstance(decision, http.Refuse):
             self._send_http(
-                http.response_bytes(conn, decision.status, decision.body, decision.content_type, decision.headers)
+                http.response_bytes(exchange, decision.status, decision.body, decision.content_type, decision.headers)
             )
             return None
-        self._send_http(http.switching_protocols(conn, decision.accept))
+        self._send_http(http.switching_protocols(exchange, decision.accept))
         self.ws = WSConnection(ConnectionType.SERVER)
         identity = self._authenticate(decision.token)
         if identity is None:
@@ -281,28 +281,28 @@ class Connection:
     # ---- HTTP ----------------------------------------------------------------------------------------------
 
     async def _read_request(self) -> tuple[h11.Request | None, h11.Connection, bytes]:
-        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD)
+        exchange = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD)
         with trio.move_on_after(HANDSHAKE_TIMEOUT):
             while True:
                 try:
-                    event = conn.next_event()
+                    event = exchange.next_event()
                 except h11.RemoteProtocolError as exc:
                     status = exc.error_status_hint
                     body = orjson.dumps({"error": "bad_request", "message": f"malformed HTTP request: {exc}"})
                     with contextlib.suppress(h11.LocalProtocolError):
-                        self._send_http(http.response_bytes(conn, status, body, "application/json"))
-                    return None, conn, b""
+                        self._send_http(http.response_bytes(exchange, status, body, "application/json"))
+                    return None, exchange, b""
                 if isinstance(event, h11.Request):
-                    trailing, _ = conn.trailing_data
-                    return event, conn, bytes(trailing)
+                    trailing, _ = exchange.trailing_data
+                    return event, exchange, bytes(trailing)
                 if event is h11.NEED_DATA:
                     data = await self._recv()
                     if not data:
-                        return None, conn, b""
-                    conn.receive_data(data)
+                        return None, exchange, b""
+                    exchange.receive_data(data)
                 else:
-                    return None, conn, b""
-        return None, conn, b""
+                    return None, exchange, b""
+        return None, exchange, b""
 
     def _send_http(self, data: bytes) -> None:
         assert self.outbox is not None
@@ -429,7 +429,7 @@ class Connection:
                 refusal = self.host.admission.readmit(session.identity, identity)
                 return Error(ErrorCode.RATE_LIMITED, refusal, ref=ref) if refusal is not None else identity
 
-    def _table_changed(self, channel: Channel) -> None:
+    def _table_changed(self, channel: ChannelName) -> None:
         if channel.kind is ChannelKind.TABLE:
             self.host.subscriptions_changed(channel.name)
 

@@ -113,7 +113,7 @@ def route(
 
 
 def response_bytes(
-    conn: h11.Connection,
+    exchange: h11.Connection,
     status: int,
     body: bytes,
     content_type: str,
@@ -129,17 +129,17 @@ def response_bytes(
         ("cache-control", "no-store"),
         *headers,
     ]
-    data = conn.send(h11.Response(status_code=status, headers=all_headers, reason=HTTPStatus(status).phrase)) or b""
+    data = exchange.send(h11.Response(status_code=status, headers=all_headers, reason=HTTPStatus(status).phrase)) or b""
     if not head:
-        data += conn.send(h11.Data(data=body)) or b""
-    data += conn.send(h11.EndOfMessage()) or b""
+        data += exchange.send(h11.Data(data=body)) or b""
+    data += exchange.send(h11.EndOfMessage()) or b""
     return data
 
 
-def switching_protocols(conn: h11.Connection, accept: str) -> bytes:
+def switching_protocols(exchange: h11.Connection, accept: str) -> bytes:
     """The 101 response completing a WebSocket upgrade (no extensions, no subprotocol)."""
     return (
-        conn.send(
+        exchange.send(
             h11.InformationalResponse(
                 status_code=101,
                 headers=[("upgrade", "websocket"), ("connection", "Upgrade"), ("sec-websocket-accept", accept)],

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fluxrt_trio.protocol.channels import Channel, ChannelError, ChannelKind, parse_channel
+from fluxrt_trio.protocol.channels import ChannelError, ChannelKind, ChannelName, parse_channel
 
 TABLE_FORMAT = "table:{schema}.{table}"
 ALL_FORMATS = ("table:{schema}.{table}", "presence:{room}", "broadcast:{topic}")
@@ -14,7 +14,7 @@ ALL_FORMATS = ("table:{schema}.{table}", "presence:{room}", "broadcast:{topic}")
 
 
 def test_table_channel_from_the_reference():
-    assert parse_channel("table:public.users") == Channel(
+    assert parse_channel("table:public.users") == ChannelName(
         "table:public.users", ChannelKind.TABLE, schema="public", table="users"
     )
 
@@ -109,7 +109,7 @@ def test_malformed_table_channels_are_rejected_showing_the_format(name):
 )
 def test_rooms_and_topics(prefix, kind, room):
     channel = parse_channel(f"{prefix}:{room}")
-    assert channel == Channel(f"{prefix}:{room}", kind, topic=room)
+    assert channel == ChannelName(f"{prefix}:{room}", kind, topic=room)
     assert channel.schema is None
     assert channel.table is None
 

@@ -13,9 +13,9 @@ from collections.abc import AsyncIterator
 import trio
 import trio_asyncio
 
+from ..protocol.changes import Window
 from .bridge import AuthorizerPool, DatabaseUnavailable, close_connection, connect, describe, on_connection
 from .bridge import authorizer_dsn as default_authorizer_dsn
-from ..protocol.changes import Window
 from .changefeed import Changefeed
 from .migrate import migrate
 

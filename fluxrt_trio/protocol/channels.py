@@ -1,4 +1,4 @@
-"""Channel names: `table:{schema}.{table}`, `presence:{room}`, `broadcast:{topic}`."""
+"""ChannelName names: `table:{schema}.{table}`, `presence:{room}`, `broadcast:{topic}`."""
 
 from __future__ import annotations
 
@@ -26,7 +26,10 @@ EXPECTED_FORMATS = "table:{schema}.{table}, presence:{room} or broadcast:{topic}
 
 
 @attrs.frozen(slots=True)
-class Channel:
+class ChannelName:
+    """A channel name, parsed: its kind, and the table or the room or topic it names. (The Python client's
+    `Channel` is a client-side handle, a different thing.)"""
+
     name: str
     kind: ChannelKind
     # For table channels the catalog names; for presence and broadcast the room or topic.
@@ -35,7 +38,7 @@ class Channel:
     topic: str | None = None
 
 
-def parse_channel(name: object) -> Channel:
+def parse_channel(name: object) -> ChannelName:
     """Parse a channel name.
 
     Raises ChannelError naming the expected format when the name is malformed.
@@ -53,7 +56,7 @@ def parse_channel(name: object) -> Channel:
                 "(exactly one dot; schema and table are identifiers of at most 63 characters, "
                 "as stored in the catalog and unquoted)"
             )
-        return Channel(name, ChannelKind.TABLE, schema=schema, table=table)
+        return ChannelName(name, ChannelKind.TABLE, schema=schema, table=table)
     if kind in ("presence", "broadcast"):
         if not _ROOM.match(rest):
             what = "room" if kind == "presence" else "topic"
@@ -61,5 +64,5 @@ def parse_channel(name: object) -> Channel:
                 f"invalid channel {name[:300]!r}: expected {kind}:{{{what}}} where {what} is 1-255 characters "
                 "without whitespace or control characters"
             )
-        return Channel(name, ChannelKind(kind), topic=rest)
+        return ChannelName(name, ChannelKind(kind), topic=rest)
     raise ChannelError(f"invalid channel {name[:300]!r}: expected {EXPECTED_FORMATS}")

@@ -13,7 +13,7 @@ from typing import Any
 import attrs
 import orjson
 
-from .channels import Channel, ChannelError, ChannelKind, parse_channel
+from .channels import ChannelError, ChannelKind, ChannelName, parse_channel
 from .filters import Filter, FilterError, parse_filter
 from .identity import Identity
 from .limits import Allowance, Verdict
@@ -45,7 +45,7 @@ class SessionLimits:
 
 @attrs.frozen(slots=True)
 class Subscription:
-    channel: Channel
+    channel: ChannelName
     event: str = "*"
     filter: str | None = None
     condition: Filter | None = attrs.field(init=False, eq=False, repr=False)
@@ -78,7 +78,7 @@ class CheckSubscribe:
     `renewal`: the subscription exists and the identity changed; a refusal ends it with FORBIDDEN."""
 
     request: Subscribe
-    channel: Channel
+    channel: ChannelName
     renewal: bool = False
 
     @property
@@ -91,7 +91,7 @@ class CheckAction:
     """May this identity `action` (`broadcast`, `track`) on `channel`? Outcome: None, or the refusal to send.
     `payload` is what is broadcast, or the presence state to track."""
 
-    channel: Channel
+    channel: ChannelName
     action: str
     ref: str | None
     payload: Any
@@ -117,23 +117,23 @@ class Join:
 
 @attrs.frozen(slots=True)
 class SendPresenceState:
-    channel: Channel
+    channel: ChannelName
 
 
 @attrs.frozen(slots=True)
 class Leave:
-    channel: Channel
+    channel: ChannelName
 
 
 @attrs.frozen(slots=True)
 class Publish:
-    channel: Channel
+    channel: ChannelName
     payload: Any
 
 
 @attrs.frozen(slots=True)
 class Track:
-    channel: Channel
+    channel: ChannelName
     key: str
     ref: str
     """the presence meta's ref (the connection id), not a message ref"""
@@ -142,7 +142,7 @@ class Track:
 
 @attrs.frozen(slots=True)
 class Untrack:
-    channel: Channel
+    channel: ChannelName
     key: str
     ref: str
 
@@ -283,7 +283,7 @@ class Session:
             ref=ref,
         )
 
-    def _channel(self, name: str, ref: str | None) -> Channel | list[Effect]:
+    def _channel(self, name: str, ref: str | None) -> ChannelName | list[Effect]:
         try:
             return parse_channel(name)
         except ChannelError as exc:
@@ -349,7 +349,7 @@ class Session:
             return channel
         return [*self._drop(channel), Reply(Ack("unsubscribed", channel.name, message.ref))]
 
-    def _drop(self, channel: Channel) -> list[Effect]:
+    def _drop(self, channel: ChannelName) -> list[Effect]:
         # Leave first: a connection that unsubscribes does not hear its own presence leave.
         effects: list[Effect] = []
         if self.subscriptions.pop(channel.name, None) is not None:

@@ -440,10 +440,11 @@ class Reload:
 
 
 def _settings(config: Config) -> dict[str, Any]:
+    sections = {section.name: getattr(config, section.name) for section in attrs.fields(Config)}
     return {
-        f"{section.name}.{field.name}": getattr(getattr(config, section.name), field.name)
-        for section in attrs.fields(Config)
-        for field in attrs.fields(section.type)  # type: ignore[arg-type]
+        f"{name}.{field.name}": getattr(values, field.name)
+        for name, values in sections.items()
+        for field in attrs.fields(type(values))
     }
 
 

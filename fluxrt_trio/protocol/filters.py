@@ -34,13 +34,15 @@ class Filter:
         if row is None or self.column not in row:
             return False
         actual = row[self.column]
+        # `in` holds a tuple, every other operator one text (see parse_filter).
+        values = self.value if isinstance(self.value, tuple) else (self.value,)
         if self.op == "is":
-            return {"null": actual is None, "true": actual is True, "false": actual is False}[self.value]  # type: ignore[index]
+            return {"null": actual is None, "true": actual is True, "false": actual is False}[values[0]]
         if actual is None:
             return False
         if self.op == "in":
-            return any(_compare(actual, v) == 0 for v in self.value)
-        order = _compare(actual, self.value)  # type: ignore[arg-type]
+            return any(_compare(actual, v) == 0 for v in values)
+        order = _compare(actual, values[0])
         if order is None:
             return self.op == "neq"
         return {

@@ -25,7 +25,7 @@ import pytest
 import trio
 from trio_websocket import WebSocketConnection
 
-from fluxrt_trio.postgres.changefeed import _PRUNE
+from fluxrt_trio.postgres.changelog import PRUNE
 from fluxrt_trio.postgres.embedded import EmbeddedPostgres
 from fluxrt_trio.postgres.migrate import migrate, migrations
 from fluxrt_trio.server import Server
@@ -452,7 +452,7 @@ async def test_an_outage_longer_than_retention_is_reported_as_changes_missed(db)
                 # Meanwhile changes are written and pruned: the node never sees them.
                 await db.execute("INSERT INTO items SELECT generate_series(2, 6)")
                 await db.execute("INSERT INTO realtime.horizons (snap) VALUES (pg_current_snapshot())")
-                deleted = (await db.execute(_PRUNE, timedelta(0), 10000))[0][0]
+                deleted = (await db.execute(PRUNE, timedelta(0), 10000))[0][0]
                 assert deleted >= 5
                 left = await db.execute("SELECT count(*) FROM realtime.changes WHERE table_name = 'items'")
                 assert left[0][0] == 0
@@ -841,7 +841,7 @@ async def test_a_changefeed_that_falls_behind_the_pruning_horizon_reports_change
                     "INSERT INTO realtime.horizons (snap) SELECT (x || ':' || x || ':')::pg_snapshot"
                     " FROM (SELECT pg_snapshot_xmax(pg_current_snapshot())::text AS x) s"
                 )
-                deleted = await lock.fetchval(_PRUNE, timedelta(0), 10000)
+                deleted = await lock.fetchval(PRUNE, timedelta(0), 10000)
                 await transaction.commit()
                 return deleted
         finally:

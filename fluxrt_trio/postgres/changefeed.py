@@ -3,7 +3,7 @@
 Each read takes every row whose transaction committed after the previous read's snapshot (`prev`) and is visible
 in the snapshot the read itself runs under (`cur`), ordered by id; `cur` becomes the next `prev`. "Committed after
 prev" is "xid >= xmax(prev), or xid in xip(prev)"; the explicit visibility test against `cur` keeps a READ
-COMMITTED read exact and makes paging a large backlog safe (ARCHITECTURE.md, Change capture, has the measurements
+COMMITTED read exact and makes paging a large backlog safe (docs/architecture.md, Change capture, has the measurements
 and the broken variants). `prev` lives in this process, so a lost connection resumes where it stopped.
 """
 
@@ -17,53 +17,12 @@ from typing import Any
 import asyncpg
 import trio
 
-from ..protocol.changes import RowChange, Window
-from ..protocol.rows import decode_image
+from ..protocol.changes import Window
+from . import changelog
 from .bridge import DatabaseUnavailable, close_connection, connect, describe, on_connection
 
 log = logging.getLogger("fluxrt.changefeed")
 
-PAGE = 5000
-"""rows per read; a larger backlog is read in pages under the same pair of snapshots"""
-
-_WINDOW = """
-WITH cur AS MATERIALIZED (SELECT coalesce($2::text::pg_snapshot, pg_current_snapshot()) AS s)
-SELECT cur.s::text AS snap,
-       coalesce((SELECT horizon FROM realtime.pruned) > pg_snapshot_xmin($1::text::pg_snapshot), false) AS missed,
-       c.id, c.created_at, c.relid, c.schema_name, c.table_name, c.op,
-       c.old_record::text AS old_record, c.new_record::text AS new_record
-  FROM cur LEFT JOIN LATERAL (
-    SELECT * FROM realtime.changes c
-     WHERE c.xid >= pg_snapshot_xmax($1::text::pg_snapshot) AND c.xid < pg_snapshot_xmax(cur.s)
-       AND pg_visible_in_snapshot(c.xid, cur.s) AND c.id > $3
-    UNION ALL
-    SELECT * FROM realtime.changes c
-     WHERE c.xid = ANY (ARRAY(SELECT pg_snapshot_xip($1::text::pg_snapshot)))
-       AND pg_visible_in_snapshot(c.xid, cur.s) AND c.id > $3
-  ) c ON true
- ORDER BY c.id
- LIMIT $4
-"""
-
-_PRUNE = """
-WITH h AS (
-    SELECT taken_at, snap FROM realtime.horizons WHERE taken_at <= clock_timestamp() - $1::interval
-     ORDER BY taken_at DESC LIMIT 1
-), gone AS (
-    DELETE FROM realtime.changes WHERE id IN (
-        SELECT id FROM realtime.changes, h WHERE xid < pg_snapshot_xmin(h.snap) ORDER BY id LIMIT $2)
-    RETURNING 1
-), mark AS (
-    INSERT INTO realtime.pruned (horizon) SELECT pg_snapshot_xmin(snap) FROM h
-    ON CONFLICT (only_row) DO UPDATE SET horizon = greatest(realtime.pruned.horizon, EXCLUDED.horizon)
-    RETURNING 1
-), old AS (
-    DELETE FROM realtime.horizons WHERE taken_at < (SELECT taken_at FROM h) RETURNING 1
-)
-SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM mark), (SELECT count(*) FROM old)
-"""
-
-NOTIFY_CHANNEL = "fluxrt_changes"
 BACKOFF_START = 0.1
 """seconds before the first reconnect; doubles up to 5 s, back to this after every good connection"""
 
@@ -147,9 +106,9 @@ class Changefeed:
             def wake(*_: Any) -> None:
                 self._wake.set()
 
-            await on_connection(conn, lambda c: c.add_listener(NOTIFY_CHANNEL, wake))
+            await on_connection(conn, lambda c: c.add_listener(changelog.NOTIFY_CHANNEL, wake))
         if self._prev is None:
-            self._prev = await on_connection(conn, lambda c: c.fetchval("SELECT pg_current_snapshot()::text"))
+            self._prev = await on_connection(conn, changelog.current_snapshot)
         if self.state != "ok":
             log.info("changefeed connected")
         self.state = "ok"
@@ -175,23 +134,22 @@ class Changefeed:
                 # This read's snapshot is taken after this instant; a read resumed after a lost connection keeps
                 # the snapshot, and the instant, of its first page.
                 self._cur_taken_at = trio.current_time()
-            rows = await on_connection(
-                conn, functools.partial(_fetch_window, prev=self._prev, cur=self._cur, after=self._after)
+            page = await on_connection(
+                conn, functools.partial(changelog.read_page, prev=self._prev, cur=self._cur, after=self._after)
             )
-            if rows[0][1] and self._gap_reported != self._prev:
+            if page.missed and self._gap_reported != self._prev:
                 # Rows this node had not read yet were pruned: however long it was away (or stalled), say so,
                 # once for this gap.
                 self._gap_reported = self._prev
                 log.error("changes were pruned before this node could read them; subscribers are told to refetch")
                 await self._out.send(Window([], missed=True))
-            self._cur = rows[0][0]
-            page = [_change(r) for r in rows if r[2] is not None]
-            if page:
+            self._cur = page.snapshot
+            if page.changes:
                 self.windows += 1
-                self.changes += len(page)
-                await self._out.send(Window(page))
-                self._after = page[-1].id
-            if len(page) < PAGE:
+                self.changes += len(page.changes)
+                await self._out.send(Window(page.changes))
+                self._after = page.changes[-1].id
+            if len(page.changes) < changelog.PAGE:
                 break
         self._prev, self._cur, self._after = self._cur, None, 0
         self.caught_up_at = self._cur_taken_at
@@ -207,13 +165,11 @@ class Changefeed:
         try:
             deleted = 0
             interval = datetime.timedelta(seconds=self._retention)
-            await on_connection(
-                conn, lambda c: c.execute("INSERT INTO realtime.horizons (snap) VALUES (pg_current_snapshot())")
-            )
+            await on_connection(conn, changelog.record_horizon)
             while True:
-                n: int = await on_connection(conn, lambda c: c.fetchval(_PRUNE, interval, 10000))
+                n = await on_connection(conn, lambda c: changelog.prune_batch(c, interval))
                 deleted += n
-                if n < 10000:
+                if n < changelog.PRUNE_BATCH:
                     return deleted
         finally:
             with trio.CancelScope(shield=True):
@@ -231,20 +187,3 @@ class Changefeed:
             else:
                 if deleted:
                     log.debug("pruned", extra={"ctx_rows": deleted})
-
-
-def _change(row: tuple[Any, ...]) -> RowChange:
-    _, _, change_id, created_at, relid, schema, table, op, old, new = row
-    try:
-        return RowChange(change_id, created_at, relid, schema, table, op, decode_image(old), decode_image(new))
-    except (ValueError, RecursionError) as exc:
-        # One row that cannot be decoded must not stop the feed for everyone.
-        log.error("undecodable change", extra={"ctx_id": change_id, "ctx_error": repr(exc)[:200]})
-        return RowChange(change_id, created_at, relid, schema, table, "UNREADABLE", None, None)
-
-
-async def _fetch_window(
-    conn: asyncpg.Connection, prev: str | None, cur: str | None, after: int
-) -> list[tuple[Any, ...]]:
-    rows = await conn.fetch(_WINDOW, prev, cur, after, PAGE)
-    return [tuple(r) for r in rows]

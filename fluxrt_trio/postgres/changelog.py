@@ -1,0 +1,106 @@
+"""The change log's SQL: one page of a commit window read from realtime.changes, horizons recorded, old changes
+pruned. These run on the asyncio side (each takes an asyncpg connection); changefeed.py decides when.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+from typing import Any
+
+import asyncpg
+import attrs
+
+from ..protocol.changes import RowChange
+from ..protocol.rows import decode_image
+
+log = logging.getLogger("fluxrt.changefeed")
+
+PAGE = 5000
+"""rows per read; a larger backlog is read in pages under the same pair of snapshots"""
+
+_WINDOW = """
+WITH cur AS MATERIALIZED (SELECT coalesce($2::text::pg_snapshot, pg_current_snapshot()) AS s)
+SELECT cur.s::text AS snap,
+       coalesce((SELECT horizon FROM realtime.pruned) > pg_snapshot_xmin($1::text::pg_snapshot), false) AS missed,
+       c.id, c.created_at, c.relid, c.schema_name, c.table_name, c.op,
+       c.old_record::text AS old_record, c.new_record::text AS new_record
+  FROM cur LEFT JOIN LATERAL (
+    SELECT * FROM realtime.changes c
+     WHERE c.xid >= pg_snapshot_xmax($1::text::pg_snapshot) AND c.xid < pg_snapshot_xmax(cur.s)
+       AND pg_visible_in_snapshot(c.xid, cur.s) AND c.id > $3
+    UNION ALL
+    SELECT * FROM realtime.changes c
+     WHERE c.xid = ANY (ARRAY(SELECT pg_snapshot_xip($1::text::pg_snapshot)))
+       AND pg_visible_in_snapshot(c.xid, cur.s) AND c.id > $3
+  ) c ON true
+ ORDER BY c.id
+ LIMIT $4
+"""
+
+PRUNE = """
+WITH h AS (
+    SELECT taken_at, snap FROM realtime.horizons WHERE taken_at <= clock_timestamp() - $1::interval
+     ORDER BY taken_at DESC LIMIT 1
+), gone AS (
+    DELETE FROM realtime.changes WHERE id IN (
+        SELECT id FROM realtime.changes, h WHERE xid < pg_snapshot_xmin(h.snap) ORDER BY id LIMIT $2)
+    RETURNING 1
+), mark AS (
+    INSERT INTO realtime.pruned (horizon) SELECT pg_snapshot_xmin(snap) FROM h
+    ON CONFLICT (only_row) DO UPDATE SET horizon = greatest(realtime.pruned.horizon, EXCLUDED.horizon)
+    RETURNING 1
+), old AS (
+    DELETE FROM realtime.horizons WHERE taken_at < (SELECT taken_at FROM h) RETURNING 1
+)
+SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM mark), (SELECT count(*) FROM old)
+"""
+
+NOTIFY_CHANNEL = "fluxrt_changes"
+PRUNE_BATCH = 10000
+"""changes deleted by one pruning statement"""
+
+
+@attrs.frozen(slots=True)
+class Page:
+    """One read of the change log."""
+
+    snapshot: str
+    """the snapshot the read ran under: the `cur` of the next page, the `prev` of the next window"""
+    missed: bool
+    """changes committed after `prev` were pruned before this node read them"""
+    changes: list[RowChange]
+
+
+async def current_snapshot(conn: asyncpg.Connection) -> str:
+    snapshot: str = await conn.fetchval("SELECT pg_current_snapshot()::text")
+    return snapshot
+
+
+async def read_page(conn: asyncpg.Connection, prev: str | None, cur: str | None, after: int) -> Page:
+    """The changes committed after snapshot `prev` and visible in `cur` (a new snapshot when None), with ids above
+    `after`, in id order, at most PAGE of them."""
+    rows = await conn.fetch(_WINDOW, prev, cur, after, PAGE)
+    first = rows[0]
+    return Page(first[0], bool(first[1]), [_change(tuple(r)) for r in rows if r[2] is not None])
+
+
+async def record_horizon(conn: asyncpg.Connection) -> None:
+    """Remember the current snapshot: once it is `retention` old, what committed before it may be pruned."""
+    await conn.execute("INSERT INTO realtime.horizons (snap) VALUES (pg_current_snapshot())")
+
+
+async def prune_batch(conn: asyncpg.Connection, retention: datetime.timedelta) -> int:
+    """Delete up to PRUNE_BATCH changes older than the newest horizon at least `retention` old; return how many."""
+    deleted: int = await conn.fetchval(PRUNE, retention, PRUNE_BATCH)
+    return deleted
+
+
+def _change(row: tuple[Any, ...]) -> RowChange:
+    _, _, change_id, created_at, relid, schema, table, op, old, new = row
+    try:
+        return RowChange(change_id, created_at, relid, schema, table, op, decode_image(old), decode_image(new))
+    except (ValueError, RecursionError) as exc:
+        # One row that cannot be decoded must not stop the feed for everyone.
+        log.error("undecodable change", extra={"ctx_id": change_id, "ctx_error": repr(exc)[:200]})
+        return RowChange(change_id, created_at, relid, schema, table, "UNREADABLE", None, None)

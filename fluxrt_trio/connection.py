@@ -173,7 +173,7 @@ class Connection:
         try:
             async with trio.open_nursery() as nursery:
                 self.outbox = Outbox(
-                    self.sock, self.host.settings.write_buffer_size, nursery.start_soon, self.host.flusher
+                    self.sock, self.host.settings.write_buffer_size, nursery, self.host.flusher
                 )
                 with trio.CancelScope() as self._reader_scope:
                     try:

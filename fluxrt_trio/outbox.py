@@ -7,6 +7,10 @@ messages to thousands of connections costs two system calls per connection, not 
 does not take waits in the backlog, which a writer task (started when the backlog appears, gone when it is drained)
 flushes when the socket becomes writable. Pending and backlog frames together are bounded by `limit`; past that the
 connection is a slow consumer and the caller closes it. Nobody ever waits for a slow socket but its own writer.
+
+Frames are queued from whichever task publishes (the hub, table lanes, the Flusher), so nothing the outbox does may
+raise into them: a writer that cannot start or cannot finish means the connection is ending, and the outbox turns
+broken and drops what it holds instead.
 """
 
 from __future__ import annotations
@@ -15,7 +19,6 @@ import collections
 import contextlib
 import itertools
 import socket
-from collections.abc import Callable
 
 import trio
 
@@ -55,25 +58,24 @@ class Flusher:
 
 
 class Outbox:
-    """Frames to one socket, in order. `spawn` starts the writer task in the connection's nursery."""
+    """Frames to one socket, in order. The writer task, while there is a backlog, runs in `nursery` (the
+    connection's); once that nursery refuses the writer or cancels it, the outbox is broken and drops its frames."""
 
     __slots__ = (
         "_backlog",
         "_closing",
         "_drained",
         "_flusher",
+        "_nursery",
         "_pending",
         "_sock",
-        "_spawn",
         "broken",
         "limit",
     )
 
-    def __init__(
-        self, sock: socket.socket, limit: int, spawn: Callable[[Callable[[], object]], None], flusher: Flusher
-    ) -> None:
+    def __init__(self, sock: socket.socket, limit: int, nursery: trio.Nursery, flusher: Flusher) -> None:
         self._sock = sock
-        self._spawn = spawn
+        self._nursery = nursery
         self._flusher = flusher
         self._pending: list[bytes] | tuple[bytes, ...] | None = None
         self._backlog: collections.deque[memoryview | bytes] = collections.deque()
@@ -128,11 +130,11 @@ class Outbox:
         except BlockingIOError:
             sent = 0
         except OSError:
-            self.broken = True
+            self._break()
             return
         if sent < len(frame):
             self._backlog.append(memoryview(frame)[sent:] if sent else frame)
-            self._spawn(self._write)
+            self._start_writer()
 
     def _send(self, frames: list[bytes]) -> None:
         """Hand `frames` to the kernel in one non-blocking call; what it refuses waits for the writer."""
@@ -149,12 +151,12 @@ class Outbox:
         except BlockingIOError:
             sent = 0
         except OSError:
-            self.broken = True
+            self._break()
             return
         remaining = _unsent(chunk, sent) + frames[_IOV_MAX:]
         if remaining:
             self._backlog.extend(remaining)
-            self._spawn(self._write)
+            self._start_writer()
         else:
             self._drained_now()
 
@@ -191,6 +193,23 @@ class Outbox:
                 self._drained = trio.Event()
             await self._drained.wait()
 
+    def _start_writer(self) -> None:
+        """Start the task that writes the backlog; the only place a task is started, so the only place a closed
+        nursery is seen."""
+        try:
+            self._nursery.start_soon(self._write)
+        except RuntimeError:
+            # The connection's nursery has closed: the connection is ending and nobody will write again. Raising
+            # here would hit the publisher (and skip the recipients after this one) or, in the Flusher, the server.
+            self._break()
+
+    def _break(self) -> None:
+        """Give up on the socket: drop every queued frame and wake `wait_drained`."""
+        self.broken = True
+        self._backlog.clear()
+        self._pending = None
+        self._drained_now()
+
     async def _write(self) -> None:
         backlog, sock = self._backlog, self._sock
         try:
@@ -202,14 +221,19 @@ class Outbox:
                 except BlockingIOError:
                     continue
                 except OSError:
-                    self.broken = True
+                    self._break()
                     break
                 for _ in range(len(chunk) - len(remaining := _unsent(chunk, sent))):
                     backlog.popleft()
                 if remaining:
                     backlog[0] = remaining[0]
         finally:
-            self._drained_now()
+            if backlog:
+                # Only cancellation of the connection's nursery leaves frames here; no writer will come back
+                # for them, and the next frame must not go out directly after half of one.
+                self._break()
+            else:
+                self._drained_now()
 
     def _drained_now(self) -> None:
         """Wake `wait_drained` and half-close after the close frame, once nothing is waiting any more."""

@@ -1,4 +1,5 @@
-"""The outbox on real sockets when the connection's nursery is gone.
+"""The outbox on real sockets: partial writes, sendmsg batches, half-close, the backlog limit, and a connection
+nursery that is gone.
 
 Small SO_SNDBUF/SO_RCVBUF on a socketpair make the kernel take part of a frame, as a slow client's would.
 """
@@ -57,6 +58,149 @@ async def receive(sock: socket.socket, size: int) -> bytes:
                 raise AssertionError(f"EOF after {len(data)} of {size} bytes")
             data += chunk
     return bytes(data)
+
+
+async def receive_until_eof(sock: socket.socket) -> bytes:
+    data = bytearray()
+    with trio.fail_after(5):
+        while True:
+            await trio.lowlevel.wait_readable(sock)
+            chunk = sock.recv(65536)
+            if not chunk:
+                return bytes(data)
+            data += chunk
+
+
+def numbered(n: int) -> list[bytes]:
+    return [b"%07d\n" % i for i in range(n)]
+
+
+# ---- partial sends -----------------------------------------------------------------------------------------
+
+
+async def test_the_rest_of_a_partly_sent_frame_goes_first_and_order_is_kept():
+    with socket_pair() as (ours, peer):
+        async with flushing() as (nursery, flusher):
+            outbox = Outbox(ours, 100, nursery, flusher)
+            frames = [BIG, b"second", b"third"]
+            for frame in frames:
+                assert outbox.send_nowait(frame)
+            assert outbox.backlog == 3, "the kernel took part of BIG, so everything waits behind its tail"
+            assert await receive(peer, sum(map(len, frames))) == b"".join(frames)
+            await outbox.wait_drained()
+            assert outbox.backlog == 0
+            assert not outbox.broken
+
+
+@pytest.mark.parametrize("buffer", [None, SMALL], ids=["fast-reader", "slow-reader"])
+async def test_more_frames_than_sendmsg_takes_at_once_go_out_in_batches(buffer):
+    # Linux refuses more than 1,024 buffers in one sendmsg (IOV_MAX) with EMSGSIZE: a single oversized call would
+    # break the outbox and lose every frame. The fast reader takes the pending path (first frame sent at once, the
+    # rest gathered in the tick); the slow reader's frames queue behind a partial write and go out from the writer.
+    frames = numbered(3000)
+    with socket_pair(buffer) as (ours, peer):
+        async with flushing() as (nursery, flusher):
+            outbox = Outbox(ours, 10_000, nursery, flusher)
+            if buffer is not None:
+                assert outbox.send_nowait(BIG)
+                frames.insert(0, BIG)
+            for frame in frames[1 if buffer is not None else 0 :]:
+                assert outbox.send_nowait(frame)
+            assert await receive(peer, sum(map(len, frames))) == b"".join(frames)
+            await outbox.wait_drained()
+            assert not outbox.broken
+
+
+# ---- half-close --------------------------------------------------------------------------------------------
+
+
+async def test_close_delivers_everything_queued_then_the_peer_reads_eof():
+    with socket_pair() as (ours, peer):
+        async with flushing() as (nursery, flusher):
+            outbox = Outbox(ours, 100, nursery, flusher)
+            for frame in (BIG, b"one", b"two"):
+                outbox.send_nowait(frame)
+            outbox.close(b"CLOSE")
+            assert outbox.send_nowait(b"after close"), "dropped, not refused: the connection is ending"
+            assert await receive_until_eof(peer) == BIG + b"onetwoCLOSE"
+            # A half-close: the peer can still send (its close frame) and we can still read it.
+            peer.send(b"bye")
+            await trio.lowlevel.wait_readable(ours)
+            assert ours.recv(16) == b"bye"
+
+
+async def test_discard_backlog_drops_queued_frames_but_finishes_the_partly_sent_one():
+    with socket_pair() as (ours, peer):
+        async with flushing() as (nursery, flusher):
+            outbox = Outbox(ours, 100, nursery, flusher)
+            for frame in (BIG, b"queued", b"queued too"):
+                outbox.send_nowait(frame)
+            outbox.close(b"CLOSE", discard_backlog=True)
+            assert await receive_until_eof(peer) == BIG + b"CLOSE"
+
+
+async def test_discard_backlog_drops_frames_gathered_in_this_tick():
+    with socket_pair(None) as (ours, peer):
+        async with flushing() as (nursery, flusher):
+            outbox = Outbox(ours, 100, nursery, flusher)
+            outbox.send_nowait(b"sent at once")
+            outbox.send_nowait(b"gathered")
+            outbox.close(b"CLOSE", discard_backlog=True)
+            assert await receive_until_eof(peer) == b"sent at onceCLOSE"
+
+
+# ---- the backlog limit -------------------------------------------------------------------------------------
+
+
+async def test_past_the_limit_a_frame_is_refused_whole():
+    with socket_pair() as (ours, peer):
+        async with flushing() as (nursery, flusher):
+            outbox = Outbox(ours, 3, nursery, flusher)
+            accepted = [BIG, b"one", b"two"]
+            for frame in accepted:
+                assert outbox.send_nowait(frame)
+            assert not outbox.send_nowait(b"refused")
+            assert outbox.backlog == 3
+            assert await receive(peer, sum(map(len, accepted))) == b"".join(accepted)
+            await outbox.wait_drained()
+            assert outbox.send_nowait(b"room again")
+            assert await receive(peer, len(b"room again")) == b"room again"
+
+
+# ---- wait_drained ------------------------------------------------------------------------------------------
+
+
+async def test_wait_drained_returns_once_the_kernel_took_everything():
+    with socket_pair() as (ours, peer):
+        async with flushing() as (nursery, flusher):
+            outbox = Outbox(ours, 100, nursery, flusher)
+            with trio.fail_after(1):
+                await outbox.wait_drained()
+            outbox.send_nowait(BIG)
+            drained = trio.Event()
+
+            async def waiter() -> None:
+                await outbox.wait_drained()
+                drained.set()
+
+            nursery.start_soon(waiter)
+            await trio.testing.wait_all_tasks_blocked()
+            assert not drained.is_set(), "the kernel cannot hold BIG until the peer reads"
+            await receive(peer, len(BIG))
+            with trio.fail_after(5):
+                await drained.wait()
+
+
+async def test_wait_drained_returns_when_the_peer_goes_away():
+    with socket_pair() as (ours, peer):
+        async with flushing() as (nursery, flusher):
+            outbox = Outbox(ours, 100, nursery, flusher)
+            outbox.send_nowait(BIG)
+            peer.shutdown(socket.SHUT_RDWR)
+            with trio.fail_after(5):
+                await outbox.wait_drained()
+            assert outbox.broken
+            assert outbox.backlog == 0
 
 
 # ---- the connection's nursery is gone ----------------------------------------------------------------------

@@ -172,9 +172,7 @@ class Connection:
         """Serve this socket until it ends; never raises for anything the peer does."""
         try:
             async with trio.open_nursery() as nursery:
-                self.outbox = Outbox(
-                    self.sock, self.host.settings.write_buffer_size, nursery, self.host.flusher
-                )
+                self.outbox = Outbox(self.sock, self.host.settings.write_buffer_size, nursery, self.host.flusher)
                 with trio.CancelScope() as self._reader_scope:
                     try:
                         trailing = await self._handshake()

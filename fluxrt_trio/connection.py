@@ -115,7 +115,7 @@ class ConnectionHost(Protocol):
     @property
     def verifier(self) -> Verifier: ...
 
-    hub: Hub
+    hub: Hub[Connection]
     counters: Counters
     flusher: Flusher
     supervisor: Supervisor

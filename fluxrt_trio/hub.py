@@ -6,7 +6,7 @@ backend implements the same interface and forwards publishes and presence to oth
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 import attrs
 
@@ -24,6 +24,9 @@ class Subscriber(Protocol):
         """Queue one frame without blocking. A subscriber that cannot keep up closes itself; it never raises."""
 
 
+S = TypeVar("S", bound=Subscriber)
+
+
 @attrs.frozen(slots=True)
 class HubStatistics:
     channels: int
@@ -36,23 +39,25 @@ class HubStatistics:
     """frames handed to subscribers"""
 
 
-class Hub(Protocol):
-    def join(self, channel: str, subscriber: Subscriber) -> None:
+class Hub(Protocol[S]):
+    """Generic in the kind of subscriber it holds, so that whoever reads `subscribers` gets what was joined."""
+
+    def join(self, channel: str, subscriber: S) -> None:
         """Add `subscriber` to `channel`; joining twice is one subscription."""
 
-    def leave(self, channel: str, subscriber: Subscriber) -> None:
+    def leave(self, channel: str, subscriber: S) -> None:
         """Remove `subscriber` from `channel`; a no-op when it was not there."""
 
-    def subscribers(self, channel: str) -> list[Subscriber]:
+    def subscribers(self, channel: str) -> list[S]:
         """The subscribers of `channel` on this node."""
 
     def channels(self, kind: str) -> list[str]:
         """The channels of one kind (`table`, `presence`, `broadcast`) with subscribers on this node."""
 
-    def publish_nowait(self, channel: str, message: ServerMessage, *, exclude: Subscriber | None = None) -> int:
+    def publish_nowait(self, channel: str, message: ServerMessage, *, exclude: S | None = None) -> int:
         """Deliver `message` to every subscriber of `channel` but `exclude`; return the event's position."""
 
-    def broadcast(self, channel: str, payload: Any, *, sender: Subscriber | None = None) -> int:
+    def broadcast(self, channel: str, payload: Any, *, sender: S | None = None) -> int:
         """Relay a client broadcast to every subscriber of `channel` but its sender; return its position."""
 
     def track(self, channel: str, key: str, ref: str, state: dict[str, Any]) -> None:
@@ -71,23 +76,23 @@ def _kind(channel: str) -> str:
     return channel.partition(":")[0]
 
 
-class LocalHub:
+class LocalHub(Generic[S]):
     """The hub of one node: plain dictionaries, no I/O of its own."""
 
     def __init__(self) -> None:
-        self._channels: dict[str, dict[Subscriber, None]] = {}
+        self._channels: dict[str, dict[S, None]] = {}
         self._rooms: dict[str, PresenceRoom] = {}
         self._by_kind: dict[str, int] = {"table": 0, "presence": 0, "broadcast": 0}
         self._position = 0
         self._delivered = 0
 
-    def join(self, channel: str, subscriber: Subscriber) -> None:
+    def join(self, channel: str, subscriber: S) -> None:
         members = self._channels.setdefault(channel, {})
         if subscriber not in members:
             members[subscriber] = None
             self._by_kind[_kind(channel)] += 1
 
-    def leave(self, channel: str, subscriber: Subscriber) -> None:
+    def leave(self, channel: str, subscriber: S) -> None:
         members = self._channels.get(channel)
         if members is None or subscriber not in members:
             return
@@ -96,14 +101,14 @@ class LocalHub:
         if not members:
             del self._channels[channel]
 
-    def subscribers(self, channel: str) -> list[Subscriber]:
+    def subscribers(self, channel: str) -> list[S]:
         return list(self._channels.get(channel, ()))
 
     def channels(self, kind: str) -> list[str]:
         prefix = kind + ":"
         return [name for name in self._channels if name.startswith(prefix)]
 
-    def publish_nowait(self, channel: str, message: ServerMessage, *, exclude: Subscriber | None = None) -> int:
+    def publish_nowait(self, channel: str, message: ServerMessage, *, exclude: S | None = None) -> int:
         self._position += 1
         members = self._channels.get(channel)
         if not members:
@@ -117,7 +122,7 @@ class LocalHub:
         self._delivered += len(recipients) - (exclude in members)
         return self._position
 
-    def broadcast(self, channel: str, payload: Any, *, sender: Subscriber | None = None) -> int:
+    def broadcast(self, channel: str, payload: Any, *, sender: S | None = None) -> int:
         """Relay a client broadcast to every other subscriber."""
         return self.publish_nowait(channel, BroadcastEvent(channel, payload), exclude=sender)
 

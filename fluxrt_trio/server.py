@@ -41,9 +41,9 @@ class Server:
     """One fluxrt node. `serve` runs it; `shutdown` drains it; both are meant for one Trio run. It is the
     `ConnectionHost` of its connections."""
 
-    def __init__(self, config: Config, *, hub: Hub | None = None) -> None:
+    def __init__(self, config: Config, *, hub: Hub[Connection] | None = None) -> None:
         self.config = config
-        self.hub: Hub = hub if hub is not None else LocalHub()
+        self.hub: Hub[Connection] = hub if hub is not None else LocalHub()
         self.verifier = Verifier(config.auth)
         self.counters = metrics.Counters()
         rt = config.realtime

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import Protocol
 
 import attrs
 import trio
 
-from .hub import Hub
 from .metrics import Counters
 from .postgres.bridge import AuthorizerPool, DatabaseUnavailable
 from .postgres.rls import RowSecurity, TableQuestion, decide_tables
@@ -31,6 +31,14 @@ LANE_LIMIT = 100_000
 rather than holding back the changefeed and with it every other table"""
 
 
+class Subscriptions(Protocol):
+    """Where table subscribers are found (the hub)."""
+
+    def subscribers(self, channel: str) -> Sequence[TableSubscriber]: ...
+
+    def channels(self, kind: str) -> list[str]: ...
+
+
 @attrs.define
 class _Lane:
     pending: list[RowChange] = attrs.field(factory=list)
@@ -42,7 +50,7 @@ class TableChannels:
     `subscriptions_changed`; every frame handed out is counted in `counters.messages_out`."""
 
     def __init__(
-        self, hub: Hub, pool: AuthorizerPool, counters: Counters, *, row_security: RowSecurity | None = None
+        self, hub: Subscriptions, pool: AuthorizerPool, counters: Counters, *, row_security: RowSecurity | None = None
     ) -> None:
         self.hub = hub
         self.pool = pool
@@ -54,9 +62,8 @@ class TableChannels:
         """See `DeliveryPlanner.subscriptions_changed`."""
         self.planner.subscriptions_changed(channel)
 
-    def _subscribers(self, channel: str) -> list[TableSubscriber]:
-        # Table channels are joined only by connections, which are TableSubscribers.
-        return self.hub.subscribers(channel)  # type: ignore[return-value]
+    def _subscribers(self, channel: str) -> Sequence[TableSubscriber]:
+        return self.hub.subscribers(channel)
 
     async def run(self, windows: trio.MemoryReceiveChannel[Window]) -> None:
         """Deliver windows as the changefeed produces them: each table in its own lane, in order within it, so

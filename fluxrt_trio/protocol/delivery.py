@@ -15,7 +15,7 @@ The Trio side (tables.py) runs the crossing and hands out what `deliveries` yiel
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Protocol
 
 import attrs
@@ -60,7 +60,7 @@ class TableSubscriber(Protocol):
         """Send `error` and drop the subscription (for example when realtime was disabled on the table)."""
 
 
-Subscribers = Callable[[str], list[TableSubscriber]]
+Subscribers = Callable[[str], Sequence[TableSubscriber]]
 """The subscribers of a channel on this node (the hub's `subscribers`)."""
 
 
@@ -190,7 +190,7 @@ class TablePlan:
     """One table's part of a window: the images to decide and the identities to decide them for."""
 
     relid: int
-    members: list[TableSubscriber]
+    members: Sequence[TableSubscriber]
     index: FilterIndex
     images: list[dict[str, Any] | None] = attrs.field(factory=list)
     image_index: dict[int, int] = attrs.field(factory=dict)
@@ -326,7 +326,7 @@ def visibilities(
 class Missed:
     """Tell `recipients` that changes of `channel` were lost (`CHANGES_MISSED`): they should refetch."""
 
-    recipients: list[TableSubscriber]
+    recipients: Sequence[TableSubscriber]
     channel: str
     message: str
     detail: str | None = None
@@ -341,7 +341,7 @@ class Missed:
 class Disabled:
     """Realtime was disabled on the table: end the subscription of each of `recipients` with `error`."""
 
-    recipients: list[TableSubscriber]
+    recipients: Sequence[TableSubscriber]
     channel: str
     error: Error
 

@@ -12,6 +12,7 @@ import heapq
 import itertools
 import math
 import time
+from collections.abc import Callable
 from typing import Protocol
 
 import trio
@@ -43,9 +44,19 @@ class _Kind(enum.IntEnum):
 
 
 class Supervisor:
-    def __init__(self, heartbeat_interval: float, connection_timeout: float) -> None:
+    """Pings every watched connection each `heartbeat_interval`, times it out after `connection_timeout` without a
+    frame, and tells it when its token expires. A changed interval (at reload) applies once each connection's deadline
+    already set has passed.
+
+    `wall_clock` gives UNIX time, the clock of tokens' `exp`; everything else runs on Trio's clock.
+    """
+
+    def __init__(
+        self, heartbeat_interval: float, connection_timeout: float, *, wall_clock: Callable[[], float] = time.time
+    ) -> None:
         self.heartbeat_interval = heartbeat_interval
         self.connection_timeout = connection_timeout
+        self._wall_clock = wall_clock
         self._heap: list[tuple[float, int, _Kind, Supervised, float | None]] = []
         self._seq = itertools.count()
         self._sleep: trio.CancelScope | None = None
@@ -66,10 +77,7 @@ class Supervisor:
         """The connection has a new token; watch its expiry instead of the old one's."""
         expires_at = conn.expires_at
         if expires_at is not None:
-            self._push(trio.current_time() + (expires_at - time.time()), _Kind.EXPIRY, conn, expires_at)
-
-    def statistics(self) -> dict[str, int]:
-        return {"pending_deadlines": len(self._heap)}
+            self._push(trio.current_time() + (expires_at - self._wall_clock()), _Kind.EXPIRY, conn, expires_at)
 
     async def run(self) -> None:
         """Run forever, acting on each deadline as it comes."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -12,6 +13,8 @@ import orjson
 import trio
 
 from fluxrt_trio.config import Config
+
+from .pg import ROOT
 
 
 class FluxrtProcess:
@@ -85,8 +88,24 @@ class FluxrtProcess:
 
 
 class Remote:
-    """Enough of a Server for the client helpers in conftest.py, for a server running in another process."""
+    """Enough of a Server for the client helpers in support/clients.py, for a server running in another process."""
 
     def __init__(self, port: int, config: Config | None = None) -> None:
         self.port = port
         self.config = config if config is not None else Config()
+
+
+async def run_cli(dsn: str, *args: str) -> tuple[int, str, str]:
+    """Run `fluxrt *args` (as `python -m fluxrt_trio`) on database `dsn`; its exit status, stdout and stderr."""
+    env = {**os.environ, "FLUXRT_DATABASE_DSN": dsn}
+    env.pop("FLUXRT_CONFIG", None)
+    with trio.fail_after(30):
+        result = await trio.run_process(
+            [sys.executable, "-m", "fluxrt_trio", *args],
+            env=env,
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+            cwd=str(ROOT),
+        )
+    return result.returncode, result.stdout.decode(), result.stderr.decode()

@@ -22,8 +22,9 @@ from pathlib import Path
 import pytest
 import trio
 
-from .conftest import token
-from .test_sdk_typescript import ROOT, SDK, USERS, prepare_sdk
+from .pg import ROOT
+from .support.config import token
+from .support.sdk import SDK, USERS, prepare_sdk
 
 CHROMIUM = Path("/usr/bin/chromium")
 REFERENCE = ROOT.parent / "shared" / "spec" / "realtime-api-reference.md"

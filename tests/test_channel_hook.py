@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from .conftest import connect, recv, request, send, subscribe, token
-from .test_tables import start
+from .support.clients import connect, recv, request, send, subscribe
+from .support.config import token
+from .support.servers import start
 
 HOOK = """
 CREATE FUNCTION realtime.authorize(channel text, action text) RETURNS boolean LANGUAGE sql STABLE AS $$

@@ -53,8 +53,10 @@ from fluxrt_trio.protocol.messages import (
 )
 from fluxrt_trio.protocol.messages import BroadcastEvent as WireBroadcast
 
-from .conftest import token, url
-from .test_tables import start, users_table
+from .support.clients import url
+from .support.config import token
+from .support.database import users_table
+from .support.servers import start
 
 SUBSCRIBING, SUBSCRIBED = ChannelStatus.SUBSCRIBING, ChannelStatus.SUBSCRIBED
 

@@ -15,7 +15,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from trio_websocket import ConnectionClosed, ConnectionRejected
 
-from .conftest import SECRET, connect, http_get, raw_connect, recv, request, send, subscribe, token
+from .support.clients import connect, http_get, raw_connect, recv, request, send, subscribe
+from .support.config import SECRET, token
 
 
 async def test_health_reports_status_connections_uptime_and_database(start_server):

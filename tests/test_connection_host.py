@@ -19,7 +19,7 @@ from fluxrt_trio.metrics import Counters
 from fluxrt_trio.outbox import Flusher
 from fluxrt_trio.supervisor import Supervisor
 
-from .conftest import make_config
+from .support.config import make_config
 
 
 @attrs.define

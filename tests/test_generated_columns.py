@@ -14,8 +14,11 @@ from fluxrt_trio.postgres.embedded import EmbeddedPostgres
 from fluxrt_trio.postgres.migrate import migrate
 
 from . import pg
-from .conftest import connect, nothing_arrives, recv, subscribe, token
-from .test_changefeed import in_asyncio, serving, wait_ok
+from .support.clients import connect, recv, subscribe
+from .support.config import token
+from .support.database import in_asyncio
+from .support.servers import serving, wait_ok
+from .support.waiting import nothing_arrives
 
 
 async def test_policy_on_a_virtual_generated_column_sees_its_value():

@@ -10,7 +10,7 @@ from wsproto.events import Message, Ping
 
 from fluxrt_trio.hub import LocalHub
 
-from .conftest import connect, http_get, raw_connect, recv, request, send, subscribe
+from .support.clients import connect, http_get, raw_connect, recv, request, send, subscribe
 
 
 async def test_subscriptions_per_connection_are_limited(start_server):

@@ -16,8 +16,8 @@ from trio_websocket import ConnectionClosed
 
 from fluxrt_trio.auth import mint
 
-from .conftest import connect, http_get, recv, request, send, subscribe
 from .process import FluxrtProcess, Remote
+from .support.clients import connect, http_get, recv, request, send, subscribe
 
 SECRET_A = "secret-a-" + "a" * 40
 SECRET_B = "secret-b-" + "b" * 40

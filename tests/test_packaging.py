@@ -21,8 +21,9 @@ from fluxrt_trio import __version__
 from fluxrt_trio.config import RealtimeConfig
 
 from . import pg
-from .conftest import SECRET, connect, recv, send, subscribe, token
 from .process import FluxrtProcess, Remote
+from .support.clients import connect, recv, send, subscribe
+from .support.config import SECRET, token
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "packaging" / "fluxrt.service"

@@ -13,7 +13,7 @@ from fluxrt_trio.postgres.bridge import AUTHORIZER_ROLE, AUTHORIZER_SESSION
 from fluxrt_trio.postgres.rls import RowSecurity
 
 from . import pg
-from .test_changefeed import in_asyncio
+from .support.database import in_asyncio
 
 ALICE = "11111111-1111-1111-1111-111111111111"
 BOB = "22222222-2222-2222-2222-222222222222"

@@ -3,8 +3,10 @@ and a policy change takes effect in the next window (the cached plans follow the
 
 from __future__ import annotations
 
-from .conftest import connect, nothing_arrives, recv, request, subscribe, token
-from .test_tables import start
+from .support.clients import connect, recv, request, subscribe
+from .support.config import token
+from .support.servers import start
+from .support.waiting import nothing_before_pong
 
 
 def notes(policy: str) -> str:
@@ -42,14 +44,15 @@ async def test_a_new_policy_applies_to_the_next_change(start_server, db):
         await subscribe(bob, "table:public.notes")
         await db.execute("INSERT INTO notes VALUES (1, 'alice')")
         assert (await recv(alice))["payload"]["record"]["id"] == 1
-        await nothing_arrives(bob)
         await db.execute("CREATE POLICY shared ON notes FOR SELECT USING (owner = 'everyone')")
         await db.execute("INSERT INTO notes VALUES (2, 'everyone')")
         assert (await recv(alice))["payload"]["record"]["id"] == 2
+        # Bob's first change is 2: a table's changes arrive in commit order, so 1 would have come before it.
         assert (await recv(bob))["payload"]["record"]["id"] == 2
         await db.execute("DROP POLICY mine ON notes")
         await db.execute("INSERT INTO notes VALUES (3, 'alice')")
-        await nothing_arrives(alice)
+        await db.execute("INSERT INTO notes VALUES (4, 'everyone')")
+        assert (await recv(alice))["payload"]["record"]["id"] == 4
 
 
 async def test_who_receives_follows_every_subscription_change_between_two_changes(start_server, db):
@@ -72,8 +75,11 @@ async def test_who_receives_follows_every_subscription_change_between_two_change
         assert (await recv(bob))["payload"]["record"]["id"] == 5
         await request(bob, type="unsubscribe", channel="table:public.notes")
         await db.execute("INSERT INTO notes VALUES (7, 'alice')")
-        await nothing_arrives(bob)
-        await nothing_arrives(alice)  # 5 and 7 do not pass alice's filter
+        # 5 and 7 do not pass alice's filter; a later change to row 4 does, and comes after them in commit order.
+        await db.execute("UPDATE notes SET owner = 'alice' WHERE id = 4")
+        assert (await recv(alice))["payload"]["type"] == "UPDATE"
+        # 7 has been delivered by now: a frame of it for bob would be ahead of his pong.
+        await nothing_before_pong(bob)
 
 
 async def test_a_policy_the_rewrite_refuses_is_decided_per_identity_and_said_once(start_server, db, caplog):
@@ -89,7 +95,9 @@ async def test_a_policy_the_rewrite_refuses_is_decided_per_identity_and_said_onc
         for n in range(1, 4):
             await db.execute(f"INSERT INTO notes VALUES ({n}, 'alice')")
             assert (await recv(alice))["payload"]["record"]["id"] == n
-        await nothing_arrives(bob)
+        await db.execute("INSERT INTO notes VALUES (4, 'bob')")
+        # Bob's first change is 4: a table's changes arrive in commit order, so 1 to 3 would have come before it.
+        assert (await recv(bob))["payload"]["record"]["id"] == 4
     said = [r for r in caplog.records if "decided one identity at a time" in r.getMessage()]
     assert len(said) == 1
     assert said[0].ctx_table == "public.notes" and "public.is_mine" in said[0].ctx_reason

@@ -14,8 +14,9 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed
 
-from .conftest import SECRET, connect, http_get, random_key, raw_connect, subscribe, token
 from .process import Remote
+from .support.clients import connect, http_get, random_key, raw_connect, subscribe
+from .support.config import SECRET, token
 
 
 async def test_shutdown_closes_every_connection_with_1001_and_refuses_handshakes_503(start_server):

@@ -6,27 +6,14 @@ import orjson
 import pytest
 import trio
 
-from .conftest import connect, http_get, nothing_arrives, recv, request, subscribe, token
+from .support.clients import connect, http_get, recv, request, subscribe
+from .support.config import token
+from .support.database import users_table
+from .support.servers import start
+from .support.waiting import nothing_arrives
 
 ALICE = "11111111-1111-1111-1111-111111111111"
 BOB = "22222222-2222-2222-2222-222222222222"
-
-
-async def start(start_server, db, **sections):
-    database = {"dsn": db.dsn, "poll_interval": 0.01, **sections.pop("database", {})}
-    server = await start_server(database=database, **sections)
-    with trio.fail_after(10):
-        while server.database_state() != "ok":
-            await trio.sleep(0.01)
-    return server
-
-
-def users_table(db) -> None:
-    db.sql(
-        "CREATE TABLE users (id bigint PRIMARY KEY, name text, email text);"
-        "GRANT SELECT ON users TO anon, authenticated;"
-        "SELECT enable_realtime('users');"
-    )
 
 
 def strip_extensions(message: dict) -> dict:

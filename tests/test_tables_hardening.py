@@ -6,8 +6,10 @@ from __future__ import annotations
 import trio
 
 from . import pg
-from .conftest import connect, nothing_arrives, recv, request, send, subscribe, token
-from .test_tables import start
+from .support.clients import connect, recv, request, send, subscribe
+from .support.config import token
+from .support.servers import start
+from .support.waiting import nothing_arrives
 
 
 async def test_policy_code_cannot_become_superuser(start_server, db):

@@ -98,10 +98,9 @@ class Outbox:
             if pending is not None and len(pending) >= _IOV_MAX:
                 # A full batch: hand it to the kernel now rather than hold more. Only what the kernel refuses
                 # counts against the limit, so a burst to a fast reader is never mistaken for a slow consumer.
-                self._flush()
+                if not self._flush():
+                    return True
                 pending = self._pending
-            if self.broken:
-                return True
             if not self._backlog:
                 if pending is None:
                     # The first frame of this tick goes to the kernel at once (a lone message is never delayed);
@@ -109,19 +108,21 @@ class Outbox:
                     self._pending = _SENT_THIS_TICK
                     self._flusher.mark(self)
                     self._send_one(frame)
-                elif pending is _SENT_THIS_TICK:
-                    self._pending = [frame]
-                else:
+                elif isinstance(pending, list):
                     pending.append(frame)
+                else:
+                    self._pending = [frame]
                 return True
         if len(self._backlog) >= self.limit:
             return False
         self._backlog.append(frame)
         return True
 
-    def _flush(self) -> None:
+    def _flush(self) -> bool:
+        """Hand the frames gathered this tick to the kernel; False when the outbox is broken."""
         frames, self._pending = self._pending, None
         self._send(frames if isinstance(frames, list) else [])
+        return not self.broken
 
     def _send_one(self, frame: bytes) -> None:
         """The common case of `_send`, without building a list for one frame."""

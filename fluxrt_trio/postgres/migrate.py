@@ -2,10 +2,15 @@
 
 Safe to run twice and from several nodes at once: a session advisory lock serializes runners, and each migration
 commits together with its record. Migrations never drop an enabled table's capture.
+
+Each record holds the SHA-256 of the file applied. A shipped migration whose file no longer matches its record is
+refused (MigrationError) before anything is applied: a database migrated with the old text would silently differ
+from one migrated with the new, so a change always goes in a new migration.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.resources
 import logging
 import re
@@ -21,6 +26,10 @@ _LOCK_KEY = 0x666C7578  # "flux"
 _NAME = re.compile(r"(\d{4})_([a-z0-9_]+)\.sql\Z")
 
 
+class MigrationError(Exception):
+    """A migration shipped with fluxrt differs from the one this database recorded; the message names the file."""
+
+
 def migrations() -> list[tuple[int, str, str]]:
     """(version, name, sql) for every migration shipped with fluxrt, in order."""
     found = []
@@ -31,10 +40,19 @@ def migrations() -> list[tuple[int, str, str]]:
     return sorted(found)
 
 
+def checksum(sql: str) -> str:
+    """The SHA-256 (hex) recorded for a migration's text.
+
+    Taken over the text as read, newlines normalized, so a checkout's line endings are not a change.
+    """
+    return hashlib.sha256(sql.encode("utf-8")).hexdigest()
+
+
 async def migrate(conn: asyncpg.Connection, roles: tuple[str, ...] = ()) -> list[str]:
     """Apply the migrations this database lacks; return the names applied.
 
     Then let the authorizer role assume each of `roles` (creating a missing one as NOLOGIN).
+    Raises MigrationError, applying no migration, when an applied migration's file has changed since.
     """
     applied_now = []
     await conn.execute("SELECT pg_advisory_lock($1)", _LOCK_KEY)
@@ -42,16 +60,29 @@ async def migrate(conn: asyncpg.Connection, roles: tuple[str, ...] = ()) -> list
         await conn.execute(
             "CREATE SCHEMA IF NOT EXISTS realtime;"
             "CREATE TABLE IF NOT EXISTS realtime.schema_migrations ("
-            " version integer PRIMARY KEY, name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"
+            " version integer PRIMARY KEY, name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now(),"
+            " checksum text);"
+            # Databases migrated by a fluxrt from before checksums have the table without the column.
+            "ALTER TABLE realtime.schema_migrations ADD COLUMN IF NOT EXISTS checksum text"
         )
-        done = {r["version"] for r in await conn.fetch("SELECT version FROM realtime.schema_migrations")}
-        for version, name, sql in migrations():
-            if version in done:
+        recorded = {
+            r["version"]: r["checksum"]
+            for r in await conn.fetch("SELECT version, checksum FROM realtime.schema_migrations")
+        }
+        shipped = migrations()
+        for version, name, sql in shipped:
+            if version in recorded:
+                await _verify(conn, version, name, checksum(sql), recorded[version])
+        for version, name, sql in shipped:
+            if version in recorded:
                 continue
             async with conn.transaction():
                 await conn.execute(sql)
                 await conn.execute(
-                    "INSERT INTO realtime.schema_migrations (version, name) VALUES ($1, $2)", version, name
+                    "INSERT INTO realtime.schema_migrations (version, name, checksum) VALUES ($1, $2, $3)",
+                    version,
+                    name,
+                    checksum(sql),
                 )
             log.info("migration applied", extra={"ctx_version": version, "ctx_name": name})
             applied_now.append(f"{version:04d}_{name}")
@@ -60,6 +91,20 @@ async def migrate(conn: asyncpg.Connection, roles: tuple[str, ...] = ()) -> list
     finally:
         await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_KEY)
     return applied_now
+
+
+async def _verify(conn: asyncpg.Connection, version: int, name: str, current: str, stored: str | None) -> None:
+    if stored is None:
+        # Applied by a fluxrt from before checksums: nothing tells which text ran, so the file shipped now is taken
+        # as the one applied and recorded, and is held to it from here on.
+        await conn.execute("UPDATE realtime.schema_migrations SET checksum = $2 WHERE version = $1", version, current)
+        log.info("migration checksum recorded", extra={"ctx_version": version, "ctx_name": name})
+    elif stored != current:
+        file = f"{version:04d}_{name}.sql"
+        raise MigrationError(
+            f"migration {file} has changed since it was applied to this database; a shipped migration must never be"
+            f" edited: restore {file} as released and put the change in a new migration"
+        )
 
 
 async def _grant_role(conn: asyncpg.Connection, role: str) -> None:

@@ -1,0 +1,103 @@
+"""Migration checksums against a real PostgreSQL: recorded when applied, checked on every run, backfilled for
+databases migrated before checksums existed. (Applying, repeating and concurrent runs: test_changefeed.py.)"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import asyncpg
+import pytest
+import trio
+
+from fluxrt_trio.postgres import migrate as migrate_module
+from fluxrt_trio.postgres.migrate import MigrationError, checksum, migrate, migrations
+
+from . import pg
+from .process import run_cli
+from .support.database import in_asyncio
+from .support.servers import start
+
+SHIPPED = {version: checksum(sql) for version, _, sql in migrations()}
+THIRD = "{:04d}_{}.sql".format(*migrations()[2][:2])
+
+
+async def on(dsn: str, work: Callable[[asyncpg.Connection], Any]) -> Any:
+    """`await work(conn)` on a fresh asyncpg connection to `dsn`, on asyncio."""
+
+    async def run() -> Any:
+        conn = await asyncpg.connect(dsn)
+        try:
+            return await work(conn)
+        finally:
+            await conn.close()
+
+    return await in_asyncio(run)
+
+
+def recorded(db: pg.ScratchDatabase) -> dict[int, str | None]:
+    return {r["version"]: r["checksum"] for r in db.sql("SELECT version, checksum FROM realtime.schema_migrations")}
+
+
+async def test_each_migration_records_its_file_checksum_and_a_second_run_is_fine(db):
+    # The scratch database is a clone of a template migrated at the start of the session.
+    assert recorded(db) == SHIPPED
+    assert await on(db.dsn, lambda conn: migrate(conn, pg.ROLES)) == []
+    assert recorded(db) == SHIPPED
+
+
+async def test_a_migration_changed_since_it_was_applied_is_refused_by_name(db, monkeypatch):
+    shipped = migrations()
+    version, name, sql = shipped[2]
+    edited = [*shipped[:2], (version, name, sql + "\n-- edited after release\n"), *shipped[3:]]
+    monkeypatch.setattr(migrate_module, "migrations", lambda: [*edited, (9999, "later", "CREATE TABLE later ()")])
+    with pytest.raises(MigrationError) as refused:
+        await on(db.dsn, lambda conn: migrate(conn, pg.ROLES))
+    message = str(refused.value)
+    assert THIRD in message
+    assert "never be edited" in message and "new migration" in message
+    assert 9999 not in recorded(db), "nothing is applied after a refusal"
+    assert not db.sql("SELECT to_regclass('public.later') IS NOT NULL AS present")[0]["present"]
+
+
+async def test_fluxrt_migrate_fails_naming_the_changed_file(db):
+    db.sql("UPDATE realtime.schema_migrations SET checksum = repeat('0', 64) WHERE version = $1", migrations()[2][0])
+    code, _, err = await run_cli(db.dsn, "migrate")
+    assert code != 0
+    assert THIRD in err and "never be edited" in err, err
+
+
+async def test_server_start_up_reports_the_changed_file_and_stays_degraded(start_server, db):
+    db.sql("UPDATE realtime.schema_migrations SET checksum = repeat('0', 64) WHERE version = $1", migrations()[2][0])
+    server = await start_server(database={"dsn": db.dsn, "poll_interval": 0.01})
+    assert server.db is not None
+    with trio.fail_after(10):
+        while server.db.changefeed.last_error is None:
+            await trio.sleep(0.01)
+    assert THIRD in server.db.changefeed.last_error
+    assert server.database_state() == "degraded"
+
+
+@pytest.mark.parametrize("how", ["column missing", "checksum null"])
+async def test_rows_without_a_checksum_get_the_current_files_on_the_first_run(db, how):
+    # As left by a fluxrt from before checksums: the table without the column, or rows whose checksum is NULL.
+    if how == "column missing":
+        db.sql("ALTER TABLE realtime.schema_migrations DROP COLUMN checksum")
+    else:
+        db.sql("UPDATE realtime.schema_migrations SET checksum = NULL")
+    assert await on(db.dsn, lambda conn: migrate(conn, pg.ROLES)) == []
+    assert recorded(db) == SHIPPED
+
+
+async def test_a_backfilled_checksum_is_held_to_afterwards(start_server, db, monkeypatch):
+    db.sql("UPDATE realtime.schema_migrations SET checksum = NULL")
+    await on(db.dsn, lambda conn: migrate(conn, pg.ROLES))
+    shipped = migrations()
+    version, name, sql = shipped[2]
+    monkeypatch.setattr(migrate_module, "migrations", lambda: [*shipped[:2], (version, name, sql + " "), *shipped[3:]])
+    with pytest.raises(MigrationError, match=THIRD):
+        await on(db.dsn, lambda conn: migrate(conn, pg.ROLES))
+    # And the server, migrating at start, still starts on the unchanged files.
+    monkeypatch.undo()
+    server = await start(start_server, db)
+    assert server.database_state() == "ok"

@@ -22,6 +22,7 @@ Run from the repository root with the project venv:
     .venv/bin/python bench/fanout.py --quick         # 500 conns, 50 msgs
     .venv/bin/python bench/fanout.py --paced         # 5000 conns, 100 msgs, one every 250 ms
     .venv/bin/python bench/fanout.py --servers websockets --rounds 1
+    .venv/bin/python bench/fanout.py --fluxrt-from before=/tmp/fluxrt-before   # also fluxrt from another tree
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from typing import Any
 
 import common
 import orjson
-from common import BENCH_DIR, free_port, percentile, raise_nofile_limit
+from common import BENCH_DIR, REPO_ROOT, free_port, percentile, raise_nofile_limit
 
 SERVERS = ("fluxrt", "websockets")
 TARGET_RATIO = 1.5
@@ -122,6 +123,31 @@ def http_health(host: str, port: int) -> bool:
     return status.startswith((b"HTTP/1.1 200", b"HTTP/1.0 200"))
 
 
+def fluxrt_command(args: argparse.Namespace, kind: str) -> list[str]:
+    """The interpreter command that runs fluxrt: this tree's, or for a ``--fluxrt-from`` label its PATH's."""
+    tree = args.fluxrt_from.get(kind)
+    if tree is None:
+        return [args.python]
+    pythonpath = os.pathsep.join(filter(None, [str(tree), os.environ.get("PYTHONPATH")]))
+    # -P: `python -m` puts the working directory (this repository's root) first on sys.path, where this tree's
+    # fluxrt_trio would shadow PATH's.
+    return ["env", f"PYTHONPATH={pythonpath}", args.python, "-P"]
+
+
+def fluxrt_origin(args: argparse.Namespace, kind: str) -> str:
+    """Where that command imports fluxrt_trio from, and at which commit; raises if not from its tree."""
+    code = "import fluxrt_trio; print(fluxrt_trio.__file__)"
+    argv = [*fluxrt_command(args, kind), "-c", code]
+    origin = Path(subprocess.run(argv, cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout.strip())
+    tree = args.fluxrt_from.get(kind, REPO_ROOT)
+    if not origin.resolve().is_relative_to(tree.resolve()):
+        raise RuntimeError(f"{kind}: fluxrt_trio imported from {origin}, not from {tree}")
+    git = ["git", "--no-optional-locks", "-C", str(tree)]
+    commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run([*git, "status", "--porcelain", "--", "fluxrt_trio"], capture_output=True, text=True).stdout
+    return f"{origin} (commit {commit or '?'}{', uncommitted changes in fluxrt_trio/' if dirty else ''})"
+
+
 class ServerProcess(common.ServerProcess):
     """One server under test, started fresh for a round."""
 
@@ -132,10 +158,10 @@ class ServerProcess(common.ServerProcess):
         self.host: str = args.host
         self.port = free_port(args.host)
         self.path: str = args.path
-        if kind == "fluxrt":
-            config = workdir / f"fluxrt-{self.port}.yaml"
+        if kind == "fluxrt" or kind in args.fluxrt_from:
+            config = workdir / f"{kind}-{self.port}.yaml"
             config.write_text(FLUXRT_CONFIG.format(host=self.host, port=self.port, path=self.path))
-            argv = [args.python, "-m", "fluxrt_trio", "--config", str(config)]
+            argv = [*fluxrt_command(args, kind), "-m", "fluxrt_trio", "--config", str(config)]
         else:
             argv = [
                 args.python,
@@ -379,6 +405,16 @@ def summarize(results: list[RoundResult], servers: list[str]) -> dict[str, Any]:
         flux = summary.get("fluxrt", {}).get(key)
         base = summary.get("websockets", {}).get(key)
         summary[f"ratio_{key}"] = flux / base if flux and base else None
+    # fluxrt (this tree) against each --fluxrt-from server.
+    for other in servers:
+        if other in SERVERS:
+            continue
+        ratios = {}
+        for key in ("msgs_per_s", "msgs_per_cpu_s", "latency_last_p50_ms", "latency_last_p99_ms"):
+            flux = summary.get("fluxrt", {}).get(key)
+            base = summary[other].get(key)
+            ratios[key] = flux / base if flux and base else None
+        summary[f"ratio_fluxrt_{other}"] = ratios
     return summary
 
 
@@ -453,6 +489,19 @@ def print_summary(summary: dict[str, Any], servers: list[str], args: argparse.Na
             per_cpu = summary["ratio_per_cpu_s"]
             extra = f"; per server CPU-second {per_cpu:.2f}x" if per_cpu is not None else ""
             print(f"  ratio fluxrt/websockets: {ratio:.2f}x (target >= {TARGET_RATIO}) {verdict}{extra}")
+    for other in servers:
+        ratios = summary.get(f"ratio_fluxrt_{other}")
+        if ratios and ratios["msgs_per_s"] is not None:
+            line = f"  ratio fluxrt/{other}: msgs/s {ratios['msgs_per_s']:.2f}x"
+            if ratios["msgs_per_cpu_s"] is not None:
+                line += f", per server CPU-second {ratios['msgs_per_cpu_s']:.2f}x"
+            line += " (higher is better for fluxrt)"
+            if ratios["latency_last_p50_ms"] is not None and ratios["latency_last_p99_ms"] is not None:
+                line += (
+                    f"; fan-out latency p50 {ratios['latency_last_p50_ms']:.2f}x, "
+                    f"p99 {ratios['latency_last_p99_ms']:.2f}x (lower is better)"
+                )
+            print(line)
     if "fluxrt" in servers and summary["fluxrt"]["kib_per_conn"] is not None:
         kib = summary["fluxrt"]["kib_per_conn"]
         verdict = "PASS" if kib <= TARGET_KIB_PER_CONN else "FAIL"
@@ -493,6 +542,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"paced preset: --pace {PACED_MS:g} --messages {PACED_MESSAGES} (either can still be overridden)",
     )
     parser.add_argument("--servers", default=",".join(SERVERS), help="comma-separated subset of: fluxrt,websockets")
+    parser.add_argument(
+        "--fluxrt-from",
+        action="append",
+        default=[],
+        metavar="LABEL=PATH",
+        help="also run fluxrt with the fluxrt_trio package of the source tree PATH, as server LABEL (repeatable)",
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--path", default="/realtime")
     parser.add_argument("--python", default=sys.executable, help="interpreter for servers and clients")
@@ -515,6 +571,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = set(args.server_list) - set(SERVERS)
     if unknown or not args.server_list:
         parser.error(f"--servers: unknown {sorted(unknown)}; choose from {SERVERS}")
+    trees: dict[str, Path] = {}
+    for spec in args.fluxrt_from:
+        label, sep, path = spec.partition("=")
+        if not sep or not label or label in SERVERS or label in trees:
+            parser.error(f"--fluxrt-from {spec}: want LABEL=PATH, LABEL unique and not one of {SERVERS}")
+        if not (Path(path) / "fluxrt_trio" / "__init__.py").is_file():
+            parser.error(f"--fluxrt-from {spec}: no fluxrt_trio package in {path}")
+        trees[label] = Path(path).resolve()
+    args.fluxrt_from = trees
+    args.server_list += list(trees)
     cpus = sorted(os.sched_getaffinity(0))
     if args.no_pin or len(cpus) < 2:
         args.server_cpu = args.client_cpu = None
@@ -539,6 +605,10 @@ def main(argv: list[str] | None = None) -> int:
         f"servers {', '.join(servers)}; {pin}",
         flush=True,
     )
+    if args.fluxrt_from:
+        for kind in ["fluxrt", *args.fluxrt_from]:
+            if kind in servers:
+                print(f"  {kind}: fluxrt_trio from {fluxrt_origin(args, kind)}", flush=True)
     results: list[RoundResult] = []
     with tempfile.TemporaryDirectory(prefix="fluxrt-bench-") as tmp:
         for rnd in range(1, args.rounds + 1):

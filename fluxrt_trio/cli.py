@@ -21,7 +21,7 @@ from .auth import mint, read_secret
 from .config import Config, ConfigError, Secret, load_config, masked, plan_reload
 from .postgres.bridge import DatabaseUnavailable, asyncio_loop, close_connection, connect, on_connection
 from .postgres.embedded import EmbeddedError, EmbeddedPostgres
-from .postgres.migrate import migrate
+from .postgres.migrate import MigrationError, migrate
 
 if TYPE_CHECKING:
     from .server import Server
@@ -127,18 +127,24 @@ def _migrate(config: Config) -> int:
         return EXIT_CONFIG
     roles = tuple(dict.fromkeys((config.auth.anon_role, config.auth.default_role, *config.auth.roles)))
 
-    async def run() -> list[str]:
+    async def run() -> list[str] | str:
+        """The migrations applied, or why none could be."""
+        # Caught inside the loop's context: leaving it wraps whatever escapes in an exception group.
         async with asyncio_loop():
-            conn = await connect(dsn)
             try:
-                return await on_connection(conn, lambda c: migrate(c, roles))
-            finally:
-                await close_connection(conn)
+                conn = await connect(dsn)
+                try:
+                    return await on_connection(conn, lambda c: migrate(c, roles))
+                finally:
+                    await close_connection(conn)
+            except DatabaseUnavailable as exc:
+                return f"database unavailable: {exc}"
+            except MigrationError as exc:
+                return str(exc)
 
-    try:
-        applied = trio.run(run)
-    except DatabaseUnavailable as exc:
-        print(f"fluxrt migrate: database unavailable: {exc}", file=sys.stderr)
+    applied = trio.run(run)
+    if isinstance(applied, str):
+        print(f"fluxrt migrate: {applied}", file=sys.stderr)
         return 1
     print("applied: " + ", ".join(applied) if applied else "already up to date")
     return 0

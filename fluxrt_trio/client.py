@@ -53,7 +53,7 @@ from .protocol.messages import (
 log = logging.getLogger("fluxrt.client")
 
 HEARTBEAT_INTERVAL = 30.0
-"""seconds between pings: PROTOCOL.md's heartbeat; the server closes connections silent for 120 s"""
+"""seconds between pings: docs/protocol.md's heartbeat; the server closes connections silent for 120 s"""
 CONNECT_TIMEOUT = 10.0
 CLOSE_TIMEOUT = 5.0
 MAX_MESSAGE_SIZE = 64 * 1024 * 1024
@@ -208,7 +208,7 @@ class CloseInfo:
     http_status: int | None = None
 
     def after(self) -> After:
-        """PROTOCOL.md's advice for this close: wait for a new token after 4001; stop after 1000 and after closes
+        """docs/protocol.md's advice for this close: wait for a new token after 4001; stop after 1000 and after closes
         that blame the client (1002, 1003, 1007, 1008, 1009); reconnect after anything else (1001, 1011, 4008,
         4009, 4029, and codes it does not list, such as 1006 for a dropped connection or 1012 from a proxy)."""
         if self.http_status is not None:
@@ -358,7 +358,7 @@ class _Diff:
 
 
 class ProtocolViolation(ValueError):
-    """A server message that does not follow PROTOCOL.md."""
+    """A server message that does not follow docs/protocol.md."""
 
 
 _SERVER_TYPES: dict[str, type[ServerMessage]] = {
@@ -413,7 +413,7 @@ def encode_client(message: ClientMessage) -> str:
 
 
 class ClientCore:
-    """The client side of PROTOCOL.md without I/O.
+    """The client side of docs/protocol.md without I/O.
 
     Operations (`subscribe`, `track`, ...) and connection events (`connected`, `receive`, `disconnected`,
     `heartbeat`) return outputs for the shell to carry out, in order. Every request carries a fresh `ref`, so each
@@ -1073,7 +1073,7 @@ class _Target:
 
 class Client:
     """A fluxrt client: one WebSocket at a time, shared by its channels, reconnected with `backoff` after every
-    close that PROTOCOL.md says to retry. Obtain one from `open_client`, whose nursery runs it."""
+    close that docs/protocol.md says to retry. Obtain one from `open_client`, whose nursery runs it."""
 
     def __init__(
         self,

@@ -1,5 +1,5 @@
 """The change log end to end: commit order, zero loss across lost connections and restarts, several nodes, gaps
-after pruning, migrations, the SQL interface, NOTIFY wake-up and retention (ARCHITECTURE.md, "Change capture").
+after pruning, migrations, the SQL interface, NOTIFY wake-up and retention (docs/architecture.md, "Change capture").
 
 Writers run asyncpg on their own asyncio loop in a worker thread (`in_asyncio`), so the server keeps running; every
 asyncio program has its own deadline too, since a worker thread cannot be cancelled from Trio.

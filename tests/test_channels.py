@@ -1,4 +1,4 @@
-"""parse_channel against the channel table of PROTOCOL.md: every format, its boundaries, and the error messages."""
+"""parse_channel against the channel table of docs/protocol.md: every format, its boundaries, and the error messages."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The limits of PROTOCOL.md enforced on real connections, and the close codes they lead to."""
+"""The limits of docs/protocol.md enforced on real connections, and the close codes they lead to."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""decode and encode against PROTOCOL.md's client and server message tables."""
+"""decode and encode against docs/protocol.md's client and server message tables."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""PresenceRoom: keys with one meta per tracking connection, and the diffs that PROTOCOL.md's Presence section sends."""
+"""PresenceRoom: keys with one meta per tracking connection, and the diffs that docs/protocol.md's Presence section
+sends."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Both ways of deciding row-level security (one query per role, one identity at a time) against live `SET ROLE` +
-`SELECT`, over every policy shape ARCHITECTURE.md lists: the three must give the same answer for every identity and
+`SELECT`, over every policy shape docs/architecture.md lists: the three must give the same answer for every identity and
 row, and each table must have taken the path expected of it (else the comparison would prove nothing)."""
 
 from __future__ import annotations

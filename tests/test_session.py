@@ -1,5 +1,5 @@
-"""Session.receive and friends: values in, effects out, for every client message and every error path of PROTOCOL.md
-that needs no network."""
+"""Session.receive and friends: values in, effects out, for every client message and every error path of
+docs/protocol.md that needs no network."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-// What to do after the socket closed, by close code (PROTOCOL.md, "Close codes"), and how long to wait before the
+// What to do after the socket closed, by close code (docs/protocol.md, "Close codes"), and how long to wait before the
 // next attempt: exponential backoff with full jitter. Pure: the caller owns the timers and the random source.
 
 import { CloseCode } from './protocol.js'
@@ -39,7 +39,7 @@ export function backoffDelay(attempt: number, options: ReconnectOptions, random:
 
 /**
  * The decision after a close with `code`, when `attempt` reconnects have failed in a row since the last connection
- * that worked. Codes PROTOCOL.md does not list (1005, 1006 for a dropped connection, 1012, 1013, ...) are retried.
+ * that worked. Codes docs/protocol.md does not list (1005, 1006 for a dropped connection, 1012, 1013, ...) are retried.
  */
 export function afterClose(
   code: number,

@@ -4,7 +4,7 @@ import type { ErrorCode } from './protocol.js'
 
 /**
  * `DISCONNECTED`: the connection closed before the server answered, or there is none to send on. `CLOSED`: the
- * client stopped for good (disconnect(), or a close that PROTOCOL.md says not to retry).
+ * client stopped for good (disconnect(), or a close that docs/protocol.md says not to retry).
  */
 export type RealtimeErrorCode = ErrorCode | 'DISCONNECTED' | 'CLOSED'
 

@@ -1,4 +1,4 @@
-// The wire protocol of fluxrt (PROTOCOL.md beside the server): every message and payload as a type, channel names,
+// The wire protocol of fluxrt (fluxrt's docs/protocol.md): every message and payload as a type, channel names,
 // and decoding of what the server sends. Pure: no sockets, no timers.
 
 export type ErrorCode =
@@ -215,7 +215,7 @@ const ERROR_CODES = new Set<string>([
 ])
 const ACK_STATUSES = new Set<string>(['subscribed', 'unsubscribed', 'sent', 'tracked', 'untracked', 'authorized'])
 
-/** A frame from the server that does not match PROTOCOL.md. */
+/** A frame from the server that does not match docs/protocol.md. */
 export class ProtocolError extends Error {
   override name = 'ProtocolError'
 }

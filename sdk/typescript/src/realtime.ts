@@ -1,5 +1,5 @@
 // The connection: one WebSocket per client, shared by all its channels. It routes frames to channels, keeps the
-// connection alive (ping every 30 s), reconnects with backoff after the closes PROTOCOL.md says to retry, and
+// connection alive (ping every 30 s), reconnects with backoff after the closes docs/protocol.md says to retry, and
 // keeps the token fresh. The decisions themselves live in the pure modules (backoff, channelState, presence, token).
 
 import { afterClose, backoffDelay, DEFAULT_RECONNECT, type ReconnectOptions } from './backoff.js'

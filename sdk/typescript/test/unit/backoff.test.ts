@@ -1,4 +1,4 @@
-// The reconnect policy of PROTOCOL.md's close-code table, and full-jitter exponential backoff.
+// The reconnect policy of docs/protocol.md's close-code table, and full-jitter exponential backoff.
 
 import assert from 'node:assert/strict'
 import { test } from 'node:test'

@@ -109,7 +109,7 @@ class Verifier:
         """Verify `token` and return its identity.
 
         Raises AuthError for a malformed token, a disallowed algorithm, a bad signature, a missing or past `exp`,
-        a future `nbf`, or a wrong `aud`/`iss` when those are configured.
+        a future `nbf`, a wrong `aud`/`iss` when those are configured, or claims holding an integer beyond 64 bits.
         """
         try:
             header = jwt.get_unverified_header(token)
@@ -158,7 +158,11 @@ class Verifier:
             raise AuthError("token rejected: exp must be a number")
         # The effective role joins the claims, so that auth.role() and policies see the role fluxrt assumes.
         claims = {**claims, "role": role}
-        return Identity(sub=sub, role=role, claims=claims, expires_at=float(exp) + self.config.leeway)
+        try:
+            return Identity(sub=sub, role=role, claims=claims, expires_at=float(exp) + self.config.leeway)
+        except TypeError:
+            # Policies are given the claims as JSON; a number orjson cannot write would fail every check later.
+            raise AuthError("token rejected: a claim holds an integer beyond 64 bits") from None
 
 
 def mint(secret: str, sub: str, role: str | None = None, ttl: float = 3600.0, **claims: Any) -> str:

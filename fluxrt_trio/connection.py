@@ -7,7 +7,6 @@ everything it held.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import logging
 import socket
@@ -67,6 +66,7 @@ CLOSE_TIMEOUT = 2.0
 MAX_REQUEST_HEAD = 16 * 1024
 
 INVALID_TOKEN = "Invalid or expired token"
+_REQUESTS = (CheckSubscribe, CheckAction, Authenticate)
 
 
 @attrs.frozen(slots=True)
@@ -400,20 +400,31 @@ class Connection:
         """Carry out `effects` in order; a request's answer goes back to the session, and what it returns is
         carried out next, before the rest."""
         session = self.session
-        pending = collections.deque(effects)
+        if session is None:
+            return
+        # A stack, the next effect last: a request's answers go on top and run before the rest.
+        pending = effects[::-1]
         while pending:
-            # The connection may have closed (and released its session) while a check ran.
-            if session is None or self.session is not session:
-                return
-            effect = pending.popleft()
-            if isinstance(effect, CheckSubscribe | CheckAction | Authenticate):
+            effect = pending.pop()
+            if isinstance(effect, _REQUESTS):
                 outcome = await self._ask(session, effect)
-                pending.extendleft(reversed(session.answered(effect, outcome)))
+                if self.session is not session:
+                    # The connection closed (and released its session) while the check ran.
+                    return
+                pending.extend(reversed(session.answered(effect, outcome)))
             else:
                 self._apply_local(effect)
 
     async def _ask(self, session: Session, request: Request) -> Outcome:
         match request:
+            case CheckSubscribe(renewal=True):
+                try:
+                    return await self.host.checks.subscribe(session.identity, request)
+                except Exception:
+                    # The token already changed: a subscription that cannot be checked under it ends, and the
+                    # others are still checked, rather than one failure leaving them all unchecked.
+                    log.exception("re-checking a subscription failed", extra=ctx(conn=self.conn_id))
+                    return Error(ErrorCode.INTERNAL_ERROR, "it could not be checked (internal error)")
             case CheckSubscribe():
                 return await self.host.checks.subscribe(session.identity, request)
             case CheckAction():

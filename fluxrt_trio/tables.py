@@ -111,20 +111,20 @@ class TableChannels:
         plans = self.planner.plan(changes, self._subscribers)
         decided = await self._decide(plans)
         handed = 0
-        for handout in delivery.deliveries(changes, plans, decided, self._subscribers):
-            if isinstance(handout, tuple):
-                subscriber, frame = handout
-                subscriber.deliver_nowait(frame)
-                handed += 1
-            elif handout is delivery.PAUSE:
-                # Let the frames queued so far reach the kernel, so a long window to a fast reader never piles up
-                # in its outbox as if it were a slow consumer.
-                self.counters.messages_out += handed
-                handed = 0
-                await trio.sleep(0)
-            else:
-                self._hand_out(handout)
-        self.counters.messages_out += handed
+        try:
+            for handout in delivery.deliveries(changes, plans, decided, self._subscribers):
+                if isinstance(handout, tuple):
+                    subscriber, frame = handout
+                    subscriber.deliver_nowait(frame)
+                    handed += 1
+                elif handout is delivery.PAUSE:
+                    # Let the frames queued so far reach the kernel, so a long window to a fast reader never piles
+                    # up in its outbox as if it were a slow consumer.
+                    await trio.sleep(0)
+                else:
+                    self._hand_out(handout)
+        finally:
+            self.counters.messages_out += handed
 
     async def _decide(self, plans: dict[str, TablePlan]) -> dict[tuple[str, str], Visibility]:
         """One crossing into the database for every table of the window that has images to decide."""
@@ -167,9 +167,10 @@ class TableChannels:
             log.warning(
                 "a policy raised for an identity", extra={"ctx_channel": notice.channel, "ctx_error": notice.detail}
             )
-        frame = delivery.error_frame(notice.error)
+        error = notice.error
+        frame = delivery.error_frame(error)
         for subscriber in notice.recipients:
             subscriber.deliver_nowait(frame)
         self.counters.messages_out += len(notice.recipients)
         if notice.recipients:
-            self.counters.errors[notice.error.code.value] += len(notice.recipients)
+            self.counters.errors[error.code.value] += len(notice.recipients)

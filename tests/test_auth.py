@@ -91,6 +91,13 @@ def test_valid_hs256():
     assert identity.expires_at >= payload["exp"]
 
 
+def test_a_claim_beyond_64_bits_is_refused_not_left_to_break_policies_later():
+    verifier = Verifier(AuthConfig(jwt_secret=SECRET))
+    assert "beyond 64 bits" in rejected(verifier, hs256(claims(team=2**70)))
+    assert "beyond 64 bits" in rejected(verifier, hs256(claims(nested={"n": [-(2**64)]})))
+    assert verifier.verify(hs256(claims(team=2**63 - 1))).claims["team"] == 2**63 - 1
+
+
 def test_role_defaults_to_default_role():
     identity = Verifier(AuthConfig(jwt_secret=SECRET)).verify(hs256(claims()))
     assert identity.role == "authenticated"

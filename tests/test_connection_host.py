@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
 
 import attrs
 import orjson
@@ -17,9 +20,12 @@ from fluxrt_trio.connection import Connection, ConnectionSettings
 from fluxrt_trio.hub import LocalHub
 from fluxrt_trio.metrics import Counters
 from fluxrt_trio.outbox import Flusher
+from fluxrt_trio.protocol.identity import Identity
+from fluxrt_trio.protocol.messages import Error
+from fluxrt_trio.protocol.session import CheckAction, CheckSubscribe
 from fluxrt_trio.supervisor import Supervisor
 
-from .support.config import make_config
+from .support.config import make_config, token
 
 
 @attrs.define
@@ -70,9 +76,29 @@ class Peer:
         return orjson.loads(event.data)
 
 
-async def test_a_connection_runs_on_a_host_without_a_server():
+class TablesAllowedOnce:
+    """Checks that allow every subscribe, and fail with a fault of ours when a table subscription is checked again
+    under a new token for `failing`."""
+
+    def __init__(self, failing: str) -> None:
+        self.failing = failing
+
+    async def subscribe(self, identity: Identity, check: CheckSubscribe) -> Error | None:
+        if check.renewal and check.channel.name == self.failing:
+            raise RuntimeError("injected fault")
+        return None
+
+    async def action(self, identity: Identity, check: CheckAction) -> Error | None:
+        return None
+
+
+def make_host(**fields: Any) -> Host:
     config = make_config()
-    host = Host(ConnectionSettings.from_config(config), Verifier(config.auth))
+    return Host(ConnectionSettings.from_config(config), Verifier(config.auth), **fields)
+
+
+@asynccontextmanager
+async def connected(host: Host, target: str = "/realtime") -> AsyncIterator[tuple[Peer, Connection]]:
     ours, theirs = socket.socketpair()
     ours.setblocking(False)
     peer = Peer(trio.socket.from_stdlib_socket(theirs))
@@ -80,8 +106,15 @@ async def test_a_connection_runs_on_a_host_without_a_server():
     async with trio.open_nursery() as nursery:
         nursery.start_soon(host.flusher.run)
         nursery.start_soon(connection.run)
-        await peer.send(peer.ws.send(Request(host="localhost", target="/realtime")))
+        await peer.send(peer.ws.send(Request(host="localhost", target=target)))
         assert isinstance(await peer.next_event(), AcceptConnection)
+        yield peer, connection
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_connection_runs_on_a_host_without_a_server():
+    host = make_host()
+    async with connected(host) as (peer, connection):
         assert host.admission.connections == {connection}
         ack = await peer.request(type="subscribe", channel="broadcast:a", ref="1")
         assert ack == {"type": "ack", "channel": "broadcast:a", "status": "subscribed", "ref": "1"}
@@ -98,4 +131,27 @@ async def test_a_connection_runs_on_a_host_without_a_server():
             while host.admission.connections:
                 await trio.sleep(0.01)
         assert host.hub.subscribers("broadcast:a") == []
-        nursery.cancel_scope.cancel()
+
+
+async def test_a_subscription_that_cannot_be_checked_under_a_new_token_ends_and_the_others_are_checked():
+    host = make_host(checks=TablesAllowedOnce("table:public.a"))
+    async with connected(host, f"/realtime?token={token('alice')}") as (peer, connection):
+        for name in ("table:public.a", "table:public.b"):
+            assert (await peer.request(type="subscribe", channel=name))["status"] == "subscribed"
+        assert await peer.request(type="auth", token=token("bob"), ref="t") == {
+            "type": "ack",
+            "status": "authorized",
+            "ref": "t",
+        }
+        ended = await peer.next_event()
+        assert isinstance(ended, Message)
+        assert orjson.loads(ended.data) == {
+            "type": "error",
+            "code": "FORBIDDEN",
+            "message": "no longer allowed under the new token: it could not be checked (internal error)",
+            "channel": "table:public.a",
+        }
+        assert await peer.request(type="ping") == {"type": "pong"}
+        assert host.hub.subscribers("table:public.a") == []
+        assert host.hub.subscribers("table:public.b") == [connection]
+        assert connection.identity is not None and connection.identity.sub == "bob"

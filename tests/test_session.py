@@ -19,6 +19,7 @@ from fluxrt_trio.protocol.messages import (
     Subscribe,
 )
 from fluxrt_trio.protocol.session import (
+    MAX_GRANTS,
     Authenticate,
     CheckAction,
     CheckSubscribe,
@@ -478,7 +479,7 @@ def test_auth_asks_for_verification():
 def test_authenticated_acks_without_channel():
     session = make()
     identity = Identity("alice", "authenticated")
-    assert authenticate(session, identity, "r") == [Reply(Ack("authorized", None, "r")), IdentityChanged(identity, ())]
+    assert authenticate(session, identity, "r") == [Reply(Ack("authorized", None, "r")), IdentityChanged(())]
     assert session.identity == identity
     assert session.presence_key == "alice"
 
@@ -499,7 +500,7 @@ def test_authenticated_moves_presence_from_the_anon_key_to_the_sub():
         Track(a, "alice", CONN, {"n": 1}),
         Untrack(b, ANON_KEY, CONN),
         Track(b, "alice", CONN, {"n": 2}),
-        IdentityChanged(alice, ()),
+        IdentityChanged(()),
     ]
     assert session.presence_key == "alice"
     # A later untrack and unsubscribe use the new key.
@@ -517,14 +518,14 @@ def test_authenticated_as_another_user_moves_presence():
         Reply(Ack("authorized", None, "x")),
         Untrack(channel, "alice", CONN),
         Track(channel, "bob", CONN, {"s": 1}),
-        IdentityChanged(bob, ()),
+        IdentityChanged(()),
     ]
 
 
 def test_token_refresh_for_the_same_user_keeps_presence():
     session = tracked_session("alice")
     refreshed = Identity("alice", "authenticated", expires_at=2e9)
-    assert authenticate(session, refreshed) == [Reply(Ack("authorized")), IdentityChanged(refreshed, ())]
+    assert authenticate(session, refreshed) == [Reply(Ack("authorized")), IdentityChanged(())]
     assert session.identity.expires_at == 2e9
 
 
@@ -538,7 +539,7 @@ def test_a_new_identity_checks_every_table_subscription_again_and_ends_the_refus
     a, b = parse_channel("table:public.a"), parse_channel("table:public.b")
     assert effects == [
         Reply(Ack("authorized", None, "r")),
-        IdentityChanged(bob, ("table:public.a", "table:public.b")),
+        IdentityChanged(("table:public.a", "table:public.b")),
         CheckSubscribe(Subscribe("table:public.a", "*", "id=eq.1"), a, renewal=True),
         CheckSubscribe(Subscribe("table:public.b", "INSERT"), b, renewal=True),
     ]
@@ -818,6 +819,18 @@ def test_broadcast_and_track_ask_for_authorization_first_and_once_per_identity()
     assert session.answered(check, None) == [Track(room, "alice", CONN, {"a": 1})]
     authenticate(session, Identity("alice", "authenticated", expires_at=2e9))
     assert session.receive(broadcast, 0.0) == [CheckAction(topic, "broadcast", "b", 1)]
+
+
+def test_remembered_grants_are_bounded():
+    session = make("alice", message_rate_limit=10 * MAX_GRANTS)
+    for n in range(MAX_GRANTS + 1):
+        [check] = session.receive(orjson.dumps({"type": "broadcast", "channel": f"broadcast:t{n}", "payload": 1}), 0.0)
+        session.answered(check, None)
+    # Past the bound the remembered grants were forgotten and are asked about again; the newest is kept.
+    first = orjson.dumps({"type": "broadcast", "channel": "broadcast:t0", "payload": 1})
+    assert isinstance(session.receive(first, 0.0)[0], CheckAction)
+    last = orjson.dumps({"type": "broadcast", "channel": f"broadcast:t{MAX_GRANTS}", "payload": 1})
+    assert isinstance(session.receive(last, 0.0)[0], Publish)
 
 
 def test_a_refused_action_changes_nothing():

@@ -1,4 +1,4 @@
-"""ChannelName names: `table:{schema}.{table}`, `presence:{room}`, `broadcast:{topic}`."""
+"""Channel names: `table:{schema}.{table}`, `presence:{room}`, `broadcast:{topic}`."""
 
 from __future__ import annotations
 

@@ -15,6 +15,7 @@ The Trio side (tables.py) runs the crossing and hands out what `deliveries` yiel
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Protocol
 
@@ -26,6 +27,8 @@ from .identity import Identity
 from .messages import Error, ErrorCode, encode
 from .rows import as_decimal, dumps
 from .session import Subscription
+
+log = logging.getLogger("fluxrt.delivery")
 
 YIELD_EVERY = 256
 """changes between two pauses in `deliveries`, where the caller lets the scheduler run"""
@@ -46,8 +49,6 @@ POLICY_RAISED = (
 
 class TableSubscriber(Protocol):
     """What delivery needs of a connection."""
-
-    conn_id: str
 
     @property
     def identity(self) -> Identity | None: ...
@@ -81,6 +82,7 @@ def wants(sub: Subscription, op: str, image: dict[str, Any] | None) -> bool:
         return condition.matches(image)
     except Exception:
         # One subscriber's odd filter must not cost anyone else the window.
+        log.exception("filter failed", extra={"ctx_filter": sub.filter})
         return False
 
 
@@ -120,7 +122,6 @@ class FilterIndex:
         """identity key -> its subscribers (with the subscription planned for)"""
         self.identities: dict[str, Identity] = {}
         self.unfiltered_events: set[str] = set()
-        self.unfiltered: list[Entry] = []
         self.unfiltered_keys: list[str] = []
         """identity keys of the subscribers without a filter"""
         self.scanned: list[Entry] = []
@@ -137,7 +138,6 @@ class FilterIndex:
             entry = (subscriber, sub, key)
             if sub.filter is None:
                 unfiltered[key] = None
-                self.unfiltered.append(entry)
                 self.unfiltered_events.add(sub.event)
                 continue
             condition = sub.condition

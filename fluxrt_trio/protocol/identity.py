@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import attrs
@@ -22,11 +21,9 @@ class Identity:
     Computed once here, because delivery asks for it for every subscriber of every change."""
 
     def __attrs_post_init__(self) -> None:
-        try:
-            claims = orjson.dumps(self.claims, option=orjson.OPT_SORT_KEYS).decode()
-        except TypeError:
-            # A token may carry an integer beyond 64 bits, which orjson refuses; the key only has to be stable.
-            claims = json.dumps(self.claims, sort_keys=True)
+        # Raises TypeError for claims that are not JSON orjson can write (an integer beyond 64 bits): such claims
+        # could not be given to the database either, so the verifier refuses those tokens.
+        claims = orjson.dumps(self.claims, option=orjson.OPT_SORT_KEYS).decode()
         object.__setattr__(self, "policy_key", self.role + "\x00" + claims)
 
     @property

@@ -1,8 +1,9 @@
 """One connection's protocol state: what it is subscribed to, what it tracks, and its rate allowances.
 
 `Session.receive` takes one client frame and returns effects for the I/O shell to carry out, in order. Checks that
-need the outside world (the database, token verification) come back as requests (`CheckSubscribe`, `Authenticate`)
-whose outcome the shell feeds back through `answered`; the session changes no state before a check has passed.
+need the outside world (the database, token verification) come back as requests (`CheckSubscribe`, `CheckAction`,
+`Authenticate`) whose outcome the shell feeds back through `answered`; the session changes no state before a check
+has passed.
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ from .messages import (
     Unsubscribe,
     decode,
 )
+
+MAX_GRANTS = 1024
+"""(channel, action) pairs a session remembers as allowed; past it, they are asked about again"""
 
 
 @attrs.frozen(slots=True)
@@ -149,10 +153,9 @@ class Untrack:
 
 @attrs.frozen(slots=True)
 class IdentityChanged:
-    """The connection runs as `identity` from now on: its token expiry and its table subscriptions (`channels`)
-    must be looked at afresh."""
+    """The connection runs under a new identity from now on: its token expiry and its table subscriptions
+    (`channels`) must be looked at afresh."""
 
-    identity: Identity
     channels: tuple[str, ...]
 
 
@@ -314,6 +317,9 @@ class Session:
             case CheckAction():
                 if isinstance(outcome, Error):
                     return [Reply(outcome)]
+                if len(self._granted) >= MAX_GRANTS:
+                    # A client may broadcast to any number of topics it is not subscribed to.
+                    self._granted.clear()
                 self._granted.add((request.channel.name, request.action))
                 return self._allowed(request)
             case Authenticate():
@@ -473,7 +479,7 @@ class Session:
                 effects.append(Untrack(channel, old_key, self.conn_id))
                 effects.append(Track(channel, self.presence_key, self.conn_id, state))
         tables = [sub for sub in self.subscriptions.values() if sub.channel.kind is ChannelKind.TABLE]
-        effects.append(IdentityChanged(identity, tuple(sub.channel.name for sub in tables)))
+        effects.append(IdentityChanged(tuple(sub.channel.name for sub in tables)))
         for sub in tables:
             effects.append(
                 CheckSubscribe(Subscribe(sub.channel.name, sub.event, sub.filter), sub.channel, renewal=True)

@@ -96,6 +96,8 @@ server:
   host: {host}
   port: {port}
   path: /realtime
+  # Every client connects from this one address, all at once.
+  max_pending_handshakes_per_address: 20000
 auth:
   jwt_secret: {secret}
   allow_anonymous: false

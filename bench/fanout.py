@@ -62,10 +62,14 @@ server:
   host: {host}
   port: {port}
   path: {path}
+  # Every client connects from this one address, all at once.
+  max_pending_handshakes_per_address: 20000
 auth:
   allow_anonymous: true
 realtime:
   max_connections: 20000
+  anonymous_share: 1.0
+  max_anonymous_per_address: 20000
   message_rate_limit: 100000000
   write_buffer_size: 100000
   # Server pings would land in the client's byte-counted stream; keep them out of a round, like the

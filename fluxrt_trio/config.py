@@ -16,6 +16,8 @@ import cattrs
 import yaml
 from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, IterableValidationError
 
+from .admission import anonymous_places
+
 Seconds = NewType("Seconds", float)
 Bytes = NewType("Bytes", int)
 Count = NewType("Count", int)
@@ -23,6 +25,7 @@ PerMinute = NewType("PerMinute", int)
 Port = NewType("Port", int)
 UrlPath = NewType("UrlPath", str)
 Secret = NewType("Secret", str)
+Fraction = NewType("Fraction", float)
 
 LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["json", "text"]
@@ -38,6 +41,8 @@ class ServerConfig:
     port: Port = Port(8080)
     path: UrlPath = UrlPath("/realtime")
     allowed_origins: tuple[str, ...] = ()
+    handshake_timeout: Seconds = Seconds(10 * SECONDS)
+    max_pending_handshakes_per_address: Count = Count(64)
 
 
 @attrs.frozen
@@ -75,6 +80,8 @@ class RealtimeConfig:
     write_buffer_size: Count = Count(1024)
     connection_timeout: Seconds = Seconds(120 * SECONDS)
     max_connections_per_user: Count = Count(10)
+    max_anonymous_per_address: Count = Count(50)
+    anonymous_share: Fraction = Fraction(0.5)
     max_subscriptions_per_connection: Count = Count(100)
     message_rate_limit: PerMinute = PerMinute(100)
     max_message_size: Bytes = Bytes(64 * KIB)
@@ -170,6 +177,15 @@ def _per_minute(value: object, _: Any) -> int:
     return round(rate)
 
 
+def _fraction(value: object, _: Any) -> float:
+    if not _number(value) or not 0 < value <= 1:
+        raise _Invalid(
+            f"expected a fraction greater than 0 and at most 1, such as 0.5, got {value!r} "
+            "(to refuse anonymous connections altogether, set auth.allow_anonymous: false)"
+        )
+    return float(value)
+
+
 def _port(value: object, _: Any) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 65535:
         raise _Invalid(f"expected a TCP port from 0 to 65535 (0 picks a free one), got {value!r}")
@@ -221,6 +237,7 @@ def _make_converter() -> cattrs.Converter:
         (Bytes, _bytes),
         (Count, _count),
         (PerMinute, _per_minute),
+        (Fraction, _fraction),
         (Port, _port),
         (UrlPath, _url_path),
         (Secret, _strict(str, "a string")),
@@ -378,6 +395,12 @@ def _cross_checks(config: Config, label: str) -> list[str]:
         problems.append(
             f"{label}: realtime.max_connections_per_user: {rt.max_connections_per_user} exceeds "
             f"realtime.max_connections ({rt.max_connections})"
+        )
+    if auth.allow_anonymous and anonymous_places(rt.anonymous_share, rt.max_connections) < 1:
+        problems.append(
+            f"{label}: realtime.anonymous_share: {rt.anonymous_share} of realtime.max_connections "
+            f"({rt.max_connections}) leaves no place for anonymous connections; raise it, or set "
+            "auth.allow_anonymous: false"
         )
     return problems
 

@@ -22,7 +22,7 @@ from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
 from wsproto.utilities import LocalProtocolError
 
 from . import http
-from .admission import Admission
+from .admission import Admission, address_key
 from .auth import AuthError, Verifier
 from .checks import ChannelChecks
 from .config import Config
@@ -33,6 +33,7 @@ from .outbox import Flusher, Outbox
 from .protocol.channels import ChannelKind, ChannelName
 from .protocol.frames import PING, text_frame
 from .protocol.identity import Identity
+from .protocol.inbound import FrameGuard
 from .protocol.messages import CloseCode, Error, ErrorCode, PresenceEvent, ServerMessage, encode
 from .protocol.session import (
     Authenticate,
@@ -59,13 +60,13 @@ from .supervisor import Supervisor
 
 log = logging.getLogger("fluxrt.connection")
 
-HANDSHAKE_TIMEOUT = 10.0
-"""seconds a client has to send a complete HTTP request"""
 CLOSE_TIMEOUT = 2.0
 """seconds the peer has to answer our close frame and read what we sent before the socket is dropped"""
 MAX_REQUEST_HEAD = 16 * 1024
 
 INVALID_TOKEN = "Invalid or expired token"
+_DISCARDED = bytearray(64 * 1024)
+"""where bytes read only to be dropped go: one buffer for every connection, as no read of it is awaited"""
 _REQUESTS = (CheckSubscribe, CheckAction, Authenticate)
 
 
@@ -78,6 +79,8 @@ class ConnectionSettings:
     realtime_enabled: bool
     allowed_origins: tuple[str, ...]
     allow_anonymous: bool
+    handshake_timeout: float
+    """seconds a client has to send a complete HTTP request"""
     read_buffer_size: int
     max_message_size: int
     write_buffer_size: int
@@ -91,6 +94,7 @@ class ConnectionSettings:
             realtime_enabled=rt.enabled,
             allowed_origins=config.server.allowed_origins,
             allow_anonymous=config.auth.allow_anonymous,
+            handshake_timeout=config.server.handshake_timeout,
             read_buffer_size=rt.read_buffer_size,
             max_message_size=rt.max_message_size,
             write_buffer_size=rt.write_buffer_size,
@@ -136,7 +140,6 @@ class Connection:
         "_ended",
         "_opened_at",
         "_partial",
-        "_partial_size",
         "_reader_scope",
         "closed",
         "conn_id",
@@ -164,7 +167,6 @@ class Connection:
         """close code, reason, and who closed first ("server", "client" or "network")"""
         self._reader_scope: trio.CancelScope | None = None
         self._partial: list[str] | None = None
-        self._partial_size = 0
 
     # ---- lifecycle -----------------------------------------------------------------------------------------
 
@@ -221,7 +223,10 @@ class Connection:
 
         Kept apart from the reader loop so that nothing of the HTTP exchange stays alive with the connection.
         """
-        request, exchange, trailing = await self._read_request()
+        try:
+            request, exchange, trailing = await self._read_request()
+        finally:
+            self.host.admission.end_handshake(self)
         if request is None:
             return None
         host, settings = self.host, self.host.settings
@@ -246,7 +251,7 @@ class Connection:
         identity = self._authenticate(decision.token)
         if identity is None:
             return trailing
-        refusal = host.admission.admit(self, identity)
+        refusal = host.admission.admit(self, identity, address_key(self.peer.rpartition(":")[0]))
         if refusal is not None:
             log.info("connection refused", extra=ctx(conn=self.conn_id, peer=self.peer, reason=refusal))
             self._reply(Error(ErrorCode.RATE_LIMITED, refusal))
@@ -280,7 +285,7 @@ class Connection:
 
     async def _read_request(self) -> tuple[h11.Request | None, h11.Connection, bytes]:
         exchange = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD)
-        with trio.move_on_after(HANDSHAKE_TIMEOUT):
+        with trio.move_on_after(self.host.settings.handshake_timeout):
             while True:
                 try:
                     event = exchange.next_event()
@@ -326,42 +331,69 @@ class Connection:
     async def _websocket(self, trailing: bytes) -> None:
         ws = self.ws
         assert ws is not None
+        guard = FrameGuard()
         data = trailing
         while True:
             if data:
                 self.last_seen = trio.current_time()
+                max_size = self.host.settings.max_message_size
+                # Headers are measured before wsproto sees them: it reports a frame only as its payload arrives.
+                refused = guard.feed(data, max_size)
+                if refused is not None:
+                    # The frames before the oversized one are still served.
+                    if refused:
+                        ws.receive_data(data[:refused])
+                        await self._handle_events()
+                    self.close(CloseCode.MESSAGE_TOO_BIG, f"message larger than {max_size} bytes")
+                    await self._discard()
+                    return
                 ws.receive_data(data)
-                await self._handle_events()
+                if not await self._handle_events():
+                    await self._discard()
+                    return
             if ws.state is ConnectionState.CLOSED:
                 return
             data = await self._recv()
             if not data:
                 return
 
-    async def _handle_events(self) -> None:
+    async def _discard(self) -> None:
+        """After a protocol violation: drop what the client still sends, unparsed, until it closes or the close
+        deadline (CLOSE_TIMEOUT) ends the reader.
+
+        Nothing more is parsed: wsproto keeps every byte it is fed after a parse error, and the rest of an
+        oversized frame is of no use. Reading on rather than closing at once keeps the close frame from being lost:
+        closing a socket with unread bytes sends a reset, which can discard it.
+        """
+        sock = self.sock
+        while True:
+            try:
+                if not sock.recv_into(_DISCARDED):
+                    return
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(sock)
+                continue
+            except OSError:
+                return
+            await trio.lowlevel.checkpoint()
+
+    async def _handle_events(self) -> bool:
+        """Act on what wsproto parsed; False once it found a protocol violation, after which it parses nothing."""
         ws = self.ws
         assert ws is not None
-        max_size = self.host.settings.max_message_size
         for event in ws.events():
             if isinstance(event, TextMessage | BytesMessage):
                 if ws.state is not ConnectionState.OPEN:
                     continue
-                data = event.data
-                # Bytes on the wire; an ASCII string (the usual JSON) needs no encoding to be measured.
-                size = len(data) if not isinstance(data, str) or data.isascii() else len(data.encode())
-                self._partial_size += size
-                if self._partial_size > max_size:
-                    self._partial, self._partial_size = None, 0
-                    self.close(CloseCode.MESSAGE_TOO_BIG, f"message larger than {max_size} bytes")
-                    continue
+                # The FrameGuard has already bounded the message's size.
                 if not event.message_finished:
-                    # A binary message is refused whole: only its size counts, its bytes are not kept.
+                    # A binary message is refused whole: its bytes are not kept.
                     if isinstance(event, TextMessage):
                         if self._partial is None:
                             self._partial = []
                         self._partial.append(event.data)
                     continue
-                parts, self._partial, self._partial_size = self._partial, None, 0
+                parts, self._partial = self._partial, None
                 await self._message(event, parts)
             elif isinstance(event, Ping):
                 self._send_raw(ws.send(event.response()))
@@ -371,9 +403,11 @@ class Connection:
                     if self._ended is None:
                         self._ended = (event.code, event.reason or "", "client")
                     self._finish_close(ws.send(event.response()))
-                elif not self.closed and ws.state is ConnectionState.OPEN:
+                elif ws.state is not ConnectionState.CLOSED:
                     # A protocol error found by wsproto (bad UTF-8, bad framing): close with its code.
                     self.close(event.code, event.reason or "protocol error")
+                    return False
+        return True
 
     async def _message(self, event: TextMessage | BytesMessage, parts: list[str] | None) -> None:
         session = self.session
@@ -435,7 +469,7 @@ class Connection:
                 except AuthError as exc:
                     log.info("refused token refresh", extra=ctx(conn=self.conn_id, reason=str(exc)))
                     return Error(ErrorCode.UNAUTHORIZED, INVALID_TOKEN, ref=ref)
-                refusal = self.host.admission.readmit(session.identity, identity)
+                refusal = self.host.admission.readmit(self, session.identity, identity)
                 return Error(ErrorCode.RATE_LIMITED, refusal, ref=ref) if refusal is not None else identity
 
     def _table_changed(self, channel: ChannelName) -> None:

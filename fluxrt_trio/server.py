@@ -10,13 +10,14 @@ import os
 import secrets
 import socket
 import time
+from collections.abc import KeysView
 from typing import Any
 
 import orjson
 import trio
 
 from . import metrics
-from .admission import Admission
+from .admission import Admission, address_key
 from .auth import Verifier
 from .checks import ChannelChecks
 from .config import Config
@@ -51,7 +52,12 @@ class Server:
         self.supervisor = Supervisor(rt.heartbeat_interval, rt.connection_timeout)
         self.flusher = Flusher()
         self.admission: Admission[Connection] = Admission(
-            rt.max_connections, rt.max_connections_per_user, self.counters.rejected_connections
+            rt.max_connections,
+            rt.max_connections_per_user,
+            self.counters.rejected_connections,
+            max_anonymous_per_address=rt.max_anonymous_per_address,
+            anonymous_share=rt.anonymous_share,
+            max_pending_handshakes_per_address=config.server.max_pending_handshakes_per_address,
         )
         self.db: DatabaseService | None = None
         self.tables: TableChannels | None = None
@@ -144,14 +150,22 @@ class Server:
                     sock.setblocking(False)
                     if sock.family in (socket.AF_INET, socket.AF_INET6):
                         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                    nursery.start_soon(self._handle, sock, f"{address[0]}:{address[1]}")
+                    connection = Connection(
+                        self, sock, f"{self._id_prefix}{next(self._ids):x}", f"{address[0]}:{address[1]}"
+                    )
+                    refusal = self.admission.begin_handshake(connection, address_key(address[0]))
+                    if refusal is not None:
+                        _refuse_at_once(sock, refusal)
+                        continue
+                    nursery.start_soon(self._handle, connection)
                 await trio.lowlevel.checkpoint()
 
-    async def _handle(self, sock: socket.socket, peer: str) -> None:
+    async def _handle(self, connection: Connection) -> None:
         self._handlers += 1
         try:
-            await Connection(self, sock, f"{self._id_prefix}{next(self._ids):x}", peer).run()
+            await connection.run()
         finally:
+            self.admission.end_handshake(connection)
             self._handlers -= 1
             if self._handlers == 0 and self.draining:
                 self._idle.set()
@@ -192,11 +206,14 @@ class Server:
         self.supervisor.connection_timeout = rt.connection_timeout
         self.admission.max_connections = rt.max_connections
         self.admission.max_connections_per_user = rt.max_connections_per_user
+        self.admission.max_anonymous_per_address = rt.max_anonymous_per_address
+        self.admission.anonymous_share = rt.anonymous_share
+        self.admission.max_pending_handshakes_per_address = config.server.max_pending_handshakes_per_address
         for connection in self.connections:
             connection.reconfigure(settings)
 
     @property
-    def connections(self) -> set[Connection]:
+    def connections(self) -> KeysView[Connection]:
         """The open connections (admitted and not yet released)."""
         return self.admission.connections
 
@@ -238,3 +255,16 @@ class Server:
 
     def uptime(self) -> float:
         return time.monotonic() - self._started_at
+
+
+def _refuse_at_once(sock: socket.socket, message: str) -> None:
+    """Answer 503 if the socket takes it without waiting, and close it: a flood from one address costs an accept,
+    a send and a close, never a task or a timer."""
+    body = orjson.dumps({"error": "too_many_handshakes", "message": message})
+    head = (
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(body)}\r\nconnection: close\r\nretry-after: 1\r\ncache-control: no-store\r\n\r\n"
+    )
+    with contextlib.suppress(OSError):
+        sock.send(head.encode() + body)
+    sock.close()

@@ -437,7 +437,14 @@ def test_masked_hides_the_secret_and_the_dsn_password():
     assert "super-secret-value" not in text
     assert "hunter2" not in text
     # Everything else is plain data.
-    assert data["server"] == {"host": "0.0.0.0", "port": 8080, "path": "/realtime", "allowed_origins": []}
+    assert data["server"] == {
+        "host": "0.0.0.0",
+        "port": 8080,
+        "path": "/realtime",
+        "allowed_origins": [],
+        "handshake_timeout": 10.0,
+        "max_pending_handshakes_per_address": 64,
+    }
     assert data["realtime"]["max_message_size"] == 65536
     assert data["realtime"]["heartbeat_interval"] == 30.0
     assert data["log"] == {"level": "info", "format": "json"}

@@ -165,7 +165,7 @@ async def test_audience_and_issuer_are_checked_when_configured(start_server):
 
 
 async def test_node_connection_limit_answers_rate_limited_4029(start_server):
-    server = await start_server(realtime={"max_connections": 2, "max_connections_per_user": 2})
+    server = await start_server(realtime={"max_connections": 2, "max_connections_per_user": 2, "anonymous_share": 1.0})
     async with connect(server), connect(server):
         client = await raw_connect(server)
         message = await client.next_message()

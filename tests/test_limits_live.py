@@ -194,7 +194,8 @@ async def test_a_fault_outside_message_handling_closes_1011(start_server, monkey
 
 @pytest.mark.parametrize("n", [50])
 async def test_many_connections_subscribe_and_receive(start_server, n):
-    server = await start_server()
+    # All from 127.0.0.1: n subscribers and the publisher.
+    server = await start_server(realtime={"max_anonymous_per_address": n + 1})
     clients = [await raw_connect(server) for _ in range(n)]
     for c in clients:
         c.send(type="subscribe", channel="broadcast:all")

@@ -38,12 +38,14 @@ class _Collector:
         hub: Callable[[], HubStatistics],
         uptime: Callable[[], float],
         changefeed_lag: Callable[[], float | None],
+        tasks: Callable[[], int],
     ) -> None:
         self._counters = counters
         self._connections = connections
         self._hub = hub
         self._uptime = uptime
         self._changefeed_lag = changefeed_lag
+        self._tasks = tasks
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -85,6 +87,11 @@ class _Collector:
             rejected.add_metric([reason], n)
         yield rejected
         yield GaugeMetricFamily("fluxrt_uptime_seconds", "Seconds since the server started", value=self._uptime())
+        yield GaugeMetricFamily(
+            "fluxrt_tasks",
+            "Trio tasks in the process: about one per connection, plus the server's own",
+            value=self._tasks(),
+        )
         lag = self._changefeed_lag()
         if lag is not None:
             yield GaugeMetricFamily(
@@ -101,6 +108,7 @@ def exposition(
     hub: Callable[[], HubStatistics],
     uptime: Callable[[], float],
     changefeed_lag: Callable[[], float | None],
+    tasks: Callable[[], int],
 ) -> bytes:
     """The Prometheus text exposition of everything above, and the process's own metrics (`process_*`: resident
     memory, CPU seconds, open and maximum file descriptors; on Linux)."""
@@ -108,7 +116,7 @@ def exposition(
     from prometheus_client.process_collector import ProcessCollector
 
     registry = CollectorRegistry(auto_describe=False)
-    collector: Any = _Collector(counters, connections, hub, uptime, changefeed_lag)
+    collector: Any = _Collector(counters, connections, hub, uptime, changefeed_lag, tasks)
     registry.register(collector)
     ProcessCollector(registry=registry)
     return generate_latest(registry)

@@ -73,7 +73,11 @@ class Server:
                 retention=db.retention,
             )
             self.tables = TableChannels(self.hub, self.db.authorizer_pool, self.counters)
-        self.checks = ChannelChecks(self.db.authorizer_pool if self.db is not None else None, roles)
+        self.checks = ChannelChecks(
+            self.db.authorizer_pool if self.db is not None else None,
+            roles,
+            database_ok=self.db.wait_ok if self.db is not None else None,
+        )
         self.draining = False
         self.port: int | None = None
         self._started_at = time.monotonic()
@@ -235,6 +239,7 @@ class Server:
                 self.hub.statistics,
                 self.uptime,
                 lambda: self.db.changefeed.lag() if self.db is not None else None,
+                _task_count,
             )
             return 200, body, "text/plain; version=0.0.4; charset=utf-8"
         database = self.database_state()
@@ -255,6 +260,19 @@ class Server:
 
     def uptime(self) -> float:
         return time.monotonic() - self._started_at
+
+
+def _task_count() -> int:
+    """Every task of this Trio run, found by walking the task tree from the root (for the soak's leak check)."""
+    count, tasks = 0, [trio.lowlevel.current_root_task()]
+    while tasks:
+        task = tasks.pop()
+        if task is None:
+            continue
+        count += 1
+        for nursery in task.child_nurseries:
+            tasks.extend(nursery.child_tasks)
+    return count
 
 
 def _refuse_at_once(sock: socket.socket, message: str) -> None:

@@ -100,16 +100,17 @@ def route(
     origin = _header(headers, b"origin")
     if allowed_origins and origin not in allowed_origins:
         return _json_error(403, "origin_not_allowed", f"origin {origin!r} is not in server.allowed_origins")
-    token = None
-    query = urllib.parse.parse_qs(split.query)
-    if query.get("token"):
-        token = query["token"][0]
-    else:
-        authorization = _header(headers, b"authorization") or ""
-        scheme, _, credentials = authorization.partition(" ")
-        if scheme.lower() == "bearer" and credentials.strip():
-            token = credentials.strip()
-    return Upgrade(accept_key(key), token)
+    tokens = set(urllib.parse.parse_qs(split.query).get("token", ()))
+    for name, value in headers:
+        scheme, _, credentials = value.decode("latin-1").partition(" ")
+        if name == b"authorization" and scheme.lower() == "bearer" and credentials.strip():
+            tokens.add(credentials.strip())
+    if len(tokens) > 1:
+        # Which one a proxy in front checked is unknowable: refuse rather than pick.
+        return _json_error(
+            400, "ambiguous_token", "more than one token given (?token= and Authorization: Bearer); send exactly one"
+        )
+    return Upgrade(accept_key(key), tokens.pop() if tokens else None)
 
 
 def response_bytes(

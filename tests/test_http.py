@@ -233,7 +233,20 @@ def test_other_authorization_headers_give_no_token(authorization):
     assert go(request("/realtime", [*WS_HEADERS, ("authorization", authorization)])) == Upgrade(RFC_ACCEPT, None)
 
 
-def test_query_token_and_header_together():
-    result = go(request("/realtime?token=from-query", [*WS_HEADERS, ("authorization", "Bearer from-header")]))
-    assert isinstance(result, Upgrade)
-    assert result.token in ("from-query", "from-header")
+@pytest.mark.parametrize(
+    ("target", "authorizations"),
+    [
+        ("/realtime?token=from-query", ["Bearer from-header"]),
+        ("/realtime?token=one&token=two", []),
+        ("/realtime", ["Bearer one", "Bearer two"]),
+    ],
+)
+def test_two_different_tokens_are_refused_400_not_picked_from(target, authorizations):
+    result = go(request(target, [*WS_HEADERS, *(("authorization", a) for a in authorizations)]))
+    assert isinstance(result, Refuse) and result.status == 400
+    assert orjson.loads(result.body)["error"] == "ambiguous_token"
+
+
+def test_the_same_token_in_the_query_and_the_header_is_one_token():
+    result = go(request("/realtime?token=same", [*WS_HEADERS, ("authorization", "Bearer same")]))
+    assert result == Upgrade(RFC_ACCEPT, "same")

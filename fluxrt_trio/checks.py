@@ -58,6 +58,15 @@ class ChannelChecks:
         if self._hook is None:
             return None
         try:
+            # The hook runs as the connection's role: a token must not pick one fluxrt was not told it may assume.
+            if identity.role not in self.allowed_roles and await self._hook.hook_exists():
+                return Error(
+                    ErrorCode.FORBIDDEN,
+                    f"role {identity.role!r} may not be assumed by fluxrt; allowed: "
+                    f"{', '.join(sorted(self.allowed_roles))} (add it to auth.roles)",
+                    channel=channel,
+                    ref=ref,
+                )
             await self._hook.check(identity, channel, action)
         except Refused as exc:
             return Error(ErrorCode.FORBIDDEN, str(exc), channel=channel, ref=ref)

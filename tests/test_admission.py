@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from fluxrt_trio.admission import Admission, address_key, anonymous_places
+from fluxrt_trio.config import ConfigError, load_config
 from fluxrt_trio.protocol.identity import Identity
 
 ANON = Identity(sub=None, role="anon", claims={"role": "anon"})
@@ -179,3 +180,60 @@ def test_anonymous_places_round_down_without_binary_surprises(share, max_connect
 )
 def test_address_key_groups_ipv6_by_64(host, key):
     assert address_key(host) == key
+
+
+# ---- the settings ---------------------------------------------------------------------------------------------
+
+
+def test_the_settings_load_with_their_defaults_and_units():
+    config = load_config(
+        None,
+        {
+            "FLUXRT_REALTIME_ANONYMOUS_SHARE": "0.25",
+            "FLUXRT_REALTIME_MAX_ANONYMOUS_PER_ADDRESS": "7",
+            "FLUXRT_SERVER_MAX_PENDING_HANDSHAKES_PER_ADDRESS": "8",
+            "FLUXRT_SERVER_HANDSHAKE_TIMEOUT": "1500ms",
+        },
+    )
+    assert config.realtime.anonymous_share == 0.25 and config.realtime.max_anonymous_per_address == 7
+    assert config.server.max_pending_handshakes_per_address == 8 and config.server.handshake_timeout == 1.5
+    defaults = load_config(None, {})
+    assert defaults.realtime.anonymous_share == 0.5 and defaults.realtime.max_anonymous_per_address == 50
+    assert defaults.server.max_pending_handshakes_per_address == 64 and defaults.server.handshake_timeout == 10
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "expected"),
+    [
+        ("FLUXRT_REALTIME_ANONYMOUS_SHARE", "0", "realtime.anonymous_share: expected a fraction greater than 0"),
+        ("FLUXRT_REALTIME_ANONYMOUS_SHARE", "1.5", "auth.allow_anonymous: false"),
+        ("FLUXRT_REALTIME_ANONYMOUS_SHARE", "half", "such as 0.5"),
+        ("FLUXRT_REALTIME_MAX_ANONYMOUS_PER_ADDRESS", "0", "realtime.max_anonymous_per_address: expected a whole"),
+        ("FLUXRT_SERVER_MAX_PENDING_HANDSHAKES_PER_ADDRESS", "-1", "server.max_pending_handshakes_per_address"),
+        ("FLUXRT_SERVER_HANDSHAKE_TIMEOUT", "0", "greater than zero, got 0"),
+    ],
+)
+def test_bad_values_name_the_setting_and_what_is_expected(variable, value, expected):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, {variable: value})
+    (problem,) = info.value.problems
+    assert problem.startswith(f"environment {variable}: ") and expected in problem, problem
+
+
+def test_a_share_that_leaves_no_anonymous_place_is_refused_unless_anonymous_is_off():
+    environ = {"FLUXRT_REALTIME_MAX_CONNECTIONS": "3", "FLUXRT_REALTIME_MAX_CONNECTIONS_PER_USER": "3"}
+    with pytest.raises(ConfigError) as info:
+        load_config(None, {**environ, "FLUXRT_REALTIME_ANONYMOUS_SHARE": "0.3"})
+    (problem,) = info.value.problems
+    assert "realtime.anonymous_share: 0.3 of realtime.max_connections (3) leaves no place" in problem
+    assert "auth.allow_anonymous: false" in problem
+    config = load_config(
+        None,
+        {
+            **environ,
+            "FLUXRT_REALTIME_ANONYMOUS_SHARE": "0.3",
+            "FLUXRT_AUTH_ALLOW_ANONYMOUS": "false",
+            "FLUXRT_AUTH_JWT_SECRET": "s" * 32,
+        },
+    )
+    assert config.realtime.anonymous_share == 0.3

@@ -1,9 +1,10 @@
 """The checks a connection's requests need beyond their own format: may this identity subscribe to a channel, or
-broadcast or track presence on it. Each answer is None (allowed) or the Error to send, echoing the request's ref."""
+broadcast or track presence on it. Each answer is None (allowed) or the Error to send, echoing the request's ref;
+a renewal check that cannot reach the database answers Unavailable instead, so that the subscription is kept."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 
 from .postgres.authorize import ChannelAuthorizer, Refused
 from .postgres.bridge import AuthorizerPool, DatabaseUnavailable
@@ -12,7 +13,7 @@ from .protocol.channels import ChannelKind
 from .protocol.filters import EVENTS, FilterError, parse_filter
 from .protocol.identity import Identity
 from .protocol.messages import Error, ErrorCode
-from .protocol.session import CheckAction, CheckSubscribe
+from .protocol.session import CheckAction, CheckSubscribe, Unavailable
 
 NO_DATABASE = "no database is configured (set database.dsn or database.embedded in fluxrt.yaml, or FLUXRT_DATABASE_DSN)"
 
@@ -21,13 +22,27 @@ class ChannelChecks:
     """Table subscribes are checked against the catalog; presence and broadcast channels against the optional
     `realtime.authorize` hook. Without a database (`pool` None) table channels are refused and the others open."""
 
-    def __init__(self, pool: AuthorizerPool | None, allowed_roles: Iterable[str]) -> None:
+    def __init__(
+        self,
+        pool: AuthorizerPool | None,
+        allowed_roles: Iterable[str],
+        *,
+        database_ok: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         self.allowed_roles = frozenset(allowed_roles)
         self._pool = pool
         self._hook = ChannelAuthorizer(pool) if pool is not None else None
+        self._database_ok = database_ok
 
-    async def subscribe(self, identity: Identity, check: CheckSubscribe) -> Error | None:
-        """The checks of docs/protocol.md "Subscribe checks, in order" after the format."""
+    async def database_back(self) -> None:
+        """Return once the database is reachable (the changefeed reads); at once when nothing reports on it."""
+        if self._database_ok is not None:
+            await self._database_ok()
+
+    async def subscribe(self, identity: Identity, check: CheckSubscribe) -> Error | Unavailable | None:
+        """The checks of docs/protocol.md "Subscribe checks, in order" after the format. A renewal check
+        (`check.renewal`) that cannot reach the database answers Unavailable: the subscription it concerns is kept
+        and checked again once the database is back (`Session.rechecks`)."""
         channel = check.channel
         if channel.kind is not ChannelKind.TABLE:
             return await self._hook_allows(identity, channel.name, "subscribe", check.ref)
@@ -45,6 +60,8 @@ class ChannelChecks:
         try:
             access = await table_access(self._pool, channel.schema, channel.table, role)
         except DatabaseUnavailable as exc:
+            if check.renewal:
+                return Unavailable(str(exc))
             return _refusal(check, ErrorCode.SUBSCRIPTION_FAILED, f"database unavailable, try again later ({exc})")
         except UnknownRole:
             return _refusal(check, ErrorCode.FORBIDDEN, f"role {role!r} does not exist in the database")

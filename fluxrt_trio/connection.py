@@ -45,6 +45,7 @@ from .protocol.session import (
     Leave,
     Outcome,
     Publish,
+    RecheckLater,
     Reply,
     Request,
     SendPresenceState,
@@ -59,6 +60,8 @@ from .supervisor import Supervisor
 
 log = logging.getLogger("fluxrt.connection")
 
+RECHECK_BACKOFF = (1.0, 30.0)
+"""seconds between attempts at renewal checks that still cannot reach the database once it is back: first, most"""
 CLOSE_TIMEOUT = 2.0
 """seconds the peer has to answer our close frame and read what we sent before the socket is dropped"""
 MAX_REQUEST_HEAD = 16 * 1024
@@ -135,10 +138,12 @@ class Connection:
 
     __slots__ = (
         "_ended",
+        "_nursery",
         "_opened_at",
         "_partial",
         "_partial_size",
         "_reader_scope",
+        "_rechecking",
         "closed",
         "conn_id",
         "host",
@@ -164,6 +169,8 @@ class Connection:
         self._ended: tuple[int, str, str] | None = None
         """close code, reason, and who closed first ("server", "client" or "network")"""
         self._reader_scope: trio.CancelScope | None = None
+        self._nursery: trio.Nursery | None = None
+        self._rechecking = False
         self._partial: list[str] | None = None
         self._partial_size = 0
 
@@ -173,6 +180,7 @@ class Connection:
         """Serve this socket until it ends; never raises for anything the peer does."""
         try:
             async with trio.open_nursery() as nursery:
+                self._nursery = nursery
                 self.outbox = Outbox(self.sock, self.host.settings.write_buffer_size, nursery, self.host.flusher)
                 with trio.CancelScope() as self._reader_scope:
                     try:
@@ -442,6 +450,22 @@ class Connection:
                 refusal = self.host.admission.readmit(self, session.identity, identity)
                 return Error(ErrorCode.RATE_LIMITED, refusal, ref=ref) if refusal is not None else identity
 
+    async def _recheck_when_back(self, session: Session) -> None:
+        """Ask again the renewal checks that could not reach the database, once the changefeed reads again, and
+        with backoff while they still cannot (the authorizer's login may fail where the changefeed's does not)."""
+        delay, most = RECHECK_BACKOFF
+        try:
+            while self.session is session and session.rechecks_pending:
+                await self.host.checks.database_back()
+                await self._apply(session.rechecks())
+                if session.rechecks_pending:
+                    await trio.sleep(delay)
+                    delay = min(delay * 2, most)
+        except Exception:
+            log.exception("re-checking subscriptions failed", extra=ctx(conn=self.conn_id))
+        finally:
+            self._rechecking = False
+
     def _table_changed(self, channel: ChannelName) -> None:
         if channel.kind is ChannelKind.TABLE:
             self.host.subscriptions_changed(channel.name)
@@ -469,6 +493,10 @@ class Connection:
                 self.host.supervisor.identity_changed(self)
                 for name in channels:
                     self.host.subscriptions_changed(name)
+            case RecheckLater():
+                if not self._rechecking and self._nursery is not None and self.session is not None:
+                    self._rechecking = True
+                    self._nursery.start_soon(self._recheck_when_back, self.session)
             case Close(code=code, reason=reason):
                 self.close(code, reason)
             case _:

@@ -55,6 +55,8 @@ class Changefeed:
         self._after = 0
         self._cur_taken_at = 0.0
         self._wake = trio.Event()
+        self._ok = trio.Event()
+        """set while the state is "ok"; replaced by a fresh one when the database goes away"""
         self.state = "connecting"
         self.last_error: str | None = None
         self.windows = 0
@@ -97,6 +99,8 @@ class Changefeed:
     def _degraded(self, reason: str) -> None:
         if self.state != "degraded":
             log.warning("database unreachable; changes will be read when it is back", extra={"ctx_error": reason})
+        if self._ok.is_set():
+            self._ok = trio.Event()
         self.state = "degraded"
         self.last_error = reason
 
@@ -112,6 +116,7 @@ class Changefeed:
         if self.state != "ok":
             log.info("changefeed connected")
         self.state = "ok"
+        self._ok.set()
         self.last_error = None
         self._backoff = BACKOFF_START
         self._started()
@@ -153,6 +158,10 @@ class Changefeed:
                 break
         self._prev, self._cur, self._after = self._cur, None, 0
         self.caught_up_at = self._cur_taken_at
+
+    async def wait_ok(self) -> None:
+        """Return once the changefeed is connected and reading (at once if it is now)."""
+        await self._ok.wait()
 
     def lag(self) -> float | None:
         """Seconds since the changefeed last read everything committed: an upper bound on the age of the oldest

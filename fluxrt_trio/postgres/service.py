@@ -51,6 +51,11 @@ class DatabaseService:
             return "connecting" if self.changefeed.last_error is None else "degraded"
         return self.changefeed.state
 
+    async def wait_ok(self) -> None:
+        """Return once the database is prepared and the changefeed reads from it (at once if it does now)."""
+        await self.ready.wait()
+        await self.changefeed.wait_ok()
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run inside `opened()`. Reports started as soon as the first attempt finished."""
         await self._prepare(task_status)

@@ -109,9 +109,17 @@ class Authenticate:
     ref: str | None
 
 
+@attrs.frozen(slots=True)
+class Unavailable:
+    """The outcome of a renewal `CheckSubscribe` that could not reach the database: neither allowed nor refused."""
+
+    reason: str
+
+
 Request = CheckSubscribe | CheckAction | Authenticate
-Outcome = Identity | Error | None
-"""what the shell found: None (allowed), an Error to send (refused), or a verified Identity (Authenticate)"""
+Outcome = Identity | Error | Unavailable | None
+"""what the shell found: None (allowed), an Error to send (refused), a verified Identity (Authenticate), or
+Unavailable (a renewal check that could not be made)"""
 
 
 @attrs.frozen(slots=True)
@@ -160,6 +168,11 @@ class IdentityChanged:
 
 
 @attrs.frozen(slots=True)
+class RecheckLater:
+    """Some renewal checks could not reach the database: once it is back, carry out `Session.rechecks()`."""
+
+
+@attrs.frozen(slots=True)
 class Close:
     code: CloseCode
     reason: str
@@ -177,6 +190,7 @@ Effect = (
     | Track
     | Untrack
     | IdentityChanged
+    | RecheckLater
     | Close
 )
 
@@ -199,7 +213,17 @@ def message_ref(effects: list[Effect]) -> str | None:
 class Session:
     """The protocol state of one connection. `conn_id` is opaque and unique per connection."""
 
-    __slots__ = ("_granted", "_messages", "_subscribes", "conn_id", "identity", "limits", "subscriptions", "tracked")
+    __slots__ = (
+        "_granted",
+        "_messages",
+        "_rechecks",
+        "_subscribes",
+        "conn_id",
+        "identity",
+        "limits",
+        "subscriptions",
+        "tracked",
+    )
 
     def __init__(self, conn_id: str, identity: Identity, limits: SessionLimits) -> None:
         self.conn_id = conn_id
@@ -209,6 +233,8 @@ class Session:
         self.tracked: dict[str, dict[str, Any]] = {}
         self._granted: set[tuple[str, str]] = set()
         """(channel, action) pairs allowed under the current identity: asked once, until the identity changes"""
+        self._rechecks: set[str] = set()
+        """table subscriptions whose renewal check could not reach the database, to be checked again"""
         self._messages = Allowance(limits.message_rate_limit)
         self._subscribes = Allowance(2 * limits.max_subscriptions)
 
@@ -300,8 +326,15 @@ class Session:
 
     def _renewal_checked(self, check: CheckSubscribe, refusal: Outcome) -> list[Effect]:
         name = check.channel.name
-        # Ended meanwhile by the server (realtime disabled): nothing left to end.
-        if not isinstance(refusal, Error) or name not in self.subscriptions:
+        # Ended meanwhile by the server (realtime disabled, or the client left): nothing left to end or check.
+        if name not in self.subscriptions:
+            return []
+        if isinstance(refusal, Unavailable):
+            # Ending subscriptions because the database is away would turn every outage into lost subscriptions;
+            # meanwhile each delivery is still decided by row-level security under the new identity.
+            self._rechecks.add(name)
+            return [RecheckLater()]
+        if not isinstance(refusal, Error):
             return []
         message = f"no longer allowed under the new token: {refusal.message}"
         return [Reply(Error(ErrorCode.FORBIDDEN, message, channel=name)), *self.drop(name)]
@@ -312,7 +345,7 @@ class Session:
         match request:
             case CheckSubscribe(renewal=True):
                 return self._renewal_checked(request, outcome)
-            case CheckSubscribe():
+            case CheckSubscribe() if not isinstance(outcome, Unavailable):
                 return self._subscribe_checked(request, outcome)
             case CheckAction():
                 if isinstance(outcome, Error):
@@ -480,8 +513,21 @@ class Session:
                 effects.append(Track(channel, self.presence_key, self.conn_id, state))
         tables = [sub for sub in self.subscriptions.values() if sub.channel.kind is ChannelKind.TABLE]
         effects.append(IdentityChanged(tuple(sub.channel.name for sub in tables)))
-        for sub in tables:
-            effects.append(
-                CheckSubscribe(Subscribe(sub.channel.name, sub.event, sub.filter), sub.channel, renewal=True)
-            )
+        # Every table is checked afresh below, pending re-checks of an earlier identity included.
+        self._rechecks.clear()
+        effects.extend(_renewal(sub) for sub in tables)
         return effects
+
+    @property
+    def rechecks_pending(self) -> bool:
+        """Some table subscriptions kept through an unanswered renewal check wait to be checked again."""
+        return bool(self._rechecks)
+
+    def rechecks(self) -> list[Effect]:
+        """The renewal checks that could not reach the database, asked again, for the subscriptions still held."""
+        names, self._rechecks = self._rechecks, set()
+        return [_renewal(self.subscriptions[name]) for name in sorted(names) if name in self.subscriptions]
+
+
+def _renewal(sub: Subscription) -> CheckSubscribe:
+    return CheckSubscribe(Subscribe(sub.channel.name, sub.event, sub.filter), sub.channel, renewal=True)

@@ -20,7 +20,7 @@ from .postgres.bridge import AuthorizerPool, DatabaseUnavailable
 from .postgres.rls import RowSecurity, TableQuestion, decide_tables
 from .protocol import delivery
 from .protocol.changes import RowChange, Window
-from .protocol.delivery import DeliveryPlanner, Disabled, Missed, TablePlan, TableSubscriber, Visibility
+from .protocol.delivery import DeliveryPlanner, Ended, Missed, TablePlan, TableSubscriber, Visibility
 
 log = logging.getLogger("fluxrt.tables")
 
@@ -127,11 +127,12 @@ class TableChannels:
             self.counters.messages_out += handed
 
     async def _decide(self, plans: dict[str, TablePlan]) -> dict[tuple[str, str], Visibility]:
-        """One crossing into the database for every table of the window that has images to decide."""
+        """One crossing into the database for every table of the window with identities to decide (some with no
+        images: only which columns their role may read)."""
         questions = [
             TableQuestion(channel, plan.relid, plan.identities(), plan.images_json(), len(plan.images))
             for channel, plan in plans.items()
-            if plan.images
+            if plan.identity_keys
         ]
         if not questions:
             return {}
@@ -156,9 +157,9 @@ class TableChannels:
                 await trio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
 
-    def _hand_out(self, notice: Missed | Disabled) -> None:
-        """Tell subscribers that changes were missed, or end their subscriptions to a disabled table."""
-        if isinstance(notice, Disabled):
+    def _hand_out(self, notice: Missed | Ended) -> None:
+        """Tell subscribers that changes were missed, or end their subscriptions."""
+        if isinstance(notice, Ended):
             for subscriber in notice.recipients:
                 subscriber.end_subscription(notice.channel, notice.error)
             return

@@ -17,7 +17,7 @@ from fluxrt_trio.protocol.delivery import (
     UNREADABLE,
     YIELD_EVERY,
     DeliveryPlanner,
-    Disabled,
+    Ended,
     Missed,
     Visibility,
     deliveries,
@@ -81,8 +81,11 @@ def test_the_plan_asks_only_about_wanted_images_and_the_identities_that_want_the
     assert plan.images == [{"id": 1, "owner": "alice"}]
     assert plan.identity_keys == [ALICE.policy_key]
     assert plan.identities() == [("authenticated", {"sub": "alice"})]
-    # Nobody wants a change to a table without subscribers, or one that no filter lets through.
-    assert DeliveryPlanner().plan([change(3, "INSERT", {"id": 3, "owner": "carol"})], members(a, b)) == {}
+    # Nobody wants a change to a table without subscribers, or one that no filter lets through: no image is asked
+    # about, only (for the filtered role) which columns it may still read.
+    assert DeliveryPlanner().plan([change(3, "INSERT", {"id": 3, "owner": "carol"})], members(b)) == {}
+    unwanted = DeliveryPlanner().plan([change(3, "INSERT", {"id": 3, "owner": "carol"})], members(a, b))[CHANNEL]
+    assert unwanted.images == [] and unwanted.identity_keys == [ALICE.policy_key]
 
 
 def test_an_update_asks_about_both_images_and_the_old_one_goes_only_to_who_saw_it():
@@ -176,7 +179,7 @@ def test_disabled_unreadable_and_policy_errors_become_notices():
     unreadable, disabled, policy = notices
     assert isinstance(unreadable, Missed) and unreadable.recipients == [a, b] and unreadable.message == UNREADABLE
     assert unreadable.error.code is ErrorCode.CHANGES_MISSED and unreadable.error.channel == CHANNEL
-    assert isinstance(disabled, Disabled) and disabled.recipients == [a, b]
+    assert isinstance(disabled, Ended) and disabled.recipients == [a, b]
     assert disabled.error.code is ErrorCode.SUBSCRIPTION_FAILED
     assert "enable_realtime('public.tasks')" in disabled.error.message
     # Only the identity the policy raised for is told, and the policy's text stays out of the message.
@@ -204,3 +207,77 @@ def test_visibilities_reads_the_database_answer_and_names_the_tables_that_failed
     decided, failed = visibilities(plans, [(CHANNEL, [(1, [0], ["id"], None)]), (other, "relation does not exist")])
     assert decided == {(CHANNEL, BOB.policy_key): Visibility(frozenset({0}), ("id",))}
     assert failed == {other: "relation does not exist"}
+
+
+SECRET_FILTERED = "secret=eq.1"
+"""a filter on `secret`, the column whose SELECT the tests below take away after subscribing"""
+
+
+def test_a_filter_on_a_column_the_role_may_no_longer_read_ends_the_subscription_and_selects_nothing():
+    # The oracle: the filter went on choosing rows by `secret` while `record` no longer showed it.
+    hidden, open_ = subscriber("hidden", ALICE, filter=SECRET_FILTERED), subscriber("open", BOB)
+    other = subscriber("other", BOB, filter="id=eq.1")
+    everyone = members(hidden, open_, other)
+    changes = [change(1, "INSERT", {"id": 1, "secret": 1}), change(2, "INSERT", {"id": 2, "secret": 2})]
+    plans = DeliveryPlanner().plan(changes, everyone)
+    decided = {
+        (CHANNEL, ALICE.policy_key): Visibility(frozenset({0, 1}), readable=("id",)),
+        (CHANNEL, BOB.policy_key): Visibility(frozenset({0, 1}), readable=("id",)),
+    }
+    handouts = list(deliveries(changes, plans, decided, everyone))
+    ended = [h for h in handouts if isinstance(h, Ended)]
+    assert len(ended) == 1 and ended[0].recipients == [hidden] and ended[0].channel == CHANNEL
+    assert ended[0].error.code is ErrorCode.SUBSCRIPTION_FAILED
+    assert ended[0].error.message == (
+        "invalid filter: role authenticated may no longer read column secret of public.tasks;"
+        " subscribe again without it"
+    )
+    # Told before any frame of the window, and handed none; the others get theirs, without the column.
+    assert handouts.index(ended[0]) == 0
+    got = frames(handouts)
+    assert "hidden" not in got
+    assert [m["payload"]["record"] for m in got["open"]] == [{"id": 1}, {"id": 2}]
+    assert [m["payload"]["record"] for m in got["other"]] == [{"id": 1}]
+
+
+def test_a_hidden_filter_is_ended_whether_or_not_the_window_matched_it():
+    # When the subscription ends must not depend on the hidden values either: a window whose rows the filter does
+    # not match still asks which columns the role may read, and ends it the same way.
+    hidden = subscriber("hidden", ALICE, filter=SECRET_FILTERED)
+    changes = [change(1, "INSERT", {"id": 1, "secret": 2})]
+    plans = DeliveryPlanner().plan(changes, members(hidden))
+    assert plans[CHANNEL].images == [] and plans[CHANNEL].identities() == [("authenticated", {"sub": "alice"})]
+    decided = {(CHANNEL, ALICE.policy_key): Visibility(frozenset(), readable=("id",))}
+    handouts = list(deliveries(changes, plans, decided, members(hidden)))
+    assert [type(h) for h in handouts] == [Ended] and handouts[0].recipients == [hidden]
+
+
+def test_one_identity_per_role_is_asked_about_columns_and_stands_for_the_role():
+    carol = Identity("carol", "authenticated", {"sub": "carol"})
+    a, b = subscriber("a", ALICE, filter=SECRET_FILTERED), subscriber("b", BOB, filter="secret=gt.0")
+    c = subscriber("c", carol, filter="id=eq.7")
+    changes = [change(1, "INSERT", {"id": 1, "secret": 5})]
+    plans = DeliveryPlanner().plan(changes, members(a, b, c))
+    # Alice stands for the role; Bob is asked because his filter matched; Carol's did not.
+    assert plans[CHANNEL].identity_keys == [ALICE.policy_key, BOB.policy_key]
+    decided = {(CHANNEL, BOB.policy_key): Visibility(frozenset({0}), readable=("id",))}
+    handouts = list(deliveries(changes, plans, decided, members(a, b, c)))
+    (ended,) = [h for h in handouts if isinstance(h, Ended)]
+    assert ended.recipients == [a, b]
+    assert frames(handouts) == {}
+
+
+def test_a_readable_filter_column_is_left_alone_and_a_changed_subscription_gets_nothing_the_hidden_one_chose():
+    kept, changed = subscriber("kept", ALICE, filter=SECRET_FILTERED), subscriber("changed", ALICE, filter="id=eq.1")
+    everyone = members(kept, changed)
+    changes = [change(1, "INSERT", {"id": 1, "secret": 1})]
+    plans = DeliveryPlanner().plan(changes, everyone)
+    readable = {(CHANNEL, ALICE.policy_key): Visibility(frozenset({0}), readable=("id", "secret"))}
+    assert sorted(frames(deliveries(changes, plans, readable, everyone))) == ["changed", "kept"]
+    # Resubscribed with a filter on the hidden column while the window was decided: not ended for the planned
+    # subscription (the next window's index has the new one), but handed nothing the hidden column chose.
+    changed.subs[CHANNEL] = Subscription(parse_channel(CHANNEL), "*", SECRET_FILTERED)
+    hidden = {(CHANNEL, ALICE.policy_key): Visibility(frozenset({0}), readable=("id",))}
+    handouts = list(deliveries(changes, plans, hidden, everyone))
+    assert [h.recipients for h in handouts if isinstance(h, Ended)] == [[kept]]
+    assert frames(handouts) == {}

@@ -202,8 +202,9 @@ class RowSecurity:
         n_images: int,
     ) -> list[Row]:
         """Which of `n_images` images (a JSON array, as text) each identity (role, claims) sees: rows for the
-        identities that see at least one image, or whose policy raised (the error is in their row); the others see
-        nothing. Errors of the whole table (dropped meanwhile, a lost connection) raise.
+        identities that see at least one image, or whose policy raised (the error is in their row), and for at least
+        one identity of each role that may read the table (with its readable columns); the others see nothing.
+        Errors of the whole table (dropped meanwhile, a lost connection) raise.
 
         With every role's plan cached, one statement checks the catalog fingerprint and decides; otherwise (the
         first time, after a catalog change, or for roles decided one identity at a time) a REPEATABLE READ READ ONLY
@@ -319,6 +320,9 @@ class RowSecurity:
             seen: dict[int, list[int]] = {}
             for i, n in zip(identity or (), image or (), strict=True):
                 seen.setdefault(members[i], []).append(n)
+            # The role's readable columns travel with its first identity even when it sees nothing: delivery
+            # needs them to end filters on columns the role may no longer read.
+            seen.setdefault(members[0], [])
             rows.extend((n, sorted(visible), readable, None) for n, visible in seen.items())
         return rows, decided
 

@@ -10,6 +10,12 @@ Delivering a window takes three steps around one database crossing:
    some subscribers must be told. A frame is checked against the subscriber's state at that moment, so what was
    decided for a subscription that ended or changed while the window was being decided never reaches it.
 
+A filter on a column its role may no longer read (SELECT revoked after subscribing) would go on choosing rows by
+that column's hidden values. So every window with a change to a table asks, for each role with filtered
+subscriptions, which columns it may read (one identity per role: privileges are per role), whether or not any filter
+matched; such subscriptions are ended before any frame of the window goes out, at a moment that does not depend on
+the hidden values.
+
 The Trio side (tables.py) runs the crossing and hands out what `deliveries` yields.
 """
 
@@ -86,6 +92,12 @@ def wants(sub: Subscription, op: str, image: dict[str, Any] | None) -> bool:
         return False
 
 
+def filters_hidden(sub: Subscription, readable: tuple[str, ...] | None) -> bool:
+    """Whether the subscription filters on a column outside `readable` (None: every column is readable)."""
+    condition = sub.condition
+    return readable is not None and condition is not None and condition.column not in readable
+
+
 def still_wanted(
     subscriber: TableSubscriber,
     channel: str,
@@ -93,11 +105,12 @@ def still_wanted(
     identity_key: str | None,
     op: str,
     image: dict[str, Any] | None,
+    readable: tuple[str, ...] | None = None,
 ) -> bool:
     """Whether a frame planned for `planned` may still go to `subscriber` now: it may have unsubscribed, changed its
-    options or its identity since."""
+    options or its identity since. Never through a filter on a column outside `readable`."""
     current = subscriber.subscription(channel)
-    if current is None:
+    if current is None or filters_hidden(current, readable):
         return False
     if identity_key is not None:
         identity = subscriber.identity
@@ -126,6 +139,10 @@ class FilterIndex:
         """identity keys of the subscribers without a filter"""
         self.scanned: list[Entry] = []
         self.by_value: dict[str, dict[tuple[str, Any], list[Entry]]] = {}
+        self.filter_columns: dict[tuple[str, str], list[Entry]] = {}
+        """(role, filter column) -> the subscriptions filtering on it"""
+        self.filter_roles: dict[str, str] = {}
+        """role with filtered subscriptions -> one of its identity keys, whose readable columns stand for the role's"""
         unfiltered: dict[str, None] = {}
         for subscriber in members:
             sub = subscriber.subscription(channel)
@@ -141,6 +158,9 @@ class FilterIndex:
                 self.unfiltered_events.add(sub.event)
                 continue
             condition = sub.condition
+            if condition is not None:
+                self.filter_columns.setdefault((identity.role, condition.column), []).append(entry)
+                self.filter_roles.setdefault(identity.role, key)
             if condition is None or condition.op not in ("eq", "in"):
                 self.scanned.append(entry)
                 continue
@@ -219,6 +239,12 @@ class TablePlan:
                 self._register(key)
         return hit
 
+    def check_filter_columns(self) -> None:
+        """Register one identity of each role with filtered subscriptions, so that the window tells which columns
+        the role may still read, whether or not its filters matched."""
+        for key in self.index.filter_roles.values():
+            self._register(key)
+
     def _register(self, key: str) -> None:
         if key not in self._registered:
             self._registered.add(key)
@@ -262,6 +288,7 @@ class DeliveryPlanner:
                 if lookup is None:
                     lookup = self._indexes[channel] = FilterIndex(channel, members)
                 plan = plans[channel] = TablePlan(change.relid, members, lookup)
+                plan.check_filter_columns()
             if change.op == "TRUNCATE":
                 plan.truncate_recipients = [
                     (s, sub)
@@ -276,7 +303,11 @@ class DeliveryPlanner:
                 if change.op == "UPDATE":
                     plan.old_index[index] = len(plan.images)
                     plan.images.append(change.old)
-        return {channel: plan for channel, plan in plans.items() if plan.images or plan.truncate_recipients}
+        return {
+            channel: plan
+            for channel, plan in plans.items()
+            if plan.images or plan.truncate_recipients or plan.identity_keys
+        }
 
 
 # ---- what the database decided -------------------------------------------------------------------------------
@@ -338,8 +369,9 @@ class Missed:
 
 
 @attrs.frozen(slots=True)
-class Disabled:
-    """Realtime was disabled on the table: end the subscription of each of `recipients` with `error`."""
+class Ended:
+    """End the subscription of each of `recipients` with `error`: realtime was disabled on the table, or they filter
+    on a column their role may no longer read."""
 
     recipients: Sequence[TableSubscriber]
     channel: str
@@ -349,7 +381,7 @@ class Disabled:
 PAUSE = None
 """yielded every `YIELD_EVERY` changes: let the frames queued so far reach the kernel"""
 
-Handout = tuple[TableSubscriber, bytes] | Missed | Disabled | None
+Handout = tuple[TableSubscriber, bytes] | Missed | Ended | None
 
 
 def deliveries(
@@ -358,15 +390,22 @@ def deliveries(
     decided: dict[tuple[str, str], Visibility],
     subscribers: Subscribers,
 ) -> Iterator[Handout]:
-    """Everything to hand out for `changes`, in order: (subscriber, frame) pairs, `Missed`, `Disabled`, and `PAUSE`.
+    """Everything to hand out for `changes`, in order: (subscriber, frame) pairs, `Missed`, `Ended`, and `PAUSE`.
 
     Only the identities that may see an image are visited (one user's change costs its own subscribers, not a
-    check per subscriber of the table). An UPDATE's old row goes only to those who could see it too."""
+    check per subscriber of the table). An UPDATE's old row goes only to those who could see it too. Subscriptions
+    filtering on a column their role may no longer read are ended first, and get nothing of the window."""
     seen_by: dict[str, dict[int, list[str]]] = {}
+    readable_by_role: dict[tuple[str, str], tuple[str, ...]] = {}
     for (channel, identity_key), visibility in decided.items():
         by_image = seen_by.setdefault(channel, {})
         for seen in visibility.visible or ():
             by_image.setdefault(seen, []).append(identity_key)
+        if visibility.readable is not None:
+            role = plans[channel].index.identities[identity_key].role
+            readable_by_role[(channel, role)] = visibility.readable
+    for channel, table_plan in plans.items():
+        yield from _hidden_filters(channel, table_plan, readable_by_role)
     frames: dict[tuple[int, tuple[str, ...] | None, bool], bytes] = {}
     for index, change in enumerate(changes):
         if index and index % YIELD_EVERY == 0:
@@ -378,7 +417,7 @@ def deliveries(
                 f"realtime was disabled for {qualified}; run SELECT enable_realtime('{qualified}') and subscribe again"
             )
             error = Error(ErrorCode.SUBSCRIPTION_FAILED, reason, channel=channel)
-            yield Disabled(subscribers(channel), channel, error)
+            yield Ended(subscribers(channel), channel, error)
             continue
         if change.op == "UNREADABLE":
             yield Missed(subscribers(channel), channel, UNREADABLE)
@@ -403,7 +442,7 @@ def deliveries(
             for subscriber, sub in plan.index.groups[identity_key]:
                 if not wants(sub, change.op, image):
                     continue
-                if not still_wanted(subscriber, channel, sub, identity_key, change.op, image):
+                if not still_wanted(subscriber, channel, sub, identity_key, change.op, image, visibility.readable):
                     continue
                 key = (index, visibility.readable, old_visible)
                 frame = frames.get(key)
@@ -417,6 +456,29 @@ def deliveries(
                 s for s in plans[channel].members if s.identity is not None and s.identity.policy_key == identity_key
             ]
             yield Missed(recipients, channel, POLICY_RAISED, detail=visibility.error)
+
+
+def _hidden_filters(
+    channel: str, plan: TablePlan, readable_by_role: dict[tuple[str, str], tuple[str, ...]]
+) -> Iterator[Ended]:
+    """The subscriptions of `plan` whose filter column their role may no longer read, to be ended."""
+    for (role, column), entries in plan.index.filter_columns.items():
+        readable = readable_by_role.get((channel, role))
+        if readable is None or column in readable:
+            continue
+        recipients = [
+            subscriber
+            for subscriber, sub, key in entries
+            if subscriber.subscription(channel) is sub
+            and subscriber.identity is not None
+            and subscriber.identity.policy_key == key
+        ]
+        if recipients:
+            table = channel.partition(":")[2]
+            reason = (
+                f"invalid filter: role {role} may no longer read column {column} of {table}; subscribe again without it"
+            )
+            yield Ended(recipients, channel, Error(ErrorCode.SUBSCRIPTION_FAILED, reason, channel=channel))
 
 
 def error_frame(error: Error) -> bytes:

@@ -16,7 +16,9 @@ Writers (2 asyncpg connections) insert rows in batched transactions every 10 ms 
 receive time. Each table first gets an unmeasured warm-up step (``--warmup-seconds``, 2 s at the first rate): the
 first changes also pay for planning the policies and opening connections. Printed per step: offered and written
 changes/s, RLS-checked deliveries/s (deliveries over the time from the first commit to the last delivery),
-commit-to-client p50/p99, and deliveries missing or unexpected.
+commit-to-client p50/p99, and deliveries missing, late (to the right subscriber, of an earlier step's change),
+other (errors and frames that are no row delivery) and leaked: a change delivered to a subscriber whose identity
+the policy does not admit. Any leak, in any step (the warm-up too), makes the run exit 1.
 
     .venv/bin/python bench/rls.py               # ~3 minutes
     .venv/bin/python bench/rls.py --quick       # ~1 minute smoke run
@@ -78,12 +80,18 @@ class Run:
             for i, u in enumerate(self.users)
         ]
         self.seq = 1
+        self.leaks = 0
+        """deliveries to an identity the policy does not admit, over every step"""
 
     def recipients(self, table: str, key: int) -> list[int]:
         """Connection indexes that must receive a row written with `key` (a team, or a user index)."""
         if table.startswith("teams"):
             return list(range(key, SUBSCRIBERS, TEAMS))
         return [key]
+
+    def key(self, table: str, seq: int) -> int:
+        """The key (team or user index) the writers gave the row numbered `seq`, in any step."""
+        return seq % TEAMS if table.startswith("teams") else seq % SUBSCRIBERS
 
     async def table(self, table: str) -> list[dict]:
         plan = self.workdir / f"plan-{table}.json"
@@ -147,7 +155,7 @@ class Run:
                     done = time.time_ns()
                     for s in seqs:
                         commit_ns[s] = done
-                        keys[s] = s % TEAMS if column == "team_id" else s % SUBSCRIBERS
+                        keys[s] = self.key(table, s)
                     written += due
                 await asyncio.sleep(max(0.0, start + tick * TICK - time.perf_counter()))
 
@@ -171,6 +179,11 @@ class Run:
                 latencies.append((stamp - commit_ns[s]) / 1e6)
                 last = max(last, stamp)
         first = min(commit_ns.values()) if commit_ns else 0
+        # What was not expected of this step is either late (an earlier step's change, to a subscriber it was meant
+        # for) or a leak: whoever wrote it, the row's key says who may see it.
+        stray = seen - expected
+        leaked = sum(1 for s, c in stray if c not in self.recipients(table, self.key(table, s)))
+        self.leaks += leaked
         span = (last - first) / 1e9 if last > first else float("nan")
         result = {
             "table": table,
@@ -181,13 +194,16 @@ class Run:
             "p50_ms": percentile(latencies, 50) if latencies else None,
             "p99_ms": percentile(latencies, 99) if latencies else None,
             "missing": len(expected - seen),
-            "unexpected": len(seen - expected) + sum(got["unexpected"].values()),
+            "late": len(stray) - leaked,
+            "other": sum(got["unexpected"].values()),
+            "leaked": leaked,
         }
         print(
             f"    {label + ': ' if label else ''}{rate:>6.0f} changes/s offered, "
             f"{result['written_per_s']:>6.0f} written: "
             f"{result['deliveries_per_s']:>8.0f} deliveries/s, p50 {result['p50_ms'] or 0:7.1f} ms, "
-            f"p99 {result['p99_ms'] or 0:7.1f} ms, missing {result['missing']}, unexpected {result['unexpected']}",
+            f"p99 {result['p99_ms'] or 0:7.1f} ms, missing {result['missing']}, late {result['late']}, "
+            f"other {result['other']}, leaked {result['leaked']}",
             flush=True,
         )
         return result
@@ -229,6 +245,7 @@ async def amain(args: argparse.Namespace) -> int:
         flush=True,
     )
     results: dict[str, list[dict]] = {}
+    leaks = 0
     try:
         with tempfile.TemporaryDirectory(prefix="fluxrt-bench-rls-") as tmp:
             workdir = Path(tmp)
@@ -249,6 +266,7 @@ async def amain(args: argparse.Namespace) -> int:
             await conn.close()
             for table in args.table_list:
                 results[table] = await run.table(table)
+            leaks = run.leaks
     finally:
         admin = await asyncpg.connect(args.dsn)
         await admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
@@ -256,6 +274,9 @@ async def amain(args: argparse.Namespace) -> int:
     summary(results)
     if args.json:
         args.json.write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2))
+    if leaks:
+        print(f"\nLEAK: {leaks} deliveries reached subscribers whose identity the policy does not admit", flush=True)
+        return 1
     return 0
 
 

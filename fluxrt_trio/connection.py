@@ -33,6 +33,7 @@ from .outbox import Flusher, Outbox
 from .protocol.channels import ChannelKind, ChannelName
 from .protocol.frames import PING, text_frame
 from .protocol.identity import Identity
+from .protocol.inbound import FrameGuard
 from .protocol.messages import CloseCode, Error, ErrorCode, PresenceEvent, ServerMessage, encode
 from .protocol.session import (
     Authenticate,
@@ -67,6 +68,10 @@ CLOSE_TIMEOUT = 2.0
 MAX_REQUEST_HEAD = 16 * 1024
 
 INVALID_TOKEN = "Invalid or expired token"
+DISCARD_LIMIT = 1024 * 1024
+"""bytes read and dropped after a protocol violation before the socket is closed anyway"""
+_DISCARDED = bytearray(64 * 1024)
+"""where bytes read only to be dropped go: one buffer for every connection, as no read of it is awaited"""
 _REQUESTS = (CheckSubscribe, CheckAction, Authenticate)
 
 
@@ -141,7 +146,6 @@ class Connection:
         "_nursery",
         "_opened_at",
         "_partial",
-        "_partial_size",
         "_reader_scope",
         "_rechecking",
         "closed",
@@ -172,7 +176,6 @@ class Connection:
         self._nursery: trio.Nursery | None = None
         self._rechecking = False
         self._partial: list[str] | None = None
-        self._partial_size = 0
 
     # ---- lifecycle -----------------------------------------------------------------------------------------
 
@@ -338,42 +341,73 @@ class Connection:
     async def _websocket(self, trailing: bytes) -> None:
         ws = self.ws
         assert ws is not None
+        guard = FrameGuard()
         data = trailing
         while True:
             if data:
                 self.last_seen = trio.current_time()
+                max_size = self.host.settings.max_message_size
+                # Headers are measured before wsproto sees them: it reports a frame only as its payload arrives.
+                refused = guard.feed(data, max_size)
+                if refused is not None:
+                    # The frames before the oversized one are still served.
+                    if refused:
+                        ws.receive_data(data[:refused])
+                        await self._handle_events()
+                    self.close(CloseCode.MESSAGE_TOO_BIG, f"message larger than {max_size} bytes")
+                    await self._discard()
+                    return
                 ws.receive_data(data)
-                await self._handle_events()
+                if not await self._handle_events():
+                    await self._discard()
+                    return
             if ws.state is ConnectionState.CLOSED:
                 return
             data = await self._recv()
             if not data:
                 return
 
-    async def _handle_events(self) -> None:
+    async def _discard(self) -> None:
+        """After a protocol violation: drop what the client still sends, unparsed, until it closes, DISCARD_LIMIT
+        bytes have come, or the close deadline (CLOSE_TIMEOUT) ends the reader.
+
+        Nothing more is parsed: wsproto keeps every byte it is fed after a parse error, and the rest of an
+        oversized frame is of no use. Reading a little rather than closing at once gives the close frame time to
+        reach a client that is still sending: closing a socket with unread bytes sends a reset, which can discard
+        it on the way.
+        """
+        sock = self.sock
+        left = DISCARD_LIMIT
+        while left > 0:
+            try:
+                read = sock.recv_into(_DISCARDED)
+                if not read:
+                    return
+                left -= read
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(sock)
+                continue
+            except OSError:
+                return
+            await trio.lowlevel.checkpoint()
+
+    async def _handle_events(self) -> bool:
+        """Act on what wsproto parsed; False once it found a protocol violation, after which it parses nothing."""
         ws = self.ws
         assert ws is not None
-        max_size = self.host.settings.max_message_size
         for event in ws.events():
             if isinstance(event, TextMessage | BytesMessage):
                 if ws.state is not ConnectionState.OPEN:
                     continue
-                data = event.data
-                # Bytes on the wire; an ASCII string (the usual JSON) needs no encoding to be measured.
-                size = len(data) if not isinstance(data, str) or data.isascii() else len(data.encode())
-                self._partial_size += size
-                if self._partial_size > max_size:
-                    self._partial, self._partial_size = None, 0
-                    self.close(CloseCode.MESSAGE_TOO_BIG, f"message larger than {max_size} bytes")
-                    continue
+                # The FrameGuard has already bounded the message's size.
                 if not event.message_finished:
-                    # A binary message is refused whole: only its size counts, its bytes are not kept.
+                    # A binary message is refused whole: its bytes are not kept.
                     if isinstance(event, TextMessage):
                         if self._partial is None:
                             self._partial = []
                         self._partial.append(event.data)
                     continue
-                parts, self._partial, self._partial_size = self._partial, None, 0
+                parts, self._partial = self._partial, None
                 await self._message(event, parts)
             elif isinstance(event, Ping):
                 self._send_raw(ws.send(event.response()))
@@ -383,9 +417,11 @@ class Connection:
                     if self._ended is None:
                         self._ended = (event.code, event.reason or "", "client")
                     self._finish_close(ws.send(event.response()))
-                elif not self.closed and ws.state is ConnectionState.OPEN:
+                elif ws.state is not ConnectionState.CLOSED:
                     # A protocol error found by wsproto (bad UTF-8, bad framing): close with its code.
                     self.close(event.code, event.reason or "protocol error")
+                    return False
+        return True
 
     async def _message(self, event: TextMessage | BytesMessage, parts: list[str] | None) -> None:
         session = self.session

@@ -180,6 +180,14 @@ def test_subscribe_to_a_malformed_channel(channel):
     assert session.subscriptions == {}
 
 
+def test_a_malformed_channel_longer_than_any_valid_one_is_not_echoed():
+    longest = "broadcast:" + "a" * 255 + " "
+    assert_error(send(make(), {"type": "subscribe", "channel": longest}), ErrorCode.INVALID_CHANNEL, channel=longest)
+    huge = "broadcast:" + "a" * 200_000
+    error = assert_error(send(make(), {"type": "subscribe", "channel": huge}), ErrorCode.INVALID_CHANNEL)
+    assert len(error.message) < 1000
+
+
 def test_subscription_limit():
     session = make(max_subscriptions=2)  # subscribe/unsubscribe allowance: 4 per minute
     subscribe(session, "broadcast:a")

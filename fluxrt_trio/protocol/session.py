@@ -37,6 +37,8 @@ from .messages import (
 
 MAX_GRANTS = 1024
 """(channel, action) pairs a session remembers as allowed; past it, they are asked about again"""
+MAX_ECHOED_CHANNEL = 300
+"""longest invalid channel name an INVALID_CHANNEL error repeats in its `channel` (a valid one is at most 265)"""
 
 
 @attrs.frozen(slots=True)
@@ -316,7 +318,9 @@ class Session:
         try:
             return parse_channel(name)
         except ChannelError as exc:
-            return error(ErrorCode.INVALID_CHANNEL, str(exc), channel=name, ref=ref)
+            # A name longer than any valid one is not echoed: the error would be as large as what was sent.
+            echoed = name if len(name) <= MAX_ECHOED_CHANNEL else None
+            return error(ErrorCode.INVALID_CHANNEL, str(exc), channel=echoed, ref=ref)
 
     def _subscribe(self, message: Subscribe) -> list[Effect]:
         channel = self._channel(message.channel, message.ref)

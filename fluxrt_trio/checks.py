@@ -57,6 +57,15 @@ class ChannelChecks:
                 f"role {role!r} may not be assumed by fluxrt; allowed: {', '.join(sorted(self.allowed_roles))} "
                 "(add it to auth.roles)",
             )
+        if is_system_schema(channel.schema):
+            # Decided before the catalog is asked: the answer neither says which system tables exist nor suggests
+            # granting a role SELECT on them.
+            return _refusal(
+                check,
+                ErrorCode.SUBSCRIPTION_FAILED,
+                f"cannot subscribe to {channel.name}: {channel.schema} is a system schema, whose tables are never "
+                "captured; subscribe to a table of your own",
+            )
         try:
             access = await table_access(self._pool, channel.schema, channel.table, role)
         except DatabaseUnavailable as exc:
@@ -131,6 +140,12 @@ def judge_table_subscribe(check: CheckSubscribe, role: str, access: TableAccess 
                 f"invalid filter: role {role} may not read column {condition.column!r} of {qualified}",
             )
     return None
+
+
+def is_system_schema(schema: str) -> bool:
+    """Whether `schema` is one whose tables `enable_realtime` refuses (migration 0001): PostgreSQL's own and
+    fluxrt's."""
+    return schema in ("pg_catalog", "information_schema", "realtime") or schema.startswith(("pg_toast", "pg_temp"))
 
 
 def _refusal(check: CheckSubscribe, code: ErrorCode, message: str) -> Error:

@@ -16,6 +16,12 @@ Two scenarios:
 
 Rounds alternate between servers and the median is reported, since the machine is shared.
 
+Slow consumers (``--slow S``): S more subscribers on the channel that never read. They are not counted in the
+figures above; per round the bench reports how many of them the server ended (their streams end when finally read
+after the run; for fluxrt also ``fluxrt_slow_consumer_closes_total`` and ``fluxrt_closes_total{code="4009"}`` from
+``/metrics``) and the server's peak RSS during the run. ``--slow-compare`` runs every server both without and with
+them, rounds alternating, and prints the ratio of the healthy subscribers' p99 fan-out latency with/without.
+
 Run from the repository root with the project venv:
 
     .venv/bin/python bench/fanout.py                 # 5000 conns, 200 msgs, 3 rounds
@@ -23,6 +29,8 @@ Run from the repository root with the project venv:
     .venv/bin/python bench/fanout.py --paced         # 5000 conns, 100 msgs, one every 250 ms
     .venv/bin/python bench/fanout.py --servers websockets --rounds 1
     .venv/bin/python bench/fanout.py --fluxrt-from before=/tmp/fluxrt-before   # also fluxrt from another tree
+    .venv/bin/python bench/fanout.py --servers fluxrt --connections 1000 --rate 40 --messages 2400 \
+        --slow 50 --slow-compare     # 50 clients that never read: healthy p99 with/without, 4009 closes, RSS
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -45,6 +54,8 @@ import orjson
 from common import BENCH_DIR, REPO_ROOT, free_port, percentile, raise_nofile_limit
 
 SERVERS = ("fluxrt", "websockets")
+# --slow-compare labels each server's rounds with the slow clients KIND + SLOW_SUFFIX.
+SLOW_SUFFIX = "+slow"
 TARGET_RATIO = 1.5
 TARGET_KIB_PER_CONN = 16.0
 CLIENT_LAG_WARN = 0.05
@@ -56,6 +67,10 @@ CLIENT_LAG_WARN = 0.05
 # leaves room.
 PACED_MS = 250.0
 PACED_MESSAGES = 100
+# --slow-compare target: the healthy subscribers' p99 fan-out latency with the slow clients at most this many times
+# the same run's without them.
+TARGET_SLOW_P99_RATIO = 1.2
+RSS_SAMPLE_S = 0.05
 
 FLUXRT_CONFIG = """\
 server:
@@ -71,8 +86,7 @@ realtime:
   anonymous_share: 1.0
   max_anonymous_per_address: 20000
   message_rate_limit: 100000000
-  write_buffer_size: 100000
-  # Server pings would land in the client's byte-counted stream; keep them out of a round, like the
+{write_buffer}  # Server pings would land in the client's byte-counted stream; keep them out of a round, like the
   # baseline's disabled keepalive. The heartbeat is one timer heap, so this doesn't change memory.
   heartbeat_interval: 300s
   connection_timeout: 600s
@@ -105,16 +119,68 @@ class RoundResult:
     latency_last_ms: list[float] = field(default_factory=list)
     latency_first_ms: list[float] = field(default_factory=list)
     offered_msgs_per_s: float | None = None
+    # With slow clients (--slow); the RSS figures and metrics are taken in every round of a --slow-compare run.
+    slow: int = 0
+    slow_closed: int | None = None
+    rss_peak_kib: int | None = None
+    rss_hwm_kib: int | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
     details: dict[str, Any] = field(default_factory=dict)
 
 
-def read_rss_kib(pid: int) -> int:
-    """VmRSS of a process in KiB."""
+def read_rss_kib(pid: int, field: str = "VmRSS") -> int:
+    """VmRSS (or another ``Vm*`` field, such as the peak ``VmHWM``) of a process in KiB."""
     with open(f"/proc/{pid}/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1])
-    raise RuntimeError(f"no VmRSS for pid {pid}")
+    raise RuntimeError(f"no {field} for pid {pid}")
+
+
+class RssSampler:
+    """The highest VmRSS of a process, sampled every RSS_SAMPLE_S from a thread until `stop`."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.peak_kib = read_rss_kib(pid)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(RSS_SAMPLE_S):
+            with contextlib.suppress(OSError, RuntimeError):
+                self.peak_kib = max(self.peak_kib, read_rss_kib(self.pid))
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return self.peak_kib
+
+
+# The /metrics samples a slow-consumer round reports, and their labels in the output.
+SLOW_METRICS = {
+    "fluxrt_slow_consumer_closes_total": "slow_consumer_closes",
+    'fluxrt_closes_total{code="4009"}': "closes_4009",
+}
+
+
+def scrape_metrics(host: str, port: int) -> dict[str, float]:
+    """The SLOW_METRICS samples of fluxrt's GET /metrics (absent ones are 0)."""
+    with socket.create_connection((host, port), timeout=10.0) as s:
+        s.sendall(f"GET /metrics HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n\r\n".encode())
+        chunks = []
+        while chunk := s.recv(65536):
+            chunks.append(chunk)
+    head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
+    if not head.startswith((b"HTTP/1.1 200", b"HTTP/1.0 200")):
+        raise RuntimeError(f"GET /metrics: {head[:100]!r}")
+    found = dict.fromkeys(SLOW_METRICS.values(), 0.0)
+    for line in body.decode().splitlines():
+        name, _, value = line.rpartition(" ")
+        if name in SLOW_METRICS:
+            found[SLOW_METRICS[name]] = float(value)
+    return found
 
 
 def http_health(host: str, port: int) -> bool:
@@ -162,9 +228,15 @@ class ServerProcess(common.ServerProcess):
         self.host: str = args.host
         self.port = free_port(args.host)
         self.path: str = args.path
-        if kind == "fluxrt" or kind in args.fluxrt_from:
+        self.is_fluxrt = kind == "fluxrt" or kind in args.fluxrt_from
+        if self.is_fluxrt:
             config = workdir / f"{kind}-{self.port}.yaml"
-            config.write_text(FLUXRT_CONFIG.format(host=self.host, port=self.port, path=self.path))
+            # With slow clients the per-connection queue bound is what is tested, so it keeps fluxrt's default;
+            # otherwise it is out of the way of a burst.
+            write_buffer = "" if args.slow_mode else "  write_buffer_size: 100000\n"
+            config.write_text(
+                FLUXRT_CONFIG.format(host=self.host, port=self.port, path=self.path, write_buffer=write_buffer)
+            )
             argv = [*fluxrt_command(args, kind), "-m", "fluxrt_trio", "--config", str(config)]
         else:
             argv = [
@@ -190,7 +262,7 @@ class ServerProcess(common.ServerProcess):
         raise RuntimeError(f"{self.kind} not healthy after {timeout}s: {self.log_tail()}")
 
 
-def start_clients(args: argparse.Namespace, server: ServerProcess) -> subprocess.Popen[str]:
+def start_clients(args: argparse.Namespace, server: ServerProcess, slow: int) -> subprocess.Popen[str]:
     argv = [
         args.python,
         str(BENCH_DIR / "fanout_clients.py"),
@@ -212,6 +284,10 @@ def start_clients(args: argparse.Namespace, server: ServerProcess) -> subprocess
         str(args.timeout),
         "--pace",
         str(args.pace),
+        "--slow",
+        str(slow),
+        "--slow-rcvbuf",
+        str(args.slow_rcvbuf),
     ]
     if args.client_cpu is not None:
         argv += ["--cpu", str(args.client_cpu)]
@@ -229,30 +305,45 @@ def read_event(clients: subprocess.Popen[str]) -> dict[str, Any]:
     return event
 
 
-def run_round(kind: str, rnd: int, args: argparse.Namespace, workdir: Path) -> RoundResult:
-    result = RoundResult(server=kind, round=rnd, ok=False)
+def run_round(label: str, kind: str, slow: int, rnd: int, args: argparse.Namespace, workdir: Path) -> RoundResult:
+    """One round of server `kind` with `slow` slow clients, reported as `label`."""
+    result = RoundResult(server=label, round=rnd, ok=False, slow=slow)
     try:
         server = ServerProcess(kind, args, workdir)
     except OSError as exc:
         result.error = f"cannot start {kind}: {exc}"
         return result
     clients: subprocess.Popen[str] | None = None
+    sampler: RssSampler | None = None
     try:
         server.wait_ready(args.startup_timeout)
         time.sleep(0.5)
         result.rss_before_kib = read_rss_kib(server.pid)
-        clients = start_clients(args, server)
+        clients = start_clients(args, server, slow)
         ready = read_event(clients)
         result.connect_s = ready["connect_s"]
         # Idle memory: give the server time to finish per-connection setup and the allocator
         # to settle before sampling.
         time.sleep(args.settle)
         result.rss_after_kib = read_rss_kib(server.pid)
-        result.kib_per_conn = (result.rss_after_kib - result.rss_before_kib) / args.connections
+        result.kib_per_conn = (result.rss_after_kib - result.rss_before_kib) / (args.connections + slow)
+        scrape = args.slow_mode and server.is_fluxrt
+        if scrape:
+            # The first scrape imports prometheus_client; have that done before the timed run, with or without slow
+            # clients alike.
+            scrape_metrics(server.host, server.port)
+        if args.slow_mode:
+            sampler = RssSampler(server.pid)
         assert clients.stdin is not None
         clients.stdin.write("go\n")
         clients.stdin.flush()
         res = read_event(clients)
+        if sampler is not None:
+            result.rss_peak_kib = sampler.stop()
+            sampler = None
+            result.rss_hwm_kib = read_rss_kib(server.pid, "VmHWM")
+        if scrape:
+            result.metrics = scrape_metrics(server.host, server.port)
         result.msgs_per_s = res["msgs_per_s"]
         result.frames_expected = res["frames_expected"]
         result.frames_delivered = res["frames_delivered"]
@@ -289,6 +380,10 @@ def run_round(kind: str, rnd: int, args: argparse.Namespace, workdir: Path) -> R
                 "send_gap_ms_max",
             ):
                 result.details[k] = res[k]
+        if slow:
+            result.slow_closed = res["slow_closed"]
+            for k in ("slow_resets", "slow_close_frames", "slow_frames_min", "slow_frames_max"):
+                result.details[k] = res[k]
         problems = []
         if res["frames_delivered"] != res["frames_expected"]:
             problems.append(
@@ -304,6 +399,8 @@ def run_round(kind: str, rnd: int, args: argparse.Namespace, workdir: Path) -> R
     except Exception as exc:
         result.error = str(exc)
     finally:
+        if sampler is not None:
+            sampler.stop()
         if clients is not None:
             with contextlib.suppress(OSError):
                 clients.stdin.close()  # type: ignore[union-attr]
@@ -351,6 +448,18 @@ def fmt_round(r: RoundResult) -> str:
                 f"\n    WARNING: {d['late_completions']} deliveries read after the next message was sent, "
                 f"{d['untimestamped_reads']} reads without a kernel timestamp: latency may be overstated"
             )
+    if r.rss_peak_kib is not None:
+        hwm = (r.rss_hwm_kib or 0) / 1024
+        line += f"\n    server RSS peak during the run {r.rss_peak_kib / 1024:.1f} MiB (VmHWM {hwm:.1f} MiB)"
+        if r.slow and r.slow_closed is not None:
+            d = r.details
+            frames = ", ".join(f"{code}: {n}" for code, n in sorted(d["slow_close_frames"].items())) or "none"
+            line += (
+                f"; slow clients {r.slow}, streams ended {r.slow_closed} ({d['slow_resets']} by reset), "
+                f"close frames read {frames}, broadcasts read {d['slow_frames_min']}-{d['slow_frames_max']} each"
+            )
+        if r.metrics:
+            line += "; /metrics " + ", ".join(f"{k} {v:g}" for k, v in r.metrics.items())
     if r.error:
         line += f"\n    WARNING: {r.error}"
     # End times come from kernel receive timestamps, so a busy client only matters once it
@@ -396,6 +505,22 @@ def summarize(results: list[RoundResult], servers: list[str]) -> dict[str, Any]:
                 offered_msgs_per_s=median_or_none([r.offered_msgs_per_s for r in ok if r.offered_msgs_per_s]),
                 overlapped_messages=sum(r.details.get("overlapped_messages", 0) for r in ok),
             )
+        peaks = [r.rss_peak_kib for r in ok if r.rss_peak_kib is not None]
+        if peaks:
+            summary[kind].update(
+                rss_peak_kib_median=statistics.median(peaks),
+                rss_peak_kib_max=max(peaks),
+                rss_hwm_kib_max=max(r.rss_hwm_kib or 0 for r in ok),
+            )
+        slow_rounds = [r for r in ok if r.slow]
+        if slow_rounds:
+            summary[kind].update(
+                slow_clients=sum(r.slow for r in slow_rounds),
+                slow_closed=sum(r.slow_closed or 0 for r in slow_rounds),
+            )
+            for name in SLOW_METRICS.values():
+                if all(name in r.metrics for r in slow_rounds):
+                    summary[kind][name] = sum(r.metrics[name] for r in slow_rounds)
     flux = summary.get("fluxrt", {}).get("msgs_per_s")
     base = summary.get("websockets", {}).get("msgs_per_s")
     summary["ratio"] = flux / base if flux and base else None
@@ -411,7 +536,7 @@ def summarize(results: list[RoundResult], servers: list[str]) -> dict[str, Any]:
         summary[f"ratio_{key}"] = flux / base if flux and base else None
     # fluxrt (this tree) against each --fluxrt-from server.
     for other in servers:
-        if other in SERVERS:
+        if other in SERVERS or other.endswith(SLOW_SUFFIX):
             continue
         ratios = {}
         for key in ("msgs_per_s", "msgs_per_cpu_s", "latency_last_p50_ms", "latency_last_p99_ms"):
@@ -419,6 +544,17 @@ def summarize(results: list[RoundResult], servers: list[str]) -> dict[str, Any]:
             base = summary[other].get(key)
             ratios[key] = flux / base if flux and base else None
         summary[f"ratio_fluxrt_{other}"] = ratios
+    # Each server with its slow clients against itself without them (--slow-compare).
+    for label in servers:
+        base = label.removesuffix(SLOW_SUFFIX)
+        if label == base or base not in summary:
+            continue
+        ratios = {}
+        for key in ("latency_last_p50_ms", "latency_last_p99_ms", "rss_peak_kib_median"):
+            with_slow = summary[label].get(key)
+            without = summary[base].get(key)
+            ratios[key] = with_slow / without if with_slow and without else None
+        summary[f"ratio_slow_{base}"] = ratios
     return summary
 
 
@@ -445,6 +581,8 @@ def print_summary(summary: dict[str, Any], servers: list[str], args: argparse.Na
     print(
         f"Fan-out: {args.connections} subscribers x {args.messages} broadcasts, "
         f"payload {args.payload_bytes} B, median of {args.rounds} round(s)"
+        + (f"; {args.slow} slow clients besides (columns {SLOW_SUFFIX})" if args.slow_compare else "")
+        + (f"; {args.slow} slow clients besides" if args.slow and not args.slow_compare else "")
     )
     row("", servers)
     if args.pace:
@@ -462,6 +600,15 @@ def print_summary(summary: dict[str, Any], servers: list[str], args: argparse.Na
         row("msgs per server CPU-second", [num(summary[k]["msgs_per_cpu_s"], ",.0f") for k in servers])
         row("server CPU-s per 1M deliveries", [num(summary[k]["cpu_s_per_m_deliveries"], ".2f") for k in servers])
     row("idle KiB/conn", [num(summary[k]["kib_per_conn"], ".1f") for k in servers])
+    if args.slow_mode:
+        mib = [summary[k].get("rss_peak_kib_median") for k in servers]
+        row("server RSS peak in run, MiB", [num(v / 1024 if v else None, ".1f") for v in mib])
+        mib = [summary[k].get("rss_peak_kib_max") for k in servers]
+        row("  highest of the rounds, MiB", [num(v / 1024 if v else None, ".1f") for v in mib])
+        row("slow clients (all rounds)", [str(summary[k].get("slow_clients", 0)) for k in servers])
+        row("  their streams ended", [num(summary[k].get("slow_closed"), "d") for k in servers])
+        for name in SLOW_METRICS.values():
+            row(f"  /metrics {name}", [num(summary[k].get(name), "g") for k in servers])
     row("valid rounds", [f"{summary[k]['rounds_ok']}/{summary[k]['rounds']}" for k in servers])
     if args.pace:
         counts = {summary[k].get("latency_messages") for k in servers}
@@ -506,14 +653,50 @@ def print_summary(summary: dict[str, Any], servers: list[str], args: argparse.Na
                     f"p99 {ratios['latency_last_p99_ms']:.2f}x (lower is better)"
                 )
             print(line)
+    for label in servers:
+        base = label.removesuffix(SLOW_SUFFIX)
+        ratios = summary.get(f"ratio_slow_{base}")
+        if label == base or not ratios:
+            continue
+        p99 = ratios["latency_last_p99_ms"]
+        if p99 is not None:
+            verdict = "PASS" if p99 <= TARGET_SLOW_P99_RATIO else "FAIL"
+            print(
+                f"  {base} healthy fan-out latency p99 with/without slow clients: {p99:.2f}x "
+                f"(target <= {TARGET_SLOW_P99_RATIO}) {verdict}; p50 {ratios['latency_last_p50_ms'] or 0:.2f}x"
+            )
+    for label in servers:
+        entry = summary[label]
+        if entry.get("slow_clients"):
+            closed = entry.get("closes_4009")
+            metrics = f", {closed:g} closed 4009 by the server's count" if closed is not None else ""
+            verdict = "PASS" if slow_closes_met(entry) else "FAIL"
+            print(
+                f"  {label}: of {entry['slow_clients']} slow clients, {entry['slow_closed']} had their stream "
+                f"ended by the server{metrics} {verdict}"
+            )
     if "fluxrt" in servers and summary["fluxrt"]["kib_per_conn"] is not None:
         kib = summary["fluxrt"]["kib_per_conn"]
         verdict = "PASS" if kib <= TARGET_KIB_PER_CONN else "FAIL"
         print(f"  fluxrt idle memory: {kib:.1f} KiB/conn (target <= {TARGET_KIB_PER_CONN:g}) {verdict}")
 
 
+def slow_closes_met(entry: dict[str, Any]) -> bool:
+    """Every slow client's stream ended and, where /metrics was read, each was counted a 4009 close."""
+    ended = entry.get("slow_closed") == entry["slow_clients"]
+    closes = entry.get("closes_4009")
+    return ended and (closes is None or closes == entry["slow_clients"])
+
+
 def targets_met(summary: dict[str, Any], servers: list[str], paced: bool) -> bool:
     ok = all(summary[k]["rounds_ok"] == summary[k]["rounds"] for k in servers)
+    for label in servers:
+        if summary[label].get("slow_clients"):
+            ok = ok and slow_closes_met(summary[label])
+        ratios = summary.get(f"ratio_slow_{label.removesuffix(SLOW_SUFFIX)}")
+        if label.endswith(SLOW_SUFFIX) and ratios:
+            p99 = ratios["latency_last_p99_ms"]
+            ok = ok and p99 is not None and p99 <= TARGET_SLOW_P99_RATIO
     # Paced throughput is the offered rate for any server that keeps up; the ratio target is
     # about the burst scenario.
     if summary["ratio"] is not None and not paced:
@@ -545,6 +728,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help=f"paced preset: --pace {PACED_MS:g} --messages {PACED_MESSAGES} (either can still be overridden)",
     )
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=None,
+        metavar="MSGS_PER_S",
+        help="paced at this many broadcasts per second: the same as --pace 1000/MSGS_PER_S",
+    )
+    parser.add_argument(
+        "--slow",
+        type=int,
+        default=0,
+        metavar="S",
+        help="also subscribe S clients that never read (not counted in the figures); report whether they were closed",
+    )
+    parser.add_argument(
+        "--slow-compare",
+        action="store_true",
+        help=f"run every server without and with the --slow clients, rounds alternating (columns KIND, "
+        f"KIND{SLOW_SUFFIX}), and report the healthy p99 ratio (target <= {TARGET_SLOW_P99_RATIO}x)",
+    )
+    parser.add_argument(
+        "--slow-rcvbuf", type=int, default=4096, help="SO_RCVBUF of the slow clients, so they fill fast (default 4096)"
+    )
     parser.add_argument("--servers", default=",".join(SERVERS), help="comma-separated subset of: fluxrt,websockets")
     parser.add_argument(
         "--fluxrt-from",
@@ -563,6 +769,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, help="also write all results to this file")
     parser.add_argument("--check", action="store_true", help="exit 1 unless all targets are met")
     args = parser.parse_args(argv)
+    if args.rate is not None:
+        if args.pace is not None or args.paced:
+            parser.error("--rate is another way to give --pace; give one")
+        if args.rate <= 0:
+            parser.error("--rate must be > 0")
+        args.pace = 1000.0 / args.rate
+    if args.slow < 0:
+        parser.error("--slow must be >= 0")
+    if args.slow_compare and not args.slow:
+        parser.error("--slow-compare needs --slow S, the number of slow clients")
+    args.slow_mode = bool(args.slow)
     if args.pace is None:
         args.pace = PACED_MS if args.paced else 0.0
     if args.pace < 0:
@@ -599,7 +816,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.client_cpu is not None:
         # The driver mostly sleeps; keep it off the server's CPU.
         os.sched_setaffinity(0, {args.client_cpu})
-    servers: list[str] = args.server_list
+    variants: list[tuple[str, str, int]] = []
+    for kind in args.server_list:
+        if args.slow_compare:
+            variants += [(kind, kind, 0), (kind + SLOW_SUFFIX, kind, args.slow)]
+        else:
+            variants.append((kind, kind, args.slow))
+    servers = [label for label, _kind, _slow in variants]
     pin = (
         "unpinned" if args.server_cpu is None else f"server on CPU {args.server_cpu}, clients on CPU {args.client_cpu}"
     )
@@ -609,6 +832,13 @@ def main(argv: list[str] | None = None) -> int:
         f"servers {', '.join(servers)}; {pin}",
         flush=True,
     )
+    if args.slow:
+        where = f"in the {SLOW_SUFFIX} rounds" if args.slow_compare else "in every round"
+        print(
+            f"  slow clients: {args.slow} {where}, SO_RCVBUF {args.slow_rcvbuf}, never reading; fluxrt with its "
+            "default realtime.write_buffer_size",
+            flush=True,
+        )
     if args.fluxrt_from:
         for kind in ["fluxrt", *args.fluxrt_from]:
             if kind in servers:
@@ -617,9 +847,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="fluxrt-bench-") as tmp:
         for rnd in range(1, args.rounds + 1):
             # Alternate which server goes first so slow drift on a shared box hits both alike.
-            order = servers if rnd % 2 else list(reversed(servers))
-            for kind in order:
-                r = run_round(kind, rnd, args, Path(tmp))
+            order = variants if rnd % 2 else list(reversed(variants))
+            for label, kind, slow in order:
+                r = run_round(label, kind, slow, rnd, args, Path(tmp))
                 results.append(r)
                 print(fmt_round(r), flush=True)
                 if "server_log_tail" in r.details:

@@ -12,6 +12,11 @@ Driven by ``bench/fanout.py`` over stdin/stdout (one JSON object per stdout line
    milliseconds); receivers only count bytes until each connection has exactly M * F, then
    prints ``{"event": "result", ...}`` and exits. Paced runs also time each message's fan-out.
 
+With ``--slow S``, S more connections (a small SO_RCVBUF) subscribe to the same channel after the N and then
+never read: they stand for clients that stopped reading. They take no part in the warm-up, the byte count or the
+latencies. Once the timed run is over they finally read, to learn whether the server ended them: a connection the
+server closed reads to EOF (or ECONNRESET) after whatever the kernel still held; the counts are in the result.
+
 A full WebSocket library per connection would make this process the bottleneck, hence raw
 epoll and byte counting in the timed phase. Any frame of another size (ping, close, an extra
 message) breaks the exact ``M * F`` byte count per connection and is reported as an error.
@@ -20,6 +25,7 @@ message) breaks the exact ``M * F`` byte count per connection and is reported as
 from __future__ import annotations
 
 import argparse
+import collections
 import itertools
 import os
 import select
@@ -48,6 +54,9 @@ from wsraw import (
 
 # Kernel timestamps are read once a connection has fewer than this many bytes left (see timed_run).
 NEAR_BYTES = 8192
+
+# How long the slow clients get, once the timed run is over, to read to the end of their streams.
+SLOW_DRAIN_S = 15.0
 
 # Connection states.
 CONNECTING, HANDSHAKING, SUBSCRIBING, IDLE = range(4)
@@ -84,8 +93,11 @@ class FanoutClients:
         self.timeout: float = args.timeout
         self.sweep_pause: float = args.sweep_pause
         self.server_pid: int | None = args.server_pid
+        self.n_slow: int = args.slow
+        self.slow_rcvbuf: int = args.slow_rcvbuf
         self.ep = select.epoll()
         self.subs: list[Conn] = []
+        self.slow: list[Conn] = []
         self.by_fd: dict[int, Conn] = {}
         self.publisher: Conn | None = None
         self.subscribe_frame = masked_frame(orjson.dumps({"type": "subscribe", "channel": self.channel}))
@@ -93,8 +105,8 @@ class FanoutClients:
 
     # -- helpers -----------------------------------------------------------------------------
 
-    def _new_conn(self) -> Conn:
-        conn = Conn(open_socket(self.host, self.port))
+    def _new_conn(self, rcvbuf: int | None = None) -> Conn:
+        conn = Conn(open_socket(self.host, self.port, rcvbuf))
         self.by_fd[conn.fd] = conn
         self.ep.register(conn.fd, select.EPOLLOUT)
         return conn
@@ -137,20 +149,30 @@ class FanoutClients:
     # -- phases ------------------------------------------------------------------------------
 
     def connect_all(self) -> float:
-        """Open and subscribe N connections, at most ``concurrency`` handshakes in flight."""
+        """Open and subscribe the N subscribers, then the slow clients, then the publisher."""
         t0 = time.perf_counter()
         deadline = t0 + self.timeout
-        to_open = self.n
+        self._connect(self.n, self.subs, None, deadline)
+        self._connect(self.n_slow, self.slow, self.slow_rcvbuf, deadline)
+        for conn in self.slow:
+            # From here on nothing reads them, so the server's frames pile up in its send buffer and then its queue.
+            self.ep.unregister(conn.fd)
+        self.publisher = self._open_publisher(deadline)
+        return time.perf_counter() - t0
+
+    def _connect(self, count: int, into: list[Conn], rcvbuf: int | None, deadline: float) -> None:
+        """Open and subscribe ``count`` connections into ``into``, at most ``concurrency`` handshakes in flight."""
+        to_open = count
         in_flight = 0
         ready = 0
         expected_ack = {"type": "ack", "channel": self.channel, "status": "subscribed"}
-        while ready < self.n:
+        while ready < count:
             while to_open and in_flight < self.concurrency:
-                self._new_conn()
+                self._new_conn(rcvbuf)
                 to_open -= 1
                 in_flight += 1
             if time.perf_counter() > deadline:
-                raise BenchError(f"only {ready}/{self.n} connections subscribed after {self.timeout}s")
+                raise BenchError(f"only {ready}/{count} connections subscribed after {self.timeout}s")
             for fd, ev in self.ep.poll(1.0, len(self.by_fd) + 1):
                 conn = self.by_fd[fd]
                 if conn.state == CONNECTING:
@@ -177,11 +199,9 @@ class FanoutClients:
                 if conn.buf:
                     raise BenchError("unexpected bytes after the subscribe ack")
                 conn.state = IDLE
-                self.subs.append(conn)
+                into.append(conn)
                 in_flight -= 1
                 ready += 1
-        self.publisher = self._open_publisher(deadline)
-        return time.perf_counter() - t0
 
     def _open_publisher(self, deadline: float) -> Conn:
         conn = self._new_conn()
@@ -527,6 +547,52 @@ class FanoutClients:
             **cpu_fields(cpu1 - cpu0, server_cpu0, server_cpu1, wall),
         }
 
+    def drain_slow(self, timeout: float) -> dict[str, Any]:
+        """Read every slow client's stream to its end, for at most ``timeout`` seconds; how they ended.
+
+        A client that never read cannot have seen a close frame when the server gave up on it, so a connection counts
+        as closed by the server when its stream ends (EOF or ECONNRESET) once read. The frames read on the way are
+        parsed: the broadcasts the kernel had buffered for it, and the close frame if the server got it that far.
+        """
+        for conn in self.slow:
+            conn.buf.clear()
+            self.ep.register(conn.fd, select.EPOLLIN)
+        open_fds = {conn.fd for conn in self.slow}
+        frames = dict.fromkeys(open_fds, 0)
+        codes: collections.Counter[str] = collections.Counter()
+        resets = 0
+        deadline = time.perf_counter() + timeout
+        while open_fds and time.perf_counter() < deadline:
+            for fd, _ev in self.ep.poll(0.2, len(self.by_fd) + 1):
+                if fd not in open_fds:
+                    continue
+                conn = self.by_fd[fd]
+                try:
+                    data = conn.sock.recv(65536)
+                except ConnectionResetError:
+                    data = b""
+                    resets += 1
+                if not data:
+                    open_fds.discard(fd)
+                    self.ep.unregister(fd)
+                    continue
+                conn.buf += data
+                while (parsed := parse_frame(conn.buf)) is not None:
+                    opcode, payload, length = parsed
+                    del conn.buf[:length]
+                    if opcode == OP_CLOSE:
+                        codes[str(int.from_bytes(payload[:2], "big")) if len(payload) >= 2 else "none"] += 1
+                    else:
+                        frames[fd] += 1
+        return {
+            "slow_clients": len(self.slow),
+            "slow_closed": len(self.slow) - len(open_fds),
+            "slow_resets": resets,
+            "slow_close_frames": dict(codes),
+            "slow_frames_min": min(frames.values(), default=0),
+            "slow_frames_max": max(frames.values(), default=0),
+        }
+
     def _count_extra_bytes(self, received: list[int], target: int) -> int:
         """Subscribers that got all ``target`` bytes and still have more to read."""
         extra = 0
@@ -570,6 +636,10 @@ def main() -> int:
     parser.add_argument(
         "--pace", type=float, default=0.0, help="ms between broadcasts (default 0: all at once, a burst)"
     )
+    parser.add_argument("--slow", type=int, default=0, help="also open this many subscribers that never read")
+    parser.add_argument(
+        "--slow-rcvbuf", type=int, default=4096, help="SO_RCVBUF of the slow subscribers, so they fill fast"
+    )
     parser.add_argument("--server-pid", type=int, help="report this process's CPU use in the run")
     parser.add_argument("--cpu", type=int, help="pin this process to one CPU")
     parser.add_argument("--no-wait", action="store_true", help="don't wait for 'go' on stdin")
@@ -586,6 +656,8 @@ def main() -> int:
             raise BenchError("driver went away before 'go'")
         clients.warmup()
         result = clients.paced_run(args.pace) if args.pace > 0 else clients.timed_run()
+        if args.slow:
+            result.update(clients.drain_slow(SLOW_DRAIN_S))
         emit("result", connect_s=connect_s, **result)
     except (BenchError, OSError) as exc:
         emit("error", message=f"{type(exc).__name__}: {exc}")

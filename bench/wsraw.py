@@ -89,10 +89,15 @@ def kernel_stamp(ancdata: list[tuple[int, int, bytes]]) -> int:
     return stamp
 
 
-def open_socket(host: str, port: int) -> socket.socket:
-    """A non-blocking TCP socket (no Nagle, kernel receive timestamps on) with its connect under way."""
+def open_socket(host: str, port: int, rcvbuf: int | None = None) -> socket.socket:
+    """A non-blocking TCP socket (no Nagle, kernel receive timestamps on) with its connect under way.
+
+    ``rcvbuf`` sets SO_RCVBUF before the connect, so the window offered in the handshake is already that small.
+    """
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setblocking(False)
+    if rcvbuf is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
     err = sock.connect_ex((host, port))

@@ -466,8 +466,12 @@ class Connection:
     async def _ask(self, session: Session, request: Request) -> Outcome:
         match request:
             case CheckSubscribe(renewal=True):
+                identity = session.identity
                 try:
-                    return await self.host.checks.subscribe(session.identity, request)
+                    outcome = await self.host.checks.subscribe(identity, request)
+                    # A newer token came meanwhile (a re-check retried after an outage runs beside the reader):
+                    # its own re-check of this subscription decides, not this stale answer.
+                    return outcome if session.identity is identity else None
                 except Exception:
                     # The token already changed: a subscription that cannot be checked under it ends, and the
                     # others are still checked, rather than one failure leaving them all unchecked.

@@ -5,6 +5,7 @@ Every problem is reported at once, one line each, naming the source, the key pat
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -43,6 +44,7 @@ class ServerConfig:
     allowed_origins: tuple[str, ...] = ()
     handshake_timeout: Seconds = Seconds(10 * SECONDS)
     max_pending_handshakes_per_address: Count = Count(64)
+    trusted_proxies: tuple[str, ...] = ()
 
 
 @attrs.frozen
@@ -390,6 +392,14 @@ def _cross_checks(config: Config, label: str) -> list[str]:
             f"{label}: auth.allow_anonymous: false needs auth.jwt_secret, auth.jwt_secret_file or "
             "auth.jwt_public_key_file to verify tokens"
         )
+    for proxy in config.server.trusted_proxies:
+        try:
+            ipaddress.ip_network(proxy, strict=False)
+        except ValueError:
+            problems.append(
+                f"{label}: server.trusted_proxies: {proxy!r} is not an IP address or network; expected e.g. "
+                "127.0.0.1, 10.0.0.0/8 or ::1"
+            )
     rt = config.realtime
     if rt.max_connections_per_user > rt.max_connections:
         problems.append(

@@ -90,6 +90,8 @@ class ConnectionSettings:
     max_message_size: int
     write_buffer_size: int
     session_limits: SessionLimits
+    trusted_proxies: tuple[http.Network, ...]
+    """peers whose X-Forwarded-For names the client (server.trusted_proxies)"""
 
     @classmethod
     def from_config(cls, config: Config) -> ConnectionSettings:
@@ -103,6 +105,7 @@ class ConnectionSettings:
             read_buffer_size=rt.read_buffer_size,
             max_message_size=rt.max_message_size,
             write_buffer_size=rt.write_buffer_size,
+            trusted_proxies=http.trusted_networks(config.server.trusted_proxies),
             session_limits=SessionLimits(
                 max_subscriptions=rt.max_subscriptions_per_connection,
                 message_rate_limit=rt.message_rate_limit,
@@ -261,7 +264,8 @@ class Connection:
         identity = self._authenticate(decision.token)
         if identity is None:
             return trailing
-        refusal = host.admission.admit(self, identity, address_key(self.peer.rpartition(":")[0]))
+        client = http.client_address(request.headers, self.peer.rpartition(":")[0], settings.trusted_proxies)
+        refusal = host.admission.admit(self, identity, address_key(client))
         if refusal is not None:
             log.info("connection refused", extra=ctx(conn=self.conn_id, peer=self.peer, reason=refusal))
             self._reply(Error(ErrorCode.RATE_LIMITED, refusal))

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import ipaddress
 import urllib.parse
+from collections.abc import Iterable
 from http import HTTPStatus
 
 import attrs
@@ -48,6 +50,46 @@ def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> str | None:
         if key == name:
             return value.decode("latin-1")
     return None
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def trusted_networks(proxies: tuple[str, ...]) -> tuple[Network, ...]:
+    """`server.trusted_proxies` as networks (the configuration has validated them)."""
+    return tuple(ipaddress.ip_network(proxy, strict=False) for proxy in proxies)
+
+
+def is_trusted(host: str, trusted: tuple[Network, ...]) -> bool:
+    """Whether `host` (the socket's peer address) is one of the trusted proxies."""
+    if not trusted:
+        return False
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return any(address in network for network in trusted)
+
+
+def client_address(headers: Iterable[tuple[bytes, bytes]], peer: str, trusted: tuple[Network, ...]) -> str:
+    """The address a request comes from: `peer` (the socket's), unless it is a trusted proxy; then the rightmost
+    X-Forwarded-For entry that is not itself a trusted proxy (entries to its left are the client's own word), or
+    `peer` when there is none or it is not an IP address."""
+    if not is_trusted(peer, trusted):
+        return peer
+    hops = [
+        hop.strip() for key, value in headers if key == b"x-forwarded-for" for hop in value.decode("latin-1").split(",")
+    ]
+    for hop in reversed(hops):
+        if is_trusted(hop, trusted):
+            continue
+        try:
+            return str(ipaddress.ip_address(hop))
+        except ValueError:
+            return peer
+    return peer
 
 
 def accept_key(key: str) -> str:

@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 import trio
 
-from . import metrics
+from . import http, metrics
 from .admission import Admission, address_key
 from .auth import Verifier
 from .checks import ChannelChecks
@@ -157,7 +157,12 @@ class Server:
                     connection = Connection(
                         self, sock, f"{self._id_prefix}{next(self._ids):x}", f"{address[0]}:{address[1]}"
                     )
-                    refusal = self.admission.begin_handshake(connection, address_key(address[0]))
+                    # A trusted proxy carries many clients' handshakes at once: its own are not capped.
+                    refusal = (
+                        None
+                        if http.is_trusted(address[0], self.settings.trusted_proxies)
+                        else self.admission.begin_handshake(connection, address_key(address[0]))
+                    )
                     if refusal is not None:
                         _refuse_at_once(sock, refusal)
                         continue

@@ -86,6 +86,17 @@ class _Collector:
         for reason, n in sorted(c.rejected_connections.items()):
             rejected.add_metric([reason], n)
         yield rejected
+        # Counted where asyncpg raises, for the whole process (every server in it shares the database driver).
+        from .postgres.bridge import errors as database_errors
+
+        by_class = CounterMetricFamily(
+            "fluxrt_database_errors",
+            "Database errors met (and retried or reported), by SQLSTATE class: 08 connection, 53 resources, ...",
+            labels=["sqlstate_class"],
+        )
+        for sqlstate_class, n in sorted(database_errors.items()):
+            by_class.add_metric([sqlstate_class], n)
+        yield by_class
         yield GaugeMetricFamily("fluxrt_uptime_seconds", "Seconds since the server started", value=self._uptime())
         yield GaugeMetricFamily(
             "fluxrt_tasks",

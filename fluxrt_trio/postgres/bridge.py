@@ -6,8 +6,10 @@ returning plain values. Each crossing costs about 0.1 ms, so callers batch (one 
 
 from __future__ import annotations
 
+import collections
 import logging
 import re
+import time
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -19,6 +21,14 @@ import trio_asyncio
 log = logging.getLogger("fluxrt.postgres")
 
 T = TypeVar("T")
+
+errors: collections.Counter[str] = collections.Counter()
+"""Database errors seen by this process, by SQLSTATE class (the code's first two characters; "08", connection
+exception, for a connection that failed without one), for `fluxrt_database_errors_total`."""
+
+RESOURCE_LOG_INTERVAL = 10.0
+"""seconds between log lines about the same resource error (SQLSTATE class 53) while it lasts"""
+_resource_logged: dict[str, float] = {}
 
 AUTHORIZER_ROLE = "fluxrt_authorizer"
 """The role that subscribe checks and row-level security log in as by default (see sql/0004_authorizer.sql)."""
@@ -113,9 +123,27 @@ async def _refuse_superuser(conn: asyncpg.Connection) -> None:
 
 
 def is_connection_error(exc: asyncpg.PostgresError) -> bool:
+    """Whether the error means "the database cannot serve us now" rather than "this SQL is wrong": every caller
+    then retries with backoff (or refuses with "database unavailable"), never at once."""
     code = getattr(exc, "sqlstate", "") or ""
-    # 08: connection exception; 57P: operator intervention (shutdown, terminated backend); 53: resources.
+    # 08: connection exception; 57P: operator intervention (shutdown, terminated backend); 53: insufficient
+    # resources (too many connections, out of memory, disk full), which pass with time or an operator.
     return code.startswith(("08", "57P", "53"))
+
+
+def count_error(exc: BaseException) -> None:
+    """Count a database error by SQLSTATE class; log a resource error (class 53) at most every
+    RESOURCE_LOG_INTERVAL seconds per SQLSTATE, since every retry meets it again."""
+    code = getattr(exc, "sqlstate", None) or "08000"
+    errors[code[:2]] += 1
+    if code.startswith("53"):
+        now = time.monotonic()
+        if now - _resource_logged.get(code, -RESOURCE_LOG_INTERVAL) >= RESOURCE_LOG_INTERVAL:
+            _resource_logged[code] = now
+            log.warning(
+                "the database is out of a resource; retrying with backoff",
+                extra={"ctx_sqlstate": code, "ctx_error": describe(exc)},
+            )
 
 
 def describe(exc: BaseException) -> str:
@@ -129,6 +157,7 @@ async def connect(dsn: str) -> Any:
     try:
         return await trio_asyncio.aio_as_trio(asyncpg.connect)(dsn)
     except (OSError, asyncpg.PostgresError) as exc:
+        count_error(exc)
         raise DatabaseUnavailable(describe(exc)) from None
 
 
@@ -151,8 +180,10 @@ async def _cross(unit: Callable[[], Awaitable[T]]) -> T:
         asyncpg.ConnectionDoesNotExistError,
     ) as exc:
         # InternalClientError: asyncpg's state machine after the backend vanished mid-statement.
+        count_error(exc)
         raise DatabaseUnavailable(describe(exc)) from None
     except asyncpg.PostgresError as exc:
+        count_error(exc)
         if is_connection_error(exc):
             raise DatabaseUnavailable(describe(exc)) from None
         raise

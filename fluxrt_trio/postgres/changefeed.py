@@ -24,13 +24,14 @@ from .bridge import DatabaseUnavailable, close_connection, connect, describe, on
 log = logging.getLogger("fluxrt.changefeed")
 
 BACKOFF_START = 0.1
-"""seconds before the first reconnect; doubles up to 5 s, back to this after every good connection"""
+"""seconds before the first reconnect; doubles up to 5 s, back to this after every read that worked"""
 
 
 class Changefeed:
     """Reads windows forever and sends them on `out`; reconnects with backoff, losing nothing.
 
-    `state` is "connecting", "ok" or "degraded" (the database is away); see /health.
+    `state` is "connecting", "ok" (the last read worked) or "degraded" (the database is away, or reads fail);
+    see /health.
     """
 
     def __init__(
@@ -67,7 +68,7 @@ class Changefeed:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run until cancelled. Reports started after the first attempt to connect, whether or not it succeeded:
-        the changefeed keeps trying, with backoff reset by every good connection."""
+        the changefeed keeps trying, with backoff reset by every read that worked."""
         self._report = task_status
         while True:
             try:
@@ -96,6 +97,15 @@ class Changefeed:
         if report is not None:
             report.started()
 
+    def _healthy(self) -> None:
+        # Only a read that worked counts: a server that accepts connections but fails every read (out of memory,
+        # a missing table) must not reset the backoff, or the feed would reconnect ten times a second.
+        log.info("changefeed connected")
+        self.state = "ok"
+        self._ok.set()
+        self.last_error = None
+        self._backoff = BACKOFF_START
+
     def _degraded(self, reason: str) -> None:
         if self.state != "degraded":
             log.warning("database unreachable; changes will be read when it is back", extra={"ctx_error": reason})
@@ -113,12 +123,6 @@ class Changefeed:
             await on_connection(conn, lambda c: c.add_listener(changelog.NOTIFY_CHANNEL, wake))
         if self._prev is None:
             self._prev = await on_connection(conn, changelog.current_snapshot)
-        if self.state != "ok":
-            log.info("changefeed connected")
-        self.state = "ok"
-        self._ok.set()
-        self.last_error = None
-        self._backoff = BACKOFF_START
         self._started()
         while True:
             await self._read(conn)
@@ -142,6 +146,8 @@ class Changefeed:
             page = await on_connection(
                 conn, functools.partial(changelog.read_page, prev=self._prev, cur=self._cur, after=self._after)
             )
+            if self.state != "ok":
+                self._healthy()
             if page.missed and self._gap_reported != self._prev:
                 # Rows this node had not read yet were pruned: however long it was away (or stalled), say so,
                 # once for this gap.
@@ -154,7 +160,7 @@ class Changefeed:
                 self.changes += len(page.changes)
                 await self._out.send(Window(page.changes))
                 self._after = page.changes[-1].id
-            if len(page.changes) < changelog.PAGE:
+            if not page.full:
                 break
         self._prev, self._cur, self._after = self._cur, None, 0
         self.caught_up_at = self._cur_taken_at

@@ -18,9 +18,15 @@ log = logging.getLogger("fluxrt.changefeed")
 
 PAGE = 5000
 """rows per read; a larger backlog is read in pages under the same pair of snapshots"""
+PAGE_BYTES = 8 * 1024 * 1024
+"""row images per read, in bytes of JSON text: a page stops at the row that reaches it, so that a backlog of large
+rows is read a few at a time (a single row larger than this is still read, alone)"""
 
+# The page's rows are cut where their running size (old and new image as text) reaches $5: a row is kept when the
+# rows before it add up to less, so the first one always is. The one row of a page without changes has no images.
 _WINDOW = """
-WITH cur AS MATERIALIZED (SELECT coalesce($2::text::pg_snapshot, pg_current_snapshot()) AS s)
+WITH cur AS MATERIALIZED (SELECT coalesce($2::text::pg_snapshot, pg_current_snapshot()) AS s),
+page AS (
 SELECT cur.s::text AS snap,
        coalesce((SELECT horizon FROM realtime.pruned) > pg_snapshot_xmin($1::text::pg_snapshot), false) AS missed,
        c.id, c.created_at, c.relid, c.schema_name, c.table_name, c.op,
@@ -36,6 +42,16 @@ SELECT cur.s::text AS snap,
   ) c ON true
  ORDER BY c.id
  LIMIT $4
+), sized AS (
+SELECT page.*, coalesce(octet_length(old_record), 0) + coalesce(octet_length(new_record), 0) AS size
+  FROM page
+), running AS (
+SELECT sized.*, sum(size) OVER (ORDER BY id ROWS UNBOUNDED PRECEDING) AS upto FROM sized
+)
+SELECT snap, missed, id, created_at, relid, schema_name, table_name, op, old_record, new_record, upto
+  FROM running
+ WHERE upto - size < $5
+ ORDER BY id
 """
 
 PRUNE = """
@@ -70,6 +86,8 @@ class Page:
     missed: bool
     """changes committed after `prev` were pruned before this node read them"""
     changes: list[RowChange]
+    full: bool = False
+    """the page stopped at PAGE rows or PAGE_BYTES: there may be more under the same snapshots"""
 
 
 async def current_snapshot(conn: asyncpg.Connection) -> str:
@@ -77,12 +95,15 @@ async def current_snapshot(conn: asyncpg.Connection) -> str:
     return snapshot
 
 
-async def read_page(conn: asyncpg.Connection, prev: str | None, cur: str | None, after: int) -> Page:
+async def read_page(
+    conn: asyncpg.Connection, prev: str | None, cur: str | None, after: int, max_bytes: int = PAGE_BYTES
+) -> Page:
     """The changes committed after snapshot `prev` and visible in `cur` (a new snapshot when None), with ids above
-    `after`, in id order, at most PAGE of them."""
-    rows = await conn.fetch(_WINDOW, prev, cur, after, PAGE)
-    first = rows[0]
-    return Page(first[0], bool(first[1]), [_change(tuple(r)) for r in rows if r[2] is not None])
+    `after`, in id order: at most PAGE of them, and no more once their images reach `max_bytes`."""
+    rows = await conn.fetch(_WINDOW, prev, cur, after, PAGE, max_bytes)
+    first, last = rows[0], rows[-1]
+    changes = [_change(tuple(r)[:10]) for r in rows if r[2] is not None]
+    return Page(first[0], bool(first[1]), changes, len(changes) >= PAGE or last[10] >= max_bytes)
 
 
 async def record_horizon(conn: asyncpg.Connection) -> None:

@@ -6,6 +6,7 @@ Every problem is reported at once, one line each, naming the source, the key pat
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -123,9 +124,9 @@ class ConfigError(Exception):
 
 _DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*\Z")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
-_SIZE = re.compile(r"\s*(\d+)\s*(B|KiB|MiB|GiB|KB|MB|GB)?\s*\Z")
+_SIZE = re.compile(r"\s*(\d{1,30})\s*(B|KiB|MiB|GiB|KB|MB|GB)?\s*\Z")
 _SIZE_UNITS = {None: 1, "B": 1, "KiB": KIB, "MiB": MIB, "GiB": 1024 * MIB, "KB": 1000, "MB": 10**6, "GB": 10**9}
-_RATE = re.compile(r"\s*(\d+)\s*(?:/|per)\s*(s|sec|second|m|min|minute|h|hour)\s*\Z")
+_RATE = re.compile(r"\s*(\d{1,30})\s*(?:/|per)\s*(s|sec|second|m|min|minute|h|hour)\s*\Z")
 _RATE_UNITS = {"s": 60, "sec": 60, "second": 60, "m": 1, "min": 1, "minute": 1, "h": 1 / 60, "hour": 1 / 60}
 
 
@@ -144,8 +145,9 @@ def _seconds(value: object, _: Any) -> float:
         seconds = float(m[1]) * _DURATION_UNITS[m[2]]
     else:
         raise _Invalid(f"expected a duration like 30s, 2m or 1h, got {value!r}")
-    if seconds <= 0:
-        raise _Invalid(f"expected a duration greater than zero, got {value!r}")
+    # NaN would pass `<= 0`, and an endless timeout or interval is never what a typo meant.
+    if not (seconds > 0 and math.isfinite(seconds)):
+        raise _Invalid(f"expected a finite duration greater than zero, got {value!r}")
     return seconds
 
 
@@ -168,8 +170,9 @@ def _count(value: object, _: Any) -> int:
 
 
 def _per_minute(value: object, _: Any) -> int:
+    rate: float
     if isinstance(value, int) and not isinstance(value, bool):
-        rate = float(value)
+        rate = value
     elif isinstance(value, str) and (m := _RATE.match(value)):
         rate = int(m[1]) * _RATE_UNITS[m[2]]
     else:
@@ -300,7 +303,8 @@ def _env_overrides(raw: dict[str, Any], environ: Mapping[str, str], source: dict
             continue
         try:
             value = yaml.safe_load(text) if text.strip() else None
-        except yaml.YAMLError:
+        except (yaml.YAMLError, ValueError):
+            # ValueError: text YAML takes for a number or a date it cannot build (`2024-13-01`, 5000 digits).
             value = text
         # A secret, a DSN or a name is a string even when it looks like a number or a boolean. Empty turns off the
         # database settings that may be off (FLUXRT_DATABASE_EMBEDDED= stops the embedded database) and is an error
@@ -338,6 +342,9 @@ def load_config(path: str | os.PathLike[str] | None, environ: Mapping[str, str] 
             raw = yaml.safe_load(text)
         except yaml.YAMLError as exc:
             raise ConfigError([f"{label}: not valid YAML: {exc}".replace("\n", " ")]) from None
+        except ValueError as exc:
+            # A plain value YAML reads as a number or a date it cannot build (`2024-13-01`, 5000 digits).
+            raise ConfigError([f"{label}: a value cannot be read ({exc}); quote it to keep it as text"]) from None
         if raw is None:
             raw = {}
     if not isinstance(raw, dict):

@@ -7,7 +7,7 @@ CONFIG ?= fluxrt.yaml
 # A development-only secret so that `make run` and `make token` work out of the box; real deployments set their own.
 DEV_SECRET ?= dev-only-secret-change-me-0123456789abcdef
 
-.PHONY: setup run test lint format token migrate bench-fanout bench-changes bench-rls bench-startup pyz clean
+.PHONY: setup run test lint format token migrate fuzz bench-fanout bench-changes bench-rls bench-startup pyz clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,18 @@ format: $(STAMP)
 
 test: lint
 	$(BIN)/pytest
+
+# Coverage-guided fuzzing (fuzz/README.md): each harness for FUZZ_SECONDS; the corpus stays in build/fuzz/<target>,
+# a crashing input is written there as crash-*.
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS := decode channels filters session
+FUZZ_ARGS_decode := -dict=fuzz/json.dict
+
+fuzz: $(STAMP)
+	mkdir -p $(addprefix build/fuzz/,$(FUZZ_TARGETS))
+	$(foreach t,$(FUZZ_TARGETS),$(BIN)/python fuzz/fuzz_$(t).py -max_total_time=$(FUZZ_SECONDS) -timeout=10 \
+		-print_final_stats=1 -artifact_prefix=build/fuzz/ $(FUZZ_ARGS_$(t)) build/fuzz/$(t) \
+		$(wildcard fuzz/seeds/$(t)) &&) true
 
 bench-fanout: $(STAMP)
 	$(BIN)/python bench/fanout.py $(ARGS)

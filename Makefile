@@ -40,7 +40,7 @@ test: lint
 # Coverage-guided fuzzing (fuzz/README.md): each harness for FUZZ_SECONDS; the corpus stays in build/fuzz/<target>,
 # a crashing input is written there as crash-*.
 FUZZ_SECONDS ?= 60
-FUZZ_TARGETS := decode channels filters session
+FUZZ_TARGETS := decode channels filters session inbound
 FUZZ_ARGS_decode := -dict=fuzz/json.dict
 
 fuzz: $(STAMP)

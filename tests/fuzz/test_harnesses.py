@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-TARGETS = ("decode", "channels", "filters", "session")
+TARGETS = ("decode", "channels", "filters", "session", "inbound")
 SECONDS = 3
 
 

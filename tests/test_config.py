@@ -444,6 +444,7 @@ def test_masked_hides_the_secret_and_the_dsn_password():
         "allowed_origins": [],
         "handshake_timeout": 10.0,
         "max_pending_handshakes_per_address": 64,
+        "trusted_proxies": [],
     }
     assert data["realtime"]["max_message_size"] == 65536
     assert data["realtime"]["heartbeat_interval"] == 30.0

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import collections
 import ipaddress
-from collections.abc import KeysView
+from collections.abc import Callable, KeysView
 from typing import Generic, TypeVar
 
 from .protocol.identity import Identity
@@ -50,6 +50,9 @@ class Admission(Generic[C]):
     Anonymous connections (see `is_anonymous`) have no per-user count, so they are held to two limits of their own:
     at most `anonymous_share` of `max_connections` together (the rest of the node stays free for users with a
     token), and at most `max_anonymous_per_address` from one source address (`address_key`).
+
+    In a cluster, `elsewhere(sub)` says how many connections the user holds on the other nodes (they count against
+    `max_connections_per_user` too), and `counted(sub, n)` is told every change of this node's count.
     """
 
     def __init__(
@@ -61,12 +64,16 @@ class Admission(Generic[C]):
         max_anonymous_per_address: int = 50,
         anonymous_share: float = 0.5,
         max_pending_handshakes_per_address: int = 64,
+        elsewhere: Callable[[str], int] | None = None,
+        counted: Callable[[str, int], None] | None = None,
     ) -> None:
         self.max_connections = max_connections
         self.max_connections_per_user = max_connections_per_user
         self.max_anonymous_per_address = max_anonymous_per_address
         self.anonymous_share = anonymous_share
         self.max_pending_handshakes_per_address = max_pending_handshakes_per_address
+        self.elsewhere = elsewhere
+        self.counted = counted
         self.rejected = rejected if rejected is not None else collections.Counter()
         """refusals by reason (`node_limit`, `user_limit`, `anonymous_share`, `anonymous_address_limit`,
         `pending_handshakes`), for /metrics"""
@@ -166,10 +173,15 @@ class Admission(Generic[C]):
                 )
             return None
         sub = identity.sub
-        if sub is not None and self.per_user[sub] >= self.max_connections_per_user:
+        if sub is None:
+            return None
+        held = self.per_user[sub]
+        if self.elsewhere is not None:
+            held += self.elsewhere(sub)
+        if held >= self.max_connections_per_user:
             return "user_limit", (
                 f"too many connections for this user (realtime.max_connections_per_user = "
-                f"{self.max_connections_per_user})"
+                f"{self.max_connections_per_user}{', counted on every node' if self.elsewhere else ''})"
             )
         return None
 
@@ -179,6 +191,8 @@ class Admission(Generic[C]):
             self.anonymous_per_address[address] += 1
         else:
             self.per_user[identity.sub] += 1
+            if self.counted is not None:
+                self.counted(identity.sub, self.per_user[identity.sub])
 
     def _uncount(self, identity: Identity, address: str) -> None:
         if identity.sub is None:
@@ -186,6 +200,8 @@ class Admission(Generic[C]):
             _decrement(self.anonymous_per_address, address)
         else:
             _decrement(self.per_user, identity.sub)
+            if self.counted is not None:
+                self.counted(identity.sub, self.per_user[identity.sub])
 
 
 def _decrement(counter: collections.Counter[str], key: str) -> None:

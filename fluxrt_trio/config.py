@@ -19,6 +19,7 @@ import yaml
 from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, IterableValidationError
 
 from .admission import anonymous_places
+from .cluster import address as redis_address
 
 Seconds = NewType("Seconds", float)
 Bytes = NewType("Bytes", int)
@@ -93,6 +94,15 @@ class RealtimeConfig:
 
 
 @attrs.frozen
+class ClusterConfig:
+    redis_url: Secret | None = None
+    node_id: str | None = None
+    node_timeout: Seconds = Seconds(15 * SECONDS)
+    prefix: str = "fluxrt"
+    max_backlog: Bytes = Bytes(8 * MIB)
+
+
+@attrs.frozen
 class LogConfig:
     level: LogLevel = "info"
     format: LogFormat = "json"
@@ -104,14 +114,17 @@ class Config:
     auth: AuthConfig = AuthConfig()
     database: DatabaseConfig = DatabaseConfig()
     realtime: RealtimeConfig = RealtimeConfig()
+    cluster: ClusterConfig = ClusterConfig()
     log: LogConfig = LogConfig()
 
 
-for _cls in (ServerConfig, AuthConfig, DatabaseConfig, RealtimeConfig, LogConfig, Config):
+for _cls in (ServerConfig, AuthConfig, DatabaseConfig, RealtimeConfig, ClusterConfig, LogConfig, Config):
     attrs.resolve_types(_cls)
 
 _TEXT_TYPES = (str, Secret, str | None, Secret | None, UrlPath)
-_EMPTY_UNSETS = frozenset({"database.dsn", "database.authorizer_dsn", "database.embedded"})
+_EMPTY_UNSETS = frozenset(
+    {"database.dsn", "database.authorizer_dsn", "database.embedded", "cluster.redis_url", "cluster.node_id"}
+)
 
 
 class ConfigError(Exception):
@@ -419,6 +432,32 @@ def _cross_checks(config: Config, label: str) -> list[str]:
             f"({rt.max_connections}) leaves no place for anonymous connections; raise it, or set "
             "auth.allow_anonymous: false"
         )
+    problems.extend(_cluster_checks(config.cluster, label))
+    return problems
+
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
+
+
+def _cluster_checks(cluster: ClusterConfig, label: str) -> list[str]:
+    problems = []
+    if cluster.redis_url is not None:
+        try:
+            redis_address.parse(cluster.redis_url)
+        except ValueError as exc:
+            problems.append(f"{label}: cluster.redis_url: {exc}")
+    for key in ("node_id", "prefix"):
+        value = getattr(cluster, key)
+        if value is not None and not _NAME.match(value):
+            problems.append(
+                f"{label}: cluster.{key}: {value[:80]!r} is not a name: 1 to 64 letters, digits, '.', '_' or '-', "
+                "starting with a letter or a digit"
+            )
+    if cluster.node_timeout < 1:
+        problems.append(
+            f"{label}: cluster.node_timeout: {cluster.node_timeout}s is too short: a node must be able to miss a "
+            "heartbeat or two; use 1s or more (default 15s)"
+        )
     return problems
 
 
@@ -447,6 +486,8 @@ def masked(config: Config) -> dict[str, Any]:
     for key in ("dsn", "authorizer_dsn"):
         if data["database"][key]:
             data["database"][key] = _mask_dsn(data["database"][key])
+    if data["cluster"]["redis_url"]:
+        data["cluster"]["redis_url"] = _mask_dsn(data["cluster"]["redis_url"])
     for section in data.values():
         for key, value in section.items():
             if isinstance(value, tuple):
@@ -459,6 +500,7 @@ RESTART_REQUIRED = (
     "server.port",
     "server.path",
     "database",
+    "cluster",
     "auth.anon_role",
     "auth.default_role",
     "auth.roles",

@@ -41,6 +41,7 @@ from .protocol.session import (
     CheckSubscribe,
     Close,
     Effect,
+    HandOff,
     IdentityChanged,
     Join,
     Leave,
@@ -72,7 +73,7 @@ DISCARD_LIMIT = 1024 * 1024
 """bytes read and dropped after a protocol violation before the socket is closed anyway"""
 _DISCARDED = bytearray(64 * 1024)
 """where bytes read only to be dropped go: one buffer for every connection, as no read of it is awaited"""
-_REQUESTS = (CheckSubscribe, CheckAction, Authenticate)
+_REQUESTS = (CheckSubscribe, CheckAction, HandOff, Authenticate)
 
 
 @attrs.frozen(slots=True)
@@ -268,7 +269,7 @@ class Connection:
         refusal = host.admission.admit(self, identity, address_key(client))
         if refusal is not None:
             log.info("connection refused", extra=ctx(conn=self.conn_id, peer=self.peer, reason=refusal))
-            self._reply(Error(ErrorCode.RATE_LIMITED, refusal))
+            self.reply_nowait(Error(ErrorCode.RATE_LIMITED, refusal))
             self.close(CloseCode.RATE_LIMITED, "too many connections")
             return trailing
         self.session = Session(self.conn_id, identity, settings.session_limits)
@@ -291,7 +292,7 @@ class Connection:
             except AuthError as exc:
                 reason = str(exc)
         log.info("refused token", extra=ctx(conn=self.conn_id, peer=self.peer, reason=reason))
-        self._reply(Error(ErrorCode.UNAUTHORIZED, INVALID_TOKEN))
+        self.reply_nowait(Error(ErrorCode.UNAUTHORIZED, INVALID_TOKEN))
         self.close(CloseCode.UNAUTHORIZED, "unauthorized")
         return None
 
@@ -444,7 +445,7 @@ class Connection:
             # A fault of ours while handling one message: say so, and keep serving the connection.
             log.exception("internal error handling a message", extra=ctx(conn=self.conn_id))
             ref = message_ref(effects)
-            self._reply(Error(ErrorCode.INTERNAL_ERROR, "internal error while handling this message", ref=ref))
+            self.reply_nowait(Error(ErrorCode.INTERNAL_ERROR, "internal error while handling this message", ref=ref))
 
     # ---- effects -------------------------------------------------------------------------------------------
 
@@ -485,6 +486,16 @@ class Connection:
                 return await self.host.checks.subscribe(session.identity, request)
             case CheckAction():
                 return await self.host.checks.action(session.identity, request)
+            case HandOff(channel=channel, ref=ref):
+                reason = self.host.hub.unavailable()
+                if reason is None:
+                    return None
+                return Error(
+                    ErrorCode.UNAVAILABLE,
+                    f"{reason}: the presence change was not made; retry with backoff",
+                    channel=channel.name,
+                    ref=ref,
+                )
             case Authenticate(token=token, ref=ref):
                 try:
                     identity = self.host.verifier.verify(token)
@@ -518,7 +529,7 @@ class Connection:
         hub = self.host.hub
         match effect:
             case Reply(message=message):
-                self._reply(message)
+                self.reply_nowait(message)
             case Join(subscription=sub):
                 hub.join(sub.channel.name, self)
                 self._table_changed(sub.channel)
@@ -526,9 +537,9 @@ class Connection:
                 hub.leave(channel.name, self)
                 self._table_changed(channel)
             case SendPresenceState(channel=channel):
-                self._reply(PresenceEvent(channel.name, "sync", hub.presence_state(channel.name)))
-            case Publish(channel=channel, payload=payload):
-                hub.broadcast(channel.name, payload, sender=self)
+                self.reply_nowait(PresenceEvent(channel.name, "sync", hub.presence_state(channel.name)))
+            case Publish(channel=channel, payload=payload, ref=ref):
+                hub.broadcast(channel.name, payload, sender=self, ref=ref)
             case Track(channel=channel, key=key, ref=ref, state=state):
                 hub.track(channel.name, key, ref, state)
             case Untrack(channel=channel, key=key, ref=ref):
@@ -548,7 +559,8 @@ class Connection:
 
     # ---- output --------------------------------------------------------------------------------------------
 
-    def _reply(self, message: ServerMessage) -> None:
+    def reply_nowait(self, message: ServerMessage) -> None:
+        """Send `message` to this client (a reply, a sync), counted in messages out and errors by code."""
         counters = self.host.counters
         counters.messages_out += 1
         if isinstance(message, Error):
@@ -608,7 +620,7 @@ class Connection:
         """Tell the client why, then drop the subscription; the connection stays open."""
         if self.session is None or self.closed:
             return
-        self._reply(error)
+        self.reply_nowait(error)
         for effect in self.session.drop(channel):
             self._apply_local(effect)
 
@@ -632,5 +644,5 @@ class Connection:
         self.close(CloseCode.TIMEOUT, f"connection timeout: nothing received for {idle:.0f}s")
 
     def token_expired(self) -> None:
-        self._reply(Error(ErrorCode.UNAUTHORIZED, "token expired"))
+        self.reply_nowait(Error(ErrorCode.UNAUTHORIZED, "token expired"))
         self.close(CloseCode.UNAUTHORIZED, "token expired")

@@ -1,7 +1,7 @@
 """Who is subscribed to what, and delivery to them: encode once, hand the same frame bytes to every recipient.
 
-`Hub` is the interface the rest of the server uses; `LocalHub` is the single-node implementation. A cluster
-backend implements the same interface and forwards publishes and presence to other nodes.
+`Hub` is the interface the rest of the server uses; `LocalHub` is the single-node implementation; `cluster.hub`'s
+`ClusterHub` implements it over Redis, with a `LocalHub` for this node's subscribers.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any, Generic, Protocol, TypeVar
 import attrs
 
 from .protocol.frames import text_frame
-from .protocol.messages import BroadcastEvent, PresenceEvent, ServerMessage, encode
+from .protocol.messages import Ack, BroadcastEvent, PresenceEvent, ServerMessage, encode
 from .protocol.presence import Diff, Meta, PresenceRoom
 
 
@@ -22,6 +22,9 @@ class Subscriber(Protocol):
 
     def deliver_nowait(self, frame: bytes) -> None:
         """Queue one frame without blocking. A subscriber that cannot keep up closes itself; it never raises."""
+
+    def reply_nowait(self, message: ServerMessage) -> None:
+        """Queue an answer to this subscriber's own message (an ack or an error), as `deliver_nowait` does."""
 
 
 S = TypeVar("S", bound=Subscriber)
@@ -57,8 +60,14 @@ class Hub(Protocol[S]):
     def publish_nowait(self, channel: str, message: ServerMessage, *, exclude: S | None = None) -> int:
         """Deliver `message` to every subscriber of `channel` but `exclude`; return the event's position."""
 
-    def broadcast(self, channel: str, payload: Any, *, sender: S | None = None) -> int:
-        """Relay a client broadcast to every subscriber of `channel` but its sender; return its position."""
+    def broadcast(self, channel: str, payload: Any, *, sender: S | None = None, ref: str | None = None) -> int:
+        """Relay a client broadcast to every subscriber of `channel` but its sender; return its position. The hub
+        answers the sender: `ack` `sent` (with `ref`, once handed to every node) or `UNAVAILABLE` (delivered
+        nowhere)."""
+
+    def unavailable(self) -> str | None:
+        """Why a broadcast or a presence change cannot reach the other nodes now (then it must be refused), or
+        None."""
 
     def track(self, channel: str, key: str, ref: str, state: dict[str, Any]) -> None:
         """Track presence `ref` under `key` in `channel` and send the diff to the channel's subscribers."""
@@ -122,9 +131,16 @@ class LocalHub(Generic[S]):
         self._delivered += len(recipients) - (exclude in members)
         return self._position
 
-    def broadcast(self, channel: str, payload: Any, *, sender: S | None = None) -> int:
+    def broadcast(self, channel: str, payload: Any, *, sender: S | None = None, ref: str | None = None) -> int:
         """Relay a client broadcast to every other subscriber."""
-        return self.publish_nowait(channel, BroadcastEvent(channel, payload), exclude=sender)
+        position = self.publish_nowait(channel, BroadcastEvent(channel, payload), exclude=sender)
+        if sender is not None and ref is not None:
+            sender.reply_nowait(Ack("sent", channel, ref))
+        return position
+
+    def unavailable(self) -> str | None:
+        """One node is always available to itself."""
+        return None
 
     def track(self, channel: str, key: str, ref: str, state: dict[str, Any]) -> None:
         room = self._rooms.setdefault(channel, PresenceRoom())

@@ -15,7 +15,9 @@ import attrs
 from .hub import HubStatistics
 
 if TYPE_CHECKING:
-    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
+
+    from .cluster.hub import ClusterStatistics
 
 
 @attrs.define
@@ -39,7 +41,9 @@ class _Collector:
         uptime: Callable[[], float],
         changefeed_lag: Callable[[], float | None],
         tasks: Callable[[], int],
+        cluster: Callable[[], ClusterStatistics] | None,
     ) -> None:
+        self._cluster = cluster
         self._counters = counters
         self._connections = connections
         self._hub = hub
@@ -47,7 +51,7 @@ class _Collector:
         self._changefeed_lag = changefeed_lag
         self._tasks = tasks
 
-    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily | SummaryMetricFamily]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
         c = self._counters
@@ -111,6 +115,56 @@ class _Collector:
                 "oldest change not yet read",
                 value=lag,
             )
+        if self._cluster is not None:
+            yield from _cluster_metrics(self._cluster())
+
+
+def _cluster_metrics(
+    stats: ClusterStatistics,
+) -> Iterator[GaugeMetricFamily | CounterMetricFamily | SummaryMetricFamily]:
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
+
+    yield GaugeMetricFamily(
+        "fluxrt_cluster_engine_up",
+        "1 while the cluster engine (Redis) is reachable; 0 while broadcasts and presence changes are refused",
+        value=1 if stats.state == "up" else 0,
+    )
+    yield GaugeMetricFamily("fluxrt_cluster_nodes", "Nodes this node hears from, itself included", value=stats.nodes)
+    members = GaugeMetricFamily("fluxrt_cluster_presence_members", "Presence metas by node", labels=["node"])
+    for node, n in sorted(stats.members.items()):
+        members.add_metric([node], n)
+    yield members
+    yield GaugeMetricFamily(
+        "fluxrt_cluster_backlog_bytes", "Bytes queued for Redis and not yet taken by it", value=stats.backlog_bytes
+    )
+    yield CounterMetricFamily("fluxrt_cluster_messages_out", "Operations published to the bus", value=stats.ops_out)
+    yield CounterMetricFamily(
+        "fluxrt_cluster_messages_in", "Operations received from other nodes on the bus", value=stats.ops_in
+    )
+    yield CounterMetricFamily("fluxrt_cluster_batches_out", "Batches published to the bus", value=stats.batches_out)
+    yield CounterMetricFamily("fluxrt_cluster_batches_in", "Batches received from other nodes", value=stats.batches_in)
+    yield CounterMetricFamily(
+        "fluxrt_cluster_unavailable",
+        "Broadcasts and presence changes refused with UNAVAILABLE (engine unreachable or backlog full)",
+        value=stats.refused,
+    )
+    yield CounterMetricFamily(
+        "fluxrt_cluster_state_reads",
+        "Other nodes' states read from Redis (a node announced itself, or one of its batches was missed)",
+        value=stats.state_reads,
+    )
+    yield CounterMetricFamily(
+        "fluxrt_cluster_reconnects", "Times the node reached Redis again after losing it", value=stats.reconnects
+    )
+    yield CounterMetricFamily(
+        "fluxrt_cluster_malformed", "Messages on the bus that were not fluxrt batches", value=stats.malformed
+    )
+    yield SummaryMetricFamily(
+        "fluxrt_cluster_publish_seconds",
+        "Round trips of publishing one batch to Redis (the bus latency this node adds)",
+        count_value=stats.publish_seconds_count,
+        sum_value=stats.publish_seconds_sum,
+    )
 
 
 def exposition(
@@ -120,6 +174,7 @@ def exposition(
     uptime: Callable[[], float],
     changefeed_lag: Callable[[], float | None],
     tasks: Callable[[], int],
+    cluster: Callable[[], ClusterStatistics] | None = None,
 ) -> bytes:
     """The Prometheus text exposition of everything above, and the process's own metrics (`process_*`: resident
     memory, CPU seconds, open and maximum file descriptors; on Linux)."""
@@ -127,7 +182,7 @@ def exposition(
     from prometheus_client.process_collector import ProcessCollector
 
     registry = CollectorRegistry(auto_describe=False)
-    collector: Any = _Collector(counters, connections, hub, uptime, changefeed_lag, tasks)
+    collector: Any = _Collector(counters, connections, hub, uptime, changefeed_lag, tasks, cluster)
     registry.register(collector)
     ProcessCollector(registry=registry)
     return generate_latest(registry)

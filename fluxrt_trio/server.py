@@ -11,7 +11,7 @@ import secrets
 import socket
 import time
 from collections.abc import KeysView
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import trio
@@ -30,6 +30,9 @@ from .protocol.messages import CloseCode
 from .supervisor import Supervisor
 from .tables import TableChannels
 
+if TYPE_CHECKING:
+    from .cluster.hub import ClusterHub
+
 log = logging.getLogger("fluxrt.server")
 
 # Running out of descriptors or memory is a load condition: wait and accept again instead of dying.
@@ -44,6 +47,20 @@ class Server:
 
     def __init__(self, config: Config, *, hub: Hub[Connection] | None = None) -> None:
         self.config = config
+        # Imported only for a cluster: one node runs no Redis code at all.
+        self.cluster: ClusterHub[Connection] | None = None
+        cluster = config.cluster
+        if hub is None and cluster.redis_url is not None:
+            from .cluster.hub import ClusterHub, default_node_id
+
+            self.cluster = ClusterHub(
+                cluster.redis_url,
+                node_id=cluster.node_id or default_node_id(),
+                node_timeout=cluster.node_timeout,
+                prefix=cluster.prefix,
+                max_backlog=cluster.max_backlog,
+            )
+            hub = self.cluster
         self.hub: Hub[Connection] = hub if hub is not None else LocalHub()
         self.verifier = Verifier(config.auth)
         self.counters = metrics.Counters()
@@ -58,6 +75,8 @@ class Server:
             max_anonymous_per_address=rt.max_anonymous_per_address,
             anonymous_share=rt.anonymous_share,
             max_pending_handshakes_per_address=config.server.max_pending_handshakes_per_address,
+            elsewhere=self.cluster.users_elsewhere if self.cluster is not None else None,
+            counted=self.cluster.user_count if self.cluster is not None else None,
         )
         self.db: DatabaseService | None = None
         self.tables: TableChannels | None = None
@@ -103,6 +122,8 @@ class Server:
                     self._nursery = nursery
                     nursery.start_soon(self.supervisor.run)
                     nursery.start_soon(self.flusher.run)
+                    if self.cluster is not None:
+                        await nursery.start(self.cluster.run)
                     if self.db is not None and self.tables is not None:
                         await nursery.start(self.db.run)
                         nursery.start_soon(self.tables.run, self.db.windows)
@@ -196,6 +217,8 @@ class Server:
         if self._handlers:
             with trio.move_on_after(self.config.realtime.shutdown_timeout):
                 await self._idle.wait()
+        if self.cluster is not None:
+            await self.cluster.leave_cluster()
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
         log.info("stopped")
@@ -245,6 +268,7 @@ class Server:
                 self.uptime,
                 lambda: self.db.changefeed.lag() if self.db is not None else None,
                 _task_count,
+                self.cluster.cluster_statistics if self.cluster is not None else None,
             )
             return 200, body, "text/plain; version=0.0.4; charset=utf-8"
         database = self.database_state()
@@ -255,6 +279,16 @@ class Server:
             "uptime_s": round(self.uptime(), 3),
             "database": database,
         }
+        if self.cluster is not None:
+            # Reported, but not a 503: every node would leave the balancer when the one Redis fails, and each still
+            # serves its own connections and table changes.
+            stats = self.cluster.cluster_statistics()
+            health["cluster"] = {
+                "state": stats.state,
+                "node_id": stats.node,
+                "nodes": stats.nodes,
+                "last_error": stats.last_error,
+            }
         if self.db is not None:
             health["changefeed"] = {
                 "windows": self.db.changefeed.windows,

@@ -26,6 +26,7 @@ class ErrorCode(enum.StrEnum):
     INVALID_MESSAGE = "INVALID_MESSAGE"
     INTERNAL_ERROR = "INTERNAL_ERROR"
     CHANGES_MISSED = "CHANGES_MISSED"
+    UNAVAILABLE = "UNAVAILABLE"
 
 
 class CloseCode(enum.IntEnum):

@@ -67,7 +67,7 @@ class Subscription:
 
 # ---- effects -------------------------------------------------------------------------------------------------
 #
-# Requests (CheckSubscribe, CheckAction, Authenticate) ask the outside world something; the shell answers each
+# Requests (CheckSubscribe, CheckAction, HandOff, Authenticate) ask the outside world something; the shell answers each
 # through `Session.answered`, which returns the effects that follow. Each request carries the ref of the message it
 # serves, so the answer (an ack or an error) can echo it.
 
@@ -104,6 +104,18 @@ class CheckAction:
 
 
 @attrs.frozen(slots=True)
+class HandOff:
+    """Can a presence change (`action`: `track`, `untrack`) on `channel` reach every node now? Outcome: None, or
+    the refusal to send (UNAVAILABLE: the cluster engine is unreachable). Asked after the channel checks, just
+    before the change is made, so that a refused change is not recorded."""
+
+    channel: ChannelName
+    action: str
+    ref: str | None
+    payload: Any
+
+
+@attrs.frozen(slots=True)
 class Authenticate:
     """Verify `token`. Outcome: the new Identity, or the refusal to send (the identity stays)."""
 
@@ -118,7 +130,7 @@ class Unavailable:
     reason: str
 
 
-Request = CheckSubscribe | CheckAction | Authenticate
+Request = CheckSubscribe | CheckAction | HandOff | Authenticate
 Outcome = Identity | Error | Unavailable | None
 """what the shell found: None (allowed), an Error to send (refused), a verified Identity (Authenticate), or
 Unavailable (a renewal check that could not be made)"""
@@ -141,8 +153,12 @@ class Leave:
 
 @attrs.frozen(slots=True)
 class Publish:
+    """Broadcast `payload` on `channel`. The hub answers the client (ack `sent` when `ref` is set, or
+    UNAVAILABLE), since only it knows when the message has reached every node."""
+
     channel: ChannelName
     payload: Any
+    ref: str | None = None
 
 
 @attrs.frozen(slots=True)
@@ -184,6 +200,7 @@ Effect = (
     Reply
     | CheckSubscribe
     | CheckAction
+    | HandOff
     | Authenticate
     | Join
     | SendPresenceState
@@ -207,7 +224,7 @@ def message_ref(effects: list[Effect]) -> str | None:
     for effect in effects:
         if isinstance(effect, Reply) and isinstance(effect.message, Ack | Error | Pong):
             return effect.message.ref
-        if isinstance(effect, CheckSubscribe | CheckAction | Authenticate):
+        if isinstance(effect, CheckSubscribe | CheckAction | HandOff | Authenticate):
             return effect.ref
     return None
 
@@ -359,6 +376,10 @@ class Session:
                     self._granted.clear()
                 self._granted.add((request.channel.name, request.action))
                 return self._allowed(request)
+            case HandOff():
+                if isinstance(outcome, Error):
+                    return [Reply(outcome)]
+                return self._handed_off(request)
             case Authenticate():
                 if isinstance(outcome, Identity):
                     return self._authenticated(outcome, request.ref)
@@ -433,19 +454,24 @@ class Session:
         return [check]
 
     def _allowed(self, check: CheckAction) -> list[Effect]:
-        channel, name, ref = check.channel, check.channel.name, check.ref
         if check.action == "broadcast":
-            effects: list[Effect] = [Publish(channel, check.payload)]
-            if ref is not None:
-                effects.append(Reply(Ack("sent", name, ref)))
+            return [Publish(check.channel, check.payload, check.ref)]
+        return [HandOff(check.channel, "track", check.ref, check.payload)]
+
+    def _handed_off(self, request: HandOff) -> list[Effect]:
+        channel, name, ref = request.channel, request.channel.name, request.ref
+        if request.action == "untrack":
+            effects: list[Effect] = [Reply(Ack("untracked", name, ref))] if ref is not None else []
+            if self.tracked.pop(name, None) is not None:
+                effects.append(Untrack(channel, self.presence_key, self.conn_id))
             return effects
         if name not in self.subscriptions:
             # Ended by the server while the check ran.
             return self._not_subscribed(name, "track", ref)
         # The ack goes first, then the diff that every subscriber (this one included) receives.
-        self.tracked[name] = check.payload
+        self.tracked[name] = request.payload
         effects = [Reply(Ack("tracked", name, ref))] if ref is not None else []
-        effects.append(Track(channel, self.presence_key, self.conn_id, check.payload))
+        effects.append(Track(channel, self.presence_key, self.conn_id, request.payload))
         return effects
 
     def _not_subscribed(self, name: str, event: str, ref: str | None) -> list[Effect]:
@@ -477,13 +503,10 @@ class Session:
             )
         if name not in self.subscriptions:
             return self._not_subscribed(name, message.event, ref)
-        effects: list[Effect] = []
         if message.event == "untrack":
-            if ref is not None:
-                effects.append(Reply(Ack("untracked", name, ref)))
-            if self.tracked.pop(name, None) is not None:
-                effects.append(Untrack(channel, self.presence_key, self.conn_id))
-            return effects
+            if name in self.tracked:
+                return [HandOff(channel, "untrack", ref, None)]
+            return [Reply(Ack("untracked", name, ref))] if ref is not None else []
         state = message.payload
         if not isinstance(state, dict):
             return error(

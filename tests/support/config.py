@@ -5,7 +5,15 @@ from __future__ import annotations
 from typing import Any
 
 from fluxrt_trio.auth import mint
-from fluxrt_trio.config import AuthConfig, Config, DatabaseConfig, LogConfig, RealtimeConfig, ServerConfig
+from fluxrt_trio.config import (
+    AuthConfig,
+    ClusterConfig,
+    Config,
+    DatabaseConfig,
+    LogConfig,
+    RealtimeConfig,
+    ServerConfig,
+)
 
 SECRET = "test-secret-" + "x" * 64
 
@@ -19,6 +27,7 @@ def make_config(**sections: dict[str, Any]) -> Config:
         "auth": AuthConfig(**auth),
         "database": DatabaseConfig(**sections.pop("database", {})),
         "realtime": RealtimeConfig(**sections.pop("realtime", {})),
+        "cluster": ClusterConfig(**sections.pop("cluster", {})),
         "log": LogConfig(**sections.pop("log", {})),
     }
     assert not sections, f"unknown sections {sections}"

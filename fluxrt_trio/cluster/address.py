@@ -1,0 +1,72 @@
+"""`cluster.redis_url`, parsed: one Redis (`redis://`, `rediss://` with TLS, `unix://`) or a primary found through
+Redis Sentinel (`redis+sentinel://`, `rediss+sentinel://`)."""
+
+from __future__ import annotations
+
+import urllib.parse
+
+import attrs
+
+_DIRECT = ("redis", "rediss", "unix")
+_SENTINEL = ("redis+sentinel", "rediss+sentinel")
+SCHEMES = _DIRECT + _SENTINEL
+
+
+@attrs.frozen(slots=True)
+class SentinelAddress:
+    sentinels: tuple[tuple[str, int], ...]
+    primary: str
+    """the name the sentinels monitor the primary under"""
+    db: int
+    password: str | None
+    username: str | None
+    tls: bool
+
+
+def parse(url: str) -> str | SentinelAddress:
+    """A direct URL as given (redis-py reads it), or the sentinels and the primary's name of a Sentinel URL
+    `redis+sentinel://[[user]:password@]host[:port][,host[:port]...]/primary-name[/db]` (port 26379 by default).
+
+    Raises ValueError naming what is wrong.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme not in SCHEMES:
+        raise ValueError(f"expected a URL starting with one of {', '.join(s + '://' for s in SCHEMES)}")
+    if scheme in _DIRECT:
+        split = urllib.parse.urlsplit(url)
+        if scheme != "unix" and not split.hostname:
+            raise ValueError("no host: expected e.g. redis://127.0.0.1:6379/0")
+        try:
+            split.port  # noqa: B018 (raises for a port that is not a number)
+        except ValueError:
+            raise ValueError("the port is not a number") from None
+        return url
+    netloc, _, path = rest.partition("/")
+    credentials, _, hosts = netloc.rpartition("@")
+    username, _, password = credentials.partition(":") if credentials else ("", "", "")
+    sentinels = []
+    for item in hosts.split(","):
+        item = item.strip()
+        if item.startswith("["):
+            host, _, port = item[1:].partition("]")
+            port = port.removeprefix(":")
+        else:
+            host, _, port = item.partition(":")
+        if not host:
+            raise ValueError("a sentinel address is empty: expected host[:port] separated by commas")
+        if port and not port.isdigit():
+            raise ValueError(f"sentinel port {port!r} is not a number")
+        sentinels.append((host, int(port) if port else 26379))
+    parts = [p for p in path.split("/") if p]
+    if not parts:
+        raise ValueError("no primary name: expected redis+sentinel://host:26379/<primary-name>[/db]")
+    if len(parts) > 2 or (len(parts) == 2 and not parts[1].isdigit()):
+        raise ValueError("expected /<primary-name>[/<db number>] after the sentinel addresses")
+    return SentinelAddress(
+        sentinels=tuple(sentinels),
+        primary=urllib.parse.unquote(parts[0]),
+        db=int(parts[1]) if len(parts) == 2 else 0,
+        password=urllib.parse.unquote(password) or None,
+        username=urllib.parse.unquote(username) or None,
+        tls=scheme.startswith("rediss"),
+    )

@@ -1,0 +1,330 @@
+"""The door to Redis: redis-py's asyncio client behind the trio-asyncio bridge, one crossing per unit of work (a
+batch published with the state it changes, a burst of bus messages read, one node's state read).
+
+Keys, all under `cluster.prefix` (P):
+
+- `P:bus`: the pub/sub channel every node publishes its batches to and reads everyone's from.
+- `P:nodes`: the set of node ids that have written state (pruned of those whose `P:node:` key expired).
+- `P:node:<id>`: "<incarnation> <seq>", the last batch whose state changes are written; it expires after
+  `cluster.node_timeout` unless the node publishes again (it publishes at least every fifth of it).
+- `P:presence:<id>`: a hash of the node's presence metas (`wire.member_field` -> state JSON), same expiry.
+- `P:users:<id>`: a hash of the node's connections per user (`sub` -> count), same expiry.
+
+A batch, the state it changes and the expiry refresh go in one MULTI/EXEC, so a node that reads another's state
+gets it exactly as of some batch: the later ones it receives on the bus (see view.ClusterView).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import attrs
+import orjson
+import redis.asyncio as aioredis
+import trio
+import trio_asyncio
+from redis.asyncio.sentinel import Sentinel
+from redis.exceptions import RedisError
+
+from . import address, wire
+from .view import Snapshot
+
+T = TypeVar("T")
+
+RECEIVE_WAIT = 0.5
+"""seconds one read of the bus waits for a first message"""
+RECEIVE_BURST = 256
+"""bus messages taken in one crossing when they are already there"""
+
+
+class EngineUnreachable(Exception):
+    """Redis cannot be reached, timed out, or broke the connection; the message says which."""
+
+
+@attrs.frozen(slots=True)
+class Writes:
+    """The state changes that go with one batch."""
+
+    members: dict[bytes, bytes | None]
+    """presence field -> state JSON, or None to delete it"""
+    users: dict[str, int]
+    """sub -> connections on this node (0 deletes it)"""
+
+    @classmethod
+    def of(cls, ops: list[wire.Op]) -> Writes:
+        members: dict[bytes, bytes | None] = {}
+        users: dict[str, int] = {}
+        for op in ops:
+            match op:
+                case wire.Track(room=room, key=key, ref=ref, state=state):
+                    members[wire.member_field(room, key, ref)] = orjson.dumps(state)
+                case wire.Untrack(room=room, key=key, ref=ref):
+                    members[wire.member_field(room, key, ref)] = None
+                case wire.UserCount(sub=sub, count=count):
+                    users[sub] = count
+        return cls(members, users)
+
+
+class RedisEngine:
+    """One node's connection to Redis (a client and a pub/sub subscription to the bus). Every method is a Trio
+    coroutine to be called inside `opened()`, and raises EngineUnreachable for any failure of Redis or of the way
+    to it, or when it takes longer than `call_timeout`."""
+
+    def __init__(self, url: str, *, prefix: str, node: str, node_timeout: float) -> None:
+        self._address = address.parse(url)
+        self.prefix = prefix
+        self.node = node
+        self.node_timeout = node_timeout
+        self.call_timeout = max(0.5, min(5.0, node_timeout / 3))
+        self.bus = f"{prefix}:bus".encode()
+        self._client: aioredis.Redis | None = None
+        self._pubsub: Any = None
+
+    # ---- keys ----------------------------------------------------------------------------------------------
+
+    def _node_key(self, node: str) -> str:
+        return f"{self.prefix}:node:{node}"
+
+    def _presence_key(self, node: str) -> str:
+        return f"{self.prefix}:presence:{node}"
+
+    def _users_key(self, node: str) -> str:
+        return f"{self.prefix}:users:{node}"
+
+    @property
+    def _nodes_key(self) -> str:
+        return f"{self.prefix}:nodes"
+
+    # ---- the bridge ----------------------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def opened(self) -> AsyncIterator[None]:
+        """The asyncio loop that redis-py runs on; the connection is closed when leaving."""
+        async with trio_asyncio.open_loop():
+            try:
+                yield
+            finally:
+                with trio.CancelScope(shield=True), trio.move_on_after(1):
+                    await self.close()
+
+    async def _cross(self, work: Callable[[], Awaitable[T]], timeout: float | None = None) -> T:
+        try:
+            with trio.fail_after(timeout if timeout is not None else self.call_timeout):
+                return await trio_asyncio.aio_as_trio(work)()  # type: ignore[no-any-return]
+        except trio.TooSlowError:
+            raise EngineUnreachable("Redis did not answer in time") from None
+        except (TimeoutError, RedisError, OSError) as exc:
+            raise EngineUnreachable(describe(exc)) from None
+
+    # ---- connecting ----------------------------------------------------------------------------------------
+
+    async def connect(self) -> None:
+        """A new client, subscribed to the bus (what was open before is closed first)."""
+        await self.close()
+        options: dict[str, Any] = {
+            "socket_timeout": self.call_timeout,
+            "socket_connect_timeout": self.call_timeout,
+            "health_check_interval": 0,
+        }
+        target = self._address
+        if isinstance(target, address.SentinelAddress):
+            sentinel = Sentinel(
+                list(target.sentinels),
+                sentinel_kwargs={**options, "ssl": target.tls},
+                **options,
+            )
+            client = sentinel.master_for(
+                target.primary,
+                db=target.db,
+                password=target.password,
+                username=target.username,
+                ssl=target.tls,
+            )
+        else:
+            client = aioredis.Redis.from_url(target, **options)
+        self._client = client
+        pubsub = client.pubsub(ignore_subscribe_messages=True)
+        self._pubsub = pubsub
+
+        async def subscribe() -> None:
+            await pubsub.subscribe(self.bus)
+
+        await self._cross(subscribe)
+
+    async def close(self) -> None:
+        client, pubsub = self._client, self._pubsub
+        self._client = self._pubsub = None
+        if client is None:
+            return
+
+        async def close() -> None:
+            with contextlib.suppress(Exception):
+                await pubsub.aclose()
+            with contextlib.suppress(Exception):
+                await client.aclose()
+
+        with contextlib.suppress(EngineUnreachable):
+            await self._cross(close, timeout=1)
+
+    def _connected(self) -> tuple[aioredis.Redis, Any]:
+        if self._client is None:
+            raise EngineUnreachable("not connected")
+        return self._client, self._pubsub
+
+    # ---- the bus -------------------------------------------------------------------------------------------
+
+    async def receive(self) -> list[bytes]:
+        """The bus messages that came, waiting up to RECEIVE_WAIT for the first (none: an empty list)."""
+        _, pubsub = self._connected()
+
+        async def burst() -> list[bytes]:
+            out: list[bytes] = []
+            message = await pubsub.get_message(timeout=RECEIVE_WAIT)
+            while message is not None or (out and len(out) < RECEIVE_BURST):
+                if message is not None and message.get("type") == "message":
+                    out.append(message["data"])
+                if len(out) >= RECEIVE_BURST:
+                    break
+                message = await pubsub.get_message(timeout=0.0)
+                if message is None:
+                    break
+            return out
+
+        return await self._cross(burst, timeout=self.call_timeout + RECEIVE_WAIT)
+
+    async def publish(self, data: bytes, position: str, writes: Writes) -> None:
+        """Write `writes`, mark the node's state as of `position` ("<incarnation> <seq>"), refresh its expiry and
+        publish `data`, all in one transaction."""
+        client, _ = self._connected()
+        ttl = int(self.node_timeout * 1000)
+        presence, users, node = self._presence_key(self.node), self._users_key(self.node), self._node_key(self.node)
+
+        async def transaction() -> None:
+            pipe = client.pipeline(transaction=True)
+            stored = {field: value for field, value in writes.members.items() if value is not None}
+            removed = [field for field, value in writes.members.items() if value is None]
+            if stored:
+                pipe.hset(presence, mapping=stored)  # type: ignore[arg-type]
+            if removed:
+                pipe.hdel(presence, *removed)
+            counted = {sub: n for sub, n in writes.users.items() if n > 0}
+            gone = [sub for sub, n in writes.users.items() if n <= 0]
+            if counted:
+                pipe.hset(users, mapping=counted)  # type: ignore[arg-type]
+            if gone:
+                pipe.hdel(users, *gone)
+            pipe.set(node, position, px=ttl)
+            pipe.pexpire(presence, ttl)
+            pipe.pexpire(users, ttl)
+            pipe.sadd(self._nodes_key, self.node)
+            pipe.publish(self.bus, data)
+            await pipe.execute()
+
+        await self._cross(transaction)
+
+    async def rewrite(self, snapshot: Snapshot, data: bytes) -> None:
+        """Replace the node's whole state in Redis by `snapshot` and publish `data` (an Announce), in one
+        transaction: after an outage, or at start."""
+        client, _ = self._connected()
+        ttl = int(self.node_timeout * 1000)
+        presence, users, node = self._presence_key(self.node), self._users_key(self.node), self._node_key(self.node)
+        members = {
+            wire.member_field(room, key, ref): orjson.dumps(state)
+            for room, keys in snapshot.members.items()
+            for key, refs in keys.items()
+            for ref, state in refs.items()
+        }
+
+        async def transaction() -> None:
+            pipe = client.pipeline(transaction=True)
+            pipe.delete(presence, users)
+            if members:
+                pipe.hset(presence, mapping=members)  # type: ignore[arg-type]
+            if snapshot.users:
+                pipe.hset(users, mapping=snapshot.users)  # type: ignore[arg-type]
+            pipe.set(node, f"{snapshot.incarnation} {snapshot.seq}", px=ttl)
+            pipe.pexpire(presence, ttl)
+            pipe.pexpire(users, ttl)
+            pipe.sadd(self._nodes_key, self.node)
+            pipe.publish(self.bus, data)
+            await pipe.execute()
+
+        await self._cross(transaction)
+
+    async def leave(self, data: bytes) -> None:
+        """Publish `data` (a Goodbye) and remove the node's state: a clean shutdown."""
+        client, _ = self._connected()
+
+        async def transaction() -> None:
+            pipe = client.pipeline(transaction=True)
+            pipe.delete(self._presence_key(self.node), self._users_key(self.node), self._node_key(self.node))
+            pipe.srem(self._nodes_key, self.node)
+            pipe.publish(self.bus, data)
+            await pipe.execute()
+
+        await self._cross(transaction)
+
+    # ---- other nodes' state --------------------------------------------------------------------------------
+
+    async def nodes(self) -> list[str]:
+        """The nodes with state in Redis; those whose state expired are removed from the set on the way."""
+        client, _ = self._connected()
+        nodes_key = self._nodes_key
+
+        async def alive() -> list[str]:
+            members = sorted(m.decode() if isinstance(m, bytes) else m for m in await client.smembers(nodes_key))
+            if not members:
+                return []
+            exists = await client.mget([self._node_key(m) for m in members])
+            dead = [m for m, value in zip(members, exists, strict=True) if value is None]
+            if dead:
+                await client.srem(nodes_key, *dead)
+            return [m for m, value in zip(members, exists, strict=True) if value is not None]
+
+        return await self._cross(alive)
+
+    async def read_state(self, node: str) -> Snapshot | None:
+        """`node`'s state as of its last written batch; None when it has none (it left or expired). Fields that do
+        not parse are skipped (written by something else than fluxrt)."""
+        client, _ = self._connected()
+
+        async def read() -> list[Any]:
+            pipe = client.pipeline(transaction=True)
+            pipe.get(self._node_key(node))
+            pipe.hgetall(self._presence_key(node))
+            pipe.hgetall(self._users_key(node))
+            return await pipe.execute()
+
+        position, presence, users = await self._cross(read)
+        return parse_state(position, presence, users)
+
+
+def parse_state(position: bytes | None, presence: dict[bytes, bytes], users: dict[bytes, bytes]) -> Snapshot | None:
+    """A node's state from its three keys; None without a position (the node left or expired)."""
+    if position is None:
+        return None
+    incarnation, _, seq = position.decode(errors="replace").partition(" ")
+    if not seq.isdigit():
+        return None
+    members: dict[str, dict[str, dict[str, dict[str, Any]]]] = {}
+    for field, value in presence.items():
+        try:
+            room, key, ref = wire.parse_member_field(field)
+            state = orjson.loads(value)
+        except (wire.WireError, orjson.JSONDecodeError):
+            continue
+        if isinstance(state, dict):
+            members.setdefault(room, {}).setdefault(key, {})[ref] = state
+    counts: dict[str, int] = {}
+    for sub, count in users.items():
+        if count.isdigit():
+            counts[sub.decode(errors="replace")] = int(count)
+    return Snapshot(incarnation, int(seq), members, counts)
+
+
+def describe(exc: BaseException) -> str:
+    """One line for a log or a health check: the exception's class and message, no traceback."""
+    text = str(exc).strip() or "no detail"
+    return f"{type(exc).__name__}: {text}"[:300]

@@ -7,7 +7,7 @@ CONFIG ?= fluxrt.yaml
 # A development-only secret so that `make run` and `make token` work out of the box; real deployments set their own.
 DEV_SECRET ?= dev-only-secret-change-me-0123456789abcdef
 
-.PHONY: setup run test lint format token migrate fuzz bench-fanout bench-changes bench-rls bench-startup pyz clean
+.PHONY: setup services run test lint format token migrate fuzz bench-fanout bench-changes bench-rls bench-startup pyz clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,7 +34,22 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-test: lint
+# The tests start private redis-server processes (tests/support/redis.py), never the machine's shared Redis. Without
+# the binary: Debian's package when root with apt-get, else a message saying so. A no-op when it is there.
+services:
+	@command -v redis-server >/dev/null 2>&1 || test -x /usr/bin/redis-server || test -x /usr/sbin/redis-server || { \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			echo "installing redis-server (Debian's package) for the tests"; \
+			export DEBIAN_FRONTEND=noninteractive; \
+			apt-get install -y -q --no-install-recommends redis-server \
+				|| { apt-get update -q && apt-get install -y -q --no-install-recommends redis-server; }; \
+		else \
+			echo "redis-server not found: the tests start their own; install it (apt-get install redis-server)" \
+				"or run make services as root" >&2; \
+			exit 1; \
+		fi; }
+
+test: lint services
 	$(BIN)/pytest
 
 # Coverage-guided fuzzing (fuzz/README.md): each harness for FUZZ_SECONDS; the corpus stays in build/fuzz/<target>,

@@ -14,6 +14,7 @@ from . import pg
 from .support.clients import connect, request
 from .support.nodes import node_config, running_nodes
 from .support.redis import HOST, RedisServer, ping, redis_server, sentinel_setup
+from .support.waiting import wait_until
 
 
 def gone(pid: int) -> bool:
@@ -106,3 +107,14 @@ async def test_nodes_run_as_processes_and_come_back_on_their_port(db: pg.Scratch
         assert nodes[1].port == port
         async with connect(nodes[1].remote) as ws:
             assert await request(ws, type="ping") == {"type": "pong"}
+
+
+async def test_clustered_nodes_share_the_private_redis_under_their_prefix(
+    db: pg.ScratchDatabase, tmp_path: Path
+) -> None:
+    with redis_server() as server:
+        async with running_nodes(2, tmp_path, db.dsn, redis_url=server.url, prefix="selftest") as nodes:
+            assert [node.node_id for node in nodes] == ["node-0", "node-1"]
+            await wait_until(lambda: bool(server.execute("KEYS", "*")))
+            keys = server.execute("KEYS", "*")
+            assert all(key.startswith("selftest") for key in keys), keys

@@ -119,6 +119,8 @@ class ClusterHub(Generic[S]):
         self._last_error: str | None = None
         self._leaving = False
         self._was_up = False
+        self._publishing = trio.Lock()
+        """held while a batch is on its way to Redis, so that the goodbye comes after the last batch"""
         self._counts = collections.Counter[str]()
         self._publish_seconds = 0.0
 
@@ -155,6 +157,8 @@ class ClusterHub(Generic[S]):
 
     def unavailable(self) -> str | None:
         """Why broadcasts and presence changes cannot be handed to the other nodes now, or None."""
+        if self._leaving:
+            return "this node is shutting down"
         if self._phase != "up":
             return "the cluster engine (Redis) is unreachable"
         if self._queued_bytes >= self.max_backlog:
@@ -199,9 +203,13 @@ class ClusterHub(Generic[S]):
         self._changed(self.state.count(sub, count))
 
     def _changed(self, op: wire.Op | None) -> None:
-        # A change while Redis is away is in `state`, which the node writes whole when it is back.
-        if op is not None and self._phase == "up":
+        if op is None or self._leaving:
+            return
+        if self._phase == "up":
             self._enqueue(_Queued(op, wire.encode_op(op)))
+        else:
+            # Kept in `state`, which the node writes whole when Redis is back; its own subscribers see it now.
+            self._handle(self.view.apply_own(self.incarnation, [op], self._clock()))
 
     def _enqueue(self, item: _Queued[S]) -> None:
         self._queue.append(item)
@@ -287,7 +295,10 @@ class ClusterHub(Generic[S]):
                 self._wake = trio.Event()
                 with trio.move_on_after(self.heartbeat):
                     await self._wake.wait()
-            await self._publish(self._take())
+            async with self._publishing:
+                if self._leaving:
+                    return
+                await self._publish(self._take())
 
     def _take(self) -> list[_Queued[S]]:
         items: list[_Queued[S]] = []
@@ -388,16 +399,19 @@ class ClusterHub(Generic[S]):
     async def leave_cluster(self) -> None:
         """Say goodbye (the other nodes drop this node's members at once) and remove its state; best effort,
         within a second."""
-        if self._phase != "up" or self._leaving:
+        if self._leaving:
             return
         self._leaving = True
-        self._seq += 1
-        data = wire.encode_batch(self.node, self.incarnation, self._seq, [wire.encode_op(wire.Goodbye())])
         with trio.move_on_after(1):
-            try:
-                await self.engine.leave(data)
-            except EngineUnreachable as exc:
-                log.info("could not say goodbye to the cluster", extra=ctx(reason=str(exc)))
+            async with self._publishing:
+                if self._phase != "up":
+                    return
+                self._seq += 1
+                data = wire.encode_batch(self.node, self.incarnation, self._seq, [wire.encode_op(wire.Goodbye())])
+                try:
+                    await self.engine.leave(data)
+                except EngineUnreachable as exc:
+                    log.info("could not say goodbye to the cluster", extra=ctx(reason=str(exc)))
 
     # ---- observing -----------------------------------------------------------------------------------------
 

@@ -8,7 +8,7 @@ passed in.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import attrs
@@ -106,10 +106,22 @@ class ClusterView:
         events.extend(self._apply(batch.node, replica, batch))
         return events
 
+    def apply_own(self, incarnation: str, ops: list[wire.Op], now: float) -> list[Event]:
+        """This node's own changes while Redis cannot take them: its replica follows them at once, so that its
+        local subscribers see them, with no sequence number (the replica is restored from the node's state when
+        Redis is back)."""
+        replica = self._nodes.get(self.own)
+        if replica is None:
+            replica = self._nodes[self.own] = _Replica(incarnation, now)
+        return self._apply_ops(self.own, replica, ops)
+
     def _apply(self, node: str, replica: _Replica, batch: wire.Batch) -> list[Event]:
         replica.seq = batch.seq
+        return self._apply_ops(node, replica, batch.ops)
+
+    def _apply_ops(self, node: str, replica: _Replica, ops: Iterable[wire.Op]) -> list[Event]:
         events: list[Event] = []
-        for op in batch.ops:
+        for op in ops:
             match op:
                 case wire.Broadcast(channel=channel, payload=payload):
                     events.append(Delivered(channel, payload))

@@ -81,6 +81,7 @@ class RedisEngine:
         self.bus = f"{prefix}:bus".encode()
         self._client: aioredis.Redis | None = None
         self._pubsub: Any = None
+        self._loop: Any = None
 
     # ---- keys ----------------------------------------------------------------------------------------------
 
@@ -101,18 +102,23 @@ class RedisEngine:
 
     @contextlib.asynccontextmanager
     async def opened(self) -> AsyncIterator[None]:
-        """The asyncio loop that redis-py runs on; the connection is closed when leaving."""
-        async with trio_asyncio.open_loop():
+        """The asyncio loop that redis-py runs on; the connection is closed when leaving. While it is open, any
+        Trio task may call the engine (the shutdown's goodbye comes from outside the hub's tasks)."""
+        async with trio_asyncio.open_loop() as loop:
+            self._loop = loop
             try:
                 yield
             finally:
                 with trio.CancelScope(shield=True), trio.move_on_after(1):
                     await self.close()
+                self._loop = None
 
     async def _cross(self, work: Callable[[], Awaitable[T]], timeout: float | None = None) -> T:
+        if self._loop is None:
+            raise EngineUnreachable("the engine is not running")
         try:
             with trio.fail_after(timeout if timeout is not None else self.call_timeout):
-                return await trio_asyncio.aio_as_trio(work)()  # type: ignore[no-any-return]
+                return await trio_asyncio.aio_as_trio(work, loop=self._loop)()  # type: ignore[no-any-return]
         except trio.TooSlowError:
             raise EngineUnreachable("Redis did not answer in time") from None
         except (TimeoutError, RedisError, OSError) as exc:

@@ -239,7 +239,8 @@ class ClusterHub(Generic[S]):
                     delay = BACKOFF[0]
                 await self.engine.close()
                 await trio.sleep(delay * random.uniform(0.5, 1.0))
-                delay = min(delay * 2, BACKOFF[1])
+                # Back well within node_timeout, so that a short outage does not make this node look dead.
+                delay = min(delay * 2, BACKOFF[1], self.node_timeout / 2)
 
     def _down(self, reason: str) -> None:
         if self._phase != "unreachable":

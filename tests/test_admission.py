@@ -145,6 +145,120 @@ def test_lowered_limits_keep_what_is_admitted_and_refuse_what_comes():
     assert "at most 1" in (adm.admit("b", ANON, B) or "")
 
 
+# ---- in a cluster: the per-user count of every node -------------------------------------------------------
+
+
+class Nodes:
+    """The other nodes' per-user counts as a cluster reports them (`elsewhere`), and what this node reported of its
+    own (`counted`)."""
+
+    def __init__(self, **elsewhere: int) -> None:
+        self.held = dict(elsewhere)
+        self.asked: list[str] = []
+        self.reported: list[tuple[str, int]] = []
+
+    def elsewhere(self, sub: str) -> int:
+        self.asked.append(sub)
+        return self.held.get(sub, 0)
+
+    def counted(self, sub: str, n: int) -> None:
+        self.reported.append((sub, n))
+
+
+def clustered(nodes: Nodes, max_connections_per_user: int = 3) -> Admission[str]:
+    return Admission(10, max_connections_per_user, elsewhere=nodes.elsewhere, counted=nodes.counted)
+
+
+def test_a_user_at_the_limit_counted_across_nodes_is_refused_and_a_release_frees_a_place():
+    nodes = Nodes(alice=2)
+    adm = clustered(nodes)
+    assert adm.admit("c1", user("alice"), A) is None
+    # Two on the other nodes and one here: the third is the limit.
+    refusal = adm.admit("c2", user("alice"), B)
+    assert refusal is not None
+    assert "realtime.max_connections_per_user = 3, counted on every node" in refusal
+    assert adm.rejected == {"user_limit": 1}
+    assert adm.per_user == {"alice": 1} and set(adm.connections) == {"c1"}
+    # Another user is not held to alice's count.
+    assert adm.admit("b1", user("bob"), A) is None
+    # A release here frees a place for a connection here...
+    adm.release("c1", user("alice"))
+    assert adm.admit("c2", user("alice"), B) is None
+    assert adm.admit("c3", user("alice"), B) is not None
+    # ... and so does one on another node.
+    nodes.held["alice"] = 1
+    assert adm.admit("c3", user("alice"), B) is None
+    assert adm.per_user == {"alice": 2, "bob": 1}
+    assert adm.rejected == {"user_limit": 2}
+
+
+def test_a_user_at_the_limit_on_the_other_nodes_alone_is_refused():
+    adm = clustered(Nodes(alice=3))
+    refusal = adm.admit("c1", user("alice"), A)
+    assert refusal is not None and "counted on every node" in refusal
+    assert not adm.connections and not adm.per_user
+
+
+def test_a_token_change_to_a_user_at_the_limit_across_nodes_is_refused_and_the_current_token_stays():
+    nodes = Nodes(alice=3)
+    adm = clustered(nodes)
+    assert adm.admit("c", user("bob"), A) is None
+    refusal = adm.readmit("c", user("bob"), user("alice"))
+    assert refusal is not None and "counted on every node" in refusal and "current token stays" in refusal
+    assert adm.per_user == {"bob": 1}
+    assert nodes.reported[-1] == ("bob", 1)
+    nodes.held["alice"] = 2
+    assert adm.readmit("c", user("bob"), user("alice")) is None
+    assert adm.per_user == {"alice": 1}
+
+
+def test_anonymous_connections_are_not_counted_across_nodes():
+    nodes = Nodes()
+    adm = clustered(nodes)
+    keyholder = Identity(sub=None, role="anon", claims={"role": "anon", "iss": "supabase"})
+    assert adm.admit("a1", ANON, A) is None
+    assert adm.admit("a2", keyholder, A) is None
+    assert adm.readmit("a1", ANON, keyholder) is None
+    adm.release("a1", keyholder)
+    assert nodes.asked == [] and nodes.reported == []
+
+
+def test_counted_is_told_the_nodes_new_count_on_every_admit_release_and_readmit():
+    nodes = Nodes()
+    adm = clustered(nodes)
+    adm.admit("c1", user("alice"), A)
+    adm.admit("c2", user("alice"), B)
+    adm.admit("c3", user("bob"), A)
+    assert nodes.reported == [("alice", 1), ("alice", 2), ("bob", 1)]
+    adm.release("c1", user("alice"))
+    adm.release("c1", user("alice"))  # a second release counts nothing out
+    assert nodes.reported[3:] == [("alice", 1)]
+    assert adm.readmit("c2", user("alice"), user("bob")) is None
+    assert nodes.reported[4:] == [("alice", 0), ("bob", 2)]
+    # The same user under a fresh token: nothing moves.
+    assert adm.readmit("c2", user("bob"), user("bob")) is None
+    # Anonymous and back: out of the user's count, then into it again.
+    assert adm.readmit("c2", user("bob"), ANON) is None
+    assert adm.readmit("c2", ANON, user("bob")) is None
+    assert nodes.reported[6:] == [("bob", 1), ("bob", 2)]
+    adm.release("c2", user("bob"))
+    adm.release("c3", user("bob"))
+    assert nodes.reported[8:] == [("bob", 1), ("bob", 0)]
+    assert not adm.per_user
+
+
+def test_a_refused_admit_reports_no_count_and_a_refused_token_change_ends_on_the_count_it_had():
+    nodes = Nodes(alice=3)
+    adm = clustered(nodes, max_connections_per_user=3)
+    assert adm.admit("a", user("alice"), A) is not None
+    assert nodes.reported == []
+    adm.admit("b", user("bob"), A)
+    assert adm.readmit("b", user("bob"), user("alice")) is not None
+    # What the other nodes read last is this node's count: bob still holds his one connection.
+    assert nodes.reported[-1] == ("bob", 1)
+    assert {sub: n for sub, n in nodes.reported} == {"bob": 1}
+
+
 def test_handshakes_under_way_are_limited_per_address():
     adm = admission(max_pending_handshakes_per_address=2)
     assert adm.begin_handshake("h1", A) is None

@@ -92,6 +92,17 @@ class TablesAllowedOnce:
         return None
 
 
+class CutOffHub(LocalHub):
+    """A node whose cluster engine is unreachable while `cut_off`: it refuses presence changes and broadcasts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cut_off = True
+
+    def unavailable(self) -> str | None:
+        return "cluster engine unreachable" if self.cut_off else None
+
+
 def make_host(**fields: Any) -> Host:
     config = make_config()
     return Host(ConnectionSettings.from_config(config), Verifier(config.auth), **fields)
@@ -155,3 +166,47 @@ async def test_a_subscription_that_cannot_be_checked_under_a_new_token_ends_and_
         assert host.hub.subscribers("table:public.a") == []
         assert host.hub.subscribers("table:public.b") == [connection]
         assert connection.identity is not None and connection.identity.sub == "bob"
+
+
+async def test_a_presence_change_the_cluster_cannot_take_is_refused_unavailable_and_changes_nothing():
+    hub = CutOffHub()
+    host = make_host(hub=hub)
+    async with connected(host, f"/realtime?token={token('alice')}") as (peer, connection):
+        assert (await peer.request(type="subscribe", channel="presence:r"))["status"] == "subscribed"
+        assert orjson.loads((await peer.next_event()).data) == {
+            "type": "presence",
+            "channel": "presence:r",
+            "event": "sync",
+            "payload": {},
+        }
+        refused = await peer.request(type="presence", channel="presence:r", event="track", payload={"s": 1}, ref="t")
+        assert refused == {
+            "type": "error",
+            "code": "UNAVAILABLE",
+            "message": "cluster engine unreachable: the presence change was not made; retry with backoff",
+            "channel": "presence:r",
+            "ref": "t",
+        }
+        assert hub.presence_state("presence:r") == {}
+        assert connection.session is not None and connection.session.tracked == {}
+        # Nothing is tracked, so there is nothing to untrack anywhere: acked at once, engine or not.
+        untracked = {"type": "ack", "channel": "presence:r", "status": "untracked", "ref": "u"}
+        assert await peer.request(type="presence", channel="presence:r", event="untrack", ref="u") == untracked
+
+        hub.cut_off = False
+        tracked = await peer.request(type="presence", channel="presence:r", event="track", payload={"s": 1}, ref="t2")
+        assert tracked == {"type": "ack", "channel": "presence:r", "status": "tracked", "ref": "t2"}
+        diff = orjson.loads((await peer.next_event()).data)
+        assert diff["event"] == "diff" and list(diff["payload"]["joins"]) == ["alice"]
+        assert list(hub.presence_state("presence:r")) == ["alice"]
+
+        hub.cut_off = True
+        refused = await peer.request(type="presence", channel="presence:r", event="untrack", ref="u2")
+        assert refused["code"] == "UNAVAILABLE" and refused["ref"] == "u2" and refused["channel"] == "presence:r"
+        assert list(hub.presence_state("presence:r")) == ["alice"]
+        assert host.counters.errors["UNAVAILABLE"] == 2
+        # Leaving is never refused: the unsubscribe gives the presence back.
+        unsubscribed = await peer.request(type="unsubscribe", channel="presence:r", ref="x")
+        assert unsubscribed == {"type": "ack", "channel": "presence:r", "status": "unsubscribed", "ref": "x"}
+        assert hub.presence_state("presence:r") == {}
+        assert connection.session.tracked == {}

@@ -159,10 +159,10 @@ async def test_slow_consumer_is_closed_4009_without_delaying_a_fast_one(start_se
 class FaultyHub(LocalHub):
     """A hub whose broadcast fails on one topic: a stand-in for a server fault."""
 
-    def broadcast(self, channel, payload, *, sender=None):
+    def broadcast(self, channel, payload, *, sender=None, ref=None):
         if channel == "broadcast:boom":
             raise RuntimeError("injected fault")
-        return super().broadcast(channel, payload, sender=sender)
+        return super().broadcast(channel, payload, sender=sender, ref=ref)
 
 
 async def test_a_server_fault_answers_internal_error_and_the_connection_stays_usable(start_server):

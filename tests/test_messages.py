@@ -316,6 +316,7 @@ def test_error_codes_and_close_codes_match_the_protocol():
         "INVALID_MESSAGE",
         "INTERNAL_ERROR",
         "CHANGES_MISSED",
+        "UNAVAILABLE",
     }
     assert {c.value for c in CloseCode} == {1000, 1001, 1009, 1011, 4001, 4008, 4009, 4029}
     assert CloseCode.RATE_LIMITED == 4029

@@ -67,6 +67,24 @@ async def test_broadcast_with_ref_is_acked_sent_and_sender_need_not_subscribe(st
         assert (await recv(listener))["payload"] == [1, "two", None]
 
 
+async def test_a_subscribed_sender_gets_its_ack_once_and_never_its_own_broadcast(start_server):
+    # The hub answers the sender: exactly one ack per broadcast with a ref, none without one.
+    server = await start_server()
+    async with connect(server) as sender, connect(server) as listener:
+        await subscribe(sender, "broadcast:t")
+        await subscribe(listener, "broadcast:t")
+        await send(sender, type="broadcast", channel="broadcast:t", payload=1)
+        assert await request(sender, type="broadcast", channel="broadcast:t", payload=2, ref="m2") == {
+            "type": "ack",
+            "channel": "broadcast:t",
+            "status": "sent",
+            "ref": "m2",
+        }
+        await nothing_before_pong(sender)
+        assert [(await recv(listener))["payload"] for _ in range(2)] == [1, 2]
+        await nothing_before_pong(listener)
+
+
 @pytest.mark.parametrize("payload", [None, 0, "text", [1, 2], {"deep": {"er": [True, 1.5]}}])
 async def test_broadcast_payload_is_any_json_value(start_server, payload):
     server = await start_server()

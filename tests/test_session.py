@@ -24,6 +24,7 @@ from fluxrt_trio.protocol.session import (
     CheckAction,
     CheckSubscribe,
     Close,
+    HandOff,
     IdentityChanged,
     Join,
     Leave,
@@ -48,10 +49,16 @@ def make(sub: str | None = None, **limits: Any) -> Session:
 
 
 def send(session: Session, message: Any, now: float = 0.0) -> list[Any]:
-    """The effects of one message, as if every CheckAction passed (those are tested on their own below)."""
+    """The effects of one message, as if every CheckAction and HandOff passed (those are tested on their own
+    below)."""
     effects: list[Any] = []
-    for effect in session.receive(orjson.dumps(message), now):
-        effects.extend(session.answered(effect, None) if isinstance(effect, CheckAction) else [effect])
+    pending = session.receive(orjson.dumps(message), now)[::-1]
+    while pending:
+        effect = pending.pop()
+        if isinstance(effect, CheckAction | HandOff):
+            pending.extend(reversed(session.answered(effect, None)))
+        else:
+            effects.append(effect)
     return effects
 
 
@@ -266,11 +273,11 @@ def test_broadcast_without_ref_gets_nothing_back():
     ]
 
 
-def test_broadcast_with_ref_is_acked_sent():
+def test_broadcast_with_ref_hands_the_ref_to_the_hub():
+    # The hub answers `sent` (or UNAVAILABLE): only it knows when the message has reached every node.
     session = make()
     assert send(session, {"type": "broadcast", "channel": "broadcast:chat", "payload": [1, 2], "ref": "b1"}) == [
-        Publish(parse_channel("broadcast:chat"), [1, 2]),
-        Reply(Ack("sent", "broadcast:chat", "b1")),
+        Publish(parse_channel("broadcast:chat"), [1, 2], "b1")
     ]
 
 
@@ -467,7 +474,9 @@ def test_presence_state_size_is_measured_as_compact_json():
     state = {"a": [1, 2, 3], "b": "cc"}  # {"a":[1,2,3],"b":"cc"} is 22 bytes; as sent below it is 32
     text = '{"type": "presence", "channel": "presence:room", "event": "track", "payload": {"a": [1, 2, 3], "b": "cc"}}'
     [check] = session.receive(text, 0.0)
-    assert session.answered(check, None) == [Track(parse_channel("presence:room"), ANON_KEY, CONN, state)]
+    [handoff] = session.answered(check, None)
+    assert handoff == HandOff(parse_channel("presence:room"), "track", None, state)
+    assert session.answered(handoff, None) == [Track(parse_channel("presence:room"), ANON_KEY, CONN, state)]
 
 
 # ---- ping and auth -------------------------------------------------------------------------------------------
@@ -617,13 +626,18 @@ def broadcast(session: Session, now: float = 0.0, ref: str | None = "r") -> list
     return send(session, message, now)
 
 
+def published(ref: str | None = "r") -> list[Any]:
+    """What `broadcast` returns when the broadcast goes out: the Publish, whose ref the hub acks."""
+    return [Publish(parse_channel("broadcast:chat"), 1, ref)]
+
+
 def test_broadcast_past_the_message_rate_limit_is_rate_limited():
     session = make(message_rate_limit=3)
     for i in range(3):
-        assert broadcast(session, ref=str(i))[-1] == Reply(Ack("sent", "broadcast:chat", str(i)))
+        assert broadcast(session, ref=str(i)) == published(str(i))
     assert_error(broadcast(session, ref="4th"), ErrorCode.RATE_LIMITED, ref="4th", says="3")
     # The bucket refills: 3 per minute is one per 20 s.
-    assert broadcast(session, now=20.0, ref="later")[-1] == Reply(Ack("sent", "broadcast:chat", "later"))
+    assert broadcast(session, now=20.0, ref="later") == published("later")
 
 
 def test_presence_shares_the_message_allowance():
@@ -654,8 +668,8 @@ def test_ping_is_never_counted():
     session = make(message_rate_limit=2, max_subscriptions=1)
     for _ in range(1000):
         assert send(session, {"type": "ping"}) == [Reply(Pong())]
-    assert broadcast(session, ref="1")[-1] == Reply(Ack("sent", "broadcast:chat", "1"))
-    assert broadcast(session, ref="2")[-1] == Reply(Ack("sent", "broadcast:chat", "2"))
+    assert broadcast(session, ref="1") == published("1")
+    assert broadcast(session, ref="2") == published("2")
     assert subscribe(session, "broadcast:x")[-1] == Reply(Ack("subscribed", "broadcast:x"))
 
 
@@ -704,13 +718,13 @@ def test_a_client_can_open_all_its_channels_at_once():
         assert subscribe(session, f"table:public.t{i}")[1] == Reply(Ack("subscribed", f"table:public.t{i}"))
     assert len(session.subscriptions) == 100
     # Subscribes do not use the message allowance.
-    assert broadcast(session)[-1] == Reply(Ack("sent", "broadcast:chat", "r"))
+    assert broadcast(session) == published()
 
 
 def test_flooding_beyond_twice_the_allowance_closes_4029():
     session = make(message_rate_limit=5)
     results = [broadcast(session, ref=str(i)) for i in range(10)]
-    assert all(isinstance(r[-1].message, Ack) for r in results[:5])
+    assert results[:5] == [published(str(i)) for i in range(5)]
     assert all(the_error(r).code is ErrorCode.RATE_LIMITED for r in results[5:])
     effects = broadcast(session, ref="11")
     assert len(effects) == 2
@@ -745,7 +759,7 @@ def test_subscribe_flood_closes_4029():
 def test_steady_sender_at_the_rate_is_never_limited():
     session = make(message_rate_limit=60)
     for i in range(600):
-        assert broadcast(session, now=float(i), ref=None) == [Publish(parse_channel("broadcast:chat"), 1)]
+        assert broadcast(session, now=float(i), ref=None) == published(None)
 
 
 # ---- close and drop ------------------------------------------------------------------------------------------
@@ -817,14 +831,19 @@ def test_broadcast_and_track_ask_for_authorization_first_and_once_per_identity()
     broadcast = orjson.dumps({"type": "broadcast", "channel": "broadcast:x", "payload": 1, "ref": "b"})
     [check] = session.receive(broadcast, 0.0)
     assert check == CheckAction(topic, "broadcast", "b", 1)
-    assert session.answered(check, None) == [Publish(topic, 1), Reply(Ack("sent", "broadcast:x", "b"))]
+    assert session.answered(check, None) == [Publish(topic, 1, "b")]
     # Allowed once: the next broadcast there is not asked about again, until the identity changes.
-    assert session.receive(broadcast, 0.0) == [Publish(topic, 1), Reply(Ack("sent", "broadcast:x", "b"))]
+    assert session.receive(broadcast, 0.0) == [Publish(topic, 1, "b")]
     track = orjson.dumps({"type": "presence", "channel": "presence:room", "event": "track", "payload": {"a": 1}})
     [check] = session.receive(track, 0.0)
     assert check == CheckAction(room, "track", None, {"a": 1})
     assert session.tracked == {}
-    assert session.answered(check, None) == [Track(room, "alice", CONN, {"a": 1})]
+    [handoff] = session.answered(check, None)
+    assert handoff == HandOff(room, "track", None, {"a": 1})
+    assert session.tracked == {}  # nor before the hand-off
+    assert session.answered(handoff, None) == [Track(room, "alice", CONN, {"a": 1})]
+    # The track too is allowed once: the next one goes straight to the hand-off.
+    assert session.receive(track, 0.0) == [HandOff(room, "track", None, {"a": 1})]
     authenticate(session, Identity("alice", "authenticated", expires_at=2e9))
     assert session.receive(broadcast, 0.0) == [CheckAction(topic, "broadcast", "b", 1)]
 
@@ -863,16 +882,128 @@ def test_a_refused_action_changes_nothing():
     )
 
 
-def test_a_track_whose_subscription_ended_during_the_check_is_refused():
+@pytest.mark.parametrize("ended", ["during the check", "during the hand-off"])
+def test_a_track_whose_subscription_ended_meanwhile_is_refused(ended):
     session = make("alice")
     subscribe(session, "presence:room")
     [check] = session.receive(
         orjson.dumps({"type": "presence", "channel": "presence:room", "event": "track", "payload": {}, "ref": "t"}), 0.0
     )
-    session.drop("presence:room")
-    [reply] = session.answered(check, None)
-    assert reply.message.code is ErrorCode.SUBSCRIPTION_FAILED and reply.message.ref == "t"
+    if ended == "during the check":
+        session.drop("presence:room")
+    [handoff] = session.answered(check, None)
+    assert handoff == HandOff(parse_channel("presence:room"), "track", "t", {})
+    if ended == "during the hand-off":
+        session.drop("presence:room")
+    assert_error(
+        session.answered(handoff, None),
+        ErrorCode.SUBSCRIPTION_FAILED,
+        channel="presence:room",
+        ref="t",
+        says="subscribe",
+    )
     assert session.tracked == {}
+
+
+# ---- hand-off: can a presence change reach every node -------------------------------------------------------
+
+ROOM = parse_channel("presence:room")
+
+
+def presence(session: Session, event: str, ref: str | None = None, payload: Any = None) -> list[Any]:
+    """The effects of one presence message, every CheckAction allowed, up to the HandOff left unanswered."""
+    message: dict[str, Any] = {"type": "presence", "channel": "presence:room", "event": event, "payload": payload}
+    if ref is not None:
+        message["ref"] = ref
+    effects = session.receive(orjson.dumps(message), 0.0)
+    while effects and isinstance(effects[-1], CheckAction):
+        effects = effects[:-1] + session.answered(effects[-1], None)
+    return effects
+
+
+def unavailable(ref: str | None) -> Error:
+    return Error(ErrorCode.UNAVAILABLE, "cluster engine unreachable", channel="presence:room", ref=ref)
+
+
+def test_a_track_is_handed_off_after_its_check_and_acked_before_the_diff():
+    session = make("alice")
+    subscribe(session, "presence:room")
+    [handoff] = presence(session, "track", "t", {"s": 1})
+    assert handoff == HandOff(ROOM, "track", "t", {"s": 1})
+    assert message_ref([handoff]) == "t"
+    assert session.tracked == {}  # nothing recorded until the hand-off is answered
+    assert session.answered(handoff, None) == [
+        Reply(Ack("tracked", "presence:room", "t")),
+        Track(ROOM, "alice", CONN, {"s": 1}),
+    ]
+    assert session.tracked == {"presence:room": {"s": 1}}
+
+
+def test_a_track_refused_by_the_hand_off_records_nothing_and_a_later_untrack_is_answered_directly():
+    session = make("alice")
+    subscribe(session, "presence:room")
+    [handoff] = presence(session, "track", "t", {"s": 1})
+    assert session.answered(handoff, unavailable("t")) == [Reply(unavailable("t"))]
+    assert session.tracked == {}
+    # Nothing was tracked, so nothing needs to reach the other nodes: the untrack is acked at once.
+    assert presence(session, "untrack", "u") == [Reply(Ack("untracked", "presence:room", "u"))]
+    assert presence(session, "untrack") == []
+    # Once the engine is back, the same track goes through.
+    [handoff] = presence(session, "track", "t2", {"s": 1})
+    assert session.answered(handoff, None)[-1] == Track(ROOM, "alice", CONN, {"s": 1})
+
+
+def test_a_retrack_refused_by_the_hand_off_keeps_the_old_state():
+    session = tracked_session("alice")
+    [handoff] = presence(session, "track", "t", {"s": 2})
+    assert session.answered(handoff, unavailable("t")) == [Reply(unavailable("t"))]
+    assert session.tracked == {"presence:room": {"s": 1}}
+
+
+def test_an_untrack_of_a_tracked_channel_is_handed_off_and_acked_before_the_untrack():
+    session = tracked_session("alice")
+    [handoff] = presence(session, "untrack", "u")
+    assert handoff == HandOff(ROOM, "untrack", "u", None)
+    assert message_ref([handoff]) == "u"
+    assert session.tracked == {"presence:room": {"s": 1}}
+    assert session.answered(handoff, None) == [
+        Reply(Ack("untracked", "presence:room", "u")),
+        Untrack(ROOM, "alice", CONN),
+    ]
+    assert session.tracked == {}
+    [handoff] = presence(session, "track", None, {"s": 3})
+    session.answered(handoff, None)
+    [handoff] = presence(session, "untrack")
+    assert session.answered(handoff, None) == [Untrack(ROOM, "alice", CONN)]
+
+
+def test_an_untrack_refused_by_the_hand_off_keeps_the_track():
+    session = tracked_session("alice")
+    [handoff] = presence(session, "untrack", "u")
+    assert session.answered(handoff, unavailable("u")) == [Reply(unavailable("u"))]
+    assert session.tracked == {"presence:room": {"s": 1}}
+    # Still tracked: the next untrack is handed off again, and a close still gives the presence back.
+    assert presence(session, "untrack", "again") == [HandOff(ROOM, "untrack", "again", None)]
+    assert session.close() == [Leave(ROOM), Untrack(ROOM, "alice", CONN)]
+
+
+def test_an_untrack_whose_subscription_ended_during_the_hand_off_is_acked_once_without_a_second_untrack():
+    session = tracked_session("alice")
+    [handoff] = presence(session, "untrack", "u")
+    # The server ended the subscription meanwhile, which gave the presence back.
+    assert session.drop("presence:room") == [Leave(ROOM), Untrack(ROOM, "alice", CONN)]
+    assert session.answered(handoff, None) == [Reply(Ack("untracked", "presence:room", "u"))]
+    assert session.tracked == {}
+
+
+def test_leaving_presence_is_never_handed_off():
+    # An unsubscribe, a drop or a close cannot be refused: the connection gives its presence back in any case.
+    session = tracked_session("alice")
+    assert session.receive(b'{"type": "unsubscribe", "channel": "presence:room", "ref": "x"}', 0.0) == [
+        Leave(ROOM),
+        Untrack(ROOM, "alice", CONN),
+        Reply(Ack("unsubscribed", "presence:room", "x")),
+    ]
 
 
 def test_message_ref_is_the_ref_of_the_message_the_effects_answer():

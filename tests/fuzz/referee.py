@@ -3,6 +3,11 @@
 It carries out effects the way the connection shell does (fluxrt_trio/connection.py `_apply`: in order, a request
 answered before the effects after it, one client frame at a time) against a record of what the hub holds, and checks
 the session's invariants after every step. A broken invariant raises AssertionError naming it.
+
+A client's presence change (track, or untrack of what it tracks) must be handed off first (`HandOff`, which a cluster
+refuses with UNAVAILABLE while its engine is unreachable): the Track or Untrack comes only from an allowed hand-off,
+after its ack, and a refused one changes nothing. Giving presence back (unsubscribe, drop, close) and moving it to
+a new key after a token refresh are never handed off.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from fluxrt_trio.protocol.session import (
     CheckSubscribe,
     Close,
     Effect,
+    HandOff,
     Join,
     Leave,
     Outcome,
@@ -45,6 +51,7 @@ CHANNELS = (
     "nonsense",
 )
 SUBS = (None, "alice", "bob")
+REQUESTS = (CheckSubscribe, CheckAction, HandOff, Authenticate)
 
 
 def identity(sub: str | None) -> Identity:
@@ -88,7 +95,7 @@ class Referee:
     def waiting(self) -> Request | None:
         """The request the shell is waiting on, if any."""
         top = self.pending[-1] if self.pending else None
-        return top if isinstance(top, CheckSubscribe | CheckAction | Authenticate) else None
+        return top if isinstance(top, REQUESTS) else None
 
     def receive(self, text: str | bytes, ref: str | None = None, *, ref_known: bool = False) -> None:
         """One client frame. With `ref_known`, every ack, error or pong it produces must echo `ref`."""
@@ -96,6 +103,7 @@ class Referee:
         effects = self.session.receive(text, self.now)
         if ref_known:
             self._check_refs(effects, ref)
+        self._check_not_handed_off(effects)
         self._run(effects)
 
     def binary(self) -> None:
@@ -110,9 +118,19 @@ class Referee:
         renewal = isinstance(request, CheckSubscribe) and request.renewal
         if not renewal:
             self._check_refs(effects, request.ref)
+        if isinstance(request, HandOff):
+            self._check_handed_off(request, outcome, effects)
+        elif not isinstance(request, Authenticate):
+            self._check_not_handed_off(effects)
         self._run(effects, more=True)
 
     def refusal(self, request: Request) -> Error:
+        """The refusal the shell sends for `request`: UNAVAILABLE for a hand-off (the cluster engine is
+        unreachable), FORBIDDEN for a check."""
+        if isinstance(request, HandOff):
+            return Error(
+                ErrorCode.UNAVAILABLE, "cluster engine unreachable", channel=request.channel.name, ref=request.ref
+            )
         return Error(ErrorCode.FORBIDDEN, "refused by the referee", ref=request.ref)
 
     def drop(self, name: str) -> None:
@@ -150,7 +168,7 @@ class Referee:
 
     def _apply_all(self, effects: list[Effect]) -> None:
         for effect in effects:
-            assert not isinstance(effect, CheckSubscribe | CheckAction | Authenticate), f"unexpected {effect!r}"
+            assert not isinstance(effect, REQUESTS), f"unexpected {effect!r}"
             self._apply(effect)
 
     def _apply(self, effect: Effect) -> None:
@@ -181,8 +199,40 @@ class Referee:
             if isinstance(effect, Reply) and isinstance(effect.message, Ack | Error | Pong):
                 assert effect.message.ref == ref, f"{effect.message!r} does not echo ref {ref!r}"
             renewal = isinstance(effect, CheckSubscribe) and effect.renewal
-            if isinstance(effect, CheckSubscribe | CheckAction | Authenticate) and not renewal:
+            if isinstance(effect, REQUESTS) and not renewal:
                 assert effect.ref == ref, f"{effect!r} does not carry ref {ref!r}"
+
+    def _check_not_handed_off(self, effects: list[Effect]) -> None:
+        """Effects that answer no hand-off: no Track, and an Untrack only right after the Leave that gives the
+        presence back; a hand-off only for a presence change the session can make."""
+        for i, effect in enumerate(effects):
+            assert not isinstance(effect, Track), f"{effect!r} without a hand-off"
+            if isinstance(effect, Untrack):
+                assert i > 0 and effects[i - 1] == Leave(effect.channel), f"{effect!r} without a hand-off"
+            if isinstance(effect, HandOff):
+                assert effect.channel.kind is ChannelKind.PRESENCE, f"{effect!r} off a presence channel"
+                assert effect.action in ("track", "untrack"), f"{effect!r}"
+                if effect.action == "untrack":
+                    assert effect.channel.name in self.session.tracked, f"{effect!r} of nothing tracked"
+                else:
+                    assert isinstance(effect.payload, dict), f"{effect!r} without a state"
+
+    def _check_handed_off(self, request: HandOff, outcome: Outcome, effects: list[Effect]) -> None:
+        """A refused hand-off sends its refusal and changes nothing; an allowed one acks before the change."""
+        if isinstance(outcome, Error):
+            assert effects == [Reply(outcome)], f"{request!r} refused, yet {effects!r}"
+            return
+        assert not any(isinstance(e, REQUESTS) for e in effects), f"{request!r} answered with {effects!r}"
+        changes = [i for i, e in enumerate(effects) if isinstance(e, Track | Untrack)]
+        assert len(changes) <= 1, f"{request!r} answered with {effects!r}"
+        assert all(i == len(effects) - 1 for i in changes), f"the change of {request!r} before its ack: {effects!r}"
+        for i in changes:
+            expected = Track if request.action == "track" else Untrack
+            assert isinstance(effects[i], expected), f"{request!r} answered with {effects[i]!r}"
+            assert effects[i].channel == request.channel, f"{request!r} answered with {effects[i]!r}"
+            if request.ref is not None:
+                status = "tracked" if request.action == "track" else "untracked"
+                assert effects[0] == Reply(Ack(status, request.channel.name, request.ref)), f"unacked {request!r}"
 
     # ---- invariants ------------------------------------------------------------------------------------------
 

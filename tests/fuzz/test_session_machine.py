@@ -1,7 +1,8 @@
 """The session state machine under random runs of client frames, answers to its requests (allowed, refused, a new
 identity), subscriptions the server ends, time passing and closes, refereed by tests/fuzz/referee.py after every
 step: no subscription without its `subscribed` ack, never more than the limit, presence only on subscribed presence
-channels and under the current key, and a close that gives back every Join and every Track."""
+channels and under the current key, every presence change handed off first (and a refused hand-off changing
+nothing), and a close that gives back every Join and every Track."""
 
 from __future__ import annotations
 
@@ -20,8 +21,16 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from fluxrt_trio.protocol.messages import Error, ErrorCode
-from fluxrt_trio.protocol.session import Authenticate, Effect, Session, SessionLimits, Untrack
+from fluxrt_trio.protocol.session import (
+    Authenticate,
+    CheckAction,
+    Effect,
+    HandOff,
+    Outcome,
+    Session,
+    SessionLimits,
+    Untrack,
+)
 
 from .referee import CHANNELS, SUBS, Referee, frame, identity
 
@@ -115,13 +124,14 @@ class SessionMachine(RuleBasedStateMachine):
         channel=channels,
     )
     def shell_answers(self, answer: str, sub: str | None, channel: str) -> None:
-        """One rule for everything that can happen while a check runs, so that checks mostly get answered."""
+        """One rule for everything that can happen while a check runs, so that checks mostly get answered. A
+        hand-off is refused with UNAVAILABLE (the cluster engine is unreachable), a check with FORBIDDEN."""
         request = self.referee.waiting
         assert request is not None
         if answer == "close":
             self.connection_closes(sub)
         elif answer == "refuse":
-            self.referee.answer(Error(ErrorCode.FORBIDDEN, "refused", ref=request.ref))
+            self.referee.answer(self.referee.refusal(request))
         else:
             if answer == "drop":
                 # The server ends a subscription while the check runs (realtime turned off for its table).
@@ -178,12 +188,38 @@ def _ignores_the_limit(checked: Callable[..., list[Effect]]) -> Callable[..., li
     return subscribe_checked
 
 
-@pytest.mark.parametrize(("name", "mutant"), [("close", _forgets_presence), ("_subscribe_checked", _ignores_the_limit)])
+def _skips_the_hand_off(allowed: Callable[[Session, CheckAction], list[Effect]]) -> Callable[..., list[Effect]]:
+    """Tracks as soon as the check allows it, as the session did before the cluster."""
+
+    def allowed_at_once(session: Session, check: CheckAction) -> list[Effect]:
+        effects = allowed(session, check)
+        return [e for h in effects for e in (session.answered(h, None) if isinstance(h, HandOff) else [h])]
+
+    return allowed_at_once
+
+
+def _ignores_a_refused_hand_off(answered: Callable[..., list[Effect]]) -> Callable[..., list[Effect]]:
+    def answered_regardless(session: Session, request: Any, outcome: Outcome) -> list[Effect]:
+        return answered(session, request, None if isinstance(request, HandOff) else outcome)
+
+    return answered_regardless
+
+
+@pytest.mark.parametrize(
+    ("name", "mutant"),
+    [
+        ("close", _forgets_presence),
+        ("_subscribe_checked", _ignores_the_limit),
+        ("_allowed", _skips_the_hand_off),
+        ("answered", _ignores_a_refused_hand_off),
+    ],
+)
 def test_the_machine_catches_a_broken_session(
     monkeypatch: pytest.MonkeyPatch, name: str, mutant: Callable[[Any], Any]
 ) -> None:
-    """Not vacuous: the machine reaches tracked presence and a full session, and fails a session whose close()
-    forgets presence or that subscribes past the limit."""
+    """Not vacuous: the machine reaches tracked presence, a full session and refused hand-offs, and fails a session
+    whose close() forgets presence, that subscribes past the limit, that tracks without a hand-off, or that makes
+    a presence change its hand-off refused."""
     monkeypatch.setattr(Session, name, mutant(getattr(Session, name)))
     with pytest.raises(AssertionError):
         run_state_machine_as_test(

@@ -145,11 +145,20 @@ class Admission(Generic[C]):
             return None
         if old.sub == new.sub:
             return None
-        self._uncount(old, address)
-        refusal = self._refusal(new, address)
-        self._count(old if refusal is not None else new, address)
+        # The other nodes hear only the outcome, not the count dropping and coming back in between.
+        counted, self.counted = self.counted, None
+        try:
+            self._uncount(old, address)
+            refusal = self._refusal(new, address)
+            self._count(old if refusal is not None else new, address)
+        finally:
+            self.counted = counted
         if refusal is not None:
             return f"{refusal[1]}; the current token stays in use"
+        if counted is not None:
+            for sub in (old.sub, new.sub):
+                if sub is not None:
+                    counted(sub, self.per_user[sub])
         return None
 
     def release(self, connection: C, identity: Identity) -> None:

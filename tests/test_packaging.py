@@ -24,6 +24,7 @@ from . import pg
 from .process import FluxrtProcess, Remote
 from .support.clients import connect, recv, send, subscribe
 from .support.config import SECRET, token
+from .support.redis import RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "packaging" / "fluxrt.service"
@@ -107,11 +108,15 @@ async def test_the_pyz_migrates_serves_and_delivers_from_an_empty_folder_air_gap
     name = f"fluxrt_pyz_{os.getpid()}_{tmp_path.name[-12:].lower()}"
     pg.run_sql(pg_admin, f"CREATE DATABASE {name}")
     dsn = pg.with_database(pg_admin, name)
+    # The broadcast below goes through the cluster engine: the Redis client and its parser are in the pyz too.
+    redis = RedisServer()
+    redis.start()
     (folder / "fluxrt.yaml").write_text(
         yaml.safe_dump(
             {
                 "server": {"host": "127.0.0.1", "port": 0},
                 "database": {"dsn": dsn, "poll_interval": "10ms", "migrate": False},
+                "cluster": {"redis_url": redis.url, "node_id": "pyz", "prefix": f"pyz-{os.getpid()}"},
                 "log": {"format": "json"},
             }
         )
@@ -154,6 +159,7 @@ async def test_the_pyz_migrates_serves_and_delivers_from_an_empty_folder_air_gap
         try:
             await proc.start(nursery)
             await proc.wait_for("changefeed connected")
+            await proc.wait_for("cluster engine connected")
             server = Remote(proc.port)
             async with connect(server, tok=token("alice")) as alice, connect(server, tok=token("bob")) as bob:
                 await subscribe(alice, "table:public.users")
@@ -172,6 +178,7 @@ async def test_the_pyz_migrates_serves_and_delivers_from_an_empty_folder_air_gap
         broken.write_text("realtime: {heartbeat_interval: soon}\n")
         assert "heartbeat_interval" in await run("--config", str(broken), "check-config", expect=2)
     finally:
+        redis.close()
         pg.run_sql(pg_admin, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 

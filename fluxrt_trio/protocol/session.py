@@ -1,9 +1,9 @@
 """One connection's protocol state: what it is subscribed to, what it tracks, and its rate allowances.
 
 `Session.receive` takes one client frame and returns effects for the I/O shell to carry out, in order. Checks that
-need the outside world (the database, token verification) come back as requests (`CheckSubscribe`, `CheckAction`,
-`Authenticate`) whose outcome the shell feeds back through `answered`; the session changes no state before a check
-has passed.
+need the outside world (the database, token verification, the cluster engine) come back as requests
+(`CheckSubscribe`, `CheckAction`, `HandOff`, `Authenticate`) whose outcome the shell feeds back through `answered`;
+the session changes no state before a check has passed.
 """
 
 from __future__ import annotations

@@ -21,11 +21,14 @@ class SentinelAddress:
     password: str | None
     username: str | None
     tls: bool
+    options: tuple[tuple[str, str], ...] = ()
+    """query parameters (such as `ssl_ca_certs`), for the connections to the sentinels and to the primary"""
 
 
 def parse(url: str) -> str | SentinelAddress:
     """A direct URL as given (redis-py reads it), or the sentinels and the primary's name of a Sentinel URL
-    `redis+sentinel://[[user]:password@]host[:port][,host[:port]...]/primary-name[/db]` (port 26379 by default).
+    `redis+sentinel://[[user]:password@]host[:port][,host[:port]...]/primary-name[/db][?option=value&...]` (port
+    26379 by default; options as redis-py reads them in a `rediss://` URL, such as `ssl_ca_certs`).
 
     Raises ValueError naming what is wrong.
     """
@@ -41,6 +44,7 @@ def parse(url: str) -> str | SentinelAddress:
         except ValueError:
             raise ValueError("the port is not a number") from None
         return url
+    rest, _, query = rest.partition("?")
     netloc, _, path = rest.partition("/")
     credentials, _, hosts = netloc.rpartition("@")
     username, _, password = credentials.partition(":") if credentials else ("", "", "")
@@ -69,4 +73,5 @@ def parse(url: str) -> str | SentinelAddress:
         password=urllib.parse.unquote(password) or None,
         username=urllib.parse.unquote(username) or None,
         tls=scheme.startswith("rediss"),
+        options=tuple(urllib.parse.parse_qsl(query)),
     )

@@ -25,6 +25,7 @@ import orjson
 import redis.asyncio as aioredis
 import trio
 import trio_asyncio
+from redis.asyncio.connection import URL_QUERY_ARGUMENT_PARSERS
 from redis.asyncio.sentinel import Sentinel
 from redis.exceptions import RedisError
 
@@ -136,10 +137,15 @@ class RedisEngine:
         }
         target = self._address
         if isinstance(target, address.SentinelAddress):
+            # Read as redis-py reads the same options in a rediss:// URL (a "false" must not be a true string).
+            extra: dict[str, Any] = {
+                name: URL_QUERY_ARGUMENT_PARSERS.get(name, str)(value) for name, value in target.options
+            }
             sentinel = Sentinel(
                 list(target.sentinels),
-                sentinel_kwargs={**options, "ssl": target.tls},
+                sentinel_kwargs={**options, **extra, "ssl": target.tls},
                 **options,
+                **extra,
             )
             client = sentinel.master_for(
                 target.primary,

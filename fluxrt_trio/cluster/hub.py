@@ -174,7 +174,7 @@ class ClusterHub(Generic[S]):
         if reason is not None:
             self._counts["refused"] += 1
             if sender is not None:
-                sender.reply_nowait(_unavailable(reason, channel, ref))
+                sender.reply_nowait(_unavailable(reason, channel, ref, sent=False))
             return 0
         self._enqueue(_Queued(op, data, sender, ref))
         return 0
@@ -247,14 +247,23 @@ class ClusterHub(Generic[S]):
             log.warning("cluster engine unreachable", extra=ctx(node=self.node, reason=reason))
         self._phase = "unreachable"
         self._last_error = reason
-        while self._queue:
-            self._fail(self._queue.popleft(), "the cluster engine (Redis) became unreachable")
+        queued = list(self._queue)
+        self._queue.clear()
         self._queued_bytes = 0
+        self._fail(queued, "the cluster engine (Redis) became unreachable", sent=False)
 
-    def _fail(self, item: _Queued[S], reason: str) -> None:
-        if item.sender is not None and isinstance(item.op, wire.Broadcast):
-            self._counts["refused"] += 1
-            item.sender.reply_nowait(_unavailable(reason, item.op.channel, item.ref))
+    def _fail(self, items: list[_Queued[S]], reason: str, *, sent: bool) -> None:
+        """Answer the broadcasts among `items` with UNAVAILABLE; this node's own subscribers see its presence
+        changes among them at once (the other nodes when Redis is back). `sent`: they went to Redis, which did not
+        confirm them, so they may have reached other nodes."""
+        for item in items:
+            op = item.op
+            if isinstance(op, wire.Broadcast) and item.sender is not None:
+                self._counts["refused"] += 1
+                item.sender.reply_nowait(_unavailable(reason, op.channel, item.ref, sent=sent))
+        changes = [item.op for item in items if not isinstance(item.op, wire.Broadcast)]
+        if changes:
+            self._handle(self.view.apply_own(self.incarnation, changes, self._clock()))
 
     async def _connected(self) -> None:
         """Announce this node's state, read everyone's, then serve until Redis fails."""
@@ -322,9 +331,10 @@ class ClusterHub(Generic[S]):
         started = self._clock()
         try:
             await self.engine.publish(data, f"{self.incarnation} {seq}", Writes.of(ops))
-        except EngineUnreachable as exc:
-            for item in items:
-                self._fail(item, f"the cluster engine (Redis) failed: {exc}")
+        except BaseException as exc:
+            # Cancelled too (another task of the phase failed): every item is answered either way.
+            cause = str(exc) if isinstance(exc, EngineUnreachable) else "the engine stopped"
+            self._fail(items, f"the cluster engine (Redis) did not confirm it ({cause})", sent=True)
             raise
         self._publish_seconds += self._clock() - started
         self._counts["batches_out"] += 1
@@ -438,10 +448,10 @@ class ClusterHub(Generic[S]):
         )
 
 
-def _unavailable(reason: str, channel: str, ref: str | None) -> Error:
-    return Error(
-        ErrorCode.UNAVAILABLE,
-        f"{reason}: nothing was delivered to any node; retry with backoff",
-        channel=channel,
-        ref=ref,
+def _unavailable(reason: str, channel: str, ref: str | None, *, sent: bool) -> Error:
+    outcome = (
+        "it may have reached other nodes but not this one"
+        if sent
+        else "nothing was delivered to any node; retry with backoff"
     )
+    return Error(ErrorCode.UNAVAILABLE, f"{reason}: {outcome}", channel=channel, ref=ref)

@@ -8,7 +8,7 @@ passed in.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import attrs
@@ -106,7 +106,7 @@ class ClusterView:
         events.extend(self._apply(batch.node, replica, batch))
         return events
 
-    def apply_own(self, incarnation: str, ops: list[wire.Op], now: float) -> list[Event]:
+    def apply_own(self, incarnation: str, ops: Sequence[wire.Op], now: float) -> list[Event]:
         """This node's own changes while Redis cannot take them: its replica follows them at once, so that its
         local subscribers see them, with no sequence number (the replica is restored from the node's state when
         Redis is back)."""

@@ -4,6 +4,10 @@ may stop, restart, stall and kill. Never the machine's shared Redis on 6379, whi
 Every server keeps nothing on disk (`save ""`, `appendonly no`): a restarted one comes back empty, as a Redis without
 persistence does. The calls here block (a start or a stop takes a few milliseconds); the waits that can last seconds
 (a sentinel failover) are async, so that the nodes and clients of a Trio test keep running meanwhile.
+
+Given `tls=` (a throwaway CA of tests/support/tls.py), a server or sentinel listens with TLS only (`--port 0
+--tls-port PORT`), its replicas and sentinels reach it over TLS, and its `url` is a `rediss://` one that names the CA
+(`?ssl_ca_certs=`).
 """
 
 from __future__ import annotations
@@ -13,9 +17,11 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
+import urllib.parse
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,6 +29,8 @@ from typing import Any, Self
 
 import redis
 import trio
+
+from .tls import ThrowawayCA
 
 HOST = "127.0.0.1"
 _SEARCHED = ("/usr/bin/redis-server", "/usr/sbin/redis-server", "/usr/local/bin/redis-server")
@@ -55,14 +63,39 @@ def free_port() -> int:
         return port
 
 
-def ping(port: int, timeout: float = 0.2) -> bool:
-    """Whether a Redis (or sentinel) on `port` answers PING now."""
+def _send(port: int, command: bytes, timeout: float, tls: ThrowawayCA | None, answer: bool) -> bytes:
+    with socket.create_connection((HOST, port), timeout=timeout) as raw:
+        if tls is None:
+            raw.sendall(command)
+            return raw.recv(64) if answer else b""
+        with tls.client_context().wrap_socket(raw, server_hostname=HOST) as s:
+            s.sendall(command)
+            return s.recv(64) if answer else b""
+
+
+def ping(port: int, timeout: float = 0.2, *, tls: ThrowawayCA | None = None) -> bool:
+    """Whether a Redis (or sentinel) on `port` answers PING now; over TLS, verified with `tls`'s CA, when given."""
     try:
-        with socket.create_connection((HOST, port), timeout=timeout) as s:
-            s.sendall(b"PING\r\n")
-            return s.recv(64).startswith(b"+PONG")
-    except OSError:
+        return _send(port, b"PING\r\n", timeout, tls, answer=True).startswith(b"+PONG")
+    except (OSError, ssl.SSLError):
         return False
+
+
+def _tls_argv(tls: ThrowawayCA, port: int) -> list[str]:
+    # Clients need no certificate of their own (fluxrt presents none); replicas and sentinels present the server's.
+    return [
+        "--port", "0",
+        "--tls-port", str(port),
+        "--tls-cert-file", str(tls.server_cert),
+        "--tls-key-file", str(tls.server_key),
+        "--tls-ca-cert-file", str(tls.ca_cert),
+        "--tls-auth-clients", "no",
+        "--tls-replication", "yes",
+    ]  # fmt: skip
+
+
+def _ca_query(tls: ThrowawayCA | None) -> str:
+    return "" if tls is None else "?ssl_ca_certs=" + urllib.parse.quote(str(tls.ca_cert), safe="/")
 
 
 class _Process:
@@ -70,7 +103,8 @@ class _Process:
 
     _kind = "redis"
 
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, tls: ThrowawayCA | None = None) -> None:
+        self.tls = tls
         self.port = port if port is not None else free_port()
         self._fixed_port = port is not None
         self.dir = Path(tempfile.mkdtemp(prefix=f"fluxrt-{self._kind}-"))
@@ -113,7 +147,7 @@ class _Process:
         )
         self.paused = False
         deadline = time.monotonic() + timeout
-        while not ping(self.port):
+        while not ping(self.port, tls=self.tls):
             if self._process.poll() is not None:
                 text = self.log.read_text(errors="replace")
                 if "Address already in use" in text:
@@ -141,9 +175,8 @@ class _Process:
             self.resume()
             # SHUTDOWN acts at once; SIGTERM waits for the next server tick (up to 100 ms), so it is the fallback.
             try:
-                with socket.create_connection((HOST, self.port), timeout=1) as s:
-                    s.sendall(b"SHUTDOWN NOSAVE\r\n")
-            except OSError:
+                _send(self.port, b"SHUTDOWN NOSAVE\r\n", 1, self.tls, answer=False)
+            except (OSError, ssl.SSLError):
                 self._process.terminate()
             try:
                 self._process.wait(timeout)
@@ -201,6 +234,8 @@ class _Process:
     def client(self, **kwargs: Any) -> redis.Redis:
         """A new synchronous redis-py client of this process (answers decoded as str); close it after use."""
         options: dict[str, Any] = {"socket_timeout": 2, "socket_connect_timeout": 2, "decode_responses": True}
+        if self.tls is not None:
+            options |= {"ssl": True, "ssl_ca_certs": str(self.tls.ca_cert)}
         return redis.Redis(host=HOST, port=self.port, **{**options, **kwargs})
 
     def execute(self, *args: Any) -> Any:
@@ -217,16 +252,19 @@ class RedisServer(_Process):
     """A private redis-server on 127.0.0.1, without persistence. Not started until start() or `with`.
 
     `with RedisServer() as server:` starts it and, whatever happens, kills it and deletes its directory on exit.
+    With `tls`, it listens with TLS only, on `port`; a replica of a TLS primary uses the primary's CA by default.
     """
 
-    def __init__(self, port: int | None = None, *, replica_of: RedisServer | None = None) -> None:
-        super().__init__(port)
+    def __init__(
+        self, port: int | None = None, *, replica_of: RedisServer | None = None, tls: ThrowawayCA | None = None
+    ) -> None:
+        super().__init__(port, tls if tls is not None or replica_of is None else replica_of.tls)
         self.primary = replica_of
 
     def _argv(self) -> list[str]:
         argv = [
             redis_binary(),
-            "--port", str(self.port),
+            *(["--port", str(self.port)] if self.tls is None else _tls_argv(self.tls, self.port)),
             "--bind", HOST,
             "--save", "",
             "--appendonly", "no",
@@ -243,7 +281,10 @@ class RedisServer(_Process):
 
     @property
     def url(self) -> str:
-        return f"redis://{HOST}:{self.port}/0"
+        """`redis://127.0.0.1:PORT/0`; with TLS, `rediss://127.0.0.1:PORT/0?ssl_ca_certs=/path/ca.pem`."""
+        if self.tls is None:
+            return f"redis://{HOST}:{self.port}/0"
+        return f"rediss://{HOST}:{self.port}/0{_ca_query(self.tls)}"
 
     def role(self) -> str:
         """'master' or 'slave', as INFO replication says."""
@@ -277,6 +318,9 @@ class RedisSentinel(_Process):
 
     Start the primary's replicas (and wait_synced()) before the sentinel, and call wait_ready() before causing a
     failover: a sentinel learns of replicas from the primary's INFO, which it reads at once, then every 10 s.
+
+    A sentinel of a TLS primary listens with TLS only and reaches the primary and its replicas over TLS, with the
+    primary's CA.
     """
 
     _kind = "sentinel"
@@ -290,7 +334,7 @@ class RedisSentinel(_Process):
         failover_timeout_ms: int = 3000,
         port: int | None = None,
     ) -> None:
-        super().__init__(port)
+        super().__init__(port, primary.tls)
         self.primary = primary
         self.master_name = master_name
         self.down_after_ms = down_after_ms
@@ -302,9 +346,13 @@ class RedisSentinel(_Process):
         conf = self.dir / "sentinel.conf"
         if not conf.exists():
             name = self.master_name
+            if self.tls is None:
+                listen = f"port {self.port}\n"
+            else:
+                flags = _tls_argv(self.tls, self.port)
+                listen = "".join(f"{flag[2:]} {value}\n" for flag, value in zip(flags[::2], flags[1::2], strict=True))
             conf.write_text(
-                f"port {self.port}\n"
-                f"bind {HOST}\n"
+                listen + f"bind {HOST}\n"
                 f"dir {self.dir}\n"
                 f"logfile {self.log}\n"
                 f"sentinel monitor {name} {HOST} {self.primary.port} 1\n"
@@ -316,8 +364,10 @@ class RedisSentinel(_Process):
 
     @property
     def url(self) -> str:
-        """`redis+sentinel://127.0.0.1:PORT/MASTER_NAME/0`: the sentinel, the monitored name and the database."""
-        return f"redis+sentinel://{HOST}:{self.port}/{self.master_name}/0"
+        """`redis+sentinel://127.0.0.1:PORT/MASTER_NAME/0`: the sentinel, the monitored name and the database; with
+        TLS, `rediss+sentinel://...?ssl_ca_certs=/path/ca.pem`."""
+        scheme = "redis+sentinel" if self.tls is None else "rediss+sentinel"
+        return f"{scheme}://{HOST}:{self.port}/{self.master_name}/0{_ca_query(self.tls)}"
 
     def primary_addr(self) -> tuple[str, int]:
         """The primary's address as this sentinel reports it now (`SENTINEL get-master-addr-by-name`)."""
@@ -349,16 +399,24 @@ class RedisSentinel(_Process):
 
 
 @contextmanager
-def redis_server() -> Iterator[RedisServer]:
-    """A started private RedisServer, killed and deleted when the block ends (a function-scoped fixture's body)."""
-    with RedisServer() as server:
+def redis_server(*, tls: ThrowawayCA | None = None) -> Iterator[RedisServer]:
+    """A started private RedisServer (TLS only, with `tls`), killed and deleted when the block ends (a
+    function-scoped fixture's body)."""
+    with RedisServer(tls=tls) as server:
         yield server
 
 
 @contextmanager
-def sentinel_setup(master_name: str = "fluxrt") -> Iterator[tuple[RedisServer, RedisServer, RedisSentinel]]:
-    """A primary, one synced replica and a sentinel that knows both, ready for a failover; all closed at the end."""
-    with RedisServer() as primary, replica_of(primary) as replica, RedisSentinel(primary, master_name) as sentinel:
+def sentinel_setup(
+    master_name: str = "fluxrt", *, tls: ThrowawayCA | None = None
+) -> Iterator[tuple[RedisServer, RedisServer, RedisSentinel]]:
+    """A primary, one synced replica and a sentinel that knows both, ready for a failover; all closed at the end.
+    With `tls`, all three speak TLS only, to clients and to each other."""
+    with (
+        RedisServer(tls=tls) as primary,
+        replica_of(primary) as replica,
+        RedisSentinel(primary, master_name) as sentinel,
+    ):
         sentinel.wait_ready()
         yield primary, replica, sentinel
 

@@ -1,0 +1,116 @@
+"""A throwaway certificate authority for tests, made at test time: a CA and one server certificate for 127.0.0.1 and
+localhost that it signed, written as PEM files for servers (redis-server's `--tls-*-file`) and clients
+(`?ssl_ca_certs=`). Nothing is trusted by the machine: a client that is not given `ca_cert` cannot verify the server.
+
+Made with `cryptography` (a dependency of fluxrt through `pyjwt[crypto]`); EC P-256 keys, so that making one takes a
+few milliseconds.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import ssl
+from pathlib import Path
+
+import attrs
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+_VALID = datetime.timedelta(days=1)
+
+
+@attrs.frozen
+class ThrowawayCA:
+    """The PEM files of one throwaway CA and of the server certificate it signed."""
+
+    ca_cert: Path
+    server_cert: Path
+    """for CN fluxrt-test-server, valid for IP 127.0.0.1 and DNS localhost, for server and client authentication
+    (a Redis replica presents it to its primary)"""
+    server_key: Path
+
+    def client_context(self) -> ssl.SSLContext:
+        """A client context that trusts this CA only and checks host names."""
+        return ssl.create_default_context(cafile=str(self.ca_cert))
+
+
+def _name(common_name: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+
+def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
+    path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    path.chmod(0o600)
+
+
+def make_ca(directory: Path, name: str = "fluxrt test CA") -> ThrowawayCA:
+    """Create a CA named `name` and a server certificate it signed, valid from a minute ago for a day, as
+    `ca.pem`, `server.pem` and `server-key.pem` in `directory` (created if missing; files there are replaced)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    # A minute back, so that a clock a little behind on the verifying side still accepts them.
+    now = datetime.datetime.now(datetime.UTC) - datetime.timedelta(minutes=1)
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(name))
+        .issuer_name(_name(name))
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + _VALID)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+
+    server_key = ec.generate_private_key(ec.SECP256R1())
+    server_cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name("fluxrt-test-server"))
+        .issuer_name(ca_cert.subject)
+        .public_key(server_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + _VALID)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]),
+            critical=False,
+        )
+        .add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
+        )
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+
+    ca = ThrowawayCA(
+        ca_cert=directory / "ca.pem", server_cert=directory / "server.pem", server_key=directory / "server-key.pem"
+    )
+    ca.ca_cert.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    ca.server_cert.write_bytes(server_cert.public_bytes(serialization.Encoding.PEM))
+    _write_key(ca.server_key, server_key)
+    return ca

@@ -76,6 +76,9 @@ bench-rls: $(STAMP)
 bench-startup: $(STAMP)
 	$(BIN)/python bench/startup.py $(ARGS)
 
+bench-cluster: $(STAMP)
+	$(BIN)/python bench/cluster.py $(ARGS)
+
 migrate: $(STAMP)
 	$(BIN)/fluxrt --config $(CONFIG) migrate
 

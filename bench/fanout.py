@@ -165,8 +165,9 @@ SLOW_METRICS = {
 }
 
 
-def scrape_metrics(host: str, port: int) -> dict[str, float]:
-    """The SLOW_METRICS samples of fluxrt's GET /metrics (absent ones are 0)."""
+def scrape_metrics(host: str, port: int, wanted: dict[str, str] = SLOW_METRICS) -> dict[str, float]:
+    """The `wanted` samples (sample name -> label in the result; SLOW_METRICS by default) of fluxrt's GET /metrics,
+    absent ones 0."""
     with socket.create_connection((host, port), timeout=10.0) as s:
         s.sendall(f"GET /metrics HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n\r\n".encode())
         chunks = []
@@ -175,11 +176,11 @@ def scrape_metrics(host: str, port: int) -> dict[str, float]:
     head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
     if not head.startswith((b"HTTP/1.1 200", b"HTTP/1.0 200")):
         raise RuntimeError(f"GET /metrics: {head[:100]!r}")
-    found = dict.fromkeys(SLOW_METRICS.values(), 0.0)
+    found = dict.fromkeys(wanted.values(), 0.0)
     for line in body.decode().splitlines():
         name, _, value = line.rpartition(" ")
-        if name in SLOW_METRICS:
-            found[SLOW_METRICS[name]] = float(value)
+        if name in wanted:
+            found[wanted[name]] = float(value)
     return found
 
 
@@ -219,11 +220,12 @@ def fluxrt_origin(args: argparse.Namespace, kind: str) -> str:
 
 
 class ServerProcess(common.ServerProcess):
-    """One server under test, started fresh for a round."""
+    """One server under test, started fresh for a round. For fluxrt, `extra_config` (YAML sections, such as the
+    `cluster:` of bench/cluster.py) is appended to the bench's configuration."""
 
     LOG_TAIL = 2000
 
-    def __init__(self, kind: str, args: argparse.Namespace, workdir: Path) -> None:
+    def __init__(self, kind: str, args: argparse.Namespace, workdir: Path, extra_config: str = "") -> None:
         self.kind = kind
         self.host: str = args.host
         self.port = free_port(args.host)
@@ -236,6 +238,7 @@ class ServerProcess(common.ServerProcess):
             write_buffer = "" if args.slow_mode else "  write_buffer_size: 100000\n"
             config.write_text(
                 FLUXRT_CONFIG.format(host=self.host, port=self.port, path=self.path, write_buffer=write_buffer)
+                + extra_config
             )
             argv = [*fluxrt_command(args, kind), "-m", "fluxrt_trio", "--config", str(config)]
         else:

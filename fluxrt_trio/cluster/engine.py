@@ -17,6 +17,7 @@ gets it exactly as of some batch: the later ones it receives on the bus (see vie
 from __future__ import annotations
 
 import contextlib
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -83,6 +84,7 @@ class RedisEngine:
         self._client: aioredis.Redis | None = None
         self._pubsub: Any = None
         self._loop: Any = None
+        self._tls = url.startswith("rediss")
 
     # ---- keys ----------------------------------------------------------------------------------------------
 
@@ -123,7 +125,7 @@ class RedisEngine:
         except trio.TooSlowError:
             raise EngineUnreachable("Redis did not answer in time") from None
         except (TimeoutError, RedisError, OSError) as exc:
-            raise EngineUnreachable(describe(exc)) from None
+            raise EngineUnreachable(describe(exc, tls=self._tls)) from None
 
     # ---- connecting ----------------------------------------------------------------------------------------
 
@@ -336,7 +338,27 @@ def parse_state(position: bytes | None, presence: dict[bytes, bytes], users: dic
     return Snapshot(incarnation, int(seq), members, counts)
 
 
-def describe(exc: BaseException) -> str:
-    """One line for a log or a health check: the exception's class and message, no traceback."""
+def describe(exc: BaseException, *, tls: bool | None = None) -> str:
+    """One line for a log or a health check: the exception's class and message, no traceback; for the failures an
+    operator can fix from the configuration, what to change."""
+    for cause in _chain(exc):
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            reason = cause.verify_message or "certificate verify failed"
+            return (
+                f"Redis's TLS certificate could not be verified ({reason}): name the CA that signed it with "
+                "?ssl_ca_certs=/path/ca.pem in cluster.redis_url"
+            )
     text = str(exc).strip() or "no detail"
-    return f"{type(exc).__name__}: {text}"[:300]
+    line = f"{type(exc).__name__}: {text}"[:300]
+    if tls is False and any(isinstance(cause, ConnectionResetError) for cause in _chain(exc)):
+        line += " (is it a TLS port? then use rediss:// in cluster.redis_url)"
+    return line
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    seen: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in seen and len(seen) < 10:
+        seen.append(current)
+        current = current.__cause__ or current.__context__
+    return seen

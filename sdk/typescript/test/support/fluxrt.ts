@@ -160,6 +160,18 @@ export class Fluxrt {
     this.child = undefined
   }
 
+  /**
+   * SIGKILL, as `kill -9` or the OOM killer would: no close frames, no goodbye to the database. Resolves once the
+   * process has exited; start() then runs a new one on the same port.
+   */
+  async kill(): Promise<void> {
+    const child = this.child
+    if (child === undefined || child.exitCode !== null || child.signalCode !== null) return
+    child.kill('SIGKILL')
+    await this.exited
+    this.child = undefined
+  }
+
   /** Pause or resume the process, so that it answers nothing while the sockets stay open. */
   signal(signal: 'SIGSTOP' | 'SIGCONT'): void {
     this.child?.kill(signal)

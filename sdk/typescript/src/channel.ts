@@ -1,7 +1,15 @@
 // One channel of a RealtimeClient: the user's handlers, the subscription (through ChannelMachine) and the presence
 // state of the room. The client hands it the frames that name it.
 
-import { type ChannelEffect, ChannelMachine, type ChannelPhase, type ChannelStatus, type TableOptions } from './channelState.js'
+import {
+  type ChannelEffect,
+  ChannelMachine,
+  type ChannelPhase,
+  type ChannelStatus,
+  type SubscribedInfo,
+  type SubscribeOptions,
+  type TableOptions,
+} from './channelState.js'
 import { RealtimeError } from './errors.js'
 import { applyDiff, type PresenceChange, type PresenceJoin, type PresenceLeave, syncState } from './presence.js'
 import {
@@ -21,7 +29,8 @@ import {
   type UpdatePayload,
 } from './protocol.js'
 
-export type SubscribeCallback = (status: ChannelStatus, error?: RealtimeError) => void
+/** `info` comes with SUBSCRIBED only: `info.recovered` says whether the events the channel missed follow. */
+export type SubscribeCallback = (status: ChannelStatus, error?: RealtimeError, info?: SubscribedInfo) => void
 
 /** What a channel needs from its client. */
 export interface ChannelHost {
@@ -100,6 +109,16 @@ export class RealtimeChannel<R = Row, B = unknown, S = Record<string, unknown>> 
     return this.machine.phase
   }
 
+  /**
+   * The `id` of the last event handed to this channel's handlers (a table change's `payload.id`, a broadcast
+   * message's `id`), already set while they run: after a reconnect the channel resubscribes from it. Undefined
+   * before the first event, once the server could not resume from it (until the next event), and after the
+   * subscription ended. Keep it to resume later with `subscribe(callback, { since })`.
+   */
+  get position(): string | undefined {
+    return this.machine.position
+  }
+
   on(event: 'INSERT', callback: (payload: InsertPayload<R>) => void): this
   on(event: 'UPDATE', callback: (payload: UpdatePayload<R>) => void): this
   on(event: 'DELETE', callback: (payload: DeletePayload<R>) => void): this
@@ -139,11 +158,28 @@ export class RealtimeChannel<R = Row, B = unknown, S = Record<string, unknown>> 
    * Ask the server for this channel and return the channel at once (so calls chain). `callback` hears
    * `SUBSCRIBED` when the server acknowledges (again after every reconnect), `CHANNEL_ERROR` with the error when
    * the server refuses the channel or reports an error on it, and `CLOSED` when the subscription ends.
+   *
+   * With SUBSCRIBED comes `{ recovered }`: after a reconnect the channel resubscribes from its `position`, and
+   * `recovered: true` means that every event it missed follows; `false` (also on the first subscribe) means that
+   * nothing was replayed: load or refetch what you show. `options.since` resumes from a position kept earlier.
+   * Throws a TypeError for `since` on a presence channel (presence has no history) or a `since` that is not a string.
    */
-  subscribe(callback?: SubscribeCallback): this {
+  subscribe(callback?: SubscribeCallback, options: SubscribeOptions = {}): this {
+    const since = options.since
+    if (since !== undefined) {
+      if (typeof since !== 'string') {
+        throw new TypeError('subscribe(callback, { since }): since must be a string, an id this channel delivered')
+      }
+      if (this.kind === 'presence') {
+        throw new TypeError(
+          `subscribe(callback, { since }): ${this.name} is a presence channel, which has no history: ` +
+            'the sync after each subscribe is the whole state',
+        )
+      }
+    }
     if (callback !== undefined) this.statusCallbacks.push(callback)
     this.lastError = undefined
-    this.run(this.machine.subscribe(this.host.isOpen()))
+    this.run(this.machine.subscribe(this.host.isOpen(), since))
     this.host.ensureConnected()
     return this
   }
@@ -237,8 +273,8 @@ export class RealtimeChannel<R = Row, B = unknown, S = Record<string, unknown>> 
   }
 
   /** @internal */
-  _ack(status: string, ref: string | undefined): void {
-    this.run(this.machine.ack(status, ref))
+  _ack(status: string, ref: string | undefined, recovered?: boolean): void {
+    this.run(this.machine.ack(status, ref, recovered))
   }
 
   /** @internal */
@@ -251,9 +287,11 @@ export class RealtimeChannel<R = Row, B = unknown, S = Record<string, unknown>> 
     if (this.machine.phase !== 'joined') return
     if (message.type === 'broadcast') {
       if (this.kind === 'broadcast') {
+        this.machine.delivered(message.id)
         for (const handler of this.broadcastHandlers) invoke(handler, message.payload as B)
       } else if (this.kind === 'table' && isChangePayload(message.payload)) {
         const payload = message.payload as ChangePayload<R>
+        this.machine.delivered(payload.id)
         for (const handler of [...(this.changeHandlers.get(payload.type) ?? []), ...(this.changeHandlers.get('*') ?? [])]) {
           invoke(handler as (payload: ChangePayload<R>) => void, payload)
         }
@@ -304,7 +342,8 @@ export class RealtimeChannel<R = Row, B = unknown, S = Record<string, unknown>> 
         this.settle(effect.error ?? new RealtimeError('CLOSED', `${this.name} was unsubscribed`, this.name))
       }
       if (effect.status === 'CLOSED') this.host.forget(this)
-      for (const callback of this.statusCallbacks) invoke(callback, effect.status, effect.error)
+      const info = effect.status === 'SUBSCRIBED' ? { recovered: effect.recovered === true } : undefined
+      for (const callback of this.statusCallbacks) invoke(callback, effect.status, effect.error, info)
     }
     return replies
   }

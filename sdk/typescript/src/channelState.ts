@@ -5,6 +5,11 @@
 //   joining/joined --socket closed--> joining (resubscribed on the next connection, presence re-tracked)
 //   joining --error for the subscribe--> errored;  joined --FORBIDDEN/SUBSCRIPTION_FAILED from the server--> errored
 //   joining/joined --unsubscribe--> leaving --ack unsubscribed--> closed
+//
+// Resume: the machine keeps the id of the last event delivered while joined (its position). A subscribe sent with a
+// position carries it as `since`; there is one only after a lost connection (events were delivered, then the socket
+// closed) or when the application passed `since`, since the position is forgotten whenever the subscription ends
+// (unsubscribe, refusal, client stopped) and when the server could not resume from it.
 
 import { RealtimeError } from './errors.js'
 import type { ChannelKind, ClientMessage, ErrorMessage, TableEvent } from './protocol.js'
@@ -13,6 +18,24 @@ export type ChannelPhase = 'closed' | 'joining' | 'joined' | 'leaving' | 'errore
 
 /** What a channel's subscribe callback hears. */
 export type ChannelStatus = 'SUBSCRIBED' | 'CHANNEL_ERROR' | 'CLOSED'
+
+/** What a SUBSCRIBED status says about the events before it. */
+export interface SubscribedInfo {
+  /**
+   * true: the channel resumed from its position and every event it missed follows, then the live stream. false:
+   * nothing was replayed, so events from before this SUBSCRIBED may be missing: load or refetch what you show. It is
+   * false on a first subscribe too (there was nothing to recover), and from a server that does not resume.
+   */
+  recovered: boolean
+}
+
+export interface SubscribeOptions {
+  /**
+   * Table and broadcast channels: resume after this position, an id this channel delivered before (`position`),
+   * for example one kept across a page reload. Applies when the channel is not already subscribed or subscribing.
+   */
+  since?: string
+}
 
 export interface TableOptions {
   /** Only this kind of change (default `*`, every kind). */
@@ -23,7 +46,7 @@ export interface TableOptions {
 
 export type ChannelEffect =
   | { kind: 'send'; message: ClientMessage & { ref: string } }
-  | { kind: 'status'; status: ChannelStatus; error?: RealtimeError }
+  | { kind: 'status'; status: ChannelStatus; error?: RealtimeError; recovered?: boolean }
 
 // Errors the server sends about a channel without dropping its subscription.
 const KEEPS_SUBSCRIPTION = new Set<string>(['CHANGES_MISSED', 'RATE_LIMITED', 'INVALID_MESSAGE', 'INTERNAL_ERROR'])
@@ -35,6 +58,10 @@ export class ChannelMachine {
   private leaveRef: string | undefined
   /** The presence state this connection tracks, tracked again after every subscribe. */
   private tracked: Record<string, unknown> | undefined
+  /** The id of the last event delivered on this subscription: the `since` of the next subscribe. */
+  private lastId: string | undefined
+  /** The `since` that the subscribe awaiting its ack (joinRef) carried. */
+  private joinSince: string | undefined
 
   constructor(
     readonly name: string,
@@ -47,14 +74,21 @@ export class ChannelMachine {
     return this.tracked !== undefined
   }
 
-  subscribe(open: boolean): ChannelEffect[] {
+  /** The id of the last event delivered on this subscription, if any. */
+  get position(): string | undefined {
+    return this.lastId
+  }
+
+  subscribe(open: boolean, since?: string): ChannelEffect[] {
     if (this.phase === 'joining' || this.phase === 'joined') return []
+    this.lastId = since
     this.phase = 'joining'
     return open ? [this.sendSubscribe()] : []
   }
 
   unsubscribe(open: boolean): ChannelEffect[] {
     this.tracked = undefined
+    this.lastId = undefined
     if (this.phase === 'closed' || this.phase === 'leaving') return []
     const sent = this.phase === 'joined' || (this.phase === 'joining' && this.joinRef !== undefined)
     this.joinRef = undefined
@@ -85,9 +119,14 @@ export class ChannelMachine {
     return []
   }
 
+  /** An event with position `id` (table: `payload.id`, broadcast: the message's `id`) is handed to the application. */
+  delivered(id: unknown): void {
+    if (this.phase === 'joined' && typeof id === 'string') this.lastId = id
+  }
+
   /** The connection is gone, and with it every subscription the server held for it. */
   socketClosed(): ChannelEffect[] {
-    this.joinRef = undefined
+    this.joinRef = this.joinSince = undefined
     if (this.phase === 'joined') this.phase = 'joining'
     if (this.phase === 'leaving') return this.close()
     return []
@@ -100,18 +139,23 @@ export class ChannelMachine {
 
   /** The client stopped for good. */
   terminated(error?: RealtimeError): ChannelEffect[] {
-    this.tracked = undefined
+    this.tracked = this.lastId = undefined
     if (this.phase === 'closed') return []
     this.phase = 'closed'
-    this.joinRef = this.leaveRef = undefined
+    this.joinRef = this.joinSince = this.leaveRef = undefined
     return [{ kind: 'status', status: 'CLOSED', error }]
   }
 
-  ack(status: string, ref: string | undefined): ChannelEffect[] {
+  /** An ack; `recovered` is the ack's field (absent from a server without resume, and then read as false). */
+  ack(status: string, ref: string | undefined, recovered?: boolean): ChannelEffect[] {
     if (status === 'subscribed' && ref !== undefined && ref === this.joinRef && this.phase === 'joining') {
       this.phase = 'joined'
-      this.joinRef = undefined
-      const effects: ChannelEffect[] = [{ kind: 'status', status: 'SUBSCRIBED' }]
+      const resumed = this.joinSince !== undefined
+      const replayed = resumed && recovered === true
+      // Nothing was replayed after that position: it no longer describes what the application holds.
+      if (resumed && !replayed) this.lastId = undefined
+      this.joinRef = this.joinSince = undefined
+      const effects: ChannelEffect[] = [{ kind: 'status', status: 'SUBSCRIBED', recovered: replayed }]
       if (this.tracked !== undefined) effects.push(this.sendTrack())
       return effects
     }
@@ -126,7 +170,7 @@ export class ChannelMachine {
     const report: ChannelEffect = { kind: 'status', status: 'CHANNEL_ERROR', error }
     if (message.ref !== undefined && message.ref === this.joinRef && this.phase === 'joining') {
       this.phase = 'errored'
-      this.joinRef = undefined
+      this.joinRef = this.joinSince = this.lastId = undefined
       return [report]
     }
     if (message.ref !== undefined && message.ref === this.leaveRef && this.phase === 'leaving') {
@@ -134,13 +178,16 @@ export class ChannelMachine {
     }
     if (message.ref !== undefined) return [report]
     if (this.phase !== 'joined') return []
-    if (!KEEPS_SUBSCRIPTION.has(message.code)) this.phase = 'errored'
+    if (!KEEPS_SUBSCRIPTION.has(message.code)) {
+      this.phase = 'errored'
+      this.lastId = undefined
+    }
     return [report]
   }
 
   private close(): ChannelEffect[] {
     this.phase = 'closed'
-    this.leaveRef = undefined
+    this.leaveRef = this.lastId = undefined
     return [{ kind: 'status', status: 'CLOSED' }]
   }
 
@@ -151,6 +198,8 @@ export class ChannelMachine {
       if (this.options.event !== undefined) message.event = this.options.event
       if (this.options.filter !== undefined) message.filter = this.options.filter
     }
+    this.joinSince = this.lastId
+    if (this.lastId !== undefined) message.since = this.lastId
     return { kind: 'send', message }
   }
 

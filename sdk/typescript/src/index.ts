@@ -29,7 +29,7 @@ export function createClient(options: ClientOptions): FluxbaseClient {
 
 export { afterClose, backoffDelay, type CloseDecision, DEFAULT_RECONNECT, type ReconnectOptions } from './backoff.js'
 export { RealtimeChannel, type SubscribeCallback } from './channel.js'
-export type { ChannelPhase, ChannelStatus, TableOptions } from './channelState.js'
+export type { ChannelPhase, ChannelStatus, SubscribedInfo, SubscribeOptions, TableOptions } from './channelState.js'
 export { RealtimeError, type RealtimeErrorCode } from './errors.js'
 export type { PresenceJoin, PresenceLeave } from './presence.js'
 export * from './protocol.js'

@@ -60,6 +60,11 @@ export interface SubscribeMessage {
   event?: TableEvent | '*'
   /** Table channels only: `column=op.value`, op one of eq neq lt lte gt gte in is (`status=in.(open,late)`). */
   filter?: string
+  /**
+   * Table and broadcast channels: the `id` of the last event the client processed on this channel, to be sent what
+   * followed it (see Resume in docs/protocol.md). Opaque: sent back exactly as received.
+   */
+  since?: string
   ref?: string
 }
 
@@ -112,6 +117,11 @@ export interface AckMessage {
   /** Absent on the ack of `auth`. */
   channel?: string
   status: AckStatus
+  /**
+   * On the ack of a subscribe that carried `since`: true when every event after that position follows (then live),
+   * false when nothing could be replayed. Absent otherwise (also from a server without resume: read it as false).
+   */
+  recovered?: boolean
   ref?: string
 }
 
@@ -133,6 +143,8 @@ export interface BroadcastEvent<P = unknown> {
   type: 'broadcast'
   channel: string
   payload: P
+  /** On `broadcast:` channels, the message's position (table changes carry theirs as `payload.id`). */
+  id?: string
 }
 
 export interface PresenceSyncEvent<S = Record<string, unknown>> {

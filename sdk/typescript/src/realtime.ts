@@ -344,7 +344,9 @@ export class RealtimeClient {
     switch (message.type) {
       case 'ack': {
         this.settle(message.ref, undefined)
-        if (message.channel !== undefined) this.channels.get(message.channel)?._ack(message.status, message.ref)
+        if (message.channel !== undefined) {
+          this.channels.get(message.channel)?._ack(message.status, message.ref, message.recovered)
+        }
         break
       }
       case 'error': {

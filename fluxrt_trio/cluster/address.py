@@ -52,19 +52,23 @@ def parse(url: str) -> str | SentinelAddress:
     for item in hosts.split(","):
         item = item.strip()
         if item.startswith("["):
-            host, _, port = item[1:].partition("]")
-            port = port.removeprefix(":")
+            host, closed, after = item[1:].partition("]")
+            if not closed or (after and not after.startswith(":")):
+                raise ValueError(f"sentinel address {item!r}: expected [IPv6 address] or [IPv6 address]:port")
+            port = after.removeprefix(":")
         else:
             host, _, port = item.partition(":")
         if not host:
             raise ValueError("a sentinel address is empty: expected host[:port] separated by commas")
-        if port and not port.isdigit():
+        if port and not (port.isascii() and port.isdigit()):
             raise ValueError(f"sentinel port {port!r} is not a number")
+        if port and not 0 < int(port) < 65536:
+            raise ValueError(f"sentinel port {port} is out of range 1-65535")
         sentinels.append((host, int(port) if port else 26379))
     parts = [p for p in path.split("/") if p]
     if not parts:
         raise ValueError("no primary name: expected redis+sentinel://host:26379/<primary-name>[/db]")
-    if len(parts) > 2 or (len(parts) == 2 and not parts[1].isdigit()):
+    if len(parts) > 2 or (len(parts) == 2 and not (parts[1].isascii() and parts[1].isdigit())):
         raise ValueError("expected /<primary-name>[/<db number>] after the sentinel addresses")
     return SentinelAddress(
         sentinels=tuple(sentinels),

@@ -320,7 +320,7 @@ def parse_state(position: bytes | None, presence: dict[bytes, bytes], users: dic
     if position is None:
         return None
     incarnation, _, seq = position.decode(errors="replace").partition(" ")
-    if not seq.isdigit():
+    if not (seq.isascii() and seq.isdigit()):
         return None
     members: dict[str, dict[str, dict[str, dict[str, Any]]]] = {}
     for field, value in presence.items():

@@ -55,7 +55,7 @@ Event = Delivered | PresenceChanged | ReadState
 
 
 class _Replica:
-    __slots__ = ("heard", "incarnation", "pending", "rooms", "seq", "users")
+    __slots__ = ("heard", "incarnation", "pending", "reread", "rooms", "seq", "users")
 
     def __init__(self, incarnation: str, heard: float) -> None:
         self.incarnation = incarnation
@@ -65,6 +65,8 @@ class _Replica:
         self.users: dict[str, int] = {}
         self.pending: list[wire.Batch] | None = None
         """batches received while the node's state is being read; None when in step"""
+        self.reread = False
+        """the state read was older than what is known: read it again at the next batch"""
 
 
 class ClusterView:
@@ -96,6 +98,9 @@ class ClusterView:
         replica.heard = now
         if replica.pending is not None:
             replica.pending.append(batch)
+            if replica.reread:
+                replica.reread = False
+                events.append(ReadState(batch.node))
             return events
         if batch.seq <= replica.seq:
             return events
@@ -160,8 +165,11 @@ class ClusterView:
         replica = self._nodes.get(node)
         if snapshot is None:
             return self._forget(node)
-        if replica is not None and snapshot.incarnation < replica.incarnation:
-            # Read from a previous life of the node: wait for the current one's state.
+        if replica is not None and (snapshot.incarnation, snapshot.seq) < (replica.incarnation, replica.seq):
+            # Older than what is known (a read that started before the batches since applied, or a Redis that lost
+            # writes in a failover): keep what is known and, when waiting for a state, ask again at the next batch.
+            if replica.pending is not None:
+                replica.reread = True
             return []
         events: list[Event] = []
         if replica is None or replica.incarnation != snapshot.incarnation:

@@ -100,7 +100,7 @@ def decode(data: bytes) -> Batch:
     """Raises WireError for anything but a batch this version wrote."""
     try:
         raw = orjson.loads(data)
-        if not isinstance(raw, dict) or raw.get("v") != 1:
+        if not isinstance(raw, dict) or type(raw.get("v")) is not int or raw["v"] != 1:
             raise WireError("not a fluxrt batch of version 1")
         node, incarnation, seq, ops = raw["n"], raw["i"], raw["s"], raw["o"]
         if not (isinstance(node, str) and isinstance(incarnation, str) and type(seq) is int and isinstance(ops, list)):
@@ -120,7 +120,7 @@ def _op(raw: Any) -> Op:
             return Track(room, key, ref, state)
         case ["u", str(room), str(key), str(ref)]:
             return Untrack(room, key, ref)
-        case ["c", str(sub), int(count)] if count >= 0:
+        case ["c", str(sub), int(count)] if type(count) is int and count >= 0:
             return UserCount(sub, count)
         case ["a"]:
             return Announce()

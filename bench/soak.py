@@ -4,8 +4,13 @@ A fluxrt process (started here, on a database of its own) serves N clients drive
 loop with raw sockets (bench/wsraw.py). Each client subscribes to a broadcast topic and a presence room (and tracks
 itself there); one in ten also subscribes to a table. Every `--churn-every` seconds a `--churn` fraction of the
 clients disconnects and as many new ones connect. Meanwhile a few clients publish broadcasts and a writer inserts
-rows. Every `--sample-every` seconds the server's RSS, open file descriptors, Trio task count (`fluxrt_tasks`) and
-its `/metrics` gauges are sampled.
+rows. A slot whose client the server closed is filled again at the next churn, like a client that reconnects.
+
+The server's RSS, open file descriptors, Trio task count (`fluxrt_tasks`) and its `/metrics` gauges are sampled at
+the end of a quiet period, right before a churn starts, once `--sample-every` seconds have passed since the last
+sample, and once every client is connected and has the acks of all its subscribes (or after SETTLE_TIMEOUT; the
+sample says how many were not): every sample then sees the same phase of the cycle. (Sampled at any moment, a
+sample that fell while a churn's clients were still connecting counted them missing from the subscription gauges.)
 
 Verdict (`--check` makes it the exit status): every series ends within 5% (or a small absolute slack) of its value
 at the reference minute (`--reference`, default 5), and once every client has left, every gauge is back to zero
@@ -19,6 +24,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
+import math
 import os
 import random
 import re
@@ -68,6 +75,8 @@ TABLE_EVERY = 10
 """one client in this many subscribes to the table"""
 GAUGES = ("fluxrt_connections", "fluxrt_presence_rooms", "fluxrt_tasks")
 SUBSCRIPTION_KINDS = ("table", "presence", "broadcast")
+SETTLE_TIMEOUT = 60.0
+"""seconds a sample waits at most for every client to be upgraded and acknowledged"""
 SLACK = {"rss_mib": 8.0, "fds": 20.0, "fluxrt_tasks": 20.0}
 """absolute slack on top of 5%, for series whose reference is small or noisy by a few units"""
 
@@ -83,6 +92,8 @@ class Client(asyncio.Protocol):
         self.upgraded = False
         self.closed = False
         self.received = 0
+        self.awaiting = 0
+        """acks still due for this client's subscribes"""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -121,19 +132,23 @@ class Client(asyncio.Protocol):
             if opcode == OP_TEXT:
                 self.received += 1
                 self.soak.received += 1
+                if self.awaiting and b'"type":"ack"' in payload:
+                    self.awaiting -= 1
             elif opcode == OP_PING and self.transport is not None:
                 self.transport.write(masked_frame(payload, OP_PONG))
             elif opcode == OP_CLOSE:
-                self.soak.closed_by_server += 1
+                self.soak.closed_by_server[int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005] += 1
                 self.close()
                 return
 
     def subscribe(self) -> None:
         room = f"presence:room-{self.n % ROOMS}"
+        self.awaiting = 2
         self.send(type="subscribe", channel=f"broadcast:topic-{self.n % TOPICS}")
         self.send(type="subscribe", channel=room)
         self.send(type="presence", channel=room, event="track", payload={"n": self.n})
         if self.n % TABLE_EVERY == 0:
+            self.awaiting += 1
             self.send(type="subscribe", channel="table:public.soak_items")
 
     def close(self) -> None:
@@ -161,7 +176,8 @@ class Soak:
         self.received = 0
         self.refused = 0
         self.handshaking = 0
-        self.closed_by_server = 0
+        self.closed_by_server: collections.Counter[int] = collections.Counter()
+        """close codes of the closes the server started"""
         self.published = 0
         self.inserted = 0
         self.samples: list[dict[str, float]] = []
@@ -182,13 +198,25 @@ class Soak:
                 self.clients.pop(n, None)
                 self.refused += 1
 
-    async def churn(self, until: float) -> None:
-        while time.monotonic() < until:
-            await asyncio.sleep(self.args.churn_every)
-            leaving = random.sample(list(self.clients.values()), int(len(self.clients) * self.args.churn))
-            for client in leaving:
-                client.close()
-            await self.connect([client.n for client in leaving])
+    async def churn(self) -> None:
+        """Replace a `--churn` fraction of the clients, and fill the slots whose client the server closed."""
+        leaving = random.sample(list(self.clients.values()), int(len(self.clients) * self.args.churn))
+        for client in leaving:
+            client.close()
+        vacant = [n for n in range(self.connections) if n not in self.clients]
+        await self.connect(sorted({client.n for client in leaving} | set(vacant)))
+
+    def unsettled(self) -> int:
+        """Clients not yet upgraded, or whose subscribes are not all acknowledged."""
+        return sum(1 for c in self.clients.values() if not c.upgraded or c.awaiting)
+
+    async def settle(self, timeout: float) -> int:
+        """Wait (at most `timeout`) until every client is upgraded and its subscribes acknowledged; returns how many
+        are still not."""
+        deadline = time.monotonic() + timeout
+        while (unsettled := self.unsettled()) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        return unsettled
 
     async def publish(self, until: float) -> None:
         interval = 1.0 / self.args.broadcasts
@@ -227,12 +255,19 @@ class Soak:
                 values[name] = float(match.group(4))
         return values
 
-    async def sample(self, pid: int, started: float) -> dict[str, float]:
+    async def sample(
+        self, pid: int, started: float, quiet_since: float | None = None, unsettled: int | None = None
+    ) -> dict[str, float]:
+        """The server's figures now; `quiet_since` is when the last churn finished connecting its clients, and
+        `unsettled` how many clients were still waiting for their handshake or an ack."""
         gauges = await self.scrape()
         with open(f"/proc/{pid}/status") as f:
             rss_kib = int(re.search(r"VmRSS:\s+(\d+)", f.read()).group(1))  # type: ignore[union-attr]
+        now = time.monotonic()
         point = {
-            "minute": round((time.monotonic() - started) / 60, 2),
+            "minute": round((now - started) / 60, 2),
+            **({"quiet_s": round(now - quiet_since, 1)} if quiet_since is not None else {}),
+            **({"unsettled": float(unsettled)} if unsettled is not None else {}),
             "clients": float(len(self.clients)),
             "rss_mib": round(rss_kib / 1024, 1),
             "fds": float(len(os.listdir(f"/proc/{pid}/fd"))),
@@ -308,15 +343,24 @@ async def run(args: argparse.Namespace) -> int:
         until = started + args.minutes * 60
         await soak.connect(list(range(args.connections)))
         tasks = [
-            asyncio.create_task(soak.churn(until)),
             asyncio.create_task(soak.publish(until)),
             asyncio.create_task(soak.write_rows(dsn, until)),
         ]
-        while time.monotonic() < until:
-            await asyncio.sleep(args.sample_every)
-            point = await soak.sample(server.pid, started)
-            soak.samples.append(point)
-            print("  " + "  ".join(f"{k} {v:g}" for k, v in point.items()), flush=True)
+        next_sample = started + args.sample_every
+        while True:
+            # The quiet part of the cycle: the last churn's clients connect, subscribe and track.
+            quiet_since = time.monotonic()
+            await asyncio.sleep(args.churn_every)
+            now = time.monotonic()
+            if now >= next_sample or now >= until:
+                unsettled = await soak.settle(SETTLE_TIMEOUT)
+                point = await soak.sample(server.pid, started, quiet_since, unsettled)
+                soak.samples.append(point)
+                print("  " + "  ".join(f"{k} {v:g}" for k, v in point.items()), flush=True)
+                next_sample += args.sample_every * max(1, math.ceil((now - next_sample) / args.sample_every))
+            if now >= until:
+                break
+            await soak.churn()
         await asyncio.gather(*tasks)
         for client in list(soak.clients.values()):
             client.close()
@@ -343,11 +387,21 @@ def report(args: argparse.Namespace, soak: Soak, idle: dict[str, float], drained
     last = soak.samples[-1] if soak.samples else None
     print(
         f"\ntraffic: {soak.received:,} frames received, {soak.published:,} broadcasts, {soak.inserted:,} rows; "
-        f"{soak.refused} refused, {soak.closed_by_server} closed by the server"
+        f"{soak.refused} refused, {soak.closed_by_server.total()} closed by the server"
+        + (
+            " (codes " + ", ".join(f"{code}: {n}" for code, n in sorted(soak.closed_by_server.items())) + ")"
+            if soak.closed_by_server
+            else ""
+        )
     )
     if reference is None or last is None:
         problems.append(f"the run is shorter than the reference minute {args.reference}")
     else:
+        print(
+            f"both samples taken right before a churn, {reference['quiet_s']:g} s and {last['quiet_s']:g} s after the "
+            f"previous churn's clients had connected, with {reference['unsettled']:g} and {last['unsettled']:g} "
+            "clients not yet acknowledged"
+        )
         print(f"{'series':<26}{'minute ' + str(reference['minute']):>14}{'last':>14}{'change':>10}")
         for key in ("rss_mib", "fds", *GAUGES, *(f"subscriptions_{k}" for k in SUBSCRIPTION_KINDS)):
             ref, end = reference[key], last[key]
@@ -380,7 +434,12 @@ def main() -> None:
     parser.add_argument("--churn-every", type=float, default=10.0, help="seconds between churns")
     parser.add_argument("--broadcasts", type=float, default=50.0, help="broadcasts per second")
     parser.add_argument("--rows", type=float, default=20.0, help="rows inserted per second")
-    parser.add_argument("--sample-every", type=float, default=10.0)
+    parser.add_argument(
+        "--sample-every",
+        type=float,
+        default=10.0,
+        help="seconds between samples at least; each is taken right before the churn that follows",
+    )
     parser.add_argument("--reference", type=float, default=5.0, help="the minute whose values the last must match")
     parser.add_argument(
         "--dsn",

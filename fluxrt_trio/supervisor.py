@@ -3,6 +3,11 @@
 One heap of deadlines replaces a timer task per connection. Entries are checked lazily: an idle deadline that
 turns out to be stale (the connection spoke since) is pushed back to its new time instead of being updated on
 every received frame.
+
+The heap holds each connection it names, so nothing in it may lie far ahead: only the next ping recurs, and an idle
+or expiry deadline goes into the heap at the ping before which it falls. A closed connection is thus let go within
+one heartbeat interval; held until its token's expiry, hours away, every connection closed meanwhile stayed in
+memory (the soak in bench/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -68,40 +73,60 @@ class Supervisor:
 
     def watch(self, conn: Supervised) -> None:
         """Start pinging and timing out `conn`, and close it when its token expires."""
-        now = trio.current_time()
-        self._push(now + self.heartbeat_interval, _Kind.PING, conn)
-        self._push(conn.last_seen + self.connection_timeout, _Kind.IDLE, conn)
-        self.identity_changed(conn)
+        self._next_ping(conn, trio.current_time())
 
     def identity_changed(self, conn: Supervised) -> None:
         """The connection has a new token; watch its expiry instead of the old one's."""
+        now = trio.current_time()
+        # The connection's next ping is at most an interval away; a later expiry is taken up by the pings.
+        self._expiry_before(conn, now, now + self.heartbeat_interval)
+
+    def _next_ping(self, conn: Supervised, now: float) -> None:
+        """Ping `conn` an interval from `now`, and put in the heap its idle and expiry deadlines that fall before
+        then: that ping takes up those that fall after."""
+        at = now + self.heartbeat_interval
+        self._push(at, _Kind.PING, conn)
+        idle_at = conn.last_seen + self.connection_timeout
+        if idle_at <= at:
+            self._push(idle_at, _Kind.IDLE, conn, at)
+        self._expiry_before(conn, now, at)
+
+    def _expiry_before(self, conn: Supervised, now: float, horizon: float) -> None:
         expires_at = conn.expires_at
         if expires_at is not None:
-            self._push(trio.current_time() + (expires_at - self._wall_clock()), _Kind.EXPIRY, conn, expires_at)
+            when = now + (expires_at - self._wall_clock())
+            if when <= horizon:
+                self._push(when, _Kind.EXPIRY, conn, expires_at)
 
     async def run(self) -> None:
         """Run forever, acting on each deadline as it comes."""
         heap = self._heap
         while True:
-            now = trio.current_time()
-            while heap and heap[0][0] <= now:
-                _, _, kind, conn, stamp = heapq.heappop(heap)
-                if not conn.closed:
-                    self._due(kind, conn, stamp, now)
+            self._act(trio.current_time())
             with trio.CancelScope(deadline=heap[0][0] if heap else math.inf) as scope:
                 self._sleep = scope
                 await trio.sleep_forever()
             self._sleep = None
 
+    def _act(self, now: float) -> None:
+        """Act on every deadline up to `now`. A method of its own so that no local of this frame holds the last
+        connection acted on while the supervisor sleeps."""
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            _, _, kind, conn, stamp = heapq.heappop(heap)
+            if not conn.closed:
+                self._due(kind, conn, stamp, now)
+
     def _due(self, kind: _Kind, conn: Supervised, stamp: float | None, now: float) -> None:
         if kind is _Kind.PING:
             conn.ping()
-            self._push(now + self.heartbeat_interval, _Kind.PING, conn)
+            self._next_ping(conn, now)
         elif kind is _Kind.IDLE:
             idle = now - conn.last_seen
             if idle >= self.connection_timeout:
                 conn.idle_timeout(idle)
-            else:
-                self._push(conn.last_seen + self.connection_timeout, _Kind.IDLE, conn)
+            elif stamp is not None and (idle_at := conn.last_seen + self.connection_timeout) <= stamp:
+                # Still before the connection's next ping (the stamp); after it, that ping puts it back.
+                self._push(idle_at, _Kind.IDLE, conn, stamp)
         elif stamp == conn.expires_at:
             conn.token_expired()

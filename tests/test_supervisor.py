@@ -8,6 +8,9 @@ test_connection.py (4001 at the token's exp, a refreshed token replacing the exp
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import attrs
 import pytest
 import trio
@@ -162,3 +165,47 @@ async def test_a_new_connection_timeout_applies_at_the_idle_deadline_already_set
     await trio.sleep_until(100)
     assert longer.timeouts == [(60, 60)]
     assert shorter.timeouts == [(35, 10)]
+
+
+async def test_deadlines_beyond_the_next_ping_still_come_on_time(autojump_clock, supervise):
+    supervisor = supervise(10, 25)
+    silent, speaking, expiring = Conn(), Conn(), Conn(expires_at=EPOCH + 95)
+    for conn in (silent, speaking, expiring):
+        supervisor.watch(conn)
+    await trio.sleep_until(22)
+    speaking.speak()
+    for t in (22, 40, 60, 80):
+        await trio.sleep_until(t)
+        expiring.speak()
+    await trio.sleep_until(200)
+    assert silent.timeouts == [(25, 25)]
+    assert speaking.timeouts == [(47, 25)]
+    assert expiring.expired == [95]
+
+
+async def test_a_later_token_is_watched_from_the_next_pings(autojump_clock, supervise):
+    supervisor = supervise(10, 1000)
+    conn = Conn(expires_at=EPOCH + 15)
+    supervisor.watch(conn)
+    await trio.sleep_until(5)
+    conn.expires_at = EPOCH + 333
+    supervisor.identity_changed(conn)
+    await trio.sleep_until(400)
+    assert conn.expired == [333]
+
+
+async def test_closed_connections_are_let_go_within_a_heartbeat_interval(autojump_clock, supervise):
+    """A closed connection was held until its token's expiry (a day here): the soak's churn grew RSS by the
+    connections it had closed."""
+    supervisor = supervise(30, 120)
+    conns = [Conn(expires_at=EPOCH + 86_400) for _ in range(100)]
+    for conn in conns:
+        supervisor.watch(conn)
+    await trio.sleep_until(1)
+    for conn in conns:
+        conn.closed = True
+    refs = [weakref.ref(conn) for conn in conns]
+    del conns, conn
+    await trio.sleep_until(31)
+    gc.collect()
+    assert [ref for ref in refs if ref() is not None] == []

@@ -5,6 +5,10 @@ reconnection that restores subscriptions and presence.
         users = client.channel("table:public.users").on("INSERT", lambda change: print(change.record))
         await users.subscribe()
 
+After a lost connection every table and broadcast channel resumes by itself: the core keeps the id of the last event
+each delivered and resubscribes with it as `since`; `Resubscribed(recovered=...)` says whether what was missed
+follows (docs/protocol.md, "Resume").
+
 The protocol logic is `ClientCore`: values in, outputs out, no I/O (like h11), so it is tested without sockets.
 `Backoff` and `CloseInfo.after` decide when to reconnect. `Client` is the Trio shell around them: one connection at
 a time, with its reader, writer and heartbeat tasks in one nursery that belongs to the nursery of `open_client`.
@@ -121,8 +125,15 @@ class PresenceUpdate:
 
 @attrs.frozen(slots=True)
 class Resubscribed:
-    """The connection was lost and the channel is subscribed again: what happened in between was not delivered, so
-    refetch what you show."""
+    """The channel is subscribed again after a lost connection, or from `subscribe(since=...)`.
+
+    `recovered` True: it resumed from its position, and every event it missed follows, then the live stream. False:
+    nothing was replayed (no event had arrived before the drop, the position is older than the server keeps, a
+    restarted single node for broadcasts, a server without resume), so what happened in between is missing:
+    refetch what you show.
+    """
+
+    recovered: bool = False
 
 
 @attrs.frozen(slots=True)
@@ -285,12 +296,14 @@ class Deliver:
 @attrs.frozen(slots=True)
 class StatusChanged:
     """`channel` is now `status`; `error` when the server refused or ended it, `resumed` when it is subscribed again
-    after a lost connection."""
+    after a lost connection (or from an explicit `since`), and then `recovered` when the server replays what it
+    missed."""
 
     channel: str
     status: ChannelStatus
     error: Error | None = None
     resumed: bool = False
+    recovered: bool = False
 
 
 WaitKey = tuple[str, str]
@@ -330,7 +343,10 @@ class ChannelState:
     subscribe_ref: str | None = None
     """the subscribe awaiting its ack on this connection"""
     resumed: bool = False
-    """subscribed when the connection was lost: its next ack resumes it"""
+    """subscribed when the connection was lost (or given `since`): its next subscribe sends `position` as `since`,
+    and its ack resumes it"""
+    position: str | None = None
+    """the id of the last event delivered on this subscription (a table change's `id`, a broadcast's `id`)"""
     presence: dict[str, Any] | None = None
     """the state this client tracks here; re-tracked after every (re)subscribe"""
     presence_acked: dict[str, Any] | None = None
@@ -349,6 +365,7 @@ class _Request:
     channel: str = ""
     state: dict[str, Any] | None = None
     token: str | None = None
+    since: str | None = None
 
 
 @attrs.frozen(slots=True)
@@ -455,8 +472,22 @@ class ClientCore:
             )
         return existing
 
-    def subscribe(self, name: str) -> list[Output]:
+    def subscribe(self, name: str, since: str | None = None) -> list[Output]:
+        """Subscribe `name`, now or on the next connection. `since`: resume after that position (an id this channel
+        delivered before) instead of starting from now.
+
+        Raises ValueError for `since` on a presence channel, TypeError for a `since` that is not a string.
+        """
         channel = self.channels[name]
+        if since is not None:
+            if not isinstance(since, str):
+                raise TypeError(f"since must be a string, an id {name} delivered; got {type(since).__name__}")
+            if channel.kind is ChannelKind.PRESENCE:
+                raise ValueError(
+                    f"{name}: presence has no history, so no since: the sync after each subscribe is the whole state"
+                )
+            channel.position = since
+            channel.resumed = True
         out = [] if channel.status is ChannelStatus.SUBSCRIBED else self._set_status(channel, ChannelStatus.SUBSCRIBING)
         if self.open:
             out.append(self._send_subscribe(channel))
@@ -607,7 +638,12 @@ class ClientCore:
                     return []  # a later subscribe or an unsubscribe overtook it
                 channel.subscribe_ref = None
                 resumed, channel.resumed = channel.resumed, False
-                out = self._set_status(channel, ChannelStatus.SUBSCRIBED, resumed=resumed)
+                # A server without resume sends no `recovered`: nothing was replayed.
+                recovered = request.since is not None and ack.recovered is True
+                if request.since is not None and not recovered:
+                    # That position no longer describes what the application holds; the next event sets one.
+                    channel.position = None
+                out = self._set_status(channel, ChannelStatus.SUBSCRIBED, resumed=resumed, recovered=recovered)
                 out.append(Resolve(("subscribe", name)))
                 if channel.presence is not None:
                     out.append(self._send_track(channel))
@@ -679,9 +715,12 @@ class ClientCore:
         channel = self.channels.get(message.channel)
         if channel is None or not channel.wanted:
             return []
+        event: Change | BroadcastEvent = message
         if channel.kind is ChannelKind.TABLE:
-            return [Deliver(channel.name, _structure(message.payload, Change))]
-        return [Deliver(channel.name, message)]
+            event = _structure(message.payload, Change)
+        if event.id is not None:
+            channel.position = event.id
+        return [Deliver(channel.name, event)]
 
     def _presence_event(self, message: PresenceEvent) -> list[Output]:
         channel = self.channels.get(message.channel)
@@ -722,8 +761,10 @@ class ClientCore:
         return ref
 
     def _send_subscribe(self, channel: ChannelState) -> Send:
-        ref = channel.subscribe_ref = self._ref(_Request("subscribe", channel.name))
-        return Send(encode_client(Subscribe(channel.name, channel.event, channel.filter, ref=ref)))
+        # Only a resubscribe resumes: a subscribe again on a live subscription would replay what was delivered.
+        since = channel.position if channel.resumed else None
+        ref = channel.subscribe_ref = self._ref(_Request("subscribe", channel.name, since=since))
+        return Send(encode_client(Subscribe(channel.name, channel.event, channel.filter, ref=ref, since=since)))
 
     def _send_track(self, channel: ChannelState) -> Send:
         ref = channel.track_ref = self._ref(_Request("track", channel.name, state=channel.presence))
@@ -736,19 +777,26 @@ class ClientCore:
         return channel
 
     def _set_status(
-        self, channel: ChannelState, status: ChannelStatus, *, error: Error | None = None, resumed: bool = False
+        self,
+        channel: ChannelState,
+        status: ChannelStatus,
+        *,
+        error: Error | None = None,
+        resumed: bool = False,
+        recovered: bool = False,
     ) -> list[Output]:
         if channel.status is status and not resumed:
             return []
         channel.status = status
         channel.error = error
-        return [StatusChanged(channel.name, status, error, resumed)]
+        return [StatusChanged(channel.name, status, error, resumed, recovered)]
 
     def _forget(self, channel: ChannelState) -> None:
         channel.subscribe_ref = channel.track_ref = None
         channel.presence = channel.presence_acked = None
         channel.presence_state = {}
         channel.resumed = False
+        channel.position = None
 
     def _ended(self, channel: ChannelState, error: Error) -> list[Output]:
         self._forget(channel)
@@ -788,11 +836,11 @@ class Listeners:
 
     def add(self, what: str, callback: Callback, event: str | None = None) -> None:
         """Listen for `what`: this channel kind's events (INSERT, UPDATE, DELETE, TRUNCATE or * on a table,
-        broadcast, presence), `error` or `status`. `event` narrows presence to sync, join or leave.
+        broadcast, presence), `error`, `status` or `resubscribed`. `event` narrows presence to sync, join or leave.
 
         Raises ValueError naming what this channel offers, TypeError for an async callback.
         """
-        offered = (*_LISTENABLE[self.kind], "error", "status")
+        offered = (*_LISTENABLE[self.kind], "error", "status", "resubscribed")
         if what not in offered:
             raise ValueError(f"{self.name}: cannot listen for {what!r}; this channel offers {', '.join(offered)}")
         if event is not None and (what != "presence" or event not in _PRESENCE_EVENTS):
@@ -816,6 +864,8 @@ class Listeners:
                 keys = ("error",)
             case ChannelStatus():
                 keys = ("status",)
+            case Resubscribed():
+                keys = ("resubscribed",)
             case _:
                 return []
         presence_event = item.event if isinstance(item, PresenceUpdate) else None
@@ -917,12 +967,21 @@ class Channel:
         """The server's error that refused or ended the subscription, while the status is CHANNEL_ERROR."""
         return self._state.error
 
+    @property
+    def position(self) -> str | None:
+        """The id of the last event delivered on this channel (a `Change`'s `id`, a `BroadcastEvent`'s `id`), already
+        set while callbacks run: after a reconnect the channel resubscribes from it. None before the first event,
+        once the server could not resume from it (until the next event), and after the subscription ended. Keep it
+        to resume later with `subscribe(since=...)`."""
+        return self._state.position
+
     def on(self, what: str, callback: Callback, *, event: str | None = None) -> Channel:
         """Call `callback(item)` for each `what`, in arrival order; returns the channel, for chaining.
 
         `what`: `INSERT`, `UPDATE`, `DELETE`, `TRUNCATE` or `*` (a `Change`) on a table channel; `broadcast` (a
         `BroadcastEvent`); `presence` (a `PresenceUpdate`, narrowed by `event=` to sync, join or leave); `error` (an
-        `Error`: CHANGES_MISSED, or what refused or ended the subscription); `status` (a `ChannelStatus`).
+        `Error`: CHANGES_MISSED, or what refused or ended the subscription); `status` (a `ChannelStatus`);
+        `resubscribed` (a `Resubscribed`: refetch unless its `recovered` is True).
         Callbacks run in the task that received the event and must not block; an exception from one propagates
         out of `open_client`. Raises ValueError for what this channel does not offer.
         """
@@ -937,20 +996,23 @@ class Channel:
                 async for event in events: ...
 
         Items: `Change`, `BroadcastEvent` or `PresenceUpdate`; `Error` for CHANGES_MISSED (refetch, the stream goes
-        on); `Resubscribed` after a lost connection; `EventsDropped` after an overflow.
+        on); `Resubscribed` after a lost connection (refetch unless `recovered`); `EventsDropped` after an overflow.
         """
         stream = EventStream(self, max_buffer)
         self._streams.add(stream)
         return stream
 
-    async def subscribe(self) -> Channel:
+    async def subscribe(self, *, since: str | None = None) -> Channel:
         """Subscribe, and return the channel once the server acked it.
 
         Waits through reconnects (bound it with `trio.fail_after`). After a reconnect the channel is subscribed
-        again by itself. Raises ServerError with the server's code and message when it refuses (the status is then
-        CHANNEL_ERROR), ClientClosed when the client has stopped.
+        again by itself, from its `position`, and says so with `Resubscribed`. `since` (table and broadcast
+        channels): resume after that position, one kept from an earlier `position`; a `Resubscribed` then says
+        whether the server replays what followed it. Raises ServerError with the server's code and message when it
+        refuses (the status is then CHANNEL_ERROR), ClientClosed when the client has stopped, ValueError for `since`
+        on a presence channel.
         """
-        await self._client._request(("subscribe", self.name), self._client._core.subscribe(self.name))
+        await self._client._request(("subscribe", self.name), self._client._core.subscribe(self.name, since))
         return self
 
     async def unsubscribe(self) -> None:
@@ -1003,8 +1065,11 @@ class Channel:
         elif change.status is ChannelStatus.CLOSED:
             self._end_streams(None)
         elif change.resumed:
+            resubscribed = Resubscribed(change.recovered)
+            for callback in self._listeners.matching(resubscribed):
+                callback(resubscribed)
             for stream in self._streams:
-                stream.push(Resubscribed())
+                stream.push(resubscribed)
 
     def _end_streams(self, error: ClientError | None) -> None:
         streams, self._streams = self._streams, set()

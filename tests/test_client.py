@@ -335,6 +335,205 @@ def test_unsubscribe_interrupts_a_pending_subscribe_and_is_acked():
     assert message == Unsubscribe("broadcast:chat", ref=message.ref)
 
 
+# ---- resume (docs/protocol.md "Resume") ----------------------------------------------------------------------------
+
+
+def row(id: str | None) -> dict[str, Any]:
+    """A table change's payload, with `id` as its position (None: an event without one)."""
+    payload = {"type": "INSERT", "schema": "public", "table": "users", "record": {"n": id}}
+    return payload if id is None else {**payload, "id": id}
+
+
+def resubscribe(core: ClientCore, name: str) -> Subscribe:
+    """Lose the connection and open the next one; returns the subscribe it sends for `name`."""
+    core.disconnected()
+    return next(message for message in sent(core.connected()) if message.channel == name)
+
+
+def acked(core: ClientCore, message: Subscribe, recovered: bool | None = None) -> StatusChanged:
+    """The status change the ack of `message` makes (with `recovered`, or without the field when None)."""
+    return next(
+        output
+        for output in core.receive(encode(Ack("subscribed", message.channel, message.ref, recovered=recovered)))
+        if isinstance(output, StatusChanged)
+    )
+
+
+def test_each_channel_keeps_the_id_of_the_last_event_it_delivered():
+    core = ClientCore()
+    subscribed(core, "table:public.users")
+    subscribed(core, "broadcast:chat")
+    subscribed(core, "presence:lobby")
+    for id in ("t1", "t2", None):
+        core.receive(encode(WireBroadcast("table:public.users", row(id))))
+    core.receive(encode(WireBroadcast("broadcast:chat", {"m": 1}, id="b1")))
+    (deliver,) = core.receive(encode(WireBroadcast("broadcast:chat", {"m": 2})))
+    assert deliver == Deliver("broadcast:chat", BroadcastEvent("broadcast:chat", {"m": 2}))
+    core.receive(encode(PresenceEvent("presence:lobby", "sync", {})))
+    positions = {name: channel.position for name, channel in core.channels.items()}
+    # An event without an id keeps the last one; presence has no positions.
+    assert positions == {"table:public.users": "t2", "broadcast:chat": "b1", "presence:lobby": None}
+
+
+def test_since_goes_only_with_a_resubscribe_after_a_lost_connection():
+    core = ClientCore()
+    subscribed(core, "table:public.users")
+    core.receive(encode(WireBroadcast("table:public.users", row("7"))))
+    # Subscribing again on the live connection would replay what was delivered: no since.
+    (again,) = sent(core.subscribe("table:public.users"))
+    assert again.since is None
+    assert core.receive(encode(Ack("subscribed", again.channel, again.ref))) == [Resolve(("subscribe", again.channel))]
+    message = resubscribe(core, "table:public.users")
+    assert message == Subscribe("table:public.users", ref=message.ref, since="7")
+    assert acked(core, message, recovered=True) == StatusChanged(
+        "table:public.users", SUBSCRIBED, resumed=True, recovered=True
+    )
+    assert core.channels["table:public.users"].position == "7"
+
+
+def test_recovered_false_or_missing_is_not_recovered_and_forgets_the_position():
+    for answer in (False, None):
+        core = ClientCore()
+        subscribed(core, "broadcast:chat")
+        core.receive(encode(WireBroadcast("broadcast:chat", 1, id="9")))
+        message = resubscribe(core, "broadcast:chat")
+        assert message.since == "9"
+        assert acked(core, message, recovered=answer) == StatusChanged(
+            "broadcast:chat", SUBSCRIBED, resumed=True, recovered=False
+        )
+        assert core.channels["broadcast:chat"].position is None
+        assert resubscribe(core, "broadcast:chat").since is None
+
+
+def test_a_resubscribe_without_a_stored_id_sends_no_since_and_did_not_recover():
+    core = ClientCore()
+    subscribed(core, "broadcast:chat")
+    message = resubscribe(core, "broadcast:chat")
+    assert message.since is None
+    # Even if a server said otherwise: nothing was asked for.
+    assert acked(core, message, recovered=True).recovered is False
+
+
+def test_the_position_survives_several_reconnects_and_moves_on_with_later_events():
+    core = ClientCore()
+    subscribed(core, "table:public.users")
+    core.receive(encode(WireBroadcast("table:public.users", row("3"))))
+    assert resubscribe(core, "table:public.users").since == "3"
+    lost = resubscribe(core, "table:public.users")  # the previous one was never acked
+    assert lost.since == "3"
+    assert acked(core, lost, recovered=True).recovered is True
+    third = resubscribe(core, "table:public.users")
+    assert third.since == "3"
+    acked(core, third, recovered=True)
+    core.receive(encode(WireBroadcast("table:public.users", row("4"))))
+    assert resubscribe(core, "table:public.users").since == "4"
+
+
+def test_a_token_change_keeps_the_position():
+    core = ClientCore(token="a")
+    subscribed(core, "table:public.users")
+    core.receive(encode(WireBroadcast("table:public.users", row("5"))))
+    ref, _ = core.set_auth("b")
+    core.receive(encode(Ack("authorized", ref=ref)))
+    assert resubscribe(core, "table:public.users").since == "5"
+    # Closed with 4001, then a new token before the next connection.
+    core.set_auth("c")
+    assert resubscribe(core, "table:public.users").since == "5"
+
+
+def test_an_explicit_since_goes_with_the_first_subscribe_and_is_checked():
+    core = ClientCore()
+    core.add_channel("broadcast:chat")
+    assert core.subscribe("broadcast:chat", since="kept") == [StatusChanged("broadcast:chat", SUBSCRIBING)]
+    (message,) = sent(core.connected())
+    assert message.since == "kept"
+    assert acked(core, message, recovered=True) == StatusChanged(
+        "broadcast:chat", SUBSCRIBED, resumed=True, recovered=True
+    )
+    core.add_channel("presence:lobby")
+    with pytest.raises(ValueError, match="presence has no history"):
+        core.subscribe("presence:lobby", since="1")
+    with pytest.raises(TypeError, match="since must be a string"):
+        core.subscribe("broadcast:chat", since=5)  # type: ignore[arg-type]
+
+
+def test_the_position_is_forgotten_when_the_subscription_ends():
+    core = ClientCore()
+    subscribed(core, "table:public.users")
+    core.receive(encode(WireBroadcast("table:public.users", row("1"))))
+    core.unsubscribe("table:public.users")
+    assert core.channels["table:public.users"].position is None
+    (fresh,) = sent(core.subscribe("table:public.users"))
+    assert fresh.since is None, "a new subscription starts afresh"
+    acked(core, fresh)
+    core.receive(encode(WireBroadcast("table:public.users", row("2"))))
+    missed = Error(ErrorCode.CHANGES_MISSED, "refetch", channel="table:public.users")
+    core.receive(encode(missed))
+    assert core.channels["table:public.users"].position == "2", "CHANGES_MISSED keeps the subscription"
+    core.receive(encode(Error(ErrorCode.FORBIDDEN, "no", channel="table:public.users")))
+    assert core.channels["table:public.users"].position is None
+
+
+async def test_a_reconnected_client_resumes_each_channel_and_tells_streams_and_callbacks(nursery):
+    # A scripted server: connection 0 sends events; later ones resume the table channel (recovered, and one event
+    # replayed) and answer the broadcast channel as a server without resume does.
+    connections: list[Any] = []
+    subscribes: list[list[Subscribe]] = []
+
+    async def script(request: WebSocketRequest) -> None:
+        ws = await request.accept()
+        index = len(connections)
+        connections.append(ws)
+        subscribes.append([])
+        try:
+            while True:
+                message = decode(await ws.get_message())
+                if isinstance(message, Auth):
+                    await ws.send_message(encode(Ack("authorized", ref=message.ref)).decode())
+                if not isinstance(message, Subscribe):
+                    continue
+                subscribes[index].append(message)
+                table = message.channel == "table:public.users"
+                recovered = True if table and message.since is not None else None
+                await ws.send_message(encode(Ack("subscribed", message.channel, message.ref, recovered)).decode())
+                events = {
+                    (0, True): [WireBroadcast(message.channel, row("t1")), WireBroadcast(message.channel, row("t2"))],
+                    (0, False): [WireBroadcast(message.channel, {"m": 1}, id="b1")],
+                    (1, True): [WireBroadcast(message.channel, row("t3"))],
+                }
+                for event in events.get((index, table), []):
+                    await ws.send_message(encode(event).decode())
+        except ConnectionClosed:
+            pass
+
+    server = await nursery.start(functools.partial(serve_websocket, script, "127.0.0.1", 0, ssl_context=None))
+    address = f"ws://127.0.0.1:{server.port}/realtime"
+    async with open_client(address, token="first", backoff=fast()) as client:
+        users, chat = client.channel("table:public.users"), client.channel("broadcast:chat")
+        told: list[Resubscribed] = []
+        chat.on("resubscribed", told.append)
+        with users.events() as changes, chat.events() as news, trio.fail_after(5):
+            await users.subscribe()
+            await chat.subscribe()
+            assert [(await changes.__anext__()).id for _ in range(2)] == ["t1", "t2"]
+            assert (await news.__anext__()).id == "b1"
+            assert (users.position, chat.position) == ("t2", "b1")
+
+            await connections[0].aclose(1001)
+            assert await changes.__anext__() == Resubscribed(recovered=True)
+            assert (await changes.__anext__()).id == "t3"
+            assert await news.__anext__() == Resubscribed(recovered=False)
+            assert told == [Resubscribed(recovered=False)]
+            assert {m.channel: m.since for m in subscribes[1]} == {"table:public.users": "t2", "broadcast:chat": "b1"}
+            assert (users.position, chat.position) == ("t3", None)
+
+            await client.set_auth("second")
+            await connections[1].aclose(1001)
+            assert await changes.__anext__() == Resubscribed(recovered=True)
+            await until(lambda: len(subscribes) == 3 and len(subscribes[2]) == 2)
+            assert {m.channel: m.since for m in subscribes[2]} == {"table:public.users": "t3", "broadcast:chat": None}
+
+
 def test_channel_names_and_options_are_checked_locally():
     core = ClientCore()
     with pytest.raises(ValueError, match=r"expected table:\{schema\}.\{table\}"):

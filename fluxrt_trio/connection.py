@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
-from typing import Protocol
+from typing import Any, Protocol
 
 import attrs
 import h11
@@ -38,6 +38,7 @@ from .protocol.messages import CloseCode, Error, ErrorCode, PresenceEvent, Serve
 from .protocol.session import (
     Authenticate,
     CheckAction,
+    CheckResume,
     CheckSubscribe,
     Close,
     Effect,
@@ -48,8 +49,10 @@ from .protocol.session import (
     Outcome,
     Publish,
     RecheckLater,
+    Replay,
     Reply,
     Request,
+    Resumable,
     SendPresenceState,
     Session,
     SessionLimits,
@@ -73,7 +76,7 @@ DISCARD_LIMIT = 1024 * 1024
 """bytes read and dropped after a protocol violation before the socket is closed anyway"""
 _DISCARDED = bytearray(64 * 1024)
 """where bytes read only to be dropped go: one buffer for every connection, as no read of it is awaited"""
-_REQUESTS = (CheckSubscribe, CheckAction, HandOff, Authenticate)
+_REQUESTS = (CheckSubscribe, CheckAction, HandOff, CheckResume, Authenticate)
 
 
 @attrs.frozen(slots=True)
@@ -137,6 +140,13 @@ class ConnectionHost(Protocol):
 
     def subscriptions_changed(self, channel: str) -> None:
         """A subscription to a table channel began, ended, or changed its identity."""
+
+    async def resumable(self, channel: ChannelName, since: Any) -> bool:
+        """Whether what followed position `since` on `channel` can be replayed (docs/protocol.md, Resume)."""
+
+    def replay(self, connection: Connection, subscription: Subscription, since: Any) -> None:
+        """Send `connection` what followed `since` on the subscription's channel, then hand it to live delivery,
+        each event once. Called right after the subscription joined and was acked, before anything else runs."""
 
     def admin(self, endpoint: str) -> tuple[int, bytes, str]:
         """Status, body and content type for `/health` or `/metrics`."""
@@ -486,6 +496,8 @@ class Connection:
                 return await self.host.checks.subscribe(session.identity, request)
             case CheckAction():
                 return await self.host.checks.action(session.identity, request)
+            case CheckResume(subscribe=check, since=since):
+                return Resumable(await self.host.resumable(check.channel, since))
             case HandOff(channel=channel, ref=ref):
                 reason = self.host.hub.unavailable()
                 if reason is None:
@@ -536,6 +548,8 @@ class Connection:
             case Leave(channel=channel):
                 hub.leave(channel.name, self)
                 self._table_changed(channel)
+            case Replay(subscription=subscription, since=since):
+                self.host.replay(self, subscription, since)
             case SendPresenceState(channel=channel):
                 self.reply_nowait(PresenceEvent(channel.name, "sync", hub.presence_state(channel.name)))
             case Publish(channel=channel, payload=payload, ref=ref):

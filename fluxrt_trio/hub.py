@@ -69,6 +69,13 @@ class Hub(Protocol[S]):
         """Why a broadcast or a presence change cannot reach the other nodes now (then it must be refused), or
         None."""
 
+    def resumable(self, channel: str, since: Any) -> bool:
+        """Whether what followed position `since` on broadcast channel `channel` is still in its history."""
+
+    def replay(self, channel: str, subscriber: S, since: Any) -> None:
+        """Send `subscriber` (just joined to `channel`) the history after `since` (found resumable), so that with
+        the live stream that follows it gets every message once."""
+
     def track(self, channel: str, key: str, ref: str, state: dict[str, Any]) -> None:
         """Track presence `ref` under `key` in `channel` and send the diff to the channel's subscribers."""
 
@@ -140,6 +147,12 @@ class LocalHub(Generic[S]):
 
     def unavailable(self) -> str | None:
         """One node is always available to itself."""
+        return None
+
+    def resumable(self, channel: str, since: Any) -> bool:
+        return False
+
+    def replay(self, channel: str, subscriber: S, since: Any) -> None:
         return None
 
     def track(self, channel: str, key: str, ref: str, state: dict[str, Any]) -> None:

@@ -26,7 +26,9 @@ from .hub import Hub, LocalHub
 from .logs import ctx
 from .outbox import Flusher
 from .postgres.service import DatabaseService
+from .protocol.channels import ChannelKind, ChannelName
 from .protocol.messages import CloseCode
+from .protocol.session import Subscription
 from .supervisor import Supervisor
 from .tables import TableChannels
 
@@ -91,7 +93,13 @@ class Server:
                 poll_interval=db.poll_interval,
                 retention=db.retention,
             )
-            self.tables = TableChannels(self.hub, self.db.authorizer_pool, self.counters)
+            self.tables = TableChannels(
+                self.hub,
+                self.db.authorizer_pool,
+                self.counters,
+                log_pool=self.db.log_pool,
+                request_progress=self.db.changefeed.want_progress,
+            )
         self.checks = ChannelChecks(
             self.db.authorizer_pool if self.db is not None else None,
             roles,
@@ -252,6 +260,19 @@ class Server:
     def subscriptions_changed(self, channel: str) -> None:
         if self.tables is not None:
             self.tables.subscriptions_changed(channel)
+
+    async def resumable(self, channel: ChannelName, since: Any) -> bool:
+        if channel.kind is ChannelKind.TABLE:
+            return self.tables is not None and await self.tables.resumable(channel, since)
+        return self.hub.resumable(channel.name, since)
+
+    def replay(self, connection: Connection, subscription: Subscription, since: Any) -> None:
+        channel = subscription.channel
+        if channel.kind is ChannelKind.TABLE:
+            if self.tables is not None:
+                self.tables.replay(connection, channel.name, since)
+        else:
+            self.hub.replay(channel.name, connection, since)
 
     # ---- admin endpoints -----------------------------------------------------------------------------------
 

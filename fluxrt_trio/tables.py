@@ -4,23 +4,34 @@ Each table is delivered in its own lane, so that one table's authorization never
 lane, the windows that queued up meanwhile are decided together in one crossing into the database, which tells which
 identities may see which row images (postgres/rls.py: one query per role where the policies allow it). What to
 decide and who gets which frame is planned by protocol/delivery.py; this module only waits and hands out.
+
+Resume (docs/protocol.md): a subscriber that asked for what followed a position is kept out of its table's live
+delivery until a replay marker, queued in the table's lane behind every change already read, reaches the head of
+the lane. The replay then reads from the change log exactly what lies between the position and the marker (the
+same windows the changefeed reads, so each replayed event carries an exact position), delivers it through the same
+authorization as live changes, and hands the subscriber to live delivery: every event once, in order. A position
+that this node's reads have not yet passed (it came from a node that is ahead) waits until they have.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Sequence
-from typing import Protocol
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 import attrs
 import trio
 
 from .metrics import Counters
+from .postgres import changelog
 from .postgres.bridge import AuthorizerPool, DatabaseUnavailable
 from .postgres.rls import RowSecurity, TableQuestion, decide_tables
 from .protocol import delivery
 from .protocol.changes import RowChange, Window
+from .protocol.channels import ChannelName
 from .protocol.delivery import DeliveryPlanner, Ended, Missed, TablePlan, TableSubscriber, Visibility
+from .protocol.positions import Cut, TablePosition, replay_windows
 
 log = logging.getLogger("fluxrt.tables")
 
@@ -29,6 +40,13 @@ MERGE_LIMIT = 5000
 LANE_LIMIT = 100_000
 """changes a table may have waiting for delivery; beyond it they are dropped and its subscribers told to refetch,
 rather than holding back the changefeed and with it every other table"""
+REPLAY_WAIT = 10.0
+"""seconds a replay waits for this node's reads to pass the client's position (written by a node that is ahead);
+then the client is told CHANGES_MISSED and gets the live stream"""
+REPLAY_MISSED = (
+    "changes after your position could not all be replayed (they were pruned, or the database was unavailable); "
+    "refetch what you show"
+)
 
 
 class Subscriptions(Protocol):
@@ -39,9 +57,29 @@ class Subscriptions(Protocol):
     def channels(self, kind: str) -> list[str]: ...
 
 
+@attrs.frozen(slots=True)
+class _Replay:
+    """A replay marker: `subscriber` gets what `until` covers beyond `since`, then the live stream."""
+
+    subscriber: TableSubscriber
+    relid: int
+    since: Cut
+    until: Cut
+
+
+@attrs.define(slots=True)
+class _Parked:
+    """A replay whose position this node's reads have not passed yet."""
+
+    channel: str
+    subscriber: TableSubscriber
+    position: TablePosition
+    deadline: float
+
+
 @attrs.define
 class _Lane:
-    pending: list[RowChange] = attrs.field(factory=list)
+    pending: list[RowChange | _Replay] = attrs.field(factory=list)
     ready: trio.Event = attrs.field(factory=trio.Event)
 
 
@@ -50,55 +88,210 @@ class TableChannels:
     `subscriptions_changed`; every frame handed out is counted in `counters.messages_out`."""
 
     def __init__(
-        self, hub: Subscriptions, pool: AuthorizerPool, counters: Counters, *, row_security: RowSecurity | None = None
+        self,
+        hub: Subscriptions,
+        pool: AuthorizerPool,
+        counters: Counters,
+        *,
+        row_security: RowSecurity | None = None,
+        log_pool: AuthorizerPool | None = None,
+        request_progress: Callable[[], None] | None = None,
     ) -> None:
         self.hub = hub
         self.pool = pool
         self.counters = counters
         self.row_security = row_security or RowSecurity()
         self.planner = DeliveryPlanner()
+        self.log_pool = log_pool
+        """reads the change log for replays (None: no replays, every position is refused)"""
+        self._request_progress = request_progress
+        self._lanes: dict[str, _Lane] = {}
+        self._nursery: trio.Nursery | None = None
+        self._dispatched: Cut | None = None
+        """how far the windows handed to the lanes go: every change it covers is delivered or queued"""
+        self._replaying: dict[str, set[TableSubscriber]] = {}
+        """subscribers kept out of a channel's live delivery until their replay marker is reached"""
+        self._parked: list[_Parked] = []
 
     def subscriptions_changed(self, channel: str) -> None:
         """See `DeliveryPlanner.subscriptions_changed`."""
         self.planner.subscriptions_changed(channel)
 
     def _subscribers(self, channel: str) -> Sequence[TableSubscriber]:
-        return self.hub.subscribers(channel)
+        members = self.hub.subscribers(channel)
+        replaying = self._replaying.get(channel)
+        if replaying:
+            return [s for s in members if s not in replaying]
+        return members
+
+    # ---- resume --------------------------------------------------------------------------------------------
+
+    async def resumable(self, channel: ChannelName, since: Any) -> bool:
+        """Whether `since` is a position of this table whose sequel is still in the change log."""
+        position = TablePosition.parse(since)
+        if position is None or self.log_pool is None:
+            return False
+        assert channel.schema is not None and channel.table is not None
+        schema, table = channel.schema, channel.table
+        try:
+            return await self.log_pool.run(lambda conn: changelog.position_kept(conn, schema, table, position))
+        except DatabaseUnavailable:
+            return False
+
+    def replay(self, subscriber: TableSubscriber, channel: str, since: Any) -> None:
+        """Keep `subscriber` out of `channel`'s live delivery, replay what followed `since` (found resumable), then
+        let it in. Synchronous: the caller has just joined it, and nothing is delivered in between."""
+        position = TablePosition.parse(since)
+        if position is None:
+            return
+        self._replaying.setdefault(channel, set()).add(subscriber)
+        self.planner.subscriptions_changed(channel)
+        self._parked.append(_Parked(channel, subscriber, position, trio.current_time() + REPLAY_WAIT))
+        self._schedule()
+
+    def _schedule(self) -> None:
+        """Queue the replays whose position the lanes have passed, behind what is queued; give up on those that
+        waited too long."""
+        now = trio.current_time()
+        waiting: list[_Parked] = []
+        for parked in self._parked:
+            until = self._dispatched
+            if until is not None and until.includes(parked.position.cut):
+                lane = self._lane(parked.channel)
+                lane.pending.append(_Replay(parked.subscriber, parked.position.relid, parked.position.cut, until))
+                lane.ready.set()
+            elif now >= parked.deadline:
+                log.warning(
+                    "a replay waited too long for this node to read up to its position",
+                    extra={"ctx_channel": parked.channel},
+                )
+                self._live(parked.channel, [parked.subscriber], missed=True)
+            else:
+                waiting.append(parked)
+        self._parked = waiting
+        if waiting and self._request_progress is not None:
+            self._request_progress()
+
+    def _live(self, channel: str, subscribers: Sequence[TableSubscriber], *, missed: bool = False) -> None:
+        """Hand `subscribers` to `channel`'s live delivery (told CHANGES_MISSED first when their replay failed)."""
+        replaying = self._replaying.get(channel, set())
+        for subscriber in subscribers:
+            replaying.discard(subscriber)
+        if not replaying:
+            self._replaying.pop(channel, None)
+        self.planner.subscriptions_changed(channel)
+        if missed:
+            self._hand_out(Missed(self._still_subscribed(channel, subscribers), channel, REPLAY_MISSED))
+
+    def _still_subscribed(self, channel: str, subscribers: Sequence[TableSubscriber]) -> list[TableSubscriber]:
+        members = set(self.hub.subscribers(channel))
+        return [s for s in subscribers if s in members]
+
+    async def _replay(self, channel: str, markers: list[_Replay]) -> None:
+        """Carry out consecutive replay markers of one lane: one read of the log per distinct position."""
+        groups: dict[tuple[int, Cut, Cut], list[TableSubscriber]] = {}
+        for marker in markers:
+            groups.setdefault((marker.relid, marker.since, marker.until), []).append(marker.subscriber)
+        for (relid, since, until), subscribers in groups.items():
+            missed = False
+            try:
+                missed = await self._replay_group(channel, relid, since, until, subscribers)
+            except DatabaseUnavailable as exc:
+                log.warning(
+                    "a replay could not read the change log", extra={"ctx_channel": channel, "ctx_error": str(exc)}
+                )
+                missed = True
+            except Exception:
+                log.exception("a replay failed", extra={"ctx_channel": channel})
+                missed = True
+            self._live(channel, subscribers, missed=missed)
+
+    async def _replay_group(
+        self, channel: str, relid: int, since: Cut, until: Cut, subscribers: list[TableSubscriber]
+    ) -> bool:
+        """Deliver to `subscribers` the table's changes that `until` covers beyond `since`; True when some were
+        pruned before they could be read."""
+        assert self.log_pool is not None
+        log_pool = self.log_pool
+        planner = DeliveryPlanner()
+
+        def members(name: str) -> Sequence[TableSubscriber]:
+            return self._still_subscribed(name, subscribers) if name == channel else ()
+
+        for prev, cur, first, last in replay_windows(since, until):
+            after = first
+            while True:
+                page = await log_pool.run(
+                    functools.partial(
+                        changelog.read_replay_page, relid=relid, prev=prev, cur=cur, after=after, until=last
+                    )
+                )
+                if page.missed:
+                    return True
+                if page.changes:
+                    await self.deliver(page.changes, subscribers=members, planner=planner)
+                    after = page.changes[-1].id
+                if not page.full:
+                    break
+        return False
+
+    def _lane(self, channel: str) -> _Lane:
+        lane = self._lanes.get(channel)
+        if lane is None:
+            assert self._nursery is not None, "run() is not running"
+            lane = self._lanes[channel] = _Lane()
+            self._nursery.start_soon(self._drive, channel, lane)
+        return lane
+
+    # ---- live delivery -------------------------------------------------------------------------------------
 
     async def run(self, windows: trio.MemoryReceiveChannel[Window]) -> None:
         """Deliver windows as the changefeed produces them: each table in its own lane, in order within it, so
         that a table whose policies are slow to decide delays only its own subscribers."""
-        lanes: dict[str, _Lane] = {}
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._expire_parked)
             async for window in windows:
                 if window.missed:
                     for channel in self.hub.channels("table"):
                         self._hand_out(Missed(self._subscribers(channel), channel, delivery.WINDOW_MISSED))
                 for change in window.changes:
-                    lane = lanes.get(change.channel)
-                    if lane is None:
-                        lane = lanes[change.channel] = _Lane()
-                        nursery.start_soon(self._drive, change.channel, lane)
-                    lane.pending.append(change)
-                for channel, lane in lanes.items():
+                    self._lane(change.channel).pending.append(change)
+                for channel, lane in self._lanes.items():
                     if len(lane.pending) > LANE_LIMIT:
                         log.warning(
                             "a table's deliveries fell too far behind; its subscribers are told to refetch",
                             extra={"ctx_channel": channel, "ctx_dropped": len(lane.pending)},
                         )
+                        markers = [item for item in lane.pending if isinstance(item, _Replay)]
                         lane.pending.clear()
                         self._hand_out(Missed(self._subscribers(channel), channel, delivery.FELL_BEHIND))
+                        self._live(channel, [marker.subscriber for marker in markers], missed=True)
                     if lane.pending:
                         lane.ready.set()
+                cut = window.cut()
+                if cut is not None:
+                    self._dispatched = cut
+                    if self._parked:
+                        self._schedule()
+
+    async def _expire_parked(self) -> None:
+        while True:
+            await trio.sleep(1.0)
+            if self._parked:
+                self._schedule()
 
     async def _drive(self, channel: str, lane: _Lane) -> None:
         while True:
             await lane.ready.wait()
             lane.ready = trio.Event()
             while lane.pending:
+                if isinstance(lane.pending[0], _Replay):
+                    await self._replay(channel, _take(lane, _Replay, len(lane.pending)))
+                    continue
                 # What queued up while the previous batch was being delivered goes out together: one
                 # authorization round trip instead of one per window, so delivery catches up with the reads.
-                changes, lane.pending = lane.pending[:MERGE_LIMIT], lane.pending[MERGE_LIMIT:]
+                changes = _take(lane, RowChange, MERGE_LIMIT)
                 try:
                     await self.deliver(changes)
                 except Exception:
@@ -106,13 +299,21 @@ class TableChannels:
                     log.exception("delivering a window failed", extra={"ctx_channel": channel})
                     self._hand_out(Missed(self._subscribers(channel), channel, delivery.INTERNAL_ERROR))
 
-    async def deliver(self, changes: list[RowChange]) -> None:
-        """Authorize and deliver `changes` (of one table, or several: one database crossing decides them all)."""
-        plans = self.planner.plan(changes, self._subscribers)
+    async def deliver(
+        self,
+        changes: list[RowChange],
+        *,
+        subscribers: delivery.Subscribers | None = None,
+        planner: DeliveryPlanner | None = None,
+    ) -> None:
+        """Authorize and deliver `changes` (of one table, or several: one database crossing decides them all) to
+        the channels' live subscribers, or to `subscribers` (a replay, planned by its own `planner`)."""
+        members = subscribers if subscribers is not None else self._subscribers
+        plans = (planner or self.planner).plan(changes, members)
         decided = await self._decide(plans)
         handed = 0
         try:
-            for handout in delivery.deliveries(changes, plans, decided, self._subscribers):
+            for handout in delivery.deliveries(changes, plans, decided, members):
                 if isinstance(handout, tuple):
                     subscriber, frame = handout
                     subscriber.deliver_nowait(frame)
@@ -175,3 +376,13 @@ class TableChannels:
         self.counters.messages_out += len(notice.recipients)
         if notice.recipients:
             self.counters.errors[error.code.value] += len(notice.recipients)
+
+
+def _take(lane: _Lane, kind: type[Any], most: int) -> list[Any]:
+    """The run of items of `kind` at the head of the lane, at most `most` of them, taken off it."""
+    n = 0
+    pending = lane.pending
+    while n < len(pending) and n < most and isinstance(pending[n], kind):
+        n += 1
+    taken, lane.pending = pending[:n], pending[n:]
+    return taken

@@ -119,6 +119,8 @@ class ClusterHub(Generic[S]):
         self._last_error: str | None = None
         self._leaving = False
         self._was_up = False
+        self._announcing = False
+        """the node's state is being written: changes from then on are queued, to follow it"""
         self._publishing = trio.Lock()
         """held while a batch is on its way to Redis, so that the goodbye comes after the last batch"""
         self._counts = collections.Counter[str]()
@@ -179,6 +181,12 @@ class ClusterHub(Generic[S]):
         self._enqueue(_Queued(op, data, sender, ref))
         return 0
 
+    def resumable(self, channel: str, since: Any) -> bool:
+        return False
+
+    def replay(self, channel: str, subscriber: S, since: Any) -> None:
+        return None
+
     def track(self, channel: str, key: str, ref: str, state: dict[str, Any]) -> None:
         self._changed(self.state.track(channel, key, ref, state))
 
@@ -205,7 +213,7 @@ class ClusterHub(Generic[S]):
     def _changed(self, op: wire.Op | None) -> None:
         if op is None or self._leaving:
             return
-        if self._phase == "up":
+        if self._phase == "up" or self._announcing:
             self._enqueue(_Queued(op, wire.encode_op(op)))
         else:
             # Kept in `state`, which the node writes whole when Redis is back; its own subscribers see it now.
@@ -272,17 +280,22 @@ class ClusterHub(Generic[S]):
         self._counts["connects"] += 1
         self._seq += 1
         snapshot = self.state.snapshot(self.incarnation, self._seq)
-        announce = wire.encode_batch(self.node, self.incarnation, self._seq, [wire.encode_op(wire.Announce())])
-        await self.engine.rewrite(snapshot, announce)
-        now = self._clock()
-        self._echo = now
-        # What changed while away arrives as a fresh sync below, not as diffs.
-        self.view.restore(self.node, snapshot, now)
-        others = [node for node in await self.engine.nodes() if node != self.node]
-        for node in set(self.view.nodes) - set(others) - {self.node}:
-            self.view.forget(node)
-        for node in others:
-            self.view.restore(node, await self.engine.read_state(node), self._clock())
+        # From the snapshot on, changes are queued: they follow it on the bus once the node is up.
+        self._announcing = True
+        try:
+            announce = wire.encode_batch(self.node, self.incarnation, self._seq, [wire.encode_op(wire.Announce())])
+            await self.engine.rewrite(snapshot, announce)
+            now = self._clock()
+            self._echo = now
+            # What changed while away arrives as a fresh sync below, not as diffs.
+            self.view.restore(self.node, snapshot, now)
+            others = [node for node in await self.engine.nodes() if node != self.node]
+            for node in set(self.view.nodes) - set(others) - {self.node}:
+                self.view.forget(node)
+            for node in others:
+                self.view.restore(node, await self.engine.read_state(node), self._clock())
+        finally:
+            self._announcing = False
         was = self._phase
         self._phase = "up"
         self._was_up = True

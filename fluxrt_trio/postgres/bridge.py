@@ -68,12 +68,14 @@ class AuthorizerPool:
     """A small asyncpg pool for checks and authorization, usable only inside `trio_asyncio.open_loop()`.
 
     Its login role must not be a superuser (connections are refused otherwise): policy code runs in these sessions
-    and can always get back to the session user.
+    and can always get back to the session user. `refuse_superuser=False` is for a pool where no policy code runs
+    (reading the change log for replays).
     """
 
-    def __init__(self, dsn: str, *, max_size: int = 4) -> None:
+    def __init__(self, dsn: str, *, max_size: int = 4, refuse_superuser: bool = True) -> None:
         self.dsn = dsn
         self._max_size = max_size
+        self._refuse_superuser = refuse_superuser
         self._pool: asyncpg.Pool | None = None
 
     async def open(self) -> None:
@@ -84,7 +86,7 @@ class AuthorizerPool:
                 self.dsn,
                 min_size=0,
                 max_size=self._max_size,
-                init=_refuse_superuser,
+                init=_refuse_superuser if self._refuse_superuser else None,
                 server_settings=AUTHORIZER_SESSION,
             )
         except (OSError, asyncpg.PostgresError) as exc:

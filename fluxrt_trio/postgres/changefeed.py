@@ -18,6 +18,7 @@ import asyncpg
 import trio
 
 from ..protocol.changes import Window
+from ..protocol.positions import Snapshot
 from . import changelog
 from .bridge import DatabaseUnavailable, close_connection, connect, describe, on_connection
 
@@ -62,6 +63,8 @@ class Changefeed:
         self.last_error: str | None = None
         self.windows = 0
         self.changes = 0
+        self.progress_wanted = False
+        """set to have the next read that finds nothing report how far it read (an empty Window)"""
         self.caught_up_at: float | None = None
         """trio.current_time() just before the snapshot of the last read that reached the end: every change
         committed before then has been read"""
@@ -123,6 +126,9 @@ class Changefeed:
             await on_connection(conn, lambda c: c.add_listener(changelog.NOTIFY_CHANNEL, wake))
         if self._prev is None:
             self._prev = await on_connection(conn, changelog.current_snapshot)
+            # Where this node's stream starts: what committed before it is for replays only.
+            start = Snapshot.parse(self._prev)
+            await self._out.send(Window([], prev=start, cur=start))
         self._started()
         while True:
             await self._read(conn)
@@ -138,13 +144,15 @@ class Changefeed:
         `_cur` and `_after` survive a lost connection, so a read interrupted between pages resumes after the last
         page sent instead of sending it again.
         """
+        prev = self._prev
+        assert prev is not None
         while True:
             if self._cur is None:
                 # This read's snapshot is taken after this instant; a read resumed after a lost connection keeps
                 # the snapshot, and the instant, of its first page.
                 self._cur_taken_at = trio.current_time()
             page = await on_connection(
-                conn, functools.partial(changelog.read_page, prev=self._prev, cur=self._cur, after=self._after)
+                conn, functools.partial(changelog.read_page, prev=prev, cur=self._cur, after=self._after)
             )
             if self.state != "ok":
                 self._healthy()
@@ -158,12 +166,25 @@ class Changefeed:
             if page.changes:
                 self.windows += 1
                 self.changes += len(page.changes)
-                await self._out.send(Window(page.changes))
+                window = Window(
+                    page.changes, prev=Snapshot.parse(prev), cur=Snapshot.parse(page.snapshot), complete=not page.full
+                )
+                await self._out.send(window)
                 self._after = page.changes[-1].id
+            elif self.progress_wanted:
+                # Nothing new, but a replay waits for the stream to pass a position: say how far it got.
+                self.progress_wanted = False
+                snapshot = Snapshot.parse(page.snapshot)
+                await self._out.send(Window([], prev=snapshot, cur=snapshot))
             if not page.full:
                 break
         self._prev, self._cur, self._after = self._cur, None, 0
         self.caught_up_at = self._cur_taken_at
+
+    def want_progress(self) -> None:
+        """Have the next read that finds nothing new say how far it read (an empty Window): a replay waits for it."""
+        self.progress_wanted = True
+        self._wake.set()
 
     async def wait_ok(self) -> None:
         """Return once the changefeed is connected and reading (at once if it is now)."""

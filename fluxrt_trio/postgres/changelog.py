@@ -12,6 +12,7 @@ import asyncpg
 import attrs
 
 from ..protocol.changes import RowChange
+from ..protocol.positions import NO_LIMIT, Snapshot, TablePosition
 from ..protocol.rows import decode_image
 
 log = logging.getLogger("fluxrt.changefeed")
@@ -30,7 +31,7 @@ page AS (
 SELECT cur.s::text AS snap,
        coalesce((SELECT horizon FROM realtime.pruned) > pg_snapshot_xmin($1::text::pg_snapshot), false) AS missed,
        c.id, c.created_at, c.relid, c.schema_name, c.table_name, c.op,
-       c.old_record::text AS old_record, c.new_record::text AS new_record
+       c.old_record::text AS old_record, c.new_record::text AS new_record, c.xid::text::bigint AS xid
   FROM cur LEFT JOIN LATERAL (
     SELECT * FROM realtime.changes c
      WHERE c.xid >= pg_snapshot_xmax($1::text::pg_snapshot) AND c.xid < pg_snapshot_xmax(cur.s)
@@ -48,10 +49,42 @@ SELECT page.*, coalesce(octet_length(old_record), 0) + coalesce(octet_length(new
 ), running AS (
 SELECT sized.*, sum(size) OVER (ORDER BY id ROWS UNBOUNDED PRECEDING) AS upto FROM sized
 )
-SELECT snap, missed, id, created_at, relid, schema_name, table_name, op, old_record, new_record, upto
+SELECT snap, missed, id, created_at, relid, schema_name, table_name, op, old_record, new_record, xid, upto
   FROM running
  WHERE upto - size < $5
  ORDER BY id
+"""
+
+# One table's changes of one window ($2, $3) with ids in ($4, $5], a page at a time: a replay reads the windows
+# between a client's position and where live delivery takes over (tables.py). `missed`: changes committed after $2
+# may have been pruned.
+_REPLAY = """
+WITH page AS (
+SELECT c.id, c.created_at, c.relid, c.schema_name, c.table_name, c.op,
+       c.old_record::text AS old_record, c.new_record::text AS new_record, c.xid::text::bigint AS xid
+  FROM (
+    SELECT * FROM realtime.changes c
+     WHERE c.xid >= pg_snapshot_xmax($2::text::pg_snapshot) AND c.xid < pg_snapshot_xmax($3::text::pg_snapshot)
+       AND pg_visible_in_snapshot(c.xid, $3::text::pg_snapshot)
+    UNION ALL
+    SELECT * FROM realtime.changes c
+     WHERE c.xid = ANY (ARRAY(SELECT pg_snapshot_xip($2::text::pg_snapshot)))
+       AND pg_visible_in_snapshot(c.xid, $3::text::pg_snapshot)
+  ) c
+ WHERE c.relid = $1 AND c.id > $4 AND c.id <= $5
+ ORDER BY c.id
+ LIMIT $6
+), running AS (
+SELECT page.*,
+       coalesce(octet_length(old_record), 0) + coalesce(octet_length(new_record), 0) AS size,
+       sum(coalesce(octet_length(old_record), 0) + coalesce(octet_length(new_record), 0))
+           OVER (ORDER BY id ROWS UNBOUNDED PRECEDING) AS upto
+  FROM page
+)
+SELECT coalesce((SELECT horizon FROM realtime.pruned) > pg_snapshot_xmin($2::text::pg_snapshot), false) AS missed,
+       r.id, r.created_at, r.relid, r.schema_name, r.table_name, r.op, r.old_record, r.new_record, r.xid, r.upto
+  FROM (SELECT 1) one LEFT JOIN running r ON r.upto - r.size < $7
+ ORDER BY r.id
 """
 
 PRUNE = """
@@ -96,14 +129,58 @@ async def current_snapshot(conn: asyncpg.Connection) -> str:
 
 
 async def read_page(
-    conn: asyncpg.Connection, prev: str | None, cur: str | None, after: int, max_bytes: int = PAGE_BYTES
+    conn: asyncpg.Connection, prev: str, cur: str | None, after: int, max_bytes: int = PAGE_BYTES
 ) -> Page:
     """The changes committed after snapshot `prev` and visible in `cur` (a new snapshot when None), with ids above
     `after`, in id order: at most PAGE of them, and no more once their images reach `max_bytes`."""
     rows = await conn.fetch(_WINDOW, prev, cur, after, PAGE, max_bytes)
     first, last = rows[0], rows[-1]
-    changes = [_change(tuple(r)[:10]) for r in rows if r[2] is not None]
-    return Page(first[0], bool(first[1]), changes, len(changes) >= PAGE or last[10] >= max_bytes)
+    snapshot = first[0]
+    changes = [_change(tuple(r)[2:11], prev, snapshot) for r in rows if r[2] is not None]
+    return Page(snapshot, bool(first[1]), changes, len(changes) >= PAGE or last[11] >= max_bytes)
+
+
+@attrs.frozen(slots=True)
+class ReplayPage:
+    changes: list[RowChange]
+    missed: bool
+    """changes committed after the window's `prev` were pruned: the replay would not be all that was missed"""
+    full: bool
+    """the page stopped at PAGE rows or PAGE_BYTES: there may be more in the window"""
+
+
+async def read_replay_page(
+    conn: asyncpg.Connection,
+    relid: int,
+    prev: Snapshot,
+    cur: Snapshot,
+    after: int,
+    until: int = NO_LIMIT,
+    max_bytes: int = PAGE_BYTES,
+) -> ReplayPage:
+    """Table `relid`'s changes of the window (`prev`, `cur`) with ids in (`after`, `until`], in id order, as the
+    changefeed would have read them: at most PAGE, and no more once their images reach `max_bytes`. Each carries
+    its position in that window, so a client that resumes from a replayed event continues exactly after it."""
+    prev_text, cur_text = prev.text(), cur.text()
+    rows = await conn.fetch(_REPLAY, relid, prev_text, cur_text, after, until, PAGE, max_bytes)
+    changes = [_change(tuple(r)[1:10], prev_text, cur_text) for r in rows if r[1] is not None]
+    last = rows[-1][10]
+    return ReplayPage(changes, bool(rows[0][0]), len(changes) >= PAGE or (last is not None and last >= max_bytes))
+
+
+_KEPT = """
+SELECT c.oid = $3 AS same_table,
+       coalesce((SELECT horizon FROM realtime.pruned) > pg_snapshot_xmin($4::text::pg_snapshot), false) AS pruned
+  FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+ WHERE n.nspname = $1 AND c.relname = $2
+"""
+
+
+async def position_kept(conn: asyncpg.Connection, schema: str, table: str, position: TablePosition) -> bool:
+    """Whether `position` is one of `schema.table`'s (not another table's, nor a dropped one's of the same name)
+    and everything committed after it is still in the change log."""
+    row = await conn.fetchrow(_KEPT, schema, table, position.relid, position.cut.prev.text())
+    return row is not None and bool(row["same_table"]) and not row["pruned"]
 
 
 async def record_horizon(conn: asyncpg.Connection) -> None:
@@ -117,11 +194,14 @@ async def prune_batch(conn: asyncpg.Connection, retention: datetime.timedelta) -
     return deleted
 
 
-def _change(row: tuple[Any, ...]) -> RowChange:
-    _, _, change_id, created_at, relid, schema, table, op, old, new = row
+def _change(row: tuple[Any, ...], prev: str, cur: str) -> RowChange:
+    change_id, created_at, relid, schema, table, op, old, new, xid = row
+    position = f"t1~{relid}~{prev}~{cur}~{change_id}"
     try:
-        return RowChange(change_id, created_at, relid, schema, table, op, decode_image(old), decode_image(new))
+        return RowChange(
+            change_id, created_at, relid, schema, table, op, decode_image(old), decode_image(new), xid, position
+        )
     except (ValueError, RecursionError) as exc:
         # One row that cannot be decoded must not stop the feed for everyone.
         log.error("undecodable change", extra={"ctx_id": change_id, "ctx_error": repr(exc)[:200]})
-        return RowChange(change_id, created_at, relid, schema, table, "UNREADABLE", None, None)
+        return RowChange(change_id, created_at, relid, schema, table, "UNREADABLE", None, None, xid, position)

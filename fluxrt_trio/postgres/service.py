@@ -40,6 +40,8 @@ class DatabaseService:
         self._migrate = migrate
         self._roles = roles
         self.authorizer_pool = AuthorizerPool(authorizer_dsn or default_authorizer_dsn(dsn))
+        # Replays read the change log, which only fluxrt's own login may read; no policy code runs there.
+        self.log_pool = AuthorizerPool(dsn, max_size=2, refuse_superuser=False)
         self._send, self.windows = trio.open_memory_channel[Window](WINDOW_QUEUE)
         self.changefeed = Changefeed(dsn, self._send, poll_interval=poll_interval, retention=retention)
         self.ready = trio.Event()
@@ -79,6 +81,7 @@ class DatabaseService:
                     if applied:
                         log.info("database migrated", extra={"ctx_applied": ",".join(applied)})
                 await self.authorizer_pool.open()
+                await self.log_pool.open()
                 break
             except DatabaseUnavailable as exc:
                 self.changefeed.last_error = str(exc)
@@ -104,3 +107,4 @@ class DatabaseService:
             finally:
                 with trio.CancelScope(shield=True):
                     await self.authorizer_pool.close()
+                    await self.log_pool.close()

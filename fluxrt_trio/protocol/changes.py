@@ -7,6 +7,8 @@ from typing import Any
 
 import attrs
 
+from .positions import Cut, Snapshot
+
 
 @attrs.frozen(slots=True)
 class RowChange:
@@ -23,6 +25,10 @@ class RowChange:
     images could not be decoded; subscribers are told to refetch)"""
     old: dict[str, Any] | None
     new: dict[str, Any] | None
+    xid: int = 0
+    """the writing transaction (for `positions.Cut.covers`)"""
+    position: str = ""
+    """where the change sits in its table's stream, sent to clients as `payload.id` (positions.TablePosition)"""
 
     @property
     def channel(self) -> str:
@@ -37,7 +43,21 @@ class RowChange:
 
 @attrs.frozen(slots=True)
 class Window:
-    """The changes committed between two reads, in id order. `missed`: changes were pruned before being read."""
+    """The changes committed between two reads, in id order. `missed`: changes were pruned before being read.
+
+    A window read in several pages comes as several Windows with the same `prev` and `cur`, all but the last with
+    `complete` False. A Window without changes may still say how far the reads got (a progress report)."""
 
     changes: list[RowChange]
     missed: bool = False
+    prev: Snapshot | None = None
+    cur: Snapshot | None = None
+    complete: bool = True
+
+    def cut(self) -> Cut | None:
+        """Where the stream stands once this window is delivered: None when it does not say."""
+        if self.cur is None or self.prev is None:
+            return None
+        if self.complete:
+            return Cut.after_window(self.cur)
+        return Cut(self.prev, self.cur, self.changes[-1].id if self.changes else 0)

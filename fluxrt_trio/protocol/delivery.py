@@ -498,7 +498,8 @@ def change_message(
     if change.new is not None and change.op in ("INSERT", "UPDATE"):
         payload["record"] = _only(change.new, readable)
     payload["timestamp"] = change.created_at.isoformat().replace("+00:00", "Z")
-    payload["id"] = str(change.id)
+    # Its position (protocol/positions.py), for resume; a change built without one (a test's) falls back to its id.
+    payload["id"] = change.position or str(change.id)
     return {"type": "broadcast", "channel": channel, "payload": payload}
 
 

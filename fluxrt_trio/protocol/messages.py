@@ -50,6 +50,9 @@ class Subscribe:
     event: str = "*"
     filter: str | None = None
     ref: str | None = None
+    since: Any = None
+    """the position of the last event the client processed on the channel (any JSON value: one this server did not
+    write is answered `recovered: false`, never refused)"""
 
 
 @attrs.frozen(slots=True)
@@ -103,6 +106,8 @@ class Ack:
     status: str
     channel: str | None = None
     ref: str | None = None
+    recovered: bool | None = None
+    """on the ack of a subscribe that carried `since`: whether what followed that position is replayed"""
     type: str = "ack"
 
 
@@ -125,6 +130,8 @@ class Pong:
 class BroadcastEvent:
     channel: str
     payload: Any
+    id: str | None = None
+    """on `broadcast:` channels, the message's position (see Resume); table changes carry theirs in the payload"""
     type: str = "broadcast"
 
 
@@ -168,10 +175,10 @@ def _json_type(value: object) -> str:
 
 
 _WIRE_ORDER: dict[type, list[str]] = {
-    Ack: ["type", "channel", "status", "ref"],
+    Ack: ["type", "channel", "status", "recovered", "ref"],
     Error: ["type", "code", "message", "channel", "ref"],
     Pong: ["type", "ref"],
-    BroadcastEvent: ["type", "channel", "payload"],
+    BroadcastEvent: ["type", "channel", "payload", "id"],
     PresenceEvent: ["type", "channel", "event", "payload"],
 }
 

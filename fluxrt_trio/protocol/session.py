@@ -1,9 +1,9 @@
 """One connection's protocol state: what it is subscribed to, what it tracks, and its rate allowances.
 
 `Session.receive` takes one client frame and returns effects for the I/O shell to carry out, in order. Checks that
-need the outside world (the database, token verification, the cluster engine) come back as requests
-(`CheckSubscribe`, `CheckAction`, `HandOff`, `Authenticate`) whose outcome the shell feeds back through `answered`;
-the session changes no state before a check has passed.
+need the outside world (the database, token verification, the cluster engine, what is kept to replay) come back as
+requests (`CheckSubscribe`, `CheckAction`, `HandOff`, `CheckResume`, `Authenticate`) whose outcome the shell feeds
+back through `answered`; the session changes no state before a check has passed.
 """
 
 from __future__ import annotations
@@ -67,9 +67,9 @@ class Subscription:
 
 # ---- effects -------------------------------------------------------------------------------------------------
 #
-# Requests (CheckSubscribe, CheckAction, HandOff, Authenticate) ask the outside world something; the shell answers each
-# through `Session.answered`, which returns the effects that follow. Each request carries the ref of the message it
-# serves, so the answer (an ack or an error) can echo it.
+# Requests (CheckSubscribe, CheckAction, HandOff, CheckResume, Authenticate) ask the outside world something; the
+# shell answers each through `Session.answered`, which returns the effects that follow. Each request carries the ref
+# of the message it serves, so the answer (an ack or an error) can echo it.
 
 
 @attrs.frozen(slots=True)
@@ -116,6 +116,30 @@ class HandOff:
 
 
 @attrs.frozen(slots=True)
+class CheckResume:
+    """Can what followed `since` on the channel be replayed? Asked once a subscribe carrying `since` passed its
+    checks. Outcome: Resumable."""
+
+    subscribe: CheckSubscribe
+
+    @property
+    def ref(self) -> str | None:
+        return self.subscribe.ref
+
+    @property
+    def since(self) -> Any:
+        return self.subscribe.request.since
+
+
+@attrs.frozen(slots=True)
+class Resumable:
+    """The outcome of a CheckResume: False when the position is malformed, for another channel, or older than what
+    is kept (the client refetches)."""
+
+    recovered: bool
+
+
+@attrs.frozen(slots=True)
 class Authenticate:
     """Verify `token`. Outcome: the new Identity, or the refusal to send (the identity stays)."""
 
@@ -130,8 +154,8 @@ class Unavailable:
     reason: str
 
 
-Request = CheckSubscribe | CheckAction | HandOff | Authenticate
-Outcome = Identity | Error | Unavailable | None
+Request = CheckSubscribe | CheckAction | HandOff | CheckResume | Authenticate
+Outcome = Identity | Error | Unavailable | Resumable | None
 """what the shell found: None (allowed), an Error to send (refused), a verified Identity (Authenticate), or
 Unavailable (a renewal check that could not be made)"""
 
@@ -139,6 +163,15 @@ Unavailable (a renewal check that could not be made)"""
 @attrs.frozen(slots=True)
 class Join:
     subscription: Subscription
+
+
+@attrs.frozen(slots=True)
+class Replay:
+    """Send `subscription` what followed position `since` (which its CheckResume found resumable), then the live
+    stream, each event once."""
+
+    subscription: Subscription
+    since: Any
 
 
 @attrs.frozen(slots=True)
@@ -201,8 +234,10 @@ Effect = (
     | CheckSubscribe
     | CheckAction
     | HandOff
+    | CheckResume
     | Authenticate
     | Join
+    | Replay
     | SendPresenceState
     | Leave
     | Publish
@@ -224,7 +259,7 @@ def message_ref(effects: list[Effect]) -> str | None:
     for effect in effects:
         if isinstance(effect, Reply) and isinstance(effect.message, Ack | Error | Pong):
             return effect.message.ref
-        if isinstance(effect, CheckSubscribe | CheckAction | HandOff | Authenticate):
+        if isinstance(effect, CheckSubscribe | CheckAction | HandOff | CheckResume | Authenticate):
             return effect.ref
     return None
 
@@ -380,6 +415,8 @@ class Session:
                 if isinstance(outcome, Error):
                     return [Reply(outcome)]
                 return self._handed_off(request)
+            case CheckResume(subscribe=check) if isinstance(outcome, Resumable):
+                return self._subscribed(check, outcome.recovered)
             case Authenticate():
                 if isinstance(outcome, Identity):
                     return self._authenticated(outcome, request.ref)
@@ -400,9 +437,23 @@ class Session:
                 channel=name,
                 ref=request.ref,
             )
+        if request.since is None:
+            return self._subscribed(check, None)
+        if channel.kind is ChannelKind.PRESENCE:
+            # Presence has no history: the sync that follows is the whole state, so nothing is missing.
+            return self._subscribed(check, True)
+        return [CheckResume(check)]
+
+    def _subscribed(self, check: CheckSubscribe, recovered: bool | None) -> list[Effect]:
+        """Join, ack (with `recovered` when the subscribe carried `since`), then what the client missed, then (for
+        presence) the sync. Nothing waits in between, so the replay meets the live stream without a gap."""
+        request, channel = check.request, check.channel
+        name = channel.name
         subscription = Subscription(channel, request.event, request.filter)
         self.subscriptions[name] = subscription
-        effects: list[Effect] = [Join(subscription), Reply(Ack("subscribed", name, request.ref))]
+        effects: list[Effect] = [Join(subscription), Reply(Ack("subscribed", name, request.ref, recovered))]
+        if recovered and channel.kind is not ChannelKind.PRESENCE:
+            effects.append(Replay(subscription, request.since))
         if channel.kind is ChannelKind.PRESENCE:
             effects.append(SendPresenceState(channel))
         return effects

@@ -188,11 +188,15 @@ class TableChannels:
         return [s for s in subscribers if s in members]
 
     async def _replay(self, channel: str, markers: list[_Replay]) -> None:
-        """Carry out consecutive replay markers of one lane: one read of the log per distinct position."""
-        groups: dict[tuple[int, Cut, Cut], list[TableSubscriber]] = {}
+        """Carry out consecutive replay markers of one lane: one read of the log per distinct position.
+
+        Markers with nothing between them in the lane differ in their `until` only by changes to other tables
+        (a change to this one would sit between them), so the last one's serves them all."""
+        until = markers[-1].until
+        groups: dict[tuple[int, Cut], list[TableSubscriber]] = {}
         for marker in markers:
-            groups.setdefault((marker.relid, marker.since, marker.until), []).append(marker.subscriber)
-        for (relid, since, until), subscribers in groups.items():
+            groups.setdefault((marker.relid, marker.since), []).append(marker.subscriber)
+        for (relid, since), subscribers in groups.items():
             missed = False
             try:
                 missed = await self._replay_group(channel, relid, since, until, subscribers)

@@ -384,6 +384,7 @@ def summarize(results: list[PhaseResult], args: argparse.Namespace) -> dict[str,
                     p99_ms=percentile(last, 99),
                     max_ms=max(last),
                     first_p50_ms=percentile(first, 50),
+                    first_p99_ms=percentile(first, 99),
                     offered=median_of(results, setup, phase, lambda r: r.result["offered_msgs_per_s"]),
                     overlapped=sum(
                         r.result["overlapped_messages"]
@@ -433,24 +434,28 @@ def summarize(results: list[PhaseResult], args: argparse.Namespace) -> dict[str,
             continue
         for setup in ("cluster-1", "cluster-2"):
             e, b = s["setups"][setup][phase], single[phase]
-            for q in ("p50", "p99"):
+            for q in ("p50", "p99", "first_p50", "first_p99"):
                 have = e.get(f"{q}_ms") is not None and b.get(f"{q}_ms") is not None
                 e[f"added_{q}_ms"] = e[f"{q}_ms"] - b[f"{q}_ms"] if have else None
         c2, c1 = s["setups"]["cluster-2"][phase], s["setups"]["cluster-1"][phase]
-        p50, p99 = c2["added_p50_ms"], c2["added_p99_ms"]
-        ok = None if p50 is None or p99 is None else p50 <= TARGET_ADDED_P50_MS and p99 <= TARGET_ADDED_P99_MS
         where = (
             f"{args.connections} subscribers at {fmt(single[phase].get('offered'), '.1f')} msgs/s"
             if phase == "paced"
             else f"{args.rate_subscribers} subscribers at {fmt(single[phase].get('offered'), '.0f')} msgs/s"
         )
-        verdict(
-            f"latency ({phase})",
-            ok,
-            f"{phase} ({where}): cluster-2 adds p50 {fmt(p50, '+.2f')} ms, p99 {fmt(p99, '+.2f')} ms to single "
-            f"(target <= {TARGET_ADDED_P50_MS:g} / {TARGET_ADDED_P99_MS:g}); cluster-1 adds "
-            f"{fmt(c1['added_p50_ms'], '+.2f')} / {fmt(c1['added_p99_ms'], '+.2f')} ms",
-        )
+        # To the last copy is the whole fan-out, the issue's figure; to the first copy leaves out the time spent
+        # writing to every subscriber, which varies by tens of ms at 5,000 subscribers on a shared box.
+        for copy, prefix in (("last", ""), ("first", "first_")):
+            p50, p99 = c2[f"added_{prefix}p50_ms"], c2[f"added_{prefix}p99_ms"]
+            ok = None if p50 is None or p99 is None else p50 <= TARGET_ADDED_P50_MS and p99 <= TARGET_ADDED_P99_MS
+            verdict(
+                f"latency to {copy} copy ({phase})",
+                ok,
+                f"{phase} ({where}), latency to the {copy} copy: cluster-2 adds p50 {fmt(p50, '+.2f')} ms, p99 "
+                f"{fmt(p99, '+.2f')} ms to single (target <= {TARGET_ADDED_P50_MS:g} / {TARGET_ADDED_P99_MS:g}); "
+                f"cluster-1 adds {fmt(c1[f'added_{prefix}p50_ms'], '+.2f')} / "
+                f"{fmt(c1[f'added_{prefix}p99_ms'], '+.2f')} ms",
+            )
     if "presence" in args.phase_list:
         p = s["setups"]["cluster-2"]["presence"]
         worst = p["agreed_ms_worst"]
@@ -492,9 +497,12 @@ def print_summary(s: dict[str, Any], args: argparse.Namespace) -> None:
             row("latency to last copy p50, ms", [fmt(e.get("p50_ms"), ".2f") for e in es])
             row("latency to last copy p99, ms", [fmt(e.get("p99_ms"), ".2f") for e in es])
             row("latency to last copy max, ms", [fmt(e.get("max_ms"), ".2f") for e in es])
-            row("latency to first copy p50, ms", [fmt(e.get("first_p50_ms"), ".2f") for e in es])
             row("  p50 added to single's, ms", ["", *[fmt(e.get("added_p50_ms"), "+.2f") for e in es[1:]]])
             row("  p99 added to single's, ms", ["", *[fmt(e.get("added_p99_ms"), "+.2f") for e in es[1:]]])
+            row("latency to first copy p50, ms", [fmt(e.get("first_p50_ms"), ".2f") for e in es])
+            row("latency to first copy p99, ms", [fmt(e.get("first_p99_ms"), ".2f") for e in es])
+            row("  p50 added to single's, ms", ["", *[fmt(e.get("added_first_p50_ms"), "+.2f") for e in es[1:]]])
+            row("  p99 added to single's, ms", ["", *[fmt(e.get("added_first_p99_ms"), "+.2f") for e in es[1:]]])
             row("messages overlapping the next", [str(e.get("overlapped", "-")) for e in es])
         row("node CPU-s per 1M deliveries (all nodes)", [fmt(e["node_cpu_s_per_m"], ".2f") for e in es])
         row("Redis CPU-s in the phase (whole server)", [fmt(e["redis_cpu_s"], ".2f") for e in es])

@@ -8,9 +8,9 @@ import pytest
 from fluxrt_trio.cluster import wire
 from fluxrt_trio.cluster.address import parse
 from fluxrt_trio.cluster.engine import parse_state
-from fluxrt_trio.cluster.view import ClusterView, ReadState, Snapshot
+from fluxrt_trio.cluster.view import ClusterView, Delivered, ReadState, Snapshot
 
-from .test_cluster_view import LOBBY, NEWER, OLDER, OTHER, OWN, batch, joined, meta, track, view_in_step
+from .test_cluster_view import INC, LOBBY, NEWER, OLDER, OTHER, OWN, batch, joined, meta, track, view_in_step
 from .test_cluster_wire import batch_bytes
 
 
@@ -68,3 +68,13 @@ def test_a_restore_of_an_older_incarnation_while_waiting_asks_again_at_the_next_
     assert view.receive(batch(5, incarnation=NEWER), 0.0) == [ReadState(OTHER)]
     assert view.restore(OTHER, Snapshot(NEWER, 5, {LOBBY: {"carol": {"r3": {}}}}, {}), 0.0) != []
     assert view.presence_state(LOBBY) == {"carol": [meta("r3")]}
+
+
+def test_broadcasts_that_came_while_a_state_was_read_are_delivered_even_when_the_state_covers_them() -> None:
+    view = view_in_step(track("alice", "r1"))
+    # Batch 2 was missed: the view asks for the state and keeps what comes meanwhile.
+    assert view.receive(batch(3, wire.Broadcast("broadcast:news", 3)), 0.0) == [ReadState(OTHER)]
+    assert view.receive(batch(4, wire.Broadcast("broadcast:news", 4)), 0.0) == []
+    # The state read is as of batch 3: its broadcast is not in it, and it did arrive; batch 4 follows the state.
+    events = view.restore(OTHER, Snapshot(INC, 3, {LOBBY: {"alice": {"r1": {}}}}, {}), 0.0)
+    assert events == [Delivered("broadcast:news", 3), Delivered("broadcast:news", 4)]

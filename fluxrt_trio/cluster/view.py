@@ -161,7 +161,8 @@ class ClusterView:
 
     def restore(self, node: str, snapshot: Snapshot | None, now: float) -> list[Event]:
         """Replace what is known of `node` with its state as read from Redis (None: it has none, it is gone), then
-        apply the batches that came after it. Returns the presence diffs between the two."""
+        apply the batches that came after it, and deliver the broadcasts of those that came meanwhile but are older
+        than the state. Returns the presence diffs between the two, and those broadcasts."""
         replica = self._nodes.get(node)
         if snapshot is None:
             return self._forget(node)
@@ -188,8 +189,12 @@ class ClusterView:
             diff = _difference(old.get(room, {}), new)
             if diff is not None:
                 events.append(PresenceChanged(room, diff))
-        for batch in sorted(pending, key=lambda b: b.seq):
-            if batch.incarnation == replica.incarnation:
+        once = {batch.seq: batch for batch in pending if batch.incarnation == replica.incarnation}
+        for batch in sorted(once.values(), key=lambda b: b.seq):
+            if batch.seq <= replica.seq:
+                # Its state changes are in the state just read; its broadcasts are not, and they did arrive.
+                events.extend(Delivered(op.channel, op.payload) for op in batch.ops if isinstance(op, wire.Broadcast))
+            else:
                 events.extend(self.receive(batch, now))
         return events
 

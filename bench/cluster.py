@@ -320,11 +320,12 @@ def fmt_phase(r: PhaseResult) -> str:
                 f"\n    node {i + 1} (:{port}): fresh sync shows all {res['members']} at "
                 f"{agreed if agreed is not None else float('nan'):.0f} ms{bracket}, {res['probes'][i]} probes; "
                 f"observer complete at {observed if observed is not None else float('nan'):.0f} ms after "
-                f"{res['observer_frames'][i]} frames ({res['observer_frames'][i] / res['members']:.2f} per member); "
-                f"its {res['member_counts'][i]} members got {res['member_frames'][i]:,} frames "
-                f"({res['member_frames'][i] / max(res['member_counts'][i], 1) / res['members']:.2f} per member each)"
+                f"{res['observer_frames'][i]} frames ({res['observer_frames'][i] / res['members']:.2f} per member; "
+                f"10%/50%/90% of members at {'/'.join(f'{x:.0f}' for x in res['observer_progress_ms'][i][0:9:4])} ms); "
+                f"its {res['member_counts'][i]} members got {res['member_bytes'][i] / 1e6:.1f} MB "
+                f"({res['member_bytes'][i] / max(res['member_counts'][i], 1) / res['members']:.0f} B per member each)"
             )
-        line = f"{head} tracks sent in {res['send_tracks_ms']:.0f} ms; {cpu_text(r)}{''.join(parts)}"
+        line = f"{head} tracks sent in {res['send_tracks_ms']:.0f} ms; {cpu_text(r)}{''.join(parts)}{bus_text(r)}"
     else:
         line = (
             f"{head} {res['msgs_per_s']:>10,.0f} msgs/s ({res['frames_delivered']:,} frames of {res['frame_size']} B "

@@ -24,6 +24,7 @@ from .cluster import address as redis_address
 Seconds = NewType("Seconds", float)
 Bytes = NewType("Bytes", int)
 Count = NewType("Count", int)
+CountOrZero = NewType("CountOrZero", int)
 PerMinute = NewType("PerMinute", int)
 Port = NewType("Port", int)
 UrlPath = NewType("UrlPath", str)
@@ -91,6 +92,9 @@ class RealtimeConfig:
     max_message_size: Bytes = Bytes(64 * KIB)
     max_presence_state_size: Bytes = Bytes(4 * KIB)
     shutdown_timeout: Seconds = Seconds(10 * SECONDS)
+    history_size: CountOrZero = CountOrZero(100)
+    """broadcasts kept per channel for clients that resume; 0 keeps none"""
+    history_ttl: Seconds = Seconds(300 * SECONDS)
 
 
 @attrs.frozen
@@ -182,6 +186,12 @@ def _count(value: object, _: Any) -> int:
     return value
 
 
+def _count_or_zero(value: object, _: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise _Invalid(f"expected a whole number, 0 or more, got {value!r}")
+    return value
+
+
 def _per_minute(value: object, _: Any) -> int:
     rate: float
     if isinstance(value, int) and not isinstance(value, bool):
@@ -254,6 +264,7 @@ def _make_converter() -> cattrs.Converter:
         (Seconds, _seconds),
         (Bytes, _bytes),
         (Count, _count),
+        (CountOrZero, _count_or_zero),
         (PerMinute, _per_minute),
         (Fraction, _fraction),
         (Port, _port),
@@ -504,6 +515,8 @@ RESTART_REQUIRED = (
     "auth.anon_role",
     "auth.default_role",
     "auth.roles",
+    "realtime.history_size",
+    "realtime.history_ttl",
 )
 """Settings a running server cannot change: the listening socket, the database and the roles it was prepared for
 (a whole section where the name has no dot)."""

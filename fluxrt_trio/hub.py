@@ -6,13 +6,21 @@
 
 from __future__ import annotations
 
+import re
+import secrets
+import time
+from collections.abc import Callable
 from typing import Any, Generic, Protocol, TypeVar
 
 import attrs
 
 from .protocol.frames import text_frame
-from .protocol.messages import Ack, BroadcastEvent, PresenceEvent, ServerMessage, encode
+from .protocol.history import History, Position
+from .protocol.messages import Ack, BroadcastEvent, Error, ErrorCode, PresenceEvent, ServerMessage, encode
 from .protocol.presence import Diff, Meta, PresenceRoom
+
+MISSED = "broadcasts on this channel were missed and cannot be replayed; refetch what you show"
+"""the CHANGES_MISSED message of a broadcast replay that found a gap"""
 
 
 class Subscriber(Protocol):
@@ -40,6 +48,10 @@ class HubStatistics:
     """events published so far; also the position of the latest one"""
     delivered: int
     """frames handed to subscribers"""
+    history_messages: int = 0
+    """broadcasts kept to replay to clients that resume"""
+    history_bytes: int = 0
+    """bytes of the frames kept for replay"""
 
 
 class Hub(Protocol[S]):
@@ -92,15 +104,32 @@ def _kind(channel: str) -> str:
     return channel.partition(":")[0]
 
 
-class LocalHub(Generic[S]):
-    """The hub of one node: plain dictionaries, no I/O of its own."""
+_POSITION = re.compile(r"b1~([0-9a-f]{12})~([1-9][0-9]{0,18})")
 
-    def __init__(self) -> None:
+
+class LocalHub(Generic[S]):
+    """The hub of one node: plain dictionaries, no I/O of its own.
+
+    With `history_size` > 0 every broadcast carries its position `b1~<incarnation>~<n>` (`n` counts this hub's
+    events) and the last `history_size` of each channel, for at most `history_ttl` seconds, are kept to replay. The
+    incarnation is new with every hub, so a position from a node that has restarted since is never taken for one of
+    this node's (it is answered `recovered: false`)."""
+
+    def __init__(
+        self,
+        *,
+        history_size: int = 0,
+        history_ttl: float = 300.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._channels: dict[str, dict[S, None]] = {}
         self._rooms: dict[str, PresenceRoom] = {}
         self._by_kind: dict[str, int] = {"table": 0, "presence": 0, "broadcast": 0}
         self._position = 0
         self._delivered = 0
+        self.history = History(history_size, history_ttl) if history_size > 0 else None
+        self.incarnation = secrets.token_hex(6)
+        self._clock = clock
 
     def join(self, channel: str, subscriber: S) -> None:
         members = self._channels.setdefault(channel, {})
@@ -126,21 +155,37 @@ class LocalHub(Generic[S]):
 
     def publish_nowait(self, channel: str, message: ServerMessage, *, exclude: S | None = None) -> int:
         self._position += 1
+        if channel in self._channels:
+            self._fan_out(channel, text_frame(encode(message)), exclude)
+        return self._position
+
+    def deliver(self, channel: str, frame: bytes, *, exclude: S | None = None) -> int:
+        """`publish_nowait` of a message already encoded as `frame`."""
+        self._position += 1
+        self._fan_out(channel, frame, exclude)
+        return self._position
+
+    def _fan_out(self, channel: str, frame: bytes, exclude: S | None) -> None:
         members = self._channels.get(channel)
         if not members:
-            return self._position
-        frame = text_frame(encode(message))
+            return
         # A copy: a recipient closing itself must not change the dict under this loop.
         recipients = list(members)
         for subscriber in recipients:
             if subscriber is not exclude:
                 subscriber.deliver_nowait(frame)
         self._delivered += len(recipients) - (exclude in members)
-        return self._position
 
     def broadcast(self, channel: str, payload: Any, *, sender: S | None = None, ref: str | None = None) -> int:
-        """Relay a client broadcast to every other subscriber."""
-        position = self.publish_nowait(channel, BroadcastEvent(channel, payload), exclude=sender)
+        """Relay a client broadcast to every other subscriber, and keep it in the channel's history."""
+        history = self.history
+        if history is None:
+            position = self.publish_nowait(channel, BroadcastEvent(channel, payload), exclude=sender)
+        else:
+            position = self._position + 1
+            frame = text_frame(encode(BroadcastEvent(channel, payload, f"b1~{self.incarnation}~{position}")))
+            history.add(channel, (0, position), self._clock(), frame)
+            self.deliver(channel, frame, exclude=sender)
         if sender is not None and ref is not None:
             sender.reply_nowait(Ack("sent", channel, ref))
         return position
@@ -150,10 +195,31 @@ class LocalHub(Generic[S]):
         return None
 
     def resumable(self, channel: str, since: Any) -> bool:
-        return False
+        """True when `since` is a position of this hub's and every broadcast of `channel` after it is kept."""
+        position = self._parse(since)
+        return position is not None and self._after(channel, position) is not None
 
     def replay(self, channel: str, subscriber: S, since: Any) -> None:
-        return None
+        """Send `subscriber` the kept broadcasts of `channel` after `since`, as their frames; CHANGES_MISSED
+        if some are gone after all (not when `resumable` said yes just before, as nothing runs in between)."""
+        position = self._parse(since)
+        frames = self._after(channel, position) if position is not None else None
+        send_replay(subscriber, channel, frames)
+        self._delivered += len(frames or ())
+
+    def _after(self, channel: str, position: Position) -> list[bytes] | None:
+        """The frames kept of `channel` after `position`; None when some are gone, or history is off."""
+        if self.history is None:
+            return None
+        return self.history.after(channel, position, self._clock())
+
+    def _parse(self, since: Any) -> Position | None:
+        if not isinstance(since, str) or self.history is None:
+            return None
+        match = _POSITION.fullmatch(since)
+        if match is None or match[1] != self.incarnation or int(match[2]) > self._position:
+            return None
+        return (0, int(match[2]))
 
     def track(self, channel: str, key: str, ref: str, state: dict[str, Any]) -> None:
         room = self._rooms.setdefault(channel, PresenceRoom())
@@ -177,10 +243,24 @@ class LocalHub(Generic[S]):
         return room.state() if room is not None else {}
 
     def statistics(self) -> HubStatistics:
+        history = self.history
+        if history is not None:
+            history.sweep(self._clock())
         return HubStatistics(
             channels=len(self._channels),
             subscriptions=dict(self._by_kind),
             presence_rooms=len(self._rooms),
             published=self._position,
             delivered=self._delivered,
+            history_messages=history.messages if history is not None else 0,
+            history_bytes=history.bytes if history is not None else 0,
         )
+
+
+def send_replay(subscriber: Subscriber, channel: str, frames: list[bytes] | None) -> None:
+    """A replay: `frames` in order, or (None) CHANGES_MISSED for `channel`."""
+    if frames is None:
+        subscriber.reply_nowait(Error(ErrorCode.CHANGES_MISSED, MISSED, channel=channel))
+        return
+    for frame in frames:
+        subscriber.deliver_nowait(frame)

@@ -64,6 +64,14 @@ class _Collector:
         yield GaugeMetricFamily(
             "fluxrt_presence_rooms", "Presence rooms with someone in them", value=stats.presence_rooms
         )
+        yield GaugeMetricFamily(
+            "fluxrt_history_messages",
+            "Broadcasts kept for clients that resume (realtime.history_size per channel, realtime.history_ttl)",
+            value=stats.history_messages,
+        )
+        yield GaugeMetricFamily(
+            "fluxrt_history_bytes", "Bytes of the broadcasts kept for clients that resume", value=stats.history_bytes
+        )
         yield CounterMetricFamily("fluxrt_messages_in", "Client messages received", value=c.messages_in)
         yield CounterMetricFamily(
             "fluxrt_messages_out", "Frames sent to clients", value=c.messages_out + stats.delivered

@@ -32,7 +32,7 @@ per table and window, not one per subscriber: PASS when no window of the log was
 
 With 2+ CPUs fluxrt runs on the first, this driver (subscribers and writer) on the second; PostgreSQL shares both.
 
-    .venv/bin/python bench/resume.py            # 1,000 subscribers, 100 missed changes each, 3 rounds: ~3 minutes
+    .venv/bin/python bench/resume.py            # 1,000 subscribers, 100 missed changes each, 3 rounds: ~1.5 minutes
     .venv/bin/python bench/resume.py --quick    # 100 subscribers, 1 round: under a minute
 """
 

@@ -8,6 +8,7 @@ asyncio program has its own deadline too, since a worker thread cannot be cancel
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import shutil
 import threading
@@ -27,6 +28,7 @@ from trio_websocket import WebSocketConnection
 from fluxrt_trio.postgres.changelog import PRUNE
 from fluxrt_trio.postgres.embedded import EmbeddedPostgres
 from fluxrt_trio.postgres.migrate import migrate, migrations
+from fluxrt_trio.protocol.positions import TablePosition
 
 from . import pg
 from .process import run_cli
@@ -145,8 +147,10 @@ async def test_updates_to_one_row_from_eight_writers_arrive_in_commit_order(star
     wrong = [(i, v) for i, v in enumerate(values) if v != i + 1]
     assert not wrong, f"{len(wrong)} out of place; first (position, n): {wrong[:5]}"
     assert [p["old_record"]["n"] for p in payloads] == list(range(1000))
-    change_ids = [int(p["id"]) for p in payloads]
-    assert change_ids == sorted(set(change_ids))
+    # Each change once, each with a position of its own, every one past the one before it.
+    positions = [TablePosition.parse(p["id"]) for p in payloads]
+    assert all(later.cut.includes(earlier.cut) for earlier, later in itertools.pairwise(positions))
+    assert len({p["id"] for p in payloads}) == len(payloads)
     assert db.sql("SELECT n FROM counter")[0]["n"] == 1000
 
 

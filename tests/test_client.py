@@ -673,7 +673,7 @@ async def test_table_changes_reach_callbacks_and_streams(start_server, db):
     insert = got[0]
     assert (insert.schema, insert.table, insert.old_record) == ("public", "users", None)
     assert insert.record == {"id": 123, "name": "John Doe", "email": "john@example.com"}
-    assert insert.id.isdigit() and insert.timestamp.endswith("Z")
+    assert insert.id.startswith("t1~") and insert.timestamp.endswith("Z")
     assert got[3].record is None and got[3].old_record is None
     assert seen == [
         ("New user:", "John Doe"),

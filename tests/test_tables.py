@@ -6,6 +6,8 @@ import orjson
 import pytest
 import trio
 
+from fluxrt_trio.protocol.positions import TablePosition
+
 from .support.clients import connect, http_get, recv, request, subscribe
 from .support.config import token
 from .support.database import users_table
@@ -18,7 +20,7 @@ BOB = "22222222-2222-2222-2222-222222222222"
 
 def strip_extensions(message: dict) -> dict:
     payload = dict(message["payload"])
-    assert payload.pop("id").isdigit()
+    assert TablePosition.parse(payload.pop("id")) is not None
     assert payload.pop("timestamp").endswith("Z")
     return {**message, "payload": payload}
 
@@ -61,14 +63,17 @@ async def test_reference_payload_shapes(start_server, db):
     }
 
 
-async def test_change_ids_increase_and_timestamps_are_utc(start_server, db):
+async def test_change_positions_follow_each_other_and_timestamps_are_utc(start_server, db):
     users_table(db)
     server = await start(start_server, db)
     async with connect(server) as ws:
         await subscribe(ws, "table:public.users")
         await db.execute("INSERT INTO users VALUES (1, 'a', null), (2, 'b', null)")
         first, second = await recv(ws), await recv(ws)
-    assert int(first["payload"]["id"]) < int(second["payload"]["id"])
+    one, two = (TablePosition.parse(m["payload"]["id"]) for m in (first, second))
+    assert one is not None and two is not None
+    # One transaction, one window: the second position is the first one read further.
+    assert two.cut.includes(one.cut) and not one.cut.includes(two.cut)
     assert first["payload"]["timestamp"][:4].isdigit()
 
 

@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import attrs
 
+MAX_OID = 2**32
+NO_LIMIT = 2**63 - 1
+"""above every change id and transaction id (both are bigint-sized in the database)"""
+
 MAX_POSITION = 4096
 """characters of a position at most: a snapshot lists the transactions in progress, which a client must not use to
 make the server parse megabytes"""
@@ -31,7 +35,7 @@ class Snapshot:
         xmin_text, xmax_text, xip_text = text.split(":")
         xmin, xmax = int(xmin_text), int(xmax_text)
         xip = frozenset(int(x) for x in xip_text.split(",")) if xip_text else frozenset()
-        if not 0 < xmin <= xmax or any(not xmin <= x < xmax for x in xip):
+        if not 0 < xmin <= xmax < NO_LIMIT or any(not xmin <= x < xmax for x in xip):
             raise ValueError(f"not a snapshot: {text[:80]!r}")
         return cls(xmin, xmax, xip)
 
@@ -99,15 +103,14 @@ class TablePosition:
             position = cls(int(relid), Cut(Snapshot.parse(prev), Snapshot.parse(cur), int(upto)))
         except ValueError:
             return None
-        if position.relid <= 0 or position.cut.upto < 0 or not position.cut.cur.includes(position.cut.prev):
+        cut = position.cut
+        if not 0 < position.relid < MAX_OID or not 0 <= cut.upto < NO_LIMIT or not cut.cur.includes(cut.prev):
             return None
         return position
 
 
 ReplayWindow = tuple[Snapshot, Snapshot, int, int]
 """(prev, cur, after, until): the changes of the window (prev, cur) with ids in (after, until]"""
-
-NO_LIMIT = 2**63 - 1
 
 
 def replay_windows(since: Cut, until: Cut) -> list[ReplayWindow]:

@@ -63,7 +63,9 @@ class Server:
                 max_backlog=cluster.max_backlog,
             )
             hub = self.cluster
-        self.hub: Hub[Connection] = hub if hub is not None else LocalHub()
+        if hub is None:
+            hub = LocalHub(history_size=config.realtime.history_size, history_ttl=config.realtime.history_ttl)
+        self.hub: Hub[Connection] = hub
         self.verifier = Verifier(config.auth)
         self.counters = metrics.Counters()
         rt = config.realtime
@@ -264,7 +266,7 @@ class Server:
     async def resumable(self, channel: ChannelName, since: Any) -> bool:
         if channel.kind is ChannelKind.TABLE:
             return self.tables is not None and await self.tables.resumable(channel, since)
-        return self.hub.resumable(channel.name, since)
+        return await self.hub.resumable(channel.name, since)
 
     def replay(self, connection: Connection, subscription: Subscription, since: Any) -> None:
         channel = subscription.channel

@@ -31,7 +31,7 @@ from .protocol import delivery
 from .protocol.changes import RowChange, Window
 from .protocol.channels import ChannelName
 from .protocol.delivery import DeliveryPlanner, Ended, Missed, TablePlan, TableSubscriber, Visibility
-from .protocol.positions import Cut, TablePosition, replay_windows
+from .protocol.positions import Cut, Snapshot, TablePosition, replay_windows
 
 log = logging.getLogger("fluxrt.tables")
 
@@ -43,6 +43,10 @@ rather than holding back the changefeed and with it every other table"""
 REPLAY_WAIT = 10.0
 """seconds a replay waits for this node's reads to pass the client's position (written by a node that is ahead);
 then the client is told CHANGES_MISSED and gets the live stream"""
+RETAINED_FOR = 0.5
+"""seconds an answer about a table's oid and the log's pruning horizon serves the resume checks"""
+REPLAY_GATHER = 0.02
+"""seconds a replay marker at the head of a lane waits for more: a storm of reconnects is served by few reads"""
 REPLAY_MISSED = (
     "changes after your position could not all be replayed (they were pruned, or the database was unavailable); "
     "refetch what you show"
@@ -112,6 +116,8 @@ class TableChannels:
         self._replaying: dict[str, set[TableSubscriber]] = {}
         """subscribers kept out of a channel's live delivery until their replay marker is reached"""
         self._parked: list[_Parked] = []
+        self._retained_at: dict[tuple[str, str], tuple[float, changelog.Retained]] = {}
+        self._asking: dict[tuple[str, str], trio.Event] = {}
 
     def subscriptions_changed(self, channel: str) -> None:
         """See `DeliveryPlanner.subscriptions_changed`."""
@@ -132,11 +138,36 @@ class TableChannels:
         if position is None or self.log_pool is None:
             return False
         assert channel.schema is not None and channel.table is not None
-        schema, table = channel.schema, channel.table
         try:
-            return await self.log_pool.run(lambda conn: changelog.position_kept(conn, schema, table, position))
+            retained = await self._retained(channel.schema, channel.table)
         except DatabaseUnavailable:
             return False
+        return retained.keeps(position)
+
+    async def _retained(self, schema: str, table: str) -> changelog.Retained:
+        """The table's oid and the pruning horizon, asked once for every check within RETAINED_FOR: a storm of
+        reconnects costs one query per table, not one per client. An answer that is a little old errs safely: a
+        replay that finds its changes pruned tells the client CHANGES_MISSED."""
+        assert self.log_pool is not None
+        key = (schema, table)
+        while True:
+            cached = self._retained_at.get(key)
+            if cached is not None and trio.current_time() - cached[0] < RETAINED_FOR:
+                return cached[1]
+            asking = self._asking.get(key)
+            if asking is None:
+                break
+            await asking.wait()
+        asking = self._asking[key] = trio.Event()
+        try:
+            answer = await self.log_pool.run(lambda conn: changelog.retained(conn, schema, table))
+            if len(self._retained_at) > 10_000:
+                self._retained_at.clear()
+            self._retained_at[key] = (trio.current_time(), answer)
+            return answer
+        finally:
+            del self._asking[key]
+            asking.set()
 
     def replay(self, subscriber: TableSubscriber, channel: str, since: Any) -> None:
         """Keep `subscriber` out of `channel`'s live delivery, replay what followed `since` (found resumable), then
@@ -188,18 +219,20 @@ class TableChannels:
         return [s for s in subscribers if s in members]
 
     async def _replay(self, channel: str, markers: list[_Replay]) -> None:
-        """Carry out consecutive replay markers of one lane: one read of the log per distinct position.
+        """Carry out consecutive replay markers of one lane. Each window of the log is read once for all the
+        markers whose positions lie in the same window; each subscriber is given what follows its own position.
 
         Markers with nothing between them in the lane differ in their `until` only by changes to other tables
         (a change to this one would sit between them), so the last one's serves them all."""
         until = markers[-1].until
-        groups: dict[tuple[int, Cut], list[TableSubscriber]] = {}
+        groups: dict[tuple[int, Snapshot, Snapshot], dict[Cut, list[TableSubscriber]]] = {}
         for marker in markers:
-            groups.setdefault((marker.relid, marker.since), []).append(marker.subscriber)
-        for (relid, since), subscribers in groups.items():
+            since = marker.since
+            groups.setdefault((marker.relid, since.prev, since.cur), {}).setdefault(since, []).append(marker.subscriber)
+        for (relid, _, _), by_position in groups.items():
             missed = False
             try:
-                missed = await self._replay_group(channel, relid, since, until, subscribers)
+                missed = await self._replay_group(channel, relid, by_position, until)
             except DatabaseUnavailable as exc:
                 log.warning(
                     "a replay could not read the change log", extra={"ctx_channel": channel, "ctx_error": str(exc)}
@@ -208,21 +241,23 @@ class TableChannels:
             except Exception:
                 log.exception("a replay failed", extra={"ctx_channel": channel})
                 missed = True
-            self._live(channel, subscribers, missed=missed)
+            for subscribers in by_position.values():
+                self._live(channel, subscribers, missed=missed)
 
     async def _replay_group(
-        self, channel: str, relid: int, since: Cut, until: Cut, subscribers: list[TableSubscriber]
+        self, channel: str, relid: int, by_position: dict[Cut, list[TableSubscriber]], until: Cut
     ) -> bool:
-        """Deliver to `subscribers` the table's changes that `until` covers beyond `since`; True when some were
-        pruned before they could be read."""
+        """Deliver to the subscribers of each position (all in one window) the table's changes that `until` covers
+        beyond it, reading the log once from the earliest; True when some were pruned before they could be read."""
         assert self.log_pool is not None
         log_pool = self.log_pool
-        planner = DeliveryPlanner()
+        earliest = min(by_position, key=lambda cut: cut.upto)
+        planners = {since: DeliveryPlanner() for since in by_position}
 
-        def members(name: str) -> Sequence[TableSubscriber]:
-            return self._still_subscribed(name, subscribers) if name == channel else ()
+        def members(subscribers: list[TableSubscriber]) -> delivery.Subscribers:
+            return lambda name: self._still_subscribed(name, subscribers) if name == channel else ()
 
-        for prev, cur, first, last in replay_windows(since, until):
+        for prev, cur, first, last in replay_windows(earliest, until):
             after = first
             while True:
                 page = await log_pool.run(
@@ -232,8 +267,11 @@ class TableChannels:
                 )
                 if page.missed:
                     return True
+                for since, subscribers in by_position.items():
+                    changes = [c for c in page.changes if not since.covers(c.xid, c.id)]
+                    if changes:
+                        await self.deliver(changes, subscribers=members(subscribers), planner=planners[since])
                 if page.changes:
-                    await self.deliver(page.changes, subscribers=members, planner=planner)
                     after = page.changes[-1].id
                 if not page.full:
                     break
@@ -291,6 +329,7 @@ class TableChannels:
             lane.ready = trio.Event()
             while lane.pending:
                 if isinstance(lane.pending[0], _Replay):
+                    await trio.sleep(REPLAY_GATHER)
                     await self._replay(channel, _take(lane, _Replay, len(lane.pending)))
                     continue
                 # What queued up while the previous batch was being delivered goes out together: one

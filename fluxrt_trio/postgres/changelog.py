@@ -168,19 +168,33 @@ async def read_replay_page(
     return ReplayPage(changes, bool(rows[0][0]), len(changes) >= PAGE or (last is not None and last >= max_bytes))
 
 
-_KEPT = """
-SELECT c.oid = $3 AS same_table,
-       coalesce((SELECT horizon FROM realtime.pruned) > pg_snapshot_xmin($4::text::pg_snapshot), false) AS pruned
-  FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
- WHERE n.nspname = $1 AND c.relname = $2
+_RETAINED = """
+SELECT (SELECT c.oid FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+         WHERE n.nspname = $1 AND c.relname = $2) AS relid,
+       (SELECT horizon FROM realtime.pruned)::text::bigint AS horizon
 """
 
 
-async def position_kept(conn: asyncpg.Connection, schema: str, table: str, position: TablePosition) -> bool:
-    """Whether `position` is one of `schema.table`'s (not another table's, nor a dropped one's of the same name)
-    and everything committed after it is still in the change log."""
-    row = await conn.fetchrow(_KEPT, schema, table, position.relid, position.cut.prev.text())
-    return row is not None and bool(row["same_table"]) and not row["pruned"]
+@attrs.frozen(slots=True)
+class Retained:
+    """What decides whether a table's position can be resumed from: the table's oid now (None: no such table) and
+    the pruning horizon (None: nothing pruned yet)."""
+
+    relid: int | None
+    horizon: int | None
+
+    def keeps(self, position: TablePosition) -> bool:
+        """Whether `position` is this table's (not another's, nor a dropped one's of the same name) and everything
+        committed after it is still in the change log."""
+        if position.relid != self.relid:
+            return False
+        return self.horizon is None or self.horizon <= position.cut.prev.xmin
+
+
+async def retained(conn: asyncpg.Connection, schema: str, table: str) -> Retained:
+    row = await conn.fetchrow(_RETAINED, schema, table)
+    assert row is not None  # a SELECT of two scalar subqueries has one row
+    return Retained(row["relid"], row["horizon"])
 
 
 async def record_horizon(conn: asyncpg.Connection) -> None:

@@ -15,6 +15,7 @@ that this node's reads have not yet passed (it came from a node that is ahead) w
 
 from __future__ import annotations
 
+import collections
 import functools
 import logging
 from collections.abc import Callable, Sequence
@@ -45,6 +46,11 @@ REPLAY_WAIT = 10.0
 then the client is told CHANGES_MISSED and gets the live stream"""
 RETAINED_FOR = 0.5
 """seconds an answer about a table's oid and the log's pruning horizon serves the resume checks"""
+PAGE_CACHE_FOR = 5.0
+"""seconds a page read for a replay serves other replays of the same window: clients reconnecting with jittered
+backoff arrive over seconds, and a window of the log never changes once read"""
+PAGE_CACHE_BYTES = 32 * 1024 * 1024
+"""row image bytes the replay page cache holds at most"""
 REPLAY_GATHER = 0.02
 """seconds a replay marker at the head of a lane waits for more: a storm of reconnects is served by few reads"""
 REPLAY_MISSED = (
@@ -118,6 +124,10 @@ class TableChannels:
         self._parked: list[_Parked] = []
         self._retained_at: dict[tuple[str, str], tuple[float, changelog.Retained]] = {}
         self._asking: dict[tuple[str, str], trio.Event] = {}
+        self._pages: collections.OrderedDict[tuple[Any, ...], tuple[float, changelog.ReplayPage]] = (
+            collections.OrderedDict()
+        )
+        self._pages_bytes = 0
 
     def subscriptions_changed(self, channel: str) -> None:
         """See `DeliveryPlanner.subscriptions_changed`."""
@@ -260,11 +270,7 @@ class TableChannels:
         for prev, cur, first, last in replay_windows(earliest, until):
             after = first
             while True:
-                page = await log_pool.run(
-                    functools.partial(
-                        changelog.read_replay_page, relid=relid, prev=prev, cur=cur, after=after, until=last
-                    )
-                )
+                page = await self._replay_page(log_pool, relid, prev, cur, after, last)
                 if page.missed:
                     return True
                 for since, subscribers in by_position.items():
@@ -276,6 +282,30 @@ class TableChannels:
                 if not page.full:
                     break
         return False
+
+    async def _replay_page(
+        self, log_pool: AuthorizerPool, relid: int, prev: Snapshot, cur: Snapshot, after: int, until: int
+    ) -> changelog.ReplayPage:
+        """A page of a window for a replay, from the cache when another replay read it lately."""
+        now = trio.current_time()
+        pages = self._pages
+        while pages:
+            at, oldest = next(iter(pages.values()))
+            if now - at < PAGE_CACHE_FOR and self._pages_bytes <= PAGE_CACHE_BYTES:
+                break
+            pages.popitem(last=False)
+            self._pages_bytes -= oldest.size
+        key = (relid, prev, cur, after, until)
+        cached = pages.get(key)
+        if cached is not None:
+            return cached[1]
+        page = await log_pool.run(
+            functools.partial(changelog.read_replay_page, relid=relid, prev=prev, cur=cur, after=after, until=until)
+        )
+        if not page.missed and page.size <= PAGE_CACHE_BYTES:
+            pages[key] = (trio.current_time(), page)
+            self._pages_bytes += page.size
+        return page
 
     def _lane(self, channel: str) -> _Lane:
         lane = self._lanes.get(channel)

@@ -147,6 +147,8 @@ class ReplayPage:
     """changes committed after the window's `prev` were pruned: the replay would not be all that was missed"""
     full: bool
     """the page stopped at PAGE rows or PAGE_BYTES: there may be more in the window"""
+    size: int = 0
+    """bytes of row images in the page (JSON text)"""
 
 
 async def read_replay_page(
@@ -164,8 +166,8 @@ async def read_replay_page(
     prev_text, cur_text = prev.text(), cur.text()
     rows = await conn.fetch(_REPLAY, relid, prev_text, cur_text, after, until, PAGE, max_bytes)
     changes = [_change(tuple(r)[1:10], prev_text, cur_text) for r in rows if r[1] is not None]
-    last = rows[-1][10]
-    return ReplayPage(changes, bool(rows[0][0]), len(changes) >= PAGE or (last is not None and last >= max_bytes))
+    last = rows[-1][10] or 0
+    return ReplayPage(changes, bool(rows[0][0]), len(changes) >= PAGE or last >= max_bytes, last)
 
 
 _RETAINED = """

@@ -23,6 +23,13 @@ log = logging.getLogger("fluxrt.rls")
 
 Row = tuple[int, list[int] | None, list[str] | None, str | None]
 """(identity index, visible image indexes or None, readable columns or None, error), as realtime.visible returns"""
+_CachedClaims = tuple[dict[str, Any], frozenset[str] | None, bytes]
+"""an identity's claims, the keys they were cut down to, and the JSON sent for them"""
+CLAIMS_TURN = 1000
+"""RowSecurity's cache of claims turns every this many calls, or sooner once it has this many entries more than
+twice those it kept at the turn before; at a turn, the claims not asked for since the turn before are let go. So it
+holds about the identities being decided, not every identity since the start (they were kept until 100,000 had
+piled up, most of them of closed connections, 4 KiB each)"""
 
 # xmin changes whenever a catalog row is rewritten (in-place updates by VACUUM and ANALYZE leave it alone). Two parts:
 # what every plan depends on, and the columns of the table being decided ($1), so that tables decided in turn do not
@@ -156,7 +163,12 @@ class RowSecurity:
         """per role, the auth functions it may call"""
         self._plans: dict[tuple[int, str], SetPlan | PerIdentity] = {}
         self._told: set[tuple[int, str, str]] = set()
-        self._claims_cache: dict[int, tuple[dict[str, Any], frozenset[str] | None, bytes]] = {}
+        self._claims_cache: dict[int, _CachedClaims] = {}
+        """each identity's part of the claims sent, by id() of its claims (the entry holds them, so the id stays
+        theirs); entries asked for since the last turn"""
+        self._claims_before: dict[int, _CachedClaims] = {}
+        """entries of the turn before, taken back when asked for again; the rest go at the next turn"""
+        self._claims_calls = 0
         self._statistics = RowSecurityStatistics()
 
     def statistics(self) -> RowSecurityStatistics:
@@ -329,17 +341,23 @@ class RowSecurity:
     def _claims_json(self, claims: list[dict[str, Any]], keys: frozenset[str] | None) -> orjson.Fragment:
         """The identities' claims as one JSON array, each object cut down to `keys` when the query reads no more:
         PostgreSQL parses every byte sent, which is most of what deciding costs. Each identity's part is made once
-        (claims objects live as long as the token they came from)."""
-        cache = self._claims_cache
-        if len(cache) > 100_000:
-            cache.clear()
+        and kept while the identity is asked about (see CLAIMS_TURN)."""
+        cache, before = self._claims_cache, self._claims_before
         parts = []
         for c in claims:
             hit = cache.get(id(c))
             if hit is None or hit[0] is not c or hit[1] != keys:
-                text = orjson.dumps(c if keys is None else {k: c[k] for k in keys if k in c})
-                hit = cache[id(c)] = (c, keys, text)
+                hit = before.get(id(c))
+                if hit is None or hit[0] is not c or hit[1] != keys:
+                    text = orjson.dumps(c if keys is None else {k: c[k] for k in keys if k in c})
+                    # A copy of the right size: orjson's own result keeps a buffer of 4 KiB or more.
+                    hit = (c, keys, bytes(memoryview(text)))
+                cache[id(c)] = hit
             parts.append(hit[2])
+        self._claims_calls += 1
+        if self._claims_calls >= CLAIMS_TURN or len(cache) > 2 * len(before) + CLAIMS_TURN:
+            self._claims_calls = 0
+            self._claims_before, self._claims_cache = cache, {}
         return orjson.Fragment(b"[" + b",".join(parts) + b"]")
 
     async def _describe(self, conn: asyncpg.Connection, relid: int, roles: list[str]) -> None:

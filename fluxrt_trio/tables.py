@@ -46,9 +46,10 @@ REPLAY_WAIT = 10.0
 then the client is told CHANGES_MISSED and gets the live stream"""
 RETAINED_FOR = 0.5
 """seconds an answer about a table's oid and the log's pruning horizon serves the resume checks"""
-PAGE_CACHE_FOR = 5.0
+PAGE_CACHE_FOR = 15.0
 """seconds a page read for a replay serves other replays of the same window: clients reconnecting with jittered
-backoff arrive over seconds, and a window of the log never changes once read"""
+backoff arrive over seconds (1,000 took 10 s on a loaded 2-core box in bench/resume.py, where 5 s let a third of
+the storm read the window again), and a window of the log never changes once read"""
 PAGE_CACHE_BYTES = 32 * 1024 * 1024
 """row image bytes the replay page cache holds at most"""
 REPLAY_GATHER = 0.02

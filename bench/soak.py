@@ -323,7 +323,11 @@ async def run(args: argparse.Namespace) -> int:
     config.write_text(
         CONFIG.format(port=soak.port, secret=soak.secret, dsn=dsn, max_connections=2 * args.connections + 100)
     )
-    server = ServerProcess([args.python, "-m", "fluxrt_trio", "--config", str(config)], workdir / "fluxrt.log", None)
+    fluxrt = [args.python, "-m", "fluxrt_trio"]
+    if args.probe:
+        probe = ["--every", str(args.sample_every), *(["--trim"] if args.probe_trim else [])]
+        fluxrt = [args.python, str(Path(__file__).resolve().parent / "memprobe.py"), args.probe, *probe, "--"]
+    server = ServerProcess([*fluxrt, "--config", str(config)], workdir / "fluxrt.log", None)
     try:
         await wait_ready(soak, server)
         setup = await asyncpg.connect(dsn)
@@ -447,6 +451,12 @@ def main() -> None:
         help="a superuser DSN; the soak creates and drops a database of its own",
     )
     parser.add_argument("--python", default=sys.executable)
+    parser.add_argument(
+        "--probe",
+        metavar="FILE",
+        help="run fluxrt under bench/memprobe.py, which appends what its memory holds to FILE every --sample-every s",
+    )
+    parser.add_argument("--probe-trim", action="store_true", help="with --probe: malloc_trim(0) at each probe line")
     parser.add_argument("--quick", action="store_true", help="1,000 connections for 3 minutes, reference minute 1")
     parser.add_argument("--check", action="store_true", help="exit 1 unless everything stayed flat and drained")
     args = parser.parse_args()

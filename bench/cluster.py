@@ -552,6 +552,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--path", default="/realtime")
     parser.add_argument("--python", default=sys.executable, help="interpreter for nodes and clients")
+    parser.add_argument(
+        "--fluxrt-tree",
+        type=Path,
+        help="run fluxrt_trio from this source tree (e.g. a `git worktree` of the commit to measure) instead of this "
+        "repository's, as fanout.py --fluxrt-from does",
+    )
     parser.add_argument("--settle", type=float, default=0.5, help="s idle between connecting and the timed part")
     parser.add_argument("--timeout", type=float, default=60.0, help="client per-phase stall timeout (s)")
     parser.add_argument("--startup-timeout", type=float, default=20.0)
@@ -567,8 +573,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--phases: choose from {PHASES}")
     if args.members % 2 or args.connections % 2:
         parser.error("--members and --connections must be even (halves on two nodes)")
+    if args.fluxrt_tree is not None and not (args.fluxrt_tree / "fluxrt_trio" / "__init__.py").is_file():
+        parser.error(f"--fluxrt-tree: no fluxrt_trio package in {args.fluxrt_tree}")
     # What fanout.ServerProcess reads.
-    args.fluxrt_from, args.slow_mode = {}, False
+    args.fluxrt_from = {} if args.fluxrt_tree is None else {"fluxrt": args.fluxrt_tree.resolve()}
+    args.slow_mode = False
     cpus = sorted(os.sched_getaffinity(0))
     if args.no_pin or len(cpus) < 2:
         args.server_cpu = args.client_cpu = None

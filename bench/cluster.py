@@ -56,7 +56,7 @@ from typing import Any
 import fanout
 import orjson
 import redis
-from common import BENCH_DIR, percentile, proc_cpu, raise_nofile_limit
+from common import BENCH_DIR, REPO_ROOT, percentile, proc_cpu, raise_nofile_limit
 
 SETUPS = ("single", "cluster-1", "cluster-2")
 PRESENCE_SETUPS = ("single", "cluster-2")
@@ -182,6 +182,19 @@ def leftover_keys(url: str, prefix: str) -> int:
     if keys:
         client.delete(*keys)
     return len(keys)
+
+
+def history_off(tree: Path) -> str:
+    """Turn broadcast history off on every node (through the environment the nodes inherit) where the tree has it;
+    returns what was done, for the output ('' for a tree without it, which would refuse the unknown setting).
+
+    With history a broadcast carries its position (`"id"`), whose digits grow with the count, while the load
+    generator counts bytes of one fixed frame size; and the cluster engine keeps no history, so a single node with
+    it would do work that the cluster nodes do not."""
+    if "history_size" not in (tree / "fluxrt_trio" / "config.py").read_text():
+        return ""
+    os.environ["FLUXRT_REALTIME_HISTORY_SIZE"] = "0"
+    return "broadcast history off on every node (FLUXRT_REALTIME_HISTORY_SIZE=0)"
 
 
 def start_clients(args: argparse.Namespace, mode: str, ports: list[int], phase: str) -> subprocess.Popen[str]:
@@ -594,6 +607,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.client_cpu is not None:
         os.sched_setaffinity(0, {args.client_cpu})
     args.redis_pid = redis_pid(args.redis_url)
+    history = history_off(args.fluxrt_tree or REPO_ROOT)
     pin = "unpinned" if args.server_cpu is None else f"nodes on CPU {args.server_cpu}, clients on CPU {args.client_cpu}"
     print(
         f"cluster bench: phases {','.join(args.phase_list)}, {args.rounds} round(s); {pin}; Redis {args.redis_url} "
@@ -601,6 +615,8 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     print(f"  fluxrt_trio from {fanout.fluxrt_origin(args, 'fluxrt')}", flush=True)
+    if history:
+        print(f"  {history}", flush=True)
     print(
         f"  started {time.strftime('%Y-%m-%d %H:%M:%S %Z')}, load average "
         f"{' / '.join(f'{x:.2f}' for x in os.getloadavg())}, {os.cpu_count()} CPUs",

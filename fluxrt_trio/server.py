@@ -272,7 +272,7 @@ class Server:
         channel = subscription.channel
         if channel.kind is ChannelKind.TABLE:
             if self.tables is not None:
-                self.tables.replay(connection, channel.name, since)
+                self.tables.replay(connection, subscription, since)
         else:
             self.hub.replay(channel.name, connection, since)
 

@@ -30,9 +30,10 @@ from .postgres.bridge import AuthorizerPool, DatabaseUnavailable
 from .postgres.rls import RowSecurity, TableQuestion, decide_tables
 from .protocol import delivery
 from .protocol.changes import RowChange, Window
-from .protocol.channels import ChannelName
+from .protocol.channels import ChannelName, parse_channel
 from .protocol.delivery import DeliveryPlanner, Ended, Missed, TablePlan, TableSubscriber, Visibility
 from .protocol.positions import Cut, Snapshot, TablePosition, replay_windows
+from .protocol.session import Subscription
 
 log = logging.getLogger("fluxrt.tables")
 
@@ -70,9 +71,11 @@ class Subscriptions(Protocol):
 
 @attrs.frozen(slots=True)
 class _Replay:
-    """A replay marker: `subscriber` gets what `until` covers beyond `since`, then the live stream."""
+    """A replay marker: `subscriber` gets what `until` covers beyond `since`, then the live stream; for
+    `subscription` only (one that has since been replaced or ended gets nothing of it)."""
 
     subscriber: TableSubscriber
+    subscription: Subscription
     relid: int
     since: Cut
     until: Cut
@@ -84,6 +87,7 @@ class _Parked:
 
     channel: str
     subscriber: TableSubscriber
+    subscription: Subscription
     position: TablePosition
     deadline: float
 
@@ -120,8 +124,9 @@ class TableChannels:
         self._nursery: trio.Nursery | None = None
         self._dispatched: Cut | None = None
         """how far the windows handed to the lanes go: every change it covers is delivered or queued"""
-        self._replaying: dict[str, set[TableSubscriber]] = {}
-        """subscribers kept out of a channel's live delivery until their replay marker is reached"""
+        self._replaying: dict[str, dict[TableSubscriber, Subscription]] = {}
+        """per channel, the subscribers kept out of its live delivery until the replay of the subscription named
+        here is done (while that is still their subscription)"""
         self._parked: list[_Parked] = []
         self._retained_at: dict[tuple[str, str], tuple[float, changelog.Retained]] = {}
         self._asking: dict[tuple[str, str], trio.Event] = {}
@@ -136,10 +141,17 @@ class TableChannels:
 
     def _subscribers(self, channel: str) -> Sequence[TableSubscriber]:
         members = self.hub.subscribers(channel)
-        replaying = self._replaying.get(channel)
-        if replaying:
-            return [s for s in members if s not in replaying]
+        if channel in self._replaying:
+            return [s for s in members if not self._held(s, channel)]
         return members
+
+    def _held(self, subscriber: TableSubscriber, channel: str) -> bool:
+        """Whether `subscriber`'s current subscription to `channel` waits for its replay."""
+        replaying = self._replaying.get(channel)
+        if not replaying:
+            return False
+        waiting = replaying.get(subscriber)
+        return waiting is not None and waiting is subscriber.subscription(channel)
 
     # ---- resume --------------------------------------------------------------------------------------------
 
@@ -151,11 +163,14 @@ class TableChannels:
         assert channel.schema is not None and channel.table is not None
         try:
             retained = await self._retained(channel.schema, channel.table)
+            if retained.ahead(position):
+                # Written after the cached answer (by a node that reads ahead), or never: ask afresh.
+                retained = await self._retained(channel.schema, channel.table, fresh=True)
         except DatabaseUnavailable:
             return False
         return retained.keeps(position)
 
-    async def _retained(self, schema: str, table: str) -> changelog.Retained:
+    async def _retained(self, schema: str, table: str, *, fresh: bool = False) -> changelog.Retained:
         """The table's oid and the pruning horizon, asked once for every check within RETAINED_FOR: a storm of
         reconnects costs one query per table, not one per client. An answer that is a little old errs safely: a
         replay that finds its changes pruned tells the client CHANGES_MISSED."""
@@ -163,7 +178,7 @@ class TableChannels:
         key = (schema, table)
         while True:
             cached = self._retained_at.get(key)
-            if cached is not None and trio.current_time() - cached[0] < RETAINED_FOR:
+            if cached is not None and not fresh and trio.current_time() - cached[0] < RETAINED_FOR:
                 return cached[1]
             asking = self._asking.get(key)
             if asking is None:
@@ -180,15 +195,18 @@ class TableChannels:
             del self._asking[key]
             asking.set()
 
-    def replay(self, subscriber: TableSubscriber, channel: str, since: Any) -> None:
-        """Keep `subscriber` out of `channel`'s live delivery, replay what followed `since` (found resumable), then
-        let it in. Synchronous: the caller has just joined it, and nothing is delivered in between."""
+    def replay(self, subscriber: TableSubscriber, subscription: Subscription, since: Any) -> None:
+        """Keep `subscriber` out of the channel's live delivery, replay what followed `since` (found resumable) for
+        `subscription`, then let it in. Synchronous: the caller has just joined it, and nothing is delivered in
+        between. A later subscribe to the same channel replaces this one: its replay is then dropped."""
         position = TablePosition.parse(since)
         if position is None:
             return
-        self._replaying.setdefault(channel, set()).add(subscriber)
+        channel = subscription.channel.name
+        self._replaying.setdefault(channel, {})[subscriber] = subscription
         self.planner.subscriptions_changed(channel)
-        self._parked.append(_Parked(channel, subscriber, position, trio.current_time() + REPLAY_WAIT))
+        parked = _Parked(channel, subscriber, subscription, position, trio.current_time() + REPLAY_WAIT)
+        self._parked.append(parked)
         self._schedule()
 
     def _schedule(self) -> None:
@@ -200,34 +218,37 @@ class TableChannels:
             until = self._dispatched
             if until is not None and until.includes(parked.position.cut):
                 lane = self._lane(parked.channel)
-                lane.pending.append(_Replay(parked.subscriber, parked.position.relid, parked.position.cut, until))
+                position = parked.position
+                lane.pending.append(
+                    _Replay(parked.subscriber, parked.subscription, position.relid, position.cut, until)
+                )
                 lane.ready.set()
             elif now >= parked.deadline:
                 log.warning(
                     "a replay waited too long for this node to read up to its position",
                     extra={"ctx_channel": parked.channel},
                 )
-                self._live(parked.channel, [parked.subscriber], missed=True)
+                self._live(parked.channel, [(parked.subscriber, parked.subscription)], missed=True)
             else:
                 waiting.append(parked)
         self._parked = waiting
         if waiting and self._request_progress is not None:
             self._request_progress()
 
-    def _live(self, channel: str, subscribers: Sequence[TableSubscriber], *, missed: bool = False) -> None:
-        """Hand `subscribers` to `channel`'s live delivery (told CHANGES_MISSED first when their replay failed)."""
-        replaying = self._replaying.get(channel, set())
-        for subscriber in subscribers:
-            replaying.discard(subscriber)
+    def _live(
+        self, channel: str, replays: Sequence[tuple[TableSubscriber, Subscription]], *, missed: bool = False
+    ) -> None:
+        """Hand the subscribers of these replays to `channel`'s live delivery (told CHANGES_MISSED first when
+        their replay failed), those whose replay is still theirs."""
+        replaying = self._replaying.get(channel, {})
+        for subscriber, subscription in replays:
+            if replaying.get(subscriber) is subscription:
+                del replaying[subscriber]
         if not replaying:
             self._replaying.pop(channel, None)
         self.planner.subscriptions_changed(channel)
         if missed:
-            self._hand_out(Missed(self._still_subscribed(channel, subscribers), channel, REPLAY_MISSED))
-
-    def _still_subscribed(self, channel: str, subscribers: Sequence[TableSubscriber]) -> list[TableSubscriber]:
-        members = set(self.hub.subscribers(channel))
-        return [s for s in subscribers if s in members]
+            self._hand_out(Missed(_current(channel, replays), channel, REPLAY_MISSED))
 
     async def _replay(self, channel: str, markers: list[_Replay]) -> None:
         """Carry out consecutive replay markers of one lane. Each window of the log is read once for all the
@@ -235,15 +256,29 @@ class TableChannels:
 
         Markers with nothing between them in the lane differ in their `until` only by changes to other tables
         (a change to this one would sit between them), so the last one's serves them all."""
+        if not markers:
+            return
         until = markers[-1].until
-        groups: dict[tuple[int, Snapshot, Snapshot], dict[Cut, list[TableSubscriber]]] = {}
-        for marker in markers:
+        # One replay per subscriber: its latest subscription's, if that is still the one waiting for it.
+        latest = {marker.subscriber: marker for marker in markers}
+        groups: dict[tuple[int, Snapshot, Snapshot], dict[Cut, list[tuple[TableSubscriber, Subscription]]]] = {}
+        for marker in latest.values():
+            subscriber, subscription = marker.subscriber, marker.subscription
+            waiting = self._replaying.get(channel, {}).get(subscriber)
+            if waiting is not subscription or subscriber.subscription(channel) is not subscription:
+                # Unsubscribed, closed, or subscribed again since: this replay is nobody's any more.
+                self._live(channel, [(subscriber, subscription)])
+                continue
             since = marker.since
-            groups.setdefault((marker.relid, since.prev, since.cur), {}).setdefault(since, []).append(marker.subscriber)
+            groups.setdefault((marker.relid, since.prev, since.cur), {}).setdefault(since, []).append(
+                (marker.subscriber, marker.subscription)
+            )
+        current = await self._current_relid(channel)
         for (relid, _, _), by_position in groups.items():
-            missed = False
+            missed = relid != current
             try:
-                missed = await self._replay_group(channel, relid, by_position, until)
+                if not missed:
+                    missed = await self._replay_group(channel, relid, by_position, until)
             except DatabaseUnavailable as exc:
                 log.warning(
                     "a replay could not read the change log", extra={"ctx_channel": channel, "ctx_error": str(exc)}
@@ -252,11 +287,22 @@ class TableChannels:
             except Exception:
                 log.exception("a replay failed", extra={"ctx_channel": channel})
                 missed = True
-            for subscribers in by_position.values():
-                self._live(channel, subscribers, missed=missed)
+            for replays in by_position.values():
+                self._live(channel, replays, missed=missed)
+
+    async def _current_relid(self, channel: str) -> int | None:
+        """The oid of the table `channel` names now, asked afresh: a table dropped and created again since the
+        resume check must not have the old one's changes replayed to it. None when it cannot be known."""
+        name = parse_channel(channel)
+        if name.schema is None or name.table is None:
+            return None
+        try:
+            return (await self._retained(name.schema, name.table, fresh=True)).relid
+        except DatabaseUnavailable:
+            return None
 
     async def _replay_group(
-        self, channel: str, relid: int, by_position: dict[Cut, list[TableSubscriber]], until: Cut
+        self, channel: str, relid: int, by_position: dict[Cut, list[tuple[TableSubscriber, Subscription]]], until: Cut
     ) -> bool:
         """Deliver to the subscribers of each position (all in one window) the table's changes that `until` covers
         beyond it, reading the log once from the earliest; True when some were pruned before they could be read."""
@@ -265,8 +311,14 @@ class TableChannels:
         earliest = min(by_position, key=lambda cut: cut.upto)
         planners = {since: DeliveryPlanner() for since in by_position}
 
-        def members(subscribers: list[TableSubscriber]) -> delivery.Subscribers:
-            return lambda name: self._still_subscribed(name, subscribers) if name == channel else ()
+        def members(replays: list[tuple[TableSubscriber, Subscription]]) -> delivery.Subscribers:
+            return lambda name: _current(channel, replays) if name == channel else ()
+
+        replayed_for = {s: sub for replays in by_position.values() for s, sub in replays}
+
+        def superseded(subscriber: TableSubscriber, name: str) -> bool:
+            # Subscribed again (or gone) while the page was being authorized: nothing of this replay is for it.
+            return subscriber.subscription(name) is not replayed_for.get(subscriber)
 
         for prev, cur, first, last in replay_windows(earliest, until):
             after = first
@@ -274,10 +326,12 @@ class TableChannels:
                 page = await self._replay_page(log_pool, relid, prev, cur, after, last)
                 if page.missed:
                     return True
-                for since, subscribers in by_position.items():
+                for since, replays in by_position.items():
                     changes = [c for c in page.changes if not since.covers(c.xid, c.id)]
                     if changes:
-                        await self.deliver(changes, subscribers=members(subscribers), planner=planners[since])
+                        await self.deliver(
+                            changes, subscribers=members(replays), planner=planners[since], held=superseded
+                        )
                 if page.changes:
                     after = page.changes[-1].id
                 if not page.full:
@@ -339,7 +393,7 @@ class TableChannels:
                         markers = [item for item in lane.pending if isinstance(item, _Replay)]
                         lane.pending.clear()
                         self._hand_out(Missed(self._subscribers(channel), channel, delivery.FELL_BEHIND))
-                        self._live(channel, [marker.subscriber for marker in markers], missed=True)
+                        self._live(channel, [(m.subscriber, m.subscription) for m in markers], missed=True)
                     if lane.pending:
                         lane.ready.set()
                 cut = window.cut()
@@ -379,15 +433,20 @@ class TableChannels:
         *,
         subscribers: delivery.Subscribers | None = None,
         planner: DeliveryPlanner | None = None,
+        held: Callable[[TableSubscriber, str], bool] | None = None,
     ) -> None:
         """Authorize and deliver `changes` (of one table, or several: one database crossing decides them all) to
-        the channels' live subscribers, or to `subscribers` (a replay, planned by its own `planner`)."""
+        the channels' live subscribers, or to `subscribers` (a replay, planned by its own `planner`). Nothing goes
+        to a subscriber `held` says must get nothing of a channel now (see `delivery.deliveries`)."""
         members = subscribers if subscribers is not None else self._subscribers
         plans = (planner or self.planner).plan(changes, members)
         decided = await self._decide(plans)
         handed = 0
         try:
-            for handout in delivery.deliveries(changes, plans, decided, members):
+            if subscribers is None and self._replaying:
+                # Live frames planned before a subscriber's replay began are held back from it too.
+                held = self._held
+            for handout in delivery.deliveries(changes, plans, decided, members, held):
                 if isinstance(handout, tuple):
                     subscriber, frame = handout
                     subscriber.deliver_nowait(frame)
@@ -460,3 +519,8 @@ def _take(lane: _Lane, kind: type[Any], most: int) -> list[Any]:
         n += 1
     taken, lane.pending = pending[:n], pending[n:]
     return taken
+
+
+def _current(channel: str, replays: Sequence[tuple[TableSubscriber, Subscription]]) -> list[TableSubscriber]:
+    """The subscribers of `replays` whose subscription to `channel` is still the one replayed for."""
+    return [subscriber for subscriber, subscription in replays if subscriber.subscription(channel) is subscription]

@@ -173,7 +173,8 @@ async def read_replay_page(
 _RETAINED = """
 SELECT (SELECT c.oid FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
          WHERE n.nspname = $1 AND c.relname = $2) AS relid,
-       (SELECT horizon FROM realtime.pruned)::text::bigint AS horizon
+       (SELECT horizon FROM realtime.pruned)::text::bigint AS horizon,
+       pg_snapshot_xmax(pg_current_snapshot())::text::bigint AS xmax
 """
 
 
@@ -184,11 +185,18 @@ class Retained:
 
     relid: int | None
     horizon: int | None
+    xmax: int
+    """the first transaction id not yet started when this was asked"""
+
+    def ahead(self, position: TablePosition) -> bool:
+        """Whether `position` names transactions that had not started when this was asked."""
+        return position.cut.cur.xmax > self.xmax
 
     def keeps(self, position: TablePosition) -> bool:
-        """Whether `position` is this table's (not another's, nor a dropped one's of the same name) and everything
-        committed after it is still in the change log."""
-        if position.relid != self.relid:
+        """Whether `position` is this table's (not another's, nor a dropped one's of the same name), not from the
+        future (a forged one would hold its client out of live delivery), and everything committed after it is
+        still in the change log."""
+        if position.relid != self.relid or self.ahead(position):
             return False
         return self.horizon is None or self.horizon <= position.cut.prev.xmin
 
@@ -196,7 +204,7 @@ class Retained:
 async def retained(conn: asyncpg.Connection, schema: str, table: str) -> Retained:
     row = await conn.fetchrow(_RETAINED, schema, table)
     assert row is not None  # a SELECT of two scalar subqueries has one row
-    return Retained(row["relid"], row["horizon"])
+    return Retained(row["relid"], row["horizon"], row["xmax"])
 
 
 async def record_horizon(conn: asyncpg.Connection) -> None:

@@ -389,12 +389,15 @@ def deliveries(
     plans: dict[str, TablePlan],
     decided: dict[tuple[str, str], Visibility],
     subscribers: Subscribers,
+    held: Callable[[TableSubscriber, str], bool] | None = None,
 ) -> Iterator[Handout]:
     """Everything to hand out for `changes`, in order: (subscriber, frame) pairs, `Missed`, `Ended`, and `PAUSE`.
 
     Only the identities that may see an image are visited (one user's change costs its own subscribers, not a
     check per subscriber of the table). An UPDATE's old row goes only to those who could see it too. Subscriptions
-    filtering on a column their role may no longer read are ended first, and get nothing of the window."""
+    filtering on a column their role may no longer read are ended first, and get nothing of the window.
+    `held(subscriber, channel)`: true for a subscriber that must get nothing of the channel now (its resume replay
+    is pending), whatever was planned for it."""
     seen_by: dict[str, dict[int, list[str]]] = {}
     readable_by_role: dict[tuple[str, str], tuple[str, ...]] = {}
     for (channel, identity_key), visibility in decided.items():
@@ -428,7 +431,8 @@ def deliveries(
         if change.op == "TRUNCATE":
             truncated = text_frame(dumps(change_message(channel, change, None)))
             for subscriber, sub in plan.truncate_recipients:
-                if still_wanted(subscriber, channel, sub, None, change.op, None):
+                wanted = still_wanted(subscriber, channel, sub, None, change.op, None)
+                if wanted and (held is None or not held(subscriber, channel)):
                     yield subscriber, truncated
             continue
         at = plan.image_index.get(index)
@@ -443,6 +447,8 @@ def deliveries(
                 if not wants(sub, change.op, image):
                     continue
                 if not still_wanted(subscriber, channel, sub, identity_key, change.op, image, visibility.readable):
+                    continue
+                if held is not None and held(subscriber, channel):
                     continue
                 key = (index, visibility.readable, old_visible)
                 frame = frames.get(key)

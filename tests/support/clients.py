@@ -102,10 +102,16 @@ class RawClient:
             return self.events.pop(0)
 
     async def next_message(self, timeout: float = 5.0) -> dict[str, Any]:
+        # wsproto hands a message over in pieces when its frame arrives in several reads.
+        parts: list[str | bytes] = []
         while True:
             event = await self.next_event(timeout)
             if isinstance(event, Message):
-                return orjson.loads(event.data)
+                parts.append(event.data)
+                if not event.message_finished:
+                    continue
+                data = parts[0][:0].join(parts)  # type: ignore[arg-type]
+                return orjson.loads(data)
             if isinstance(event, CloseConnection):
                 raise AssertionError(f"closed {event.code} {event.reason}")
 

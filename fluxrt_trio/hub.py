@@ -81,8 +81,9 @@ class Hub(Protocol[S]):
         """Why a broadcast or a presence change cannot reach the other nodes now (then it must be refused), or
         None."""
 
-    def resumable(self, channel: str, since: Any) -> bool:
-        """Whether what followed position `since` on broadcast channel `channel` is still in its history."""
+    async def resumable(self, channel: str, since: Any) -> bool:
+        """Whether what followed position `since` on broadcast channel `channel` is still in its history. May wait
+        (a cluster reads it from Redis); `replay` follows at once when it says yes."""
 
     def replay(self, channel: str, subscriber: S, since: Any) -> None:
         """Send `subscriber` (just joined to `channel`) the history after `since` (found resumable), so that with
@@ -194,8 +195,9 @@ class LocalHub(Generic[S]):
         """One node is always available to itself."""
         return None
 
-    def resumable(self, channel: str, since: Any) -> bool:
-        """True when `since` is a position of this hub's and every broadcast of `channel` after it is kept."""
+    async def resumable(self, channel: str, since: Any) -> bool:
+        """True when `since` is a position of this hub's and every broadcast of `channel` after it is kept. Never
+        waits."""
         position = self._parse(since)
         return position is not None and self._after(channel, position) is not None
 

@@ -167,6 +167,22 @@ def _cluster_metrics(
     yield CounterMetricFamily(
         "fluxrt_cluster_malformed", "Messages on the bus that were not fluxrt batches", value=stats.malformed
     )
+    yield CounterMetricFamily(
+        "fluxrt_cluster_history_reads",
+        "Broadcast histories read from Redis for clients that resume",
+        value=stats.history_reads,
+    )
+    yield CounterMetricFamily(
+        "fluxrt_cluster_resume_gaps",
+        "Resumes answered recovered that got CHANGES_MISSED instead of their replay (the node lost Redis, or another "
+        "node's broadcasts came late, between the read and the subscription)",
+        value=stats.resume_gaps,
+    )
+    yield GaugeMetricFamily(
+        "fluxrt_cluster_resumes_pending",
+        "History reads kept for a resuming client whose subscription has not followed yet",
+        value=stats.resumes_pending,
+    )
     yield SummaryMetricFamily(
         "fluxrt_cluster_publish_seconds",
         "Round trips of publishing one batch to Redis (the bus latency this node adds)",

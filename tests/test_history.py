@@ -90,20 +90,6 @@ def test_a_message_out_of_order_is_not_kept_and_nobody_resumes_across_it() -> No
     assert history.after("broadcast:a", (2, 0), 0.0) == [frame(3)]
 
 
-def test_a_lost_message_blocks_resuming_from_below_it() -> None:
-    history = History(100, TTL)
-    filled(history, "broadcast:a", range(1, 4))
-    history.lose("broadcast:a", (0, 5))
-    history.add("broadcast:a", (0, 6), 0.0, frame(6))
-    assert history.after("broadcast:a", (0, 3), 0.0) is None
-    assert history.after("broadcast:a", (0, 5), 0.0) == [frame(6)]
-    # On a channel without a ring, the mark holds for rings that start later.
-    history.lose("broadcast:b", (0, 7))
-    history.add("broadcast:b", (0, 8), 0.0, frame(8))
-    assert history.after("broadcast:b", (0, 6), 0.0) is None
-    assert history.after("broadcast:b", (0, 7), 0.0) == [frame(8)]
-
-
 def test_messages_and_bytes_follow_what_is_kept() -> None:
     history = History(2, TTL)
     history.add("broadcast:a", (0, 1), 0.0, b"x" * 10)

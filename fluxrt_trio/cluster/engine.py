@@ -9,9 +9,15 @@ Keys, all under `cluster.prefix` (P):
   `cluster.node_timeout` unless the node publishes again (it publishes at least every fifth of it).
 - `P:presence:<id>`: a hash of the node's presence metas (`wire.member_field` -> state JSON), same expiry.
 - `P:users:<id>`: a hash of the node's connections per user (`sub` -> count), same expiry.
+- `P:history:<channel>`: a stream of the channel's last broadcasts (about `realtime.history_size`, field `o`: the
+  operation as published, without its id), expiring `realtime.history_ttl` after its last one; only while history
+  is on.
 
 A batch, the state it changes and the expiry refresh go in one MULTI/EXEC, so a node that reads another's state
-gets it exactly as of some batch: the later ones it receives on the bus (see view.ClusterView).
+gets it exactly as of some batch: the later ones it receives on the bus (see view.ClusterView). With history on, a
+batch that carries broadcasts is published by a script (PUBLISH_WITH_HISTORY) in that same transaction: it adds each
+broadcast to its channel's stream and writes the stream ids into the batch (`x`, see wire.py), so that every node
+delivers each broadcast with the same id, its position for clients that resume.
 """
 
 from __future__ import annotations
@@ -39,6 +45,28 @@ RECEIVE_WAIT = 0.5
 """seconds one read of the bus waits for a first message"""
 RECEIVE_BURST = 256
 """bus messages taken in one crossing when they are already there"""
+
+
+PUBLISH_WITH_HISTORY = """
+-- KEYS: the history streams. ARGV: the bus, the batch up to the end of its operations, the end that carries the
+-- stream ids, the streams' MAXLEN and expiry (ms), then for each broadcast in order: the index of its stream in
+-- KEYS and the operation.
+local ids = {}
+for i = 6, #ARGV, 2 do
+  local key = KEYS[tonumber(ARGV[i])]
+  -- pcall: a key of another type under this name costs that message its id, not the whole batch.
+  local id = redis.pcall('XADD', key, 'MAXLEN', '~', ARGV[4], '*', 'o', ARGV[i + 1])
+  if type(id) == 'string' then
+    redis.call('PEXPIRE', key, ARGV[5])
+  else
+    id = ''
+  end
+  ids[#ids + 1] = id
+end
+redis.call('PUBLISH', ARGV[1], ARGV[2] .. ARGV[3] .. '["' .. table.concat(ids, '","') .. '"]}')
+return ids
+"""
+"""the last step of a batch with broadcasts to keep; returns their stream ids in order ('' for one not kept)"""
 
 
 class EngineUnreachable(Exception):
@@ -74,11 +102,22 @@ class RedisEngine:
     coroutine to be called inside `opened()`, and raises EngineUnreachable for any failure of Redis or of the way
     to it, or when it takes longer than `call_timeout`."""
 
-    def __init__(self, url: str, *, prefix: str, node: str, node_timeout: float) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str,
+        node: str,
+        node_timeout: float,
+        history_size: int = 0,
+        history_ttl: float = 300.0,
+    ) -> None:
         self._address = address.parse(url)
         self.prefix = prefix
         self.node = node
         self.node_timeout = node_timeout
+        self.history_size = history_size
+        self.history_ttl = history_ttl
         self.call_timeout = max(0.5, min(5.0, node_timeout / 3))
         self.bus = f"{prefix}:bus".encode()
         self._client: aioredis.Redis | None = None
@@ -100,6 +139,9 @@ class RedisEngine:
     @property
     def _nodes_key(self) -> str:
         return f"{self.prefix}:nodes"
+
+    def _history_key(self, channel: str) -> str:
+        return f"{self.prefix}:history:{channel}"
 
     # ---- the bridge ----------------------------------------------------------------------------------------
 
@@ -208,14 +250,27 @@ class RedisEngine:
 
         return await self._cross(burst, timeout=self.call_timeout + RECEIVE_WAIT)
 
-    async def publish(self, data: bytes, position: str, writes: Writes) -> None:
+    async def publish(
+        self, head: bytes, ops: list[bytes], kept: list[str | None], position: str, writes: Writes
+    ) -> list[str | None]:
         """Write `writes`, mark the node's state as of `position` ("<incarnation> <seq>"), refresh its expiry and
-        publish `data`, all in one transaction."""
+        publish the batch `head` + `ops` (joined by commas) + wire.BATCH_END, all in one transaction. `kept[i]` is
+        the channel whose history `ops[i]` goes to (a broadcast, with history on), or None. Returns the stream id
+        of each operation kept, in order (None for one that Redis could not keep)."""
         client, _ = self._connected()
+        keys = sorted({channel for channel in kept if channel is not None})
+        index = {channel: n for n, channel in enumerate(keys, 1)}
+        body = head + b",".join(ops)
+        script: list[bytes | str | int] = []
+        if keys:
+            script = [self.bus, body, wire.IDS_START, self.history_size, int(self.history_ttl * 1000)]
+            for op, channel in zip(ops, kept, strict=True):
+                if channel is not None:
+                    script += [index[channel], op]
         ttl = int(self.node_timeout * 1000)
         presence, users, node = self._presence_key(self.node), self._users_key(self.node), self._node_key(self.node)
 
-        async def transaction() -> None:
+        async def transaction() -> list[Any]:
             pipe = client.pipeline(transaction=True)
             stored = {field: value for field, value in writes.members.items() if value is not None}
             removed = [field for field, value in writes.members.items() if value is None]
@@ -233,10 +288,33 @@ class RedisEngine:
             pipe.pexpire(presence, ttl)
             pipe.pexpire(users, ttl)
             pipe.sadd(self._nodes_key, self.node)
-            pipe.publish(self.bus, data)
-            await pipe.execute()
+            if keys:
+                pipe.eval(PUBLISH_WITH_HISTORY, len(keys), *[self._history_key(k) for k in keys], *script)
+            else:
+                pipe.publish(self.bus, body + wire.BATCH_END)
+            return await pipe.execute()
 
-        await self._cross(transaction)
+        results = await self._cross(transaction)
+        if not keys:
+            return []
+        return [stream_id.decode() if stream_id else None for stream_id in results[-1]]
+
+    async def read_history(self, channel: str, since: str, count: int) -> tuple[int, list[tuple[str, bytes]]]:
+        """Redis's time (ms) and the first `count` entries of `channel`'s history stream from stream id `since`
+        on, itself included: (id, operation) each."""
+        client, _ = self._connected()
+        key = self._history_key(channel)
+
+        async def read() -> list[Any]:
+            pipe = client.pipeline(transaction=True)
+            pipe.time()
+            pipe.xrange(key, min=since, count=count)
+            return await pipe.execute()
+
+        (seconds, microseconds), entries = await self._cross(read)
+        return seconds * 1000 + microseconds // 1000, [
+            (stream_id.decode(), fields.get(b"o", b"")) for stream_id, fields in entries
+        ]
 
     async def rewrite(self, snapshot: Snapshot, data: bytes) -> None:
         """Replace the node's whole state in Redis by `snapshot` and publish `data` (an Announce), in one

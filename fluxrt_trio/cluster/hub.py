@@ -7,6 +7,11 @@ taken a batch it is delivered here, to this node's subscribers, exactly as the o
 reaches them on the bus: every node, this one included, delivers each broadcast once, in the order its publisher
 sent it, and nobody gets what Redis did not take. While Redis is unreachable, or the queue holds
 `cluster.max_backlog` bytes, broadcasts and presence changes are refused (`unavailable`) and nothing is queued.
+
+A node delivers its own broadcasts when their batch comes back to it on the bus, not when Redis answers the
+transaction: then every node delivers every broadcast of a channel in one order, Redis's, which is also the order of
+their ids in the channel's history stream. A client's position (the id of the last message it processed) therefore
+means "everything up to here" on every node, which is what a resume needs (`resumable` and `replay`).
 """
 
 from __future__ import annotations
@@ -14,18 +19,21 @@ from __future__ import annotations
 import collections
 import logging
 import random
+import re
 import secrets
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Generic, Literal, TypeVar
 
 import attrs
 import trio
 
-from ..hub import HubStatistics, LocalHub, Subscriber
+from ..hub import HubStatistics, LocalHub, Subscriber, send_replay
 from ..logs import ctx
-from ..protocol.messages import Ack, BroadcastEvent, Error, ErrorCode, PresenceEvent
+from ..protocol.frames import text_frame
+from ..protocol.history import History, Position
+from ..protocol.messages import Ack, BroadcastEvent, Error, ErrorCode, PresenceEvent, encode
 from ..protocol.presence import Meta
 from . import wire
 from .engine import EngineUnreachable, RedisEngine, Writes
@@ -44,6 +52,11 @@ BACKOFF = (0.1, 5.0)
 """first and longest wait between attempts to reach Redis again"""
 WATCH_INTERVAL = 0.25
 """seconds between looks for nodes gone silent"""
+STASH_WAIT = 10.0
+"""seconds a history read for a resuming client waits for its subscription (which follows at once) before it is
+dropped: the connection closed meanwhile"""
+
+_POSITION = re.compile(r"b2~([0-9]{1,20})-([0-9]{1,20})")
 
 
 def default_node_id() -> str:
@@ -74,6 +87,12 @@ class ClusterStatistics:
     publish_seconds_sum: float
     publish_seconds_count: int
     malformed: int
+    history_reads: int = 0
+    """histories read from Redis for clients that resume"""
+    resume_gaps: int = 0
+    """resumes found resumable that got CHANGES_MISSED instead of their replay (the node lost the seam)"""
+    resumes_pending: int = 0
+    """history reads kept for a subscription that has not followed yet (dropped after STASH_WAIT)"""
 
 
 @attrs.define(slots=True)
@@ -82,6 +101,30 @@ class _Queued(Generic[S]):
     data: bytes
     sender: S | None = None
     ref: str | None = None
+
+
+@attrs.define(slots=True)
+class _Unechoed(Generic[S]):
+    """The broadcasts of a batch of this node's, delivered here when the batch comes back on the bus."""
+
+    items: list[_Queued[S]]
+    ids: Sequence[str | None] | None = None
+    """their stream ids, once Redis has answered the transaction"""
+
+
+@attrs.define(slots=True)
+class _Stashed:
+    """What a resuming client gets from Redis, kept from `resumable` for the `replay` that follows."""
+
+    frames: list[bytes]
+    last: Position
+    """the position of the last of them (or the client's own when there are none): the node's history gives what
+    came after"""
+    epoch: int
+    settle: int
+    deadline: float
+    users: int = 1
+    """resumes from the same position on the same channel share one read"""
 
 
 class ClusterHub(Generic[S]):
@@ -96,15 +139,28 @@ class ClusterHub(Generic[S]):
         node_timeout: float,
         prefix: str = "fluxrt",
         max_backlog: int = 8 * 1024 * 1024,
+        history_size: int = 0,
+        history_ttl: float = 300.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        # Positions are stream ids here: the LocalHub keeps no history of its own.
         self.local: LocalHub[S] = LocalHub()
+        self.history = History(history_size, history_ttl) if history_size > 0 else None
+        """the broadcasts this node delivered lately, with their stream ids: what came between a resuming client's
+        read of Redis and its subscription"""
         self.node = node_id
         self.node_timeout = node_timeout
         self.max_backlog = max_backlog
         # Ordered by start time, so that a node hearing two lives of one node id keeps the newer.
         self.incarnation = f"{time.time_ns():016x}-{secrets.token_hex(4)}"
-        self.engine = RedisEngine(redis_url, prefix=prefix, node=node_id, node_timeout=node_timeout)
+        self.engine = RedisEngine(
+            redis_url,
+            prefix=prefix,
+            node=node_id,
+            node_timeout=node_timeout,
+            history_size=history_size,
+            history_ttl=history_ttl,
+        )
         self.view = ClusterView(node_id)
         self.state = NodeState()
         self._clock = clock
@@ -125,6 +181,20 @@ class ClusterHub(Generic[S]):
         """held while a batch is on its way to Redis, so that the goodbye comes after the last batch"""
         self._counts = collections.Counter[str]()
         self._publish_seconds = 0.0
+        self._unechoed: dict[int, _Unechoed[S]] = {}
+        """by batch seq: this node's broadcasts that Redis has (or is taking) and the bus has not brought back"""
+        self._echo_seq = 0
+        """the last of this node's batches heard back on the bus"""
+        self._echoes = trio.Event()
+        """set (and replaced) when one is heard, or when the node loses Redis"""
+        self._echo_wanted = 0
+        """a batch with this seq is wanted at once, even an empty one (see `_bus_caught_up`)"""
+        self._epoch = 0
+        """grows whenever the node (re)connects or loses Redis: what it heard on the bus is whole within one"""
+        self._settle = 0
+        """grows whenever another node's state must be read: broadcasts from it may then come late or not at all"""
+        self._restoring = False
+        self._stash: dict[tuple[str, str], _Stashed] = {}
 
     @property
     def heartbeat(self) -> float:
@@ -181,11 +251,94 @@ class ClusterHub(Generic[S]):
         self._enqueue(_Queued(op, data, sender, ref))
         return 0
 
-    def resumable(self, channel: str, since: Any) -> bool:
-        return False
+    async def resumable(self, channel: str, since: Any) -> bool:
+        """Read what followed `since` from the channel's history stream in Redis, and wait until this node has heard
+        on the bus everything published before that read; keep it for `replay`. False when `since` is not a stream
+        id in the history (trimmed, expired, malformed), when what followed it is older than `history_ttl`, or when
+        Redis cannot be asked."""
+        position = _parse(since)
+        if position is None or self.history is None:
+            return False
+        assert isinstance(since, str)
+        self._sweep_stash()
+        key = (channel, since)
+        stashed = self._stash.get(key)
+        if stashed is not None and stashed.epoch == self._epoch:
+            stashed.users += 1
+            return True
+        if self._phase != "up":
+            return False
+        epoch, settle = self._epoch, self._settle
+        stream_id = since.removeprefix("b2~")
+        # The stream is trimmed roughly (MAXLEN ~): as on one node, a client that missed more than history_size
+        # messages cannot resume.
+        count = self.history.size + 2
+        self._counts["history_reads"] += 1
+        try:
+            now_ms, entries = await self.engine.read_history(channel, stream_id, count)
+            await self._bus_caught_up(epoch)
+        except EngineUnreachable:
+            return False
+        if self._epoch != epoch or not entries or entries[0][0] != stream_id or len(entries) >= count:
+            return False
+        later = entries[1:]
+        if later and _parse_id(later[0][0])[0] < now_ms - self.history.ttl * 1000:
+            return False
+        frames = []
+        for entry_id, data in later:
+            try:
+                op = wire.decode_op(data)
+            except wire.WireError:
+                return False
+            if not isinstance(op, wire.Broadcast) or op.channel != channel:
+                return False
+            frames.append(text_frame(encode(BroadcastEvent(channel, op.payload, f"b2~{entry_id}"))))
+        last = _parse_id(later[-1][0]) if later else position
+        stashed = self._stash.get(key)
+        if stashed is not None and stashed.epoch == epoch:
+            stashed.users += 1
+        else:
+            self._stash[key] = _Stashed(frames, last, epoch, settle, self._clock() + STASH_WAIT)
+        return True
 
     def replay(self, channel: str, subscriber: S, since: Any) -> None:
-        return None
+        """Send `subscriber` what `resumable` read for it, then what this node delivered after that; CHANGES_MISSED
+        instead when this node may not have every message in between (it lost Redis, or another node's
+        broadcasts came late while its state was read)."""
+        key = (channel, since) if isinstance(since, str) else None
+        stashed = self._stash.get(key) if key is not None else None
+        frames: list[bytes] | None = None
+        if stashed is not None and key is not None:
+            stashed.users -= 1
+            if stashed.users <= 0:
+                del self._stash[key]
+            settled = stashed.settle == self._settle and not (self._reads or self._restoring)
+            if stashed.epoch == self._epoch and settled and self.history is not None:
+                later = self.history.after(channel, stashed.last, self._clock())
+                if later is not None:
+                    frames = stashed.frames + later
+        if frames is None:
+            self._counts["resume_gaps"] += 1
+        send_replay(subscriber, channel, frames)
+
+    async def _bus_caught_up(self, epoch: int) -> None:
+        """Until this node has heard back a batch of its own published after now: everything published to the bus
+        before then has reached it. Raises EngineUnreachable when that takes longer than a call to Redis may, or
+        the node loses Redis meanwhile."""
+        wanted = self._seq + 1
+        self._echo_wanted = max(self._echo_wanted, wanted)
+        self._wake.set()
+        with trio.move_on_after(2 * self.engine.call_timeout):
+            while self._echo_seq < wanted and self._epoch == epoch:
+                await self._echoes.wait()
+        if self._echo_seq < wanted or self._epoch != epoch:
+            raise EngineUnreachable("this node's own batch did not come back from Redis in time")
+
+    def _sweep_stash(self) -> None:
+        now = self._clock()
+        for key, stashed in list(self._stash.items()):
+            if stashed.deadline < now:
+                del self._stash[key]
 
     def track(self, channel: str, key: str, ref: str, state: dict[str, Any]) -> None:
         self._changed(self.state.track(channel, key, ref, state))
@@ -198,7 +351,15 @@ class ClusterHub(Generic[S]):
 
     def statistics(self) -> HubStatistics:
         local = self.local.statistics()
-        return attrs.evolve(local, presence_rooms=len(self.view.rooms()))
+        history = self.history
+        if history is not None:
+            history.sweep(self._clock())
+        return attrs.evolve(
+            local,
+            presence_rooms=len(self.view.rooms()),
+            history_messages=history.messages if history is not None else 0,
+            history_bytes=history.bytes if history is not None else 0,
+        )
 
     # ---- connections per user ------------------------------------------------------------------------------
 
@@ -255,6 +416,12 @@ class ClusterHub(Generic[S]):
             log.warning("cluster engine unreachable", extra=ctx(node=self.node, reason=reason))
         self._phase = "unreachable"
         self._last_error = reason
+        self._new_epoch()
+        # Redis took these (it answered their transaction); their echo will not come now.
+        for seq in sorted(self._unechoed):
+            unechoed = self._unechoed.pop(seq)
+            if unechoed.ids is not None:
+                self._deliver_own(unechoed.items, unechoed.ids)
         queued = list(self._queue)
         self._queue.clear()
         self._queued_bytes = 0
@@ -273,8 +440,15 @@ class ClusterHub(Generic[S]):
         if changes:
             self._handle(self.view.apply_own(self.incarnation, changes, self._clock()))
 
+    def _new_epoch(self) -> None:
+        self._epoch += 1
+        self._stash.clear()
+        self._echoes.set()
+        self._echoes = trio.Event()
+
     async def _connected(self) -> None:
         """Announce this node's state, read everyone's, then serve until Redis fails."""
+        self._new_epoch()
         if self._counts["connects"]:
             self._counts["reconnects"] += 1
         self._counts["connects"] += 1
@@ -314,7 +488,7 @@ class ClusterHub(Generic[S]):
 
     async def _write_loop(self) -> None:
         while True:
-            if not self._queue:
+            if not self._queue and self._echo_wanted <= self._seq:
                 self._wake = trio.Event()
                 with trio.move_on_after(self.heartbeat):
                     await self._wake.wait()
@@ -340,25 +514,34 @@ class ClusterHub(Generic[S]):
         self._seq += 1
         seq = self._seq
         ops = [item.op for item in items]
-        data = wire.encode_batch(self.node, self.incarnation, seq, [item.data for item in items])
+        broadcasts = [item for item in items if isinstance(item.op, wire.Broadcast)]
+        if broadcasts:
+            # Before the transaction: the echo may be read before this task hears Redis's answer.
+            self._unechoed[seq] = _Unechoed(broadcasts)
+        kept = [
+            item.op.channel if self.history is not None and isinstance(item.op, wire.Broadcast) else None
+            for item in items
+        ]
+        head = wire.batch_head(self.node, self.incarnation, seq)
         started = self._clock()
         try:
-            await self.engine.publish(data, f"{self.incarnation} {seq}", Writes.of(ops))
+            ids = await self.engine.publish(
+                head, [item.data for item in items], kept, f"{self.incarnation} {seq}", Writes.of(ops)
+            )
         except BaseException as exc:
-            # Cancelled too (another task of the phase failed): every item is answered either way.
+            # Cancelled too (another task of the phase failed): every item is answered either way. Broadcasts
+            # whose batch came back on the bus meanwhile were delivered and acked: Redis did take them.
             cause = str(exc) if isinstance(exc, EngineUnreachable) else "the engine stopped"
-            self._fail(items, f"the cluster engine (Redis) did not confirm it ({cause})", sent=True)
+            echoed = self._unechoed.pop(seq, None) is None
+            failed = [item for item in items if not (echoed and isinstance(item.op, wire.Broadcast))]
+            self._fail(failed, f"the cluster engine (Redis) did not confirm it ({cause})", sent=True)
             raise
         self._publish_seconds += self._clock() - started
         self._counts["batches_out"] += 1
         self._counts["ops_out"] += len(ops)
-        # Delivered here now that Redis has it, as every other node delivers it from the bus.
-        for item in items:
-            op = item.op
-            if isinstance(op, wire.Broadcast):
-                self.local.publish_nowait(op.channel, BroadcastEvent(op.channel, op.payload), exclude=item.sender)
-                if item.sender is not None and item.ref is not None:
-                    item.sender.reply_nowait(Ack("sent", op.channel, item.ref))
+        unechoed = self._unechoed.get(seq)
+        if unechoed is not None:
+            unechoed.ids = ids if self.history is not None else [None] * len(broadcasts)
         others = tuple(op for op in ops if not isinstance(op, wire.Broadcast))
         self._handle(self.view.receive(wire.Batch(self.node, self.incarnation, seq, others), self._clock()))
 
@@ -377,6 +560,7 @@ class ClusterHub(Generic[S]):
                 if batch.node == self.node:
                     if batch.incarnation == self.incarnation:
                         self._echo = now
+                        self._echoed(batch)
                     elif batch.incarnation > self.incarnation:
                         log.error(
                             "another node runs with this node's cluster.node_id: give each node its own",
@@ -387,15 +571,51 @@ class ClusterHub(Generic[S]):
                 self._counts["ops_in"] += len(batch.ops)
                 self._handle(self.view.receive(batch, now))
 
+    def _echoed(self, batch: wire.Batch) -> None:
+        """One of this node's batches came back: deliver its broadcasts here, with the ids Redis gave them."""
+        # max: a transaction that a stalled Redis ran late, after the node reconnected, comes back late too.
+        self._echo_seq = max(self._echo_seq, batch.seq)
+        self._echoes.set()
+        self._echoes = trio.Event()
+        for seq in sorted(seq for seq in self._unechoed if seq <= batch.seq):
+            unechoed = self._unechoed.pop(seq)
+            if seq == batch.seq:
+                self._deliver_own(unechoed.items, [op.id for op in batch.ops if isinstance(op, wire.Broadcast)])
+            else:
+                # Its echo was lost (the bus dropped one message and not the connection): delivered late.
+                self._deliver_own(unechoed.items, unechoed.ids)
+
+    def _deliver_own(self, items: list[_Queued[S]], ids: Sequence[str | None] | None) -> None:
+        for index, item in enumerate(items):
+            op = item.op
+            assert isinstance(op, wire.Broadcast)
+            stream_id = ids[index] if ids is not None and index < len(ids) else None
+            self._deliver(op.channel, op.payload, stream_id, exclude=item.sender)
+            if item.sender is not None and item.ref is not None:
+                item.sender.reply_nowait(Ack("sent", op.channel, item.ref))
+
+    def _deliver(self, channel: str, payload: Any, stream_id: str | None, exclude: S | None = None) -> None:
+        """A broadcast to this node's subscribers, and into its history when it has an id."""
+        if stream_id is None or self.history is None:
+            self.local.publish_nowait(channel, BroadcastEvent(channel, payload), exclude=exclude)
+            return
+        frame = text_frame(encode(BroadcastEvent(channel, payload, f"b2~{stream_id}")))
+        self.history.add(channel, _parse_id(stream_id), self._clock(), frame)
+        self.local.deliver(channel, frame, exclude=exclude)
+
     async def _read_states(self) -> None:
         while True:
             await self._reads_wake.wait()
             self._reads_wake = trio.Event()
             nodes, self._reads = sorted(self._reads), set()
-            for node in nodes:
-                self._counts["state_reads"] += 1
-                snapshot = await self.engine.read_state(node)
-                self._handle(self.view.restore(node, snapshot, self._clock()))
+            self._restoring = True
+            try:
+                for node in nodes:
+                    self._counts["state_reads"] += 1
+                    snapshot = await self.engine.read_state(node)
+                    self._handle(self.view.restore(node, snapshot, self._clock()))
+            finally:
+                self._restoring = False
 
     async def _watch(self) -> None:
         while True:
@@ -406,17 +626,21 @@ class ClusterHub(Generic[S]):
                     f"this node's own batches stopped coming back from Redis for {now - self._echo:.1f}s"
                 )
             self._handle(self.view.expire(now, self.silence))
+            if self.history is not None:
+                self.history.sweep(now)
+            self._sweep_stash()
 
     def _handle(self, events: list[Event]) -> None:
         for event in events:
             match event:
-                case Delivered(channel=channel, payload=payload):
-                    self.local.publish_nowait(channel, BroadcastEvent(channel, payload))
+                case Delivered(channel=channel, payload=payload, id=stream_id):
+                    self._deliver(channel, payload, stream_id)
                 case PresenceChanged(room=room, diff=diff):
                     self.local.publish_nowait(room, PresenceEvent(room, "diff", diff.payload()))
                 case ReadState(node=node) if node == self.node:
                     self.view.restore(node, self.state.snapshot(self.incarnation, self._seq), self._clock())
                 case ReadState(node=node):
+                    self._settle += 1
                     self._reads.add(node)
                     self._reads_wake.set()
 
@@ -458,7 +682,23 @@ class ClusterHub(Generic[S]):
             publish_seconds_sum=self._publish_seconds,
             publish_seconds_count=c["batches_out"],
             malformed=c["malformed"],
+            history_reads=c["history_reads"],
+            resume_gaps=c["resume_gaps"],
+            resumes_pending=len(self._stash),
         )
+
+
+def _parse(since: Any) -> Position | None:
+    """A position this cluster wrote (`b2~<stream id>`), or None."""
+    if not isinstance(since, str):
+        return None
+    match = _POSITION.fullmatch(since)
+    return (int(match[1]), int(match[2])) if match is not None else None
+
+
+def _parse_id(stream_id: str) -> Position:
+    milliseconds, _, sequence = stream_id.partition("-")
+    return int(milliseconds), int(sequence)
 
 
 def _unavailable(reason: str, channel: str, ref: str | None, *, sent: bool) -> Error:

@@ -36,6 +36,8 @@ class Delivered:
 
     channel: str
     payload: Any
+    id: str | None = None
+    """its id in the channel's history stream (wire.Broadcast.id)"""
 
 
 @attrs.frozen(slots=True)
@@ -128,8 +130,8 @@ class ClusterView:
         events: list[Event] = []
         for op in ops:
             match op:
-                case wire.Broadcast(channel=channel, payload=payload):
-                    events.append(Delivered(channel, payload))
+                case wire.Broadcast(channel=channel, payload=payload, id=stream_id):
+                    events.append(Delivered(channel, payload, stream_id))
                 case wire.Track(room=room, key=key, ref=ref, state=state):
                     room_state = replica.rooms.setdefault(room, PresenceRoom())
                     events.append(PresenceChanged(room, room_state.track(key, ref, state)))

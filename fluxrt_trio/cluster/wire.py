@@ -4,20 +4,30 @@ A batch carries the publishing node's id, its incarnation (new at every start, s
 for its former self), a sequence number that grows by one per batch, and operations in the order they happened.
 The sequence numbers let a receiver notice a batch it missed (pub/sub delivers at most once) and re-read that node's
 state instead of drifting.
+
+With broadcast history on, Redis adds `"x"` after the operations: the id it gave each broadcast of the batch in its
+channel's history stream, in order (see engine.py). Nodes that do not know `x` ignore it, so nodes of the version
+before can run beside these during a rolling upgrade.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import attrs
 import orjson
+
+STREAM_ID = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
+"""a Redis stream id, `<milliseconds>-<sequence>`"""
 
 
 @attrs.frozen(slots=True)
 class Broadcast:
     channel: str
     payload: Any
+    id: str | None = None
+    """the message's id in the channel's history stream, from the batch's `x` (None when history is off)"""
 
 
 @attrs.frozen(slots=True)
@@ -86,14 +96,38 @@ def encode_op(op: Op) -> bytes:
             return b'["g"]'
 
 
+BATCH_END = b"]}"
+"""what follows the operations of a batch that carries no stream ids"""
+IDS_START = b'],"x":'
+"""what follows the operations of a batch that carries stream ids: then the ids as a JSON list of strings, and `}`"""
+
+
+def batch_head(node: str, incarnation: str, seq: int) -> bytes:
+    """What comes before the operations of a batch, which are joined by commas and followed by BATCH_END."""
+    header = orjson.dumps({"v": 1, "n": node, "i": incarnation, "s": seq})
+    return header[:-1] + b',"o":['
+
+
 def encode_batch(node: str, incarnation: str, seq: int, ops: list[bytes]) -> bytes:
     """A batch from operations that `encode_op` encoded."""
-    header = orjson.dumps({"v": 1, "n": node, "i": incarnation, "s": seq})
-    return header[:-1] + b',"o":[' + b",".join(ops) + b"]}"
+    return batch_head(node, incarnation, seq) + b",".join(ops) + BATCH_END
 
 
 def encode(batch: Batch) -> bytes:
-    return encode_batch(batch.node, batch.incarnation, batch.seq, [encode_op(op) for op in batch.ops])
+    """A batch, with `x` when one of its broadcasts has an id (as Redis writes it)."""
+    ids = [op.id for op in batch.ops if isinstance(op, Broadcast)]
+    data = encode_batch(batch.node, batch.incarnation, batch.seq, [encode_op(op) for op in batch.ops])
+    if all(stream_id is None for stream_id in ids):
+        return data
+    return data[: -len(BATCH_END)] + IDS_START + orjson.dumps([stream_id or "" for stream_id in ids]) + b"}"
+
+
+def decode_op(data: bytes) -> Op:
+    """One operation as `encode_op` wrote it; raises WireError for anything else."""
+    try:
+        return _op(orjson.loads(data))
+    except orjson.JSONDecodeError as exc:
+        raise WireError(f"malformed operation: {exc}") from None
 
 
 def decode(data: bytes) -> Batch:
@@ -105,11 +139,31 @@ def decode(data: bytes) -> Batch:
         node, incarnation, seq, ops = raw["n"], raw["i"], raw["s"], raw["o"]
         if not (isinstance(node, str) and isinstance(incarnation, str) and type(seq) is int and isinstance(ops, list)):
             raise WireError("malformed batch header")
-        return Batch(node, incarnation, seq, tuple(_op(op) for op in ops))
+        decoded = [_op(op) for op in ops]
+        if "x" in raw:
+            decoded = _with_ids(decoded, raw["x"])
+        return Batch(node, incarnation, seq, tuple(decoded))
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
         if isinstance(exc, WireError):
             raise
         raise WireError(f"malformed batch: {exc}") from None
+
+
+def _with_ids(ops: list[Op], ids: Any) -> list[Op]:
+    """The broadcasts among `ops` given their ids, in order ("": none)."""
+    broadcasts = sum(isinstance(op, Broadcast) for op in ops)
+    if not isinstance(ids, list) or len(ids) != broadcasts:
+        raise WireError("malformed stream ids")
+    given = iter(ids)
+    out: list[Op] = []
+    for op in ops:
+        if isinstance(op, Broadcast):
+            stream_id = next(given)
+            if not (isinstance(stream_id, str) and (stream_id == "" or STREAM_ID.fullmatch(stream_id))):
+                raise WireError(f"malformed stream id {str(stream_id)[:40]}")
+            op = Broadcast(op.channel, op.payload, stream_id or None)
+        out.append(op)
+    return out
 
 
 def _op(raw: Any) -> Op:

@@ -76,16 +76,6 @@ class History:
         self._bytes += len(frame)
         self._trim(ring, now)
 
-    def lose(self, channel: str, position: Position) -> None:
-        """The message of `channel` at `position` exists but was not added (it was lost on the way here): nobody
-        resumes from below it."""
-        ring = self._rings.get(channel)
-        if ring is None:
-            # Rare (a message lost on the way): the mark goes to the floor of every ring that starts from now on.
-            self._expired = max(self._expired, position)
-        else:
-            ring.floor = max(ring.floor, position)
-
     def sweep(self, now: float) -> None:
         """Drop the channels whose newest message is older than `ttl` (whole rings; older messages of the others go
         when their channel is next used)."""

@@ -13,7 +13,16 @@ import { type ChildProcess, spawn } from 'node:child_process'
 import { createHmac } from 'node:crypto'
 import { createWriteStream, type WriteStream } from 'node:fs'
 import { once } from 'node:events'
-import { type AuthOptions, createClient, type FluxbaseClient, type RealtimeOptions, type StateChange } from '@fluxbase/sdk'
+import { createServer } from 'node:net'
+import type { AddressInfo } from 'node:net'
+import {
+  type AuthOptions,
+  createClient,
+  type FluxbaseClient,
+  type RealtimeOptions,
+  type StateChange,
+  type WebSocketConstructor,
+} from '@fluxbase/sdk'
 import pg from 'pg'
 import WebSocket from 'ws'
 
@@ -103,6 +112,42 @@ export class Inbox<T> {
   /** Items that arrived and were not taken. */
   rest(): T[] {
     return this.items.slice(this.taken)
+  }
+}
+
+/** Inserts into public.users on one connection, one row every `everyMs`, until stopped; keeps the committed ids. */
+export class Writer {
+  readonly committed: number[] = []
+  private running = true
+  private readonly done: Promise<void>
+
+  /** Every row is named `prefix` followed by its commit time, so that a test picks out its own rows. */
+  constructor(everyMs: number, prefix: string) {
+    this.done = this.run(everyMs, prefix)
+    this.done.catch(() => {})
+  }
+
+  private async run(everyMs: number, prefix: string): Promise<void> {
+    const db = new pg.Client({ connectionString: env.dsn })
+    await db.connect()
+    try {
+      while (this.running) {
+        const result = await db.query<{ id: number }>(
+          'INSERT INTO public.users (name) VALUES ($1 || clock_timestamp()) RETURNING id',
+          [prefix],
+        )
+        this.committed.push(result.rows[0]!.id)
+        await sleep(everyMs)
+      }
+    } finally {
+      await db.end()
+    }
+  }
+
+  /** Stop after the insert in flight; rejects if an insert failed. */
+  stop(): Promise<void> {
+    this.running = false
+    return this.done
   }
 }
 
@@ -203,6 +248,73 @@ export function client(
 
 export async function disconnectAll(): Promise<void> {
   await Promise.all(made.splice(0).map((one) => one.realtime.disconnect()))
+}
+
+/** Where a Line's connection attempts go while it is down: a port that accepts TCP connections and drops them. */
+let dropping: Promise<number> | undefined
+
+function droppingPort(): Promise<number> {
+  dropping ??= new Promise((resolve, reject) => {
+    const server = createServer((socket) => socket.destroy())
+    server.once('error', reject)
+    server.listen(0, '127.0.0.1', () => resolve((server.address() as AddressInfo).port))
+    // It lives as long as the test file and must not keep the process alive.
+    server.unref()
+  })
+  return dropping
+}
+
+/**
+ * A client's network, passed as `realtime.WebSocket`: the `ws` sockets it opens, the frames it sent on them, and a
+ * way to cut the current connection as a failing network does, without a closing handshake. Through the public
+ * WebSocket option, because the client keeps its socket to itself.
+ */
+export class Line {
+  /** Every frame the client sent, parsed, across all its connections. */
+  readonly sent: Record<string, unknown>[] = []
+  readonly WebSocket: WebSocketConstructor
+  private current: WebSocket | undefined
+  private downUntil = 0
+
+  private constructor(dropPort: number) {
+    const line = this
+    this.WebSocket = class extends WebSocket {
+      constructor(url: string) {
+        let target = url
+        if (Date.now() < line.downUntil) {
+          const moved = new URL(url)
+          moved.host = `127.0.0.1:${dropPort}`
+          target = moved.toString()
+        }
+        super(target)
+        line.current = this
+        const send = this.send.bind(this)
+        this.send = ((data: string) => {
+          line.sent.push(JSON.parse(data) as Record<string, unknown>)
+          send(data)
+        }) as typeof this.send
+      }
+    }
+  }
+
+  static async create(): Promise<Line> {
+    return new Line(await droppingPort())
+  }
+
+  /**
+   * Destroy the current connection's TCP socket: the client sees close 1006 and the server a connection that ended
+   * without a close frame; frames in flight are lost. For `downForMs` after, every connection attempt is dropped
+   * before the WebSocket handshake, so the client is away at least that long.
+   */
+  cut(downForMs = 0): void {
+    this.downUntil = Date.now() + downForMs
+    this.current?.terminate()
+  }
+
+  /** The subscribe frames sent for `channel`, in order. */
+  subscribes(channel: string): Record<string, unknown>[] {
+    return this.sent.filter((frame) => frame.type === 'subscribe' && frame.channel === channel)
+  }
 }
 
 /** Every connection state a client goes through, from now on. */

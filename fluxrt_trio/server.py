@@ -61,6 +61,8 @@ class Server:
                 node_timeout=cluster.node_timeout,
                 prefix=cluster.prefix,
                 max_backlog=cluster.max_backlog,
+                history_size=config.realtime.history_size,
+                history_ttl=config.realtime.history_ttl,
             )
             hub = self.cluster
         if hub is None:

@@ -50,6 +50,7 @@ async def test_two_nodes_over_rediss_with_the_test_ca(db: pg.ScratchDatabase, tm
             await subscribe(listener, "broadcast:news")
             assert (await broadcast(sender, {"over": "tls"}, "b1"))["status"] == "sent"
             received = await recv(listener)
+            assert received.pop("id").startswith("b2~")
             assert received == {"type": "broadcast", "channel": "broadcast:news", "payload": {"over": "tls"}}
 
 

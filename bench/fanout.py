@@ -86,8 +86,8 @@ realtime:
   anonymous_share: 1.0
   max_anonymous_per_address: 20000
   message_rate_limit: 100000000
-{write_buffer}  # Server pings would land in the client's byte-counted stream; keep them out of a round, like the
-  # baseline's disabled keepalive. The heartbeat is one timer heap, so this doesn't change memory.
+{write_buffer}{history}  # Server pings would land in the client's byte-counted stream; keep them out of a round, like
+  # the baseline's disabled keepalive. The heartbeat is one timer heap, so this doesn't change memory.
   heartbeat_interval: 300s
   connection_timeout: 600s
 log:
@@ -205,6 +205,15 @@ def fluxrt_command(args: argparse.Namespace, kind: str) -> list[str]:
     return ["env", f"PYTHONPATH={pythonpath}", args.python, "-P"]
 
 
+def history_setting(tree: Path) -> str:
+    """The configuration line turning broadcast history off, for a tree that has it ('' for one that would refuse
+    the unknown setting). With history every broadcast carries its position (`"id"`), whose digits grow with the
+    count, while the load generator counts bytes of one fixed frame size; and the baseline server keeps none."""
+    if "history_size" not in (tree / "fluxrt_trio" / "config.py").read_text():
+        return ""
+    return "  history_size: 0\n"
+
+
 def fluxrt_origin(args: argparse.Namespace, kind: str) -> str:
     """Where that command imports fluxrt_trio from, and at which commit; raises if not from its tree."""
     code = "import fluxrt_trio; print(fluxrt_trio.__file__)"
@@ -237,7 +246,13 @@ class ServerProcess(common.ServerProcess):
             # otherwise it is out of the way of a burst.
             write_buffer = "" if args.slow_mode else "  write_buffer_size: 100000\n"
             config.write_text(
-                FLUXRT_CONFIG.format(host=self.host, port=self.port, path=self.path, write_buffer=write_buffer)
+                FLUXRT_CONFIG.format(
+                    host=self.host,
+                    port=self.port,
+                    path=self.path,
+                    write_buffer=write_buffer,
+                    history=history_setting(Path(args.fluxrt_from.get(kind, REPO_ROOT))),
+                )
                 + extra_config
             )
             argv = [*fluxrt_command(args, kind), "-m", "fluxrt_trio", "--config", str(config)]

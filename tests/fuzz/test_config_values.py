@@ -25,6 +25,10 @@ KEYS = {
     "realtime.message_rate_limit": "rate",
     "realtime.max_subscriptions_per_connection": "count",
     "realtime.anonymous_share": "fraction",
+    "realtime.history_size": "count or zero",
+    "realtime.history_ttl": "duration",
+    "cluster.node_timeout": "duration",
+    "cluster.max_backlog": "size",
 }
 TRICKY = [".nan", ".inf", "-.inf", "1e400", "0x1F", "0o17", "1_000", "2024-13-01", "9" * 5000, "~", "0", "-1", "1ms"]
 # Scalars as an operator would type them, unquoted in YAML (where YAML may read them as numbers, dates or nulls).
@@ -56,6 +60,8 @@ def check(result: Config | ConfigError, key: str, *names: str) -> None:
         assert isinstance(value, float) and math.isfinite(value) and value > 0, value
     elif kind == "fraction":
         assert isinstance(value, float) and 0 < value <= 1, value
+    elif kind == "count or zero":
+        assert isinstance(value, int) and not isinstance(value, bool) and value >= 0, value
     else:
         assert isinstance(value, int) and not isinstance(value, bool) and value >= 1, value
 

@@ -153,7 +153,8 @@ def _cluster_metrics(
     yield CounterMetricFamily("fluxrt_cluster_batches_in", "Batches received from other nodes", value=stats.batches_in)
     yield CounterMetricFamily(
         "fluxrt_cluster_unavailable",
-        "Broadcasts and presence changes refused with UNAVAILABLE (engine unreachable or backlog full)",
+        "Broadcasts refused with UNAVAILABLE (engine unreachable or backlog full); refused presence changes are in "
+        'fluxrt_errors_total{code="UNAVAILABLE"} with them',
         value=stats.refused,
     )
     yield CounterMetricFamily(

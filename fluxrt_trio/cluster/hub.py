@@ -449,9 +449,6 @@ class ClusterHub(Generic[S]):
     async def _connected(self) -> None:
         """Announce this node's state, read everyone's, then serve until Redis fails."""
         self._new_epoch()
-        if self._counts["connects"]:
-            self._counts["reconnects"] += 1
-        self._counts["connects"] += 1
         self._seq += 1
         snapshot = self.state.snapshot(self.incarnation, self._seq)
         # From the snapshot on, changes are queued: they follow it on the bus once the node is up.
@@ -471,6 +468,9 @@ class ClusterHub(Generic[S]):
         finally:
             self._announcing = False
         was = self._phase
+        if was != "connecting":
+            # Counted once the node is back, not per attempt: a Redis that stays away does not make it climb.
+            self._counts["reconnects"] += 1
         self._phase = "up"
         self._was_up = True
         self._last_error = None

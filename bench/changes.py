@@ -70,7 +70,17 @@ import common
 import jwt
 import orjson
 import trio
-from common import BENCH_DIR, REPO_ROOT, free_port, percentile, proc_cpu, raise_nofile_limit, stat_cpu_s
+from common import (
+    BENCH_DIR,
+    REPO_ROOT,
+    free_port,
+    percentile,
+    proc_cpu,
+    proc_stats,
+    raise_nofile_limit,
+    split_cpus,
+    stat_cpu_s,
+)
 
 from fluxrt_trio.client import Change, ClientError, open_client
 
@@ -149,14 +159,7 @@ def postgres_cpu() -> float:
     Backends that start and end within a phase are missed, but ours (the writers', fluxrt's) live throughout.
     """
     total = 0.0
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
+    for _pid, stat in proc_stats():
         if stat[stat.index("(") + 1 : stat.rindex(")")] == "postgres":
             total += stat_cpu_s(stat)
     return total
@@ -1079,10 +1082,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if unknown:
         parser.error(f"--phases: unknown {sorted(unknown)}")
     args.all_cpus = sorted(os.sched_getaffinity(0))
-    if args.no_pin or len(args.all_cpus) < 2:
-        args.server_cpu = args.client_cpu = None
-    else:
-        args.server_cpu, args.client_cpu = args.all_cpus[0], args.all_cpus[1]
+    args.server_cpu, args.client_cpu = split_cpus(args.no_pin)
     return args
 
 

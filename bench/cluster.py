@@ -41,7 +41,6 @@ Run from the repository root with the project venv:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import secrets
 import statistics
@@ -56,7 +55,7 @@ from typing import Any
 import fanout
 import orjson
 import redis
-from common import BENCH_DIR, REPO_ROOT, percentile, proc_cpu, raise_nofile_limit
+from common import BENCH_DIR, REPO_ROOT, percentile, proc_cpu, raise_nofile_limit, split_cpus, stop_child
 
 SETUPS = ("single", "cluster-1", "cluster-2")
 PRESENCE_SETUPS = ("single", "cluster-2")
@@ -253,13 +252,7 @@ def run_phase(setup: str, phase: str, rnd: int, args: argparse.Namespace, workdi
         result.error = str(exc)
     finally:
         if clients is not None:
-            with contextlib.suppress(OSError):
-                clients.stdin.close()  # type: ignore[union-attr]
-            try:
-                clients.wait(30)
-            except subprocess.TimeoutExpired:
-                clients.kill()
-                clients.wait()
+            stop_child(clients)
         if not result.ok:
             result.result["log_tail"] = cluster.log_tails()
         exits = cluster.stop()
@@ -277,15 +270,7 @@ def problems(phase: str, res: dict[str, Any], metrics: list[dict[str, float]]) -
         if res["error_count"]:
             found.append(f"{res['error_count']} unexpected frames, e.g. {res['errors'][:2]}")
     else:
-        if res["frames_delivered"] != res["frames_expected"]:
-            found.append(
-                f"{res['incomplete_connections']} connections incomplete "
-                f"({res['frames_delivered']}/{res['frames_expected']} frames)"
-            )
-        if res["overshoot_connections"]:
-            found.append(f"{res['overshoot_connections']} connections got extra bytes")
-        if res["publisher_rx_bytes"]:
-            found.append(f"the publisher received {res['publisher_rx_bytes']} bytes")
+        found += fanout.delivery_problems(res)
     refused = sum(m.get("unavailable", 0) for m in metrics)
     if refused:
         found.append(f"{refused:g} broadcasts or presence changes refused UNAVAILABLE")
@@ -591,11 +576,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # What fanout.ServerProcess reads.
     args.fluxrt_from = {} if args.fluxrt_tree is None else {"fluxrt": args.fluxrt_tree.resolve()}
     args.slow_mode = False
-    cpus = sorted(os.sched_getaffinity(0))
-    if args.no_pin or len(cpus) < 2:
-        args.server_cpu = args.client_cpu = None
-    else:
-        args.server_cpu, args.client_cpu = cpus[0], cpus[1]
+    args.server_cpu, args.client_cpu = split_cpus(args.no_pin)
     args.prefix = f"bench-{secrets.token_hex(4)}"
     args.serial = 0
     return args

@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,39 @@ def proc_cpu(pid: int | None) -> float | None:
     except OSError:
         return None
     return stat_cpu_s(stat)
+
+
+def proc_stats() -> Iterator[tuple[int, str]]:
+    """(pid, text of /proc/PID/stat) of every process on the machine; one that ends while being read is skipped."""
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        yield int(entry.name), stat
+
+
+def split_cpus(no_pin: bool) -> tuple[int | None, int | None]:
+    """(server CPU, client CPU): the first two this process may run on, or (None, None) when asked not to pin or
+    when there are fewer than two."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if no_pin or len(cpus) < 2:
+        return None, None
+    return cpus[0], cpus[1]
+
+
+def stop_child(proc: subprocess.Popen[str], timeout: float = 30.0) -> None:
+    """Close a load generator's stdin and wait for it to exit; kill it if it has not after `timeout` s."""
+    with contextlib.suppress(OSError):
+        proc.stdin.close()  # type: ignore[union-attr]
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def emit(event: str, **fields: Any) -> None:

@@ -51,7 +51,7 @@ from typing import Any
 
 import common
 import orjson
-from common import BENCH_DIR, REPO_ROOT, free_port, percentile, raise_nofile_limit
+from common import BENCH_DIR, REPO_ROOT, free_port, percentile, raise_nofile_limit, split_cpus, stop_child
 
 SERVERS = ("fluxrt", "websockets")
 # --slow-compare labels each server's rounds with the slow clients KIND + SLOW_SUFFIX.
@@ -402,16 +402,7 @@ def run_round(label: str, kind: str, slow: int, rnd: int, args: argparse.Namespa
             result.slow_closed = res["slow_closed"]
             for k in ("slow_resets", "slow_close_frames", "slow_frames_min", "slow_frames_max"):
                 result.details[k] = res[k]
-        problems = []
-        if res["frames_delivered"] != res["frames_expected"]:
-            problems.append(
-                f"{res['incomplete_connections']} connections incomplete "
-                f"({res['frames_delivered']}/{res['frames_expected']} frames)"
-            )
-        if res["overshoot_connections"]:
-            problems.append(f"{res['overshoot_connections']} connections got extra bytes")
-        if res["publisher_rx_bytes"]:
-            problems.append(f"publisher received {res['publisher_rx_bytes']} bytes")
+        problems = delivery_problems(res)
         result.error = "; ".join(problems) or None
         result.ok = not problems
     except Exception as exc:
@@ -420,17 +411,27 @@ def run_round(label: str, kind: str, slow: int, rnd: int, args: argparse.Namespa
         if sampler is not None:
             sampler.stop()
         if clients is not None:
-            with contextlib.suppress(OSError):
-                clients.stdin.close()  # type: ignore[union-attr]
-            try:
-                clients.wait(30)
-            except subprocess.TimeoutExpired:
-                clients.kill()
-                clients.wait()
+            stop_child(clients)
         result.server_exit = server.stop()
         if not result.ok:
             result.details["server_log_tail"] = server.log_tail()
     return result
+
+
+def delivery_problems(res: dict[str, Any]) -> list[str]:
+    """Why a load generator's fan-out result cannot be trusted (none when it can): frames missing, bytes beyond
+    the expected frames, or bytes sent to the publisher."""
+    problems = []
+    if res["frames_delivered"] != res["frames_expected"]:
+        problems.append(
+            f"{res['incomplete_connections']} connections incomplete "
+            f"({res['frames_delivered']}/{res['frames_expected']} frames)"
+        )
+    if res["overshoot_connections"]:
+        problems.append(f"{res['overshoot_connections']} connections got extra bytes")
+    if res["publisher_rx_bytes"]:
+        problems.append(f"publisher received {res['publisher_rx_bytes']} bytes")
+    return problems
 
 
 def fmt_round(r: RoundResult) -> str:
@@ -820,11 +821,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         trees[label] = Path(path).resolve()
     args.fluxrt_from = trees
     args.server_list += list(trees)
-    cpus = sorted(os.sched_getaffinity(0))
-    if args.no_pin or len(cpus) < 2:
-        args.server_cpu = args.client_cpu = None
-    else:
-        args.server_cpu, args.client_cpu = cpus[0], cpus[1]
+    args.server_cpu, args.client_cpu = split_cpus(args.no_pin)
     return args
 
 

@@ -61,7 +61,7 @@ import asyncpg
 import changes
 import jwt
 import orjson
-from common import REPO_ROOT, percentile, proc_cpu, raise_nofile_limit, stat_cpu_s
+from common import REPO_ROOT, percentile, proc_cpu, proc_stats, raise_nofile_limit, split_cpus, stat_cpu_s
 from wsraw import (
     ANC_BUFSIZE,
     OP_CLOSE,
@@ -170,16 +170,9 @@ class PrivatePostgres:
         except (OSError, ValueError, IndexError):
             return 0.0
         total = 0.0
-        for entry in os.scandir("/proc"):
-            if not entry.name.isdigit():
-                continue
-            try:
-                with open(f"/proc/{entry.name}/stat") as f:
-                    stat = f.read()
-            except OSError:
-                continue
+        for pid, stat in proc_stats():
             ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
-            if int(entry.name) == postmaster or ppid == postmaster:
+            if postmaster in (pid, ppid):
                 total += stat_cpu_s(stat)
         return total
 
@@ -949,11 +942,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--scenarios: one or more of {', '.join(SCENARIOS)}")
     if args.subscribers % args.users:
         parser.error("--subscribers must be a multiple of --users")
-    cpus = sorted(os.sched_getaffinity(0))
-    if args.no_pin or len(cpus) < 2:
-        args.server_cpu = args.client_cpu = None
-    else:
-        args.server_cpu, args.client_cpu = cpus[0], cpus[1]
+    args.server_cpu, args.client_cpu = split_cpus(args.no_pin)
     # What changes.Server and changes.fluxrt_config read: default polling, the default authorizer login.
     args.poll_interval = None
     args.authorizer_dsn = None

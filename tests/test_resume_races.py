@@ -12,15 +12,13 @@ from fluxrt_trio.protocol.positions import TablePosition
 from .support.clients import connect, recv, request, send, subscribe
 from .support.config import token
 from .support.servers import start
-from .test_resume_tables import ALICE, CHANNEL, LIMITS, TABLE, _row, position_of_next_change, resubscribed
+from .test_resume_tables import ALICE, CHANNEL, LIMITS, TABLE, _row, position_now, position_of_next_change, resubscribed
 
 
 async def test_a_superseded_subscription_gets_nothing_of_its_replay(start_server, db):
     db.sql(TABLE)
     server = await start(start_server, db, realtime=LIMITS)
-    async with connect(server, tok=token(ALICE)) as ws:
-        await subscribe(ws, CHANNEL)
-        since = await position_of_next_change(ws, db)
+    since = await position_now(server, db)
     async with connect(server, tok=token(ALICE)) as witness:
         await subscribe(witness, CHANNEL)
         await db.execute("INSERT INTO items (id, user_id) SELECT i, $1::uuid FROM generate_series(1, 8000) i", ALICE)
@@ -50,9 +48,7 @@ async def test_a_superseded_subscription_gets_nothing_of_its_replay(start_server
 async def test_subscribing_twice_with_the_same_since_replays_each_event_once_per_subscribe(start_server, db):
     db.sql(TABLE)
     server = await start(start_server, db, realtime=LIMITS)
-    async with connect(server, tok=token(ALICE)) as ws:
-        await subscribe(ws, CHANNEL)
-        since = await position_of_next_change(ws, db)
+    since = await position_now(server, db)
     await db.execute("INSERT INTO items (id, user_id) SELECT i, $1::uuid FROM generate_series(1, 20) i", ALICE)
     async with connect(server, tok=token(ALICE)) as ws:
         await send(ws, type="subscribe", channel=CHANNEL, since=since)
@@ -111,9 +107,7 @@ def beyond(position: str) -> str:
 async def test_a_position_from_the_future_is_not_recovered(start_server, db):
     db.sql(TABLE)
     server = await start(start_server, db)
-    async with connect(server, tok=token(ALICE)) as ws:
-        await subscribe(ws, CHANNEL)
-        since = beyond(await position_of_next_change(ws, db))
+    since = beyond(await position_now(server, db))
     # Today: recovered true, 10 s without live changes, CHANGES_MISSED (the row committed after the ack is lost).
     assert await resubscribed(server, db, since) is False
 
@@ -121,9 +115,7 @@ async def test_a_position_from_the_future_is_not_recovered(start_server, db):
 async def test_a_table_dropped_and_created_again_right_after_a_resume_check_is_not_recovered(start_server, db):
     db.sql(TABLE)
     server = await start(start_server, db)
-    async with connect(server, tok=token(ALICE)) as ws:
-        await subscribe(ws, CHANNEL)
-        old = await position_of_next_change(ws, db)
+    old = await position_now(server, db)
     await db.execute("INSERT INTO items (id, user_id) SELECT i, $1::uuid FROM generate_series(1, 5) i", ALICE)
     async with connect(server, tok=token(ALICE)) as ws:
         assert (await request(ws, type="subscribe", channel=CHANNEL, since=old))["recovered"] is True

@@ -37,6 +37,7 @@ from .process import Remote
 from .support.clients import RawClient, connect, raw_connect, recv, request, send, subscribe
 from .support.config import token
 from .support.database import in_asyncio
+from .support.messages import summary
 from .support.servers import start
 
 ALICE, BOB = str(uuid.UUID(int=1)), str(uuid.UUID(int=2))
@@ -272,20 +273,6 @@ def _row(message: dict[str, Any]) -> int:
     return (payload.get("record") or payload["old_record"])["id"]
 
 
-def summary(message: dict[str, Any]) -> str:
-    """`"<op> <id>"`, plus `" old"` when it carries old_record and `" -secret"` without the secret column."""
-    if message["type"] != "broadcast":
-        return f"{message['type']} {message.get('code', '')}".strip()
-    payload = message["payload"]
-    image = payload.get("record") or payload["old_record"]
-    text = f"{payload['type']} {image['id']}"
-    if "old_record" in payload:
-        text += " old"
-    if "secret" not in image:
-        text += " -secret"
-    return text
-
-
 async def last_position(ws: Any, row: int) -> str:
     """The position of row `row`'s change, the next thing `ws` receives."""
     message = await recv(ws)
@@ -453,6 +440,14 @@ async def position_of_next_change(ws: Any, db: ScratchDatabase, table: str = "it
     return await last_position(ws, row)
 
 
+async def position_now(server: Target, db: ScratchDatabase) -> str:
+    """The position of a change committed now, as alice, subscribed to the table on a connection closed right after,
+    receives it: what commits later is what she misses until she resumes from it."""
+    async with connect(server, tok=token(ALICE)) as ws:
+        await subscribe(ws, CHANNEL)
+        return await position_of_next_change(ws, db)
+
+
 async def resubscribed(server: Target, db: ScratchDatabase, since: Any) -> bool:
     """Subscribe alice with `since` on a fresh connection; whatever the ack says, the subscription must stand and
     the next change committed after the ack must be the next thing received. Returns the ack's `recovered`."""
@@ -503,9 +498,7 @@ async def test_a_position_of_another_table_is_not_recovered(start_server, db):
 async def test_a_position_of_a_table_dropped_and_created_again_is_not_recovered(start_server, db):
     db.sql(TABLE)
     server = await start(start_server, db)
-    async with connect(server, tok=token(ALICE)) as ws:
-        await subscribe(ws, CHANNEL)
-        old = await position_of_next_change(ws, db)
+    old = await position_now(server, db)
     # Changes of the old table follow the position in the log: none of them may be replayed as the new one's.
     await db.execute("INSERT INTO items (id, user_id) SELECT i, $1::uuid FROM generate_series(1, 5) i", ALICE)
     await db.execute("DROP TABLE items;" + TABLE)
@@ -515,9 +508,7 @@ async def test_a_position_of_a_table_dropped_and_created_again_is_not_recovered(
 async def test_a_position_older_than_retention_is_not_recovered(start_server, db):
     db.sql(TABLE)
     server = await start(start_server, db, database={"retention": 0.2})
-    async with connect(server, tok=token(ALICE)) as ws:
-        await subscribe(ws, CHANNEL)
-        old = await position_of_next_change(ws, db)
+    old = await position_now(server, db)
     prev = TablePosition.parse(old)
     assert prev is not None
     # What the client missed is written, then pruned: the horizon passes the position's snapshot.
@@ -643,9 +634,7 @@ async def test_every_change_committed_after_the_ack_is_delivered(start_server, d
 async def test_a_replay_of_more_than_a_page_of_rows_arrives_complete_and_in_order(start_server, db):
     db.sql(TABLE)
     server = await start(start_server, db, realtime=LIMITS)
-    async with connect(server, tok=token(ALICE)) as ws:
-        await subscribe(ws, CHANNEL)
-        since = await position_of_next_change(ws, db)
+    since = await position_now(server, db)
     # 12,000 rows in three transactions, half alice's: the replay reads three pages of 5,000 from the log.
     for first in (1, 4001, 8001):
         await db.execute(
@@ -671,9 +660,7 @@ async def test_a_replay_of_more_than_a_page_of_rows_arrives_complete_and_in_orde
 async def test_a_replay_of_more_than_a_page_of_bytes_arrives_complete_and_in_order(start_server, db):
     db.sql(TABLE)
     server = await start(start_server, db, realtime=LIMITS)
-    async with connect(server, tok=token(ALICE)) as ws:
-        await subscribe(ws, CHANNEL)
-        since = await position_of_next_change(ws, db)
+    since = await position_now(server, db)
     # 24 rows of 1 MiB in one transaction: the replay reads the window in pages of at most PAGE_BYTES.
     big = 24
     assert big * 2**20 > 2 * changelog.PAGE_BYTES

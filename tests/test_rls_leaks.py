@@ -24,6 +24,7 @@ from trio_websocket import WebSocketConnection
 from . import pg
 from .support.clients import connect, send, subscribe
 from .support.config import token
+from .support.messages import summary
 from .support.servers import start
 from .support.waiting import wait_until
 
@@ -247,21 +248,6 @@ SCENARIOS = {
         },
     ),
 }
-
-
-def summary(message: dict[str, Any]) -> str:
-    if message["type"] == "broadcast":
-        payload = message["payload"]
-        image = payload.get("record") or payload["old_record"]
-        text = f"{payload['type']} {image['id']}"
-        if "old_record" in payload:
-            text += " old"
-        if "secret" not in image:
-            text += " -secret"
-        return text
-    if message["type"] == "error":
-        return f"error {message['code']}"
-    return message["type"]
 
 
 @attrs.define

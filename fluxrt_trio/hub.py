@@ -77,6 +77,11 @@ class Hub(Protocol[S]):
         answers the sender: `ack` `sent` (with `ref`, once handed to every node) or `UNAVAILABLE` (delivered
         nowhere)."""
 
+    def broadcast_logged(self, channel: str, payload: Any, key: int) -> None:
+        """Deliver a `realtime.send` read from the change log (`key`: its change id) to every subscriber of
+        `channel`, as a broadcast with its position. Every node reads the log: each send reaches each node's
+        subscribers once, whichever nodes read it."""
+
     def unavailable(self) -> str | None:
         """Why a broadcast or a presence change cannot reach the other nodes now (then it must be refused), or
         None."""
@@ -190,6 +195,10 @@ class LocalHub(Generic[S]):
         if sender is not None and ref is not None:
             sender.reply_nowait(Ack("sent", channel, ref))
         return position
+
+    def broadcast_logged(self, channel: str, payload: Any, key: int) -> None:
+        """A `realtime.send`: delivered and kept in history as a client broadcast without a sender is."""
+        self.broadcast(channel, payload)
 
     def unavailable(self) -> str | None:
         """One node is always available to itself."""

@@ -96,6 +96,7 @@ class Server:
                 roles=roles,
                 poll_interval=db.poll_interval,
                 retention=db.retention,
+                max_message_size=config.realtime.max_message_size,
             )
             self.tables = TableChannels(
                 self.hub,
@@ -103,6 +104,7 @@ class Server:
                 self.counters,
                 log_pool=self.db.log_pool,
                 request_progress=self.db.changefeed.want_progress,
+                sends=self.hub.broadcast_logged,
             )
         self.checks = ChannelChecks(
             self.db.authorizer_pool if self.db is not None else None,

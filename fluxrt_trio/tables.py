@@ -29,7 +29,7 @@ from .postgres import changelog
 from .postgres.bridge import AuthorizerPool, DatabaseUnavailable
 from .postgres.rls import RowSecurity, TableQuestion, decide_tables
 from .protocol import delivery
-from .protocol.changes import RowChange, Window
+from .protocol.changes import LoggedBroadcastError, RowChange, Window, logged_broadcast
 from .protocol.channels import ChannelName, parse_channel
 from .protocol.delivery import DeliveryPlanner, Ended, Missed, TablePlan, TableSubscriber, Visibility
 from .protocol.positions import Cut, Snapshot, TablePosition, replay_windows
@@ -111,8 +111,11 @@ class TableChannels:
         row_security: RowSecurity | None = None,
         log_pool: AuthorizerPool | None = None,
         request_progress: Callable[[], None] | None = None,
+        sends: Callable[[str, Any, int], None] | None = None,
     ) -> None:
         self.hub = hub
+        self._sends = sends
+        """where the log's `realtime.send` messages go, in commit order: (channel, payload, change id)"""
         self.pool = pool
         self.counters = counters
         self.row_security = row_security or RowSecurity()
@@ -383,7 +386,10 @@ class TableChannels:
                     for channel in self.hub.channels("table"):
                         self._hand_out(Missed(self._subscribers(channel), channel, delivery.WINDOW_MISSED))
                 for change in window.changes:
-                    self._lane(change.channel).pending.append(change)
+                    if change.relid == 0:
+                        self._send(change)
+                    else:
+                        self._lane(change.channel).pending.append(change)
                 for channel, lane in self._lanes.items():
                     if len(lane.pending) > LANE_LIMIT:
                         log.warning(
@@ -401,6 +407,22 @@ class TableChannels:
                     self._dispatched = cut
                     if self._parked:
                         self._schedule()
+
+    def _send(self, change: RowChange) -> None:
+        """A `realtime.send` (relid 0): handed to the broadcast side as it comes, since sends on one channel are
+        already in commit order here and need no authorization (the grant to call it was the permission)."""
+        try:
+            channel, payload = logged_broadcast(change)
+        except LoggedBroadcastError as exc:
+            log.error("dropped a realtime.send row that is not a broadcast", extra={"ctx_error": str(exc)})
+            return
+        if self._sends is None:
+            return
+        try:
+            self._sends(channel, payload, change.id)
+        except Exception:
+            # A fault of ours must not stop the changefeed's windows for every table.
+            log.exception("delivering a realtime.send failed", extra={"ctx_channel": channel})
 
     async def _expire_parked(self) -> None:
         while True:

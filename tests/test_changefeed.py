@@ -33,17 +33,9 @@ from fluxrt_trio.protocol.positions import TablePosition
 from . import pg
 from .process import run_cli
 from .support.clients import connect, http_get, recv, subscribe
-from .support.database import fresh_database, in_asyncio
+from .support.database import fresh_database, in_asyncio, terminate_changefeed
 from .support.servers import serving, start, wait_ok
 from .support.waiting import nothing_arrives
-
-# The changefeed's window query is the only statement that names pg_snapshot_xip (pruning, the gap check and the
-# subscribe checks do not), and the changefeed runs it every poll_interval: pg_stat_activity.query finds it.
-CHANGEFEED_BACKENDS = """
-SELECT pid FROM pg_catalog.pg_stat_activity
- WHERE datname = current_database() AND pid <> pg_backend_pid() AND query LIKE '%pg\\_snapshot\\_xip%'
-"""
-TERMINATE_CHANGEFEED = f"SELECT pg_terminate_backend(pid) AS done FROM ({CHANGEFEED_BACKENDS}) b"
 
 ALL_MIGRATIONS = [f"{v:04d}_{n}" for v, n, _ in migrations()]
 
@@ -155,13 +147,6 @@ async def test_updates_to_one_row_from_eight_writers_arrive_in_commit_order(star
 
 
 # ---- 2. terminated changefeed connection ---------------------------------------------------------------------
-
-
-async def terminate_changefeed(db, timeout: float = 5) -> None:
-    """Terminate the changefeed's backend, waiting for it to be connected first."""
-    with trio.fail_after(timeout):
-        while not any(r["done"] for r in await db.execute(TERMINATE_CHANGEFEED)):
-            await trio.sleep(0.01)
 
 
 async def test_no_change_lost_when_the_changefeed_connection_is_terminated(start_server, db):

@@ -251,6 +251,11 @@ class ClusterHub(Generic[S]):
         self._enqueue(_Queued(op, data, sender, ref))
         return 0
 
+    def broadcast_logged(self, channel: str, payload: Any, key: int) -> None:
+        """A `realtime.send`: every node reads the change log, so each delivers the sends it reads to its own
+        subscribers, without Redis and without a position (resuming clients get `recovered:false` past it)."""
+        self.local.broadcast(channel, payload)
+
     async def resumable(self, channel: str, since: Any) -> bool:
         """Read what followed `since` from the channel's history stream in Redis, and wait until this node has heard
         on the bus everything published before that read; keep it for `replay`. False when `since` is not a stream

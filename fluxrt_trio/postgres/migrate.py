@@ -48,10 +48,13 @@ def checksum(sql: str) -> str:
     return hashlib.sha256(sql.encode("utf-8")).hexdigest()
 
 
-async def migrate(conn: asyncpg.Connection, roles: tuple[str, ...] = ()) -> list[str]:
+async def migrate(
+    conn: asyncpg.Connection, roles: tuple[str, ...] = (), *, max_message_size: int | None = None
+) -> list[str]:
     """Apply the migrations this database lacks; return the names applied.
 
-    Then let the authorizer role assume each of `roles` (creating a missing one as NOLOGIN).
+    Then let the authorizer role assume each of `roles` (creating a missing one as NOLOGIN), and record
+    `max_message_size` (realtime.max_message_size) for realtime.send, when given.
     Raises MigrationError, applying no migration, when an applied migration's file has changed since.
     """
     applied_now = []
@@ -88,6 +91,8 @@ async def migrate(conn: asyncpg.Connection, roles: tuple[str, ...] = ()) -> list
             applied_now.append(f"{version:04d}_{name}")
         for role in roles:
             await _grant_role(conn, role)
+        if max_message_size is not None:
+            await conn.execute("UPDATE realtime.settings SET max_message_size = $1", max_message_size)
     finally:
         await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_KEY)
     return applied_now

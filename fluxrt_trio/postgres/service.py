@@ -35,8 +35,10 @@ class DatabaseService:
         roles: tuple[str, ...],
         poll_interval: float,
         retention: float,
+        max_message_size: int | None = None,
     ) -> None:
         self.dsn = dsn
+        self._max_message_size = max_message_size
         self._migrate = migrate
         self._roles = roles
         self.authorizer_pool = AuthorizerPool(authorizer_dsn or default_authorizer_dsn(dsn))
@@ -74,7 +76,9 @@ class DatabaseService:
                 if self._migrate:
                     conn = await connect(self.dsn)
                     try:
-                        applied = await on_connection(conn, lambda c: migrate(c, self._roles))
+                        applied = await on_connection(
+                            conn, lambda c: migrate(c, self._roles, max_message_size=self._max_message_size)
+                        )
                     finally:
                         with trio.CancelScope(shield=True):
                             await close_connection(conn)

@@ -7,7 +7,11 @@ from typing import Any
 
 import attrs
 
+from .channels import ChannelError, ChannelKind, parse_channel
 from .positions import Cut, Snapshot
+
+SEND = "SEND"
+"""the op of a change-log row written by `realtime.send(channel, payload)`"""
 
 
 @attrs.frozen(slots=True)
@@ -21,8 +25,9 @@ class RowChange:
     schema: str
     table: str
     op: str
-    """INSERT, UPDATE, DELETE, TRUNCATE, DISABLE (realtime was disabled on the table), or UNREADABLE (the row
-    images could not be decoded; subscribers are told to refetch)"""
+    """INSERT, UPDATE, DELETE, TRUNCATE, DISABLE (realtime was disabled on the table), UNREADABLE (the row
+    images could not be decoded; subscribers are told to refetch), or SEND (a `realtime.send`: not a row change,
+    see `logged_broadcast`)"""
     old: dict[str, Any] | None
     new: dict[str, Any] | None
     xid: int = 0
@@ -39,6 +44,27 @@ class RowChange:
     def image(self) -> dict[str, Any] | None:
         """The row image that decides who sees the change: the old row for DELETE, else the new one."""
         return self.old if self.op == "DELETE" else self.new
+
+
+class LoggedBroadcastError(ValueError):
+    """A SEND row of the change log that is not a broadcast; the message says what is wrong with it."""
+
+
+def logged_broadcast(change: RowChange) -> tuple[str, Any]:
+    """The channel and payload of a SEND row (`realtime.send`), which must name a `broadcast:` channel.
+
+    Raises LoggedBroadcastError for a row that `realtime.send` would not have written (one inserted into the log
+    by other means, or an undecodable one)."""
+    image = change.new
+    if change.op != SEND or not isinstance(image, dict) or "payload" not in image:
+        raise LoggedBroadcastError(f"change {change.id} is not a realtime.send row ({change.op})")
+    try:
+        channel = parse_channel(image.get("channel"))
+    except ChannelError as exc:
+        raise LoggedBroadcastError(f"change {change.id}: {exc}") from None
+    if channel.kind is not ChannelKind.BROADCAST:
+        raise LoggedBroadcastError(f"change {change.id}: {channel.name!r} is not a broadcast: channel")
+    return channel.name, image["payload"]
 
 
 @attrs.frozen(slots=True)

@@ -14,6 +14,8 @@ import cattrs
 import orjson
 from cattrs.gen import make_dict_unstructure_fn, override
 
+from .rows import encode_default
+
 MAX_REF_LENGTH = 64
 
 
@@ -254,5 +256,6 @@ def _describe(exc: cattrs.ClassValidationError) -> str:
 
 
 def encode(message: ServerMessage) -> bytes:
-    """Serialize a server message to compact UTF-8 JSON."""
-    return orjson.dumps(converter.unstructure(message))
+    """Serialize a server message to compact UTF-8 JSON. Numbers read from Postgres (a `realtime.send` payload) are
+    written with the digits Postgres gave them."""
+    return orjson.dumps(converter.unstructure(message), default=encode_default)

@@ -13,6 +13,14 @@ import trio
 
 from .. import pg
 
+# The changefeed's window query is the only statement that names pg_snapshot_xip (pruning, the gap check and the
+# subscribe checks do not), and the changefeed runs it every poll_interval: pg_stat_activity.query finds it.
+_CHANGEFEED_BACKENDS = """
+SELECT pid FROM pg_catalog.pg_stat_activity
+ WHERE datname = current_database() AND pid <> pg_backend_pid() AND query LIKE '%pg\\_snapshot\\_xip%'
+"""
+_TERMINATE = f"SELECT pg_terminate_backend(pid) AS done FROM ({_CHANGEFEED_BACKENDS}) b"
+
 
 async def in_asyncio(fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
     """Run the asyncio coroutine function `fn(*args)` on its own event loop in a worker thread."""
@@ -38,3 +46,10 @@ def users_table(db: pg.ScratchDatabase) -> None:
         "GRANT SELECT ON users TO anon, authenticated;"
         "SELECT enable_realtime('users');"
     )
+
+
+async def terminate_changefeed(db, timeout: float = 5) -> None:
+    """Terminate the changefeed's backend, waiting for it to be connected first."""
+    with trio.fail_after(timeout):
+        while not any(r["done"] for r in await db.execute(_TERMINATE)):
+            await trio.sleep(0.01)

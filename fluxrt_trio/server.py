@@ -257,6 +257,8 @@ class Server:
         self.admission.max_pending_handshakes_per_address = config.server.max_pending_handshakes_per_address
         for connection in self.connections:
             connection.reconfigure(settings)
+        if self.db is not None:
+            self.db.record_settings(rt.max_message_size)
 
     @property
     def connections(self) -> KeysView[Connection]:

@@ -8,6 +8,7 @@ import asyncio
 from typing import Any
 
 import asyncpg
+import attrs
 import orjson
 import pytest
 import trio
@@ -84,6 +85,19 @@ async def test_a_payload_over_max_message_size_raises_naming_both_sizes(db):
     error = sql_error(db, "SELECT realtime.send('broadcast:x', to_jsonb(repeat('x', 99)))")
     assert error.sqlstate == "54000"
     assert "101 bytes, over realtime.max_message_size (100 bytes)" in str(error)
+
+
+async def test_the_servers_max_message_size_is_recorded_at_start_and_on_reload(start_server, db):
+    server = await start(start_server, db, realtime={"max_message_size": 1000})
+    big = "SELECT realtime.send('broadcast:x', to_jsonb(repeat('x', 1500)))"
+    with pytest.raises(asyncpg.PostgresError, match=r"over realtime.max_message_size \(1000 bytes\)"):
+        await db.execute(big)
+    config = server.config
+    server.reload(attrs.evolve(config, realtime=attrs.evolve(config.realtime, max_message_size=2000)))
+    with trio.fail_after(10):
+        while (await db.execute("SELECT max_message_size FROM realtime.settings"))[0][0] != 2000:
+            await trio.sleep(0.02)
+    await db.execute(big)
 
 
 def test_only_a_role_granted_execute_may_send(db):

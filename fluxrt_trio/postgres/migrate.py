@@ -92,10 +92,15 @@ async def migrate(
         for role in roles:
             await _grant_role(conn, role)
         if max_message_size is not None:
-            await conn.execute("UPDATE realtime.settings SET max_message_size = $1", max_message_size)
+            await record_settings(conn, max_message_size)
     finally:
         await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_KEY)
     return applied_now
+
+
+async def record_settings(conn: asyncpg.Connection, max_message_size: int) -> None:
+    """Write the configuration realtime.send checks against (realtime.settings)."""
+    await conn.execute("UPDATE realtime.settings SET max_message_size = $1", max_message_size)
 
 
 async def _verify(conn: asyncpg.Connection, version: int, name: str, current: str, stored: str | None) -> None:

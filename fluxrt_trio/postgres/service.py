@@ -7,6 +7,7 @@ as degraded, and keeps trying; table subscribes are refused with a message sayin
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from collections.abc import AsyncIterator
 
@@ -17,7 +18,7 @@ from ..protocol.changes import Window
 from .bridge import AuthorizerPool, DatabaseUnavailable, close_connection, connect, describe, on_connection
 from .bridge import authorizer_dsn as default_authorizer_dsn
 from .changefeed import Changefeed
-from .migrate import migrate
+from .migrate import migrate, record_settings
 
 log = logging.getLogger("fluxrt.postgres")
 
@@ -39,6 +40,8 @@ class DatabaseService:
     ) -> None:
         self.dsn = dsn
         self._max_message_size = max_message_size
+        self._wanted_size = max_message_size
+        self._settings_changed = trio.Event()
         self._migrate = migrate
         self._roles = roles
         self.authorizer_pool = AuthorizerPool(authorizer_dsn or default_authorizer_dsn(dsn))
@@ -60,12 +63,42 @@ class DatabaseService:
         await self.ready.wait()
         await self.changefeed.wait_ok()
 
+    def record_settings(self, max_message_size: int) -> None:
+        """Have a reloaded realtime.max_message_size written for realtime.send, soon (only where this node
+        migrates the database: elsewhere its owner does). A failure is logged: the old limit stays."""
+        self._wanted_size = max_message_size
+        self._settings_changed.set()
+
+    async def _record_settings_forever(self) -> None:
+        while True:
+            await self._settings_changed.wait()
+            self._settings_changed = trio.Event()
+            size = self._wanted_size
+            if not self._migrate or size is None or size == self._max_message_size:
+                continue
+            try:
+                conn = await connect(self.dsn)
+                try:
+                    await on_connection(conn, functools.partial(record_settings, max_message_size=size))
+                finally:
+                    with trio.CancelScope(shield=True):
+                        await close_connection(conn)
+            except Exception as exc:
+                log.warning(
+                    "could not record realtime.max_message_size for realtime.send; it checks the previous value",
+                    extra={"ctx_error": describe(exc)},
+                )
+                continue
+            self._max_message_size = size
+            log.info("recorded realtime.max_message_size for realtime.send", extra={"ctx_bytes": size})
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run inside `opened()`. Reports started as soon as the first attempt finished."""
         await self._prepare(task_status)
         async with trio.open_nursery() as nursery:
             await nursery.start(self.changefeed.run)
             nursery.start_soon(self.changefeed.prune_forever)
+            nursery.start_soon(self._record_settings_forever)
             self.ready.set()
 
     async def _prepare(self, task_status: trio.TaskStatus[None]) -> None:

@@ -22,7 +22,7 @@ run: $(STAMP)
 		$(BIN)/fluxrt --config $(CONFIG)
 
 token: $(STAMP)
-	@FLUXRT_AUTH_JWT_SECRET="$${FLUXRT_AUTH_JWT_SECRET:-$(DEV_SECRET)}" $(BIN)/fluxrt --config $(CONFIG) token --sub $${SUB:-alice}
+	@FLUXRT_AUTH_JWT_SECRET="$${FLUXRT_AUTH_JWT_SECRET:-$(DEV_SECRET)}" $(BIN)/fluxrt --config $(CONFIG) token --sub $${SUB:-alice} $${ROLE:+--role $$ROLE}
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -9,6 +9,9 @@ After a lost connection every table and broadcast channel resumes by itself: the
 each delivered and resubscribes with it as `since`; `Resubscribed(recovered=...)` says whether what was missed
 follows (docs/protocol.md, "Resume").
 
+`publish()` sends broadcasts from a backend over HTTP (`POST /api/broadcast`) with a service role's token; it needs
+no open client.
+
 The protocol logic is `ClientCore`: values in, outputs out, no I/O (like h11), so it is tested without sockets.
 `Backoff` and `CloseInfo.after` decide when to reconnect. `Client` is the Trio shell around them: one connection at
 a time, with its reader, writer and heartbeat tasks in one nursery that belongs to the nursery of `open_client`.
@@ -23,13 +26,14 @@ import logging
 import random
 import ssl
 import urllib.parse
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from types import TracebackType
 from typing import Any
 
 import attrs
 import cattrs
+import h11
 import orjson
 import trio
 from trio_websocket import ConnectionClosed, ConnectionRejected, HandshakeError, WebSocketConnection, wrap_client_stream
@@ -60,6 +64,8 @@ HEARTBEAT_INTERVAL = 30.0
 """seconds between pings: docs/protocol.md's heartbeat; the server closes connections silent for 120 s"""
 CONNECT_TIMEOUT = 10.0
 CLOSE_TIMEOUT = 5.0
+PUBLISH_TIMEOUT = 30.0
+"""seconds `publish` waits for the whole exchange; the server answers 503 itself after api.publish_timeout (10 s)"""
 MAX_MESSAGE_SIZE = 64 * 1024 * 1024
 """largest message accepted from the server; fluxrt delivers rows of any size, so this is generous"""
 EVENT_BUFFER = 1000
@@ -168,6 +174,19 @@ class ServerError(ClientError):
     @property
     def channel(self) -> str | None:
         return self.error.channel
+
+
+class PublishError(ClientError):
+    """The server refused a `publish`: `status` (HTTP), `code` (`INVALID_MESSAGE`, `INVALID_CHANNEL`,
+    `UNAUTHORIZED`, `FORBIDDEN`, `RATE_LIMITED`, `UNAVAILABLE`) and `message` from its error, and `retry_after`
+    (seconds) when it said to wait (429)."""
+
+    def __init__(self, status: int, code: str, message: str, retry_after: float | None = None) -> None:
+        super().__init__(f"HTTP {status} {code}: {message}")
+        self.status = status
+        self.code = code
+        self.message = message
+        self.retry_after = retry_after
 
 
 class RequestInterrupted(ClientError):
@@ -1464,3 +1483,100 @@ def _sole_exception(group: BaseExceptionGroup[BaseException]) -> BaseException |
     while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
         exc = exc.exceptions[0]
     return None if isinstance(exc, BaseExceptionGroup) else exc
+
+
+async def publish(
+    url: str,
+    token: str,
+    channel: str | None = None,
+    payload: Any = None,
+    *,
+    messages: Iterable[tuple[str, Any]] | None = None,
+    ssl_context: ssl.SSLContext | None = None,
+    timeout: float = PUBLISH_TIMEOUT,
+) -> int:
+    """Broadcast from a backend: `POST /api/broadcast` with `token` (of one of the server's `auth.service_roles`).
+
+    Either one message, `publish(url, token, "broadcast:orders", {"id": 7})`, or a batch of at most 100 `(channel,
+    payload)` pairs, `publish(url, token, messages=[...])`, which the server publishes whole or not at all. `url` is
+    the server as `open_client` takes it (`http://host:8080`, whose path the API's is appended to, or the
+    `ws://host:8080/realtime` endpoint, whose path is dropped). Returns how many messages the server handed to every
+    node.
+
+    Raises ValueError for a URL of another form or for both or neither of `channel` and `messages`; PublishError
+    when the server refuses (any status but 202); OSError when it cannot be reached; trio.TooSlowError after
+    `timeout` seconds.
+    """
+    if (channel is None) == (messages is None):
+        raise ValueError("give either channel (and payload) or messages, not both")
+    body = orjson.dumps(
+        {"channel": channel, "payload": payload}
+        if messages is None
+        else {"messages": [{"channel": name, "payload": value} for name, value in messages]}
+    )
+    parts = urllib.parse.urlsplit(url)
+    base = parts.path.rstrip("/") if parts.scheme in ("http", "https") else ""
+    target = _Target.parse(urllib.parse.urlunsplit((parts.scheme, parts.netloc, "", "", "")), ssl_context)
+    status, headers, answer = await _http_post(
+        attrs.evolve(target, resource=base + "/api/broadcast"), token, body, timeout
+    )
+    try:
+        decoded = orjson.loads(answer)
+    except orjson.JSONDecodeError:
+        decoded = None
+    if status == 202 and isinstance(decoded, dict) and isinstance(decoded.get("published"), int):
+        return int(decoded["published"])
+    error = decoded.get("error") if isinstance(decoded, dict) else None
+    if not isinstance(error, dict):
+        text = answer[:200].decode("utf-8", "replace")
+        raise PublishError(status, "HTTP_ERROR", f"not a fluxrt API answer (is {url} a fluxrt server?): {text}")
+    retry = headers.get("retry-after")
+    raise PublishError(
+        status,
+        str(error.get("code")),
+        str(error.get("message")),
+        float(retry) if retry is not None and retry.isdigit() else None,
+    )
+
+
+async def _http_post(target: _Target, token: str, body: bytes, timeout: float) -> tuple[int, dict[str, str], bytes]:
+    """One POST on a connection of its own: status, lower-cased headers and body of the answer."""
+    exchange = h11.Connection(h11.CLIENT)
+    request = h11.Request(
+        method="POST",
+        target=target.resource,
+        headers=[
+            ("host", target.host_header),
+            ("authorization", f"Bearer {token}"),
+            ("content-type", "application/json"),
+            ("content-length", str(len(body))),
+            ("connection", "close"),
+        ],
+    )
+    with trio.fail_after(timeout):
+        stream = await target.open_stream()
+        async with stream:
+            await stream.send_all(
+                (exchange.send(request) or b"")
+                + (exchange.send(h11.Data(data=body)) or b"")
+                + (exchange.send(h11.EndOfMessage()) or b"")
+            )
+            response: h11.Response | None = None
+            chunks: list[bytes] = []
+            while True:
+                try:
+                    event = exchange.next_event()
+                except h11.RemoteProtocolError as exc:
+                    raise OSError(f"{target.host_header} answered with malformed HTTP: {exc}") from None
+                if event is h11.NEED_DATA:
+                    exchange.receive_data(bytes(await stream.receive_some(65536)))
+                elif isinstance(event, h11.Response):
+                    response = event
+                elif isinstance(event, h11.Data):
+                    chunks.append(bytes(event.data))
+                elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
+                    break
+    if response is None:
+        raise OSError(f"{target.host_header} closed the connection without answering")
+    headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in response.headers}
+    return response.status_code, headers, b"".join(chunks)

@@ -64,6 +64,8 @@ class AuthConfig:
     anon_role: str = "anon"
     default_role: str = "authenticated"
     roles: tuple[str, ...] = ()
+    service_roles: tuple[str, ...] = ("service_role",)
+    """token roles that may use the HTTP API (publish broadcasts, read presence)"""
 
 
 @attrs.frozen
@@ -107,6 +109,18 @@ class ClusterConfig:
 
 
 @attrs.frozen
+class ApiConfig:
+    """The HTTP API for backends (`POST /api/broadcast`, `GET /api/presence`)."""
+
+    rate_limit: PerMinute = PerMinute(6000)
+    """requests per token, refilled continuously"""
+    rate_burst: Count = Count(100)
+    """requests a token may make at once before `rate_limit` paces it"""
+    publish_timeout: Seconds = Seconds(10 * SECONDS)
+    """longest wait for a request's broadcasts to be handed to every node; then 503"""
+
+
+@attrs.frozen
 class LogConfig:
     level: LogLevel = "info"
     format: LogFormat = "json"
@@ -119,10 +133,11 @@ class Config:
     database: DatabaseConfig = DatabaseConfig()
     realtime: RealtimeConfig = RealtimeConfig()
     cluster: ClusterConfig = ClusterConfig()
+    api: ApiConfig = ApiConfig()
     log: LogConfig = LogConfig()
 
 
-for _cls in (ServerConfig, AuthConfig, DatabaseConfig, RealtimeConfig, ClusterConfig, LogConfig, Config):
+for _cls in (ServerConfig, AuthConfig, DatabaseConfig, RealtimeConfig, ClusterConfig, ApiConfig, LogConfig, Config):
     attrs.resolve_types(_cls)
 
 _TEXT_TYPES = (str, Secret, str | None, Secret | None, UrlPath)
@@ -223,8 +238,8 @@ def _port(value: object, _: Any) -> int:
 def _url_path(value: object, _: Any) -> str:
     if not isinstance(value, str) or not value.startswith("/") or any(c in value for c in "?# "):
         raise _Invalid(f"expected a URL path starting with /, without query or spaces, got {value!r}")
-    if value in ("/health", "/metrics"):
-        raise _Invalid(f"{value} is taken by the admin endpoint; pick another path such as /realtime")
+    if value in ("/health", "/metrics", "/api/broadcast", "/api/presence"):
+        raise _Invalid(f"{value} is taken by an HTTP endpoint; pick another path such as /realtime")
     return value
 
 
@@ -372,7 +387,9 @@ def load_config(path: str | os.PathLike[str] | None, environ: Mapping[str, str] 
         if raw is None:
             raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError([f"{label}: expected a mapping of sections (server, auth, database, realtime, log)"])
+        raise ConfigError(
+            [f"{label}: expected a mapping of sections (server, auth, database, realtime, cluster, api, log)"]
+        )
     source = {"": label}
     problems = _env_overrides(raw, environ, source)
     for section, value in raw.items():
@@ -423,6 +440,15 @@ def _cross_checks(config: Config, label: str) -> list[str]:
             f"{label}: auth.allow_anonymous: false needs auth.jwt_secret, auth.jwt_secret_file or "
             "auth.jwt_public_key_file to verify tokens"
         )
+    for role in auth.service_roles:
+        if not role:
+            problems.append(f"{label}: auth.service_roles: a role name is empty")
+        elif role in (auth.anon_role, auth.default_role):
+            who = "anonymous clients" if role == auth.anon_role else "every token without a role claim"
+            problems.append(
+                f"{label}: auth.service_roles: {role!r} is the role of {who}, who would then publish to every "
+                "channel; name a role that only your backends' tokens carry, such as service_role"
+            )
     for proxy in config.server.trusted_proxies:
         try:
             ipaddress.ip_network(proxy, strict=False)

@@ -1,4 +1,5 @@
-"""The Trio side of one connection: HTTP routing and handshake, the reader loop, and carrying out session effects.
+"""The Trio side of one connection: HTTP routing and handshake, the API for backends, the reader loop, and carrying
+out session effects.
 
 One nursery owns each connection: its body is the reader loop, and the outbox starts its writer task in it only
 while there is a backlog. Leaving the nursery is the one way a connection ends; `release` then gives back
@@ -10,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import attrs
 import h11
@@ -21,7 +22,7 @@ from wsproto.connection import ConnectionState, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
 from wsproto.utilities import LocalProtocolError
 
-from . import http
+from . import api, http
 from .admission import Admission, address_key
 from .auth import AuthError, Verifier
 from .checks import ChannelChecks
@@ -34,7 +35,7 @@ from .protocol.channels import ChannelKind, ChannelName
 from .protocol.frames import PING, text_frame
 from .protocol.identity import Identity
 from .protocol.inbound import FrameGuard
-from .protocol.messages import CloseCode, Error, ErrorCode, PresenceEvent, ServerMessage, encode
+from .protocol.messages import Ack, CloseCode, Error, ErrorCode, PresenceEvent, ServerMessage, encode
 from .protocol.session import (
     Authenticate,
     CheckAction,
@@ -70,6 +71,8 @@ RECHECK_BACKOFF = (1.0, 30.0)
 CLOSE_TIMEOUT = 2.0
 """seconds the peer has to answer our close frame and read what we sent before the socket is dropped"""
 MAX_REQUEST_HEAD = 16 * 1024
+BODY_READ_SIZE = 64 * 1024
+"""bytes asked of the kernel per read of an API request's body (realtime.read_buffer_size is for WebSocket frames)"""
 
 INVALID_TOKEN = "Invalid or expired token"
 DISCARD_LIMIT = 1024 * 1024
@@ -96,6 +99,10 @@ class ConnectionSettings:
     session_limits: SessionLimits
     trusted_proxies: tuple[http.Network, ...]
     """peers whose X-Forwarded-For names the client (server.trusted_proxies)"""
+    service_roles: tuple[str, ...]
+    """token roles the HTTP API takes (auth.service_roles)"""
+    api_publish_timeout: float
+    """seconds an API request waits for its broadcasts to be handed to every node"""
 
     @classmethod
     def from_config(cls, config: Config) -> ConnectionSettings:
@@ -110,6 +117,8 @@ class ConnectionSettings:
             max_message_size=rt.max_message_size,
             write_buffer_size=rt.write_buffer_size,
             trusted_proxies=http.trusted_networks(config.server.trusted_proxies),
+            service_roles=config.auth.service_roles,
+            api_publish_timeout=config.api.publish_timeout,
             session_limits=SessionLimits(
                 max_subscriptions=rt.max_subscriptions_per_connection,
                 message_rate_limit=rt.message_rate_limit,
@@ -137,6 +146,7 @@ class ConnectionHost(Protocol):
     supervisor: Supervisor
     admission: Admission[Connection]
     checks: ChannelChecks
+    api_limiter: api.RateLimiter
 
     def subscriptions_changed(self, channel: str) -> None:
         """A subscription to a table channel began, ended, or changed its identity."""
@@ -265,10 +275,17 @@ class Connection:
             status, body, content_type = host.admin(decision.endpoint)
             self._send_http(http.response_bytes(exchange, status, body, content_type, head=request.method == b"HEAD"))
             return None
+        if isinstance(decision, api.ApiRequest):
+            await self._api(exchange, decision)
+            return None
         if isinstance(decision, http.Refuse):
+            if decision.endpoint is not None:
+                host.counters.api_requests[decision.endpoint, decision.status] += 1
             self._send_http(
                 http.response_bytes(exchange, decision.status, decision.body, decision.content_type, decision.headers)
             )
+            if decision.endpoint is not None:
+                await self._skip_body(exchange)
             return None
         self._send_http(http.switching_protocols(exchange, decision.accept))
         self.ws = WSConnection(ConnectionType.SERVER)
@@ -306,6 +323,139 @@ class Connection:
         self.close(CloseCode.UNAUTHORIZED, "unauthorized")
         return None
 
+    # ---- the API for backends (api.py) ---------------------------------------------------------------------
+
+    async def _api(self, exchange: h11.Connection, call: api.ApiRequest) -> None:
+        """Answer one request of the API, counted by endpoint and status; never raises for what the client does."""
+        outcome = await self._api_outcome(exchange, call)
+        if outcome is None:
+            return
+        if isinstance(outcome, api.ApiError):
+            status, body, headers = outcome.status, outcome.body(), outcome.headers
+            log.info(
+                "api request refused",
+                extra=ctx(
+                    conn=self.conn_id, peer=self.peer, endpoint=call.endpoint, status=status, reason=outcome.message
+                ),
+            )
+        else:
+            (status, body), headers = outcome, ()
+        self.host.counters.api_requests[call.endpoint, status] += 1
+        self._send_http(http.response_bytes(exchange, status, body, "application/json", headers))
+        await self._skip_body(exchange)
+
+    async def _api_outcome(
+        self, exchange: h11.Connection, call: api.ApiRequest
+    ) -> tuple[int, bytes] | api.ApiError | None:
+        """Status and body of the answer, the refusal, or None when the client went away before sending it all."""
+        host, settings = self.host, self.host.settings
+        try:
+            identity = host.verifier.verify(call.token)
+        except AuthError as exc:
+            log.info("refused API token", extra=ctx(conn=self.conn_id, peer=self.peer, reason=str(exc)))
+            return api.unauthorized(INVALID_TOKEN)
+        refusal = api.check_role(identity.role, settings.service_roles) or host.api_limiter.take(
+            call.token, trio.current_time()
+        )
+        if refusal is not None:
+            return refusal
+        if call.endpoint == "presence":
+            channel = api.presence_channel(call.query)
+            if isinstance(channel, api.ApiError):
+                return channel
+            return 200, api.presence_body(channel.name, host.hub.presence_state(channel.name))
+        body = await self._read_body(exchange, call.content_length, settings.max_message_size)
+        if body is None or isinstance(body, api.ApiError):
+            return body
+        messages = api.parse_broadcast(body, settings.max_message_size)
+        if isinstance(messages, api.ApiError):
+            return messages
+        return await self._publish(messages)
+
+    async def _read_body(
+        self, exchange: h11.Connection, declared: int | None, max_message_size: int
+    ) -> bytes | api.ApiError | None:
+        """The request's body, read within server.handshake_timeout and at most `api.max_body_size` bytes (a larger
+        Content-Length is refused before anything is read); None when the client went away."""
+        limit = api.max_body_size(max_message_size)
+        if declared is not None and declared > limit:
+            return api.body_too_large(declared, max_message_size)
+        if exchange.client_is_waiting_for_100_continue:
+            self._send_http(exchange.send(h11.InformationalResponse(status_code=100, headers=[])) or b"")
+        parts: list[bytes] = []
+        size = 0
+        with trio.move_on_after(self.host.settings.handshake_timeout):
+            while True:
+                try:
+                    event = exchange.next_event()
+                except h11.RemoteProtocolError as exc:
+                    return api.ApiError(400, ErrorCode.INVALID_MESSAGE, f"malformed HTTP request body: {exc}")
+                if isinstance(event, h11.Data):
+                    size += len(event.data)
+                    if size > limit:
+                        return api.body_too_large(size, max_message_size)
+                    parts.append(bytes(event.data))
+                elif isinstance(event, h11.EndOfMessage):
+                    return b"".join(parts)
+                elif event is h11.NEED_DATA:
+                    data = await self._recv(BODY_READ_SIZE)
+                    if not data:
+                        return None
+                    exchange.receive_data(data)
+                else:
+                    return None
+        return api.ApiError(
+            408, ErrorCode.INVALID_MESSAGE, "the request body did not arrive within server.handshake_timeout"
+        )
+
+    async def _skip_body(self, exchange: h11.Connection) -> None:
+        """After answering: read and drop what is left of the request's body (at most DISCARD_LIMIT bytes, within
+        CLOSE_TIMEOUT), since closing a socket with unread bytes resets it, which can discard the answer on its
+        way to the client."""
+        if exchange.their_state is not h11.SEND_BODY:
+            return
+        left = DISCARD_LIMIT
+        with trio.move_on_after(CLOSE_TIMEOUT):
+            while left > 0:
+                try:
+                    event = exchange.next_event()
+                except h11.RemoteProtocolError:
+                    return
+                if isinstance(event, h11.Data):
+                    left -= len(event.data)
+                elif event is h11.NEED_DATA:
+                    data = await self._recv(BODY_READ_SIZE)
+                    if not data:
+                        return
+                    exchange.receive_data(data)
+                else:
+                    return
+
+    async def _publish(self, messages: list[api.Message]) -> tuple[int, bytes] | api.ApiError:
+        """Broadcast `messages` as clients' broadcasts are, and wait until each is handed to every node."""
+        hub = self.host.hub
+        reason = hub.unavailable()
+        if reason is not None:
+            return api.unavailable(f"{reason}: nothing of the request was published; retry with backoff")
+        answers = _Answers(self.conn_id, len(messages))
+        # The hub calls only what a Subscriber has on a sender (its reply), never what is a Connection's own.
+        sender = cast(Connection, answers)
+        for index, message in enumerate(messages):
+            hub.broadcast(message.channel.name, message.payload, sender=sender, ref=str(index))
+        with trio.move_on_after(self.host.settings.api_publish_timeout):
+            await answers.done.wait()
+        if answers.failure is not None:
+            failure = answers.failure
+            others = " (the request's other messages may have been delivered)" if len(messages) > 1 else ""
+            return api.unavailable(f"{failure.channel}: {failure.message}{others}")
+        if answers.waiting:
+            return api.unavailable(
+                f"{answers.waiting} of {len(messages)} messages were not handed to every node within "
+                "api.publish_timeout; they may still be delivered"
+            )
+        self.host.counters.api_published += len(messages)
+        return 202, api.published_body(len(messages))
+
     # ---- HTTP ----------------------------------------------------------------------------------------------
 
     async def _read_request(self) -> tuple[h11.Request | None, h11.Connection, bytes]:
@@ -336,12 +486,13 @@ class Connection:
         assert self.outbox is not None
         self.outbox.send_nowait(data)
 
-    async def _recv(self) -> bytes:
-        """Read what the kernel has, waiting for it if needed; b"" at end of stream or on a socket error."""
+    async def _recv(self, size: int | None = None) -> bytes:
+        """Read what the kernel has (at most `size` bytes, default realtime.read_buffer_size), waiting for it if
+        needed; b"" at end of stream or on a socket error."""
         sock = self.sock
         while True:
             try:
-                data = sock.recv(self.host.settings.read_buffer_size)
+                data = sock.recv(size or self.host.settings.read_buffer_size)
             except BlockingIOError:
                 await trio.lowlevel.wait_readable(sock)
                 continue
@@ -660,3 +811,29 @@ class Connection:
     def token_expired(self) -> None:
         self.reply_nowait(Error(ErrorCode.UNAUTHORIZED, "token expired"))
         self.close(CloseCode.UNAUTHORIZED, "token expired")
+
+
+class _Answers:
+    """The sender of an API request's broadcasts, as the hub sees it: it collects the hub's answer to each (its
+    `ref` is the message's index) and is done once every one is `sent`, or at the first `UNAVAILABLE`."""
+
+    __slots__ = ("conn_id", "done", "failure", "waiting")
+
+    def __init__(self, conn_id: str, count: int) -> None:
+        self.conn_id = conn_id
+        self.waiting = count
+        self.failure: Error | None = None
+        self.done = trio.Event()
+
+    def deliver_nowait(self, frame: bytes) -> None:
+        """Never called: the sender subscribes to nothing."""
+
+    def reply_nowait(self, message: ServerMessage) -> None:
+        if isinstance(message, Error):
+            if self.failure is None:
+                self.failure = message
+            self.done.set()
+        elif isinstance(message, Ack) and message.status == "sent":
+            self.waiting -= 1
+            if self.waiting == 0:
+                self.done.set()

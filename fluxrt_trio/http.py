@@ -1,4 +1,5 @@
-"""The HTTP side of the port: routing a request to the WebSocket upgrade, `/health`, `/metrics`, or a refusal.
+"""The HTTP side of the port: routing a request to the WebSocket upgrade, `/health`, `/metrics`, the API for
+backends (api.py), or a refusal.
 
 `route` is pure: it takes the parsed request and returns what to do; the connection carries it out with h11.
 """
@@ -16,6 +17,8 @@ import attrs
 import h11
 import orjson
 
+from . import api
+
 _WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 
@@ -25,6 +28,8 @@ class Refuse:
     body: bytes
     content_type: str = "application/json"
     headers: tuple[tuple[str, str], ...] = ()
+    endpoint: str | None = None
+    """the API endpoint refused (counted in fluxrt_api_requests_total), None for other paths"""
 
 
 @attrs.frozen(slots=True)
@@ -39,6 +44,11 @@ class Upgrade:
     """the Sec-WebSocket-Accept value"""
     token: str | None
     """from `?token=` or `Authorization: Bearer`"""
+
+
+def api_refusal(error: api.ApiError, endpoint: str) -> Refuse:
+    """An API error as the response that carries it."""
+    return Refuse(error.status, error.body(), headers=error.headers, endpoint=endpoint)
 
 
 def _json_error(status: int, error: str, message: str, headers: tuple[tuple[str, str], ...] = ()) -> Refuse:
@@ -104,7 +114,7 @@ def route(
     realtime_enabled: bool,
     draining: bool,
     allowed_origins: tuple[str, ...],
-) -> Refuse | Admin | Upgrade:
+) -> Refuse | Admin | Upgrade | api.ApiRequest:
     """Decide what to do with one HTTP request. `request.headers` are lower-cased by h11."""
     split = urllib.parse.urlsplit(request.target.decode("latin-1"))
     path = split.path
@@ -113,6 +123,9 @@ def route(
         if method not in (b"GET", b"HEAD"):
             return _json_error(405, "method_not_allowed", f"{path} answers GET", (("allow", "GET, HEAD"),))
         return Admin(path[1:])
+    if api.is_api_path(path):
+        decision = api.route(method, path, split.query, request.headers, draining=draining, enabled=realtime_enabled)
+        return api_refusal(decision, api.PATHS[path][0]) if isinstance(decision, api.ApiError) else decision
     if path != ws_path:
         return _json_error(404, "not_found", f"no such path; the WebSocket endpoint is {ws_path}")
     if not realtime_enabled:

@@ -30,6 +30,10 @@ class Counters:
     closes: collections.Counter[int] = attrs.field(factory=collections.Counter)
     slow_consumer_closes: int = 0
     rejected_connections: collections.Counter[str] = attrs.field(factory=collections.Counter)
+    api_requests: collections.Counter[tuple[str, int]] = attrs.field(factory=collections.Counter)
+    """HTTP API requests answered, by (endpoint, status)"""
+    api_published: int = 0
+    """messages of `POST /api/broadcast` handed to every node (answered 202)"""
 
 
 class _Collector:
@@ -98,6 +102,19 @@ class _Collector:
         for reason, n in sorted(c.rejected_connections.items()):
             rejected.add_metric([reason], n)
         yield rejected
+        requests = CounterMetricFamily(
+            "fluxrt_api_requests",
+            "HTTP API requests answered, by endpoint (broadcast, presence) and status",
+            labels=["endpoint", "status"],
+        )
+        for (endpoint, status), n in sorted(c.api_requests.items()):
+            requests.add_metric([endpoint, str(status)], n)
+        yield requests
+        yield CounterMetricFamily(
+            "fluxrt_api_messages_published",
+            "Messages of POST /api/broadcast handed to every node (their requests answered 202)",
+            value=c.api_published,
+        )
         # Counted where asyncpg raises, for the whole process (every server in it shares the database driver).
         from .postgres.bridge import errors as database_errors
 

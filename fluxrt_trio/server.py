@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 import trio
 
-from . import http, metrics
+from . import api, http, metrics
 from .admission import Admission, address_key
 from .auth import Verifier
 from .checks import ChannelChecks
@@ -74,6 +74,7 @@ class Server:
         self.settings = ConnectionSettings.from_config(config)
         self.supervisor = Supervisor(rt.heartbeat_interval, rt.connection_timeout)
         self.flusher = Flusher()
+        self.api_limiter = api.RateLimiter(config.api.rate_limit, config.api.rate_burst)
         self.admission: Admission[Connection] = Admission(
             rt.max_connections,
             rt.max_connections_per_user,
@@ -255,6 +256,7 @@ class Server:
         self.admission.max_anonymous_per_address = rt.max_anonymous_per_address
         self.admission.anonymous_share = rt.anonymous_share
         self.admission.max_pending_handshakes_per_address = config.server.max_pending_handshakes_per_address
+        self.api_limiter.resize(config.api.rate_limit, config.api.rate_burst)
         for connection in self.connections:
             connection.reconfigure(settings)
         if self.db is not None:

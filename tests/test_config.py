@@ -246,7 +246,7 @@ def test_unknown_keys(tmp_path):
     assert realtime_problem.startswith(f"{path}: realtime.max_conections: unknown key; expected one of ")
     assert "max_connections" in realtime_problem
     [top] = [p for p in found if "sever" in p]
-    assert top == f"{path}: sever: unknown key; expected one of server, auth, database, realtime, cluster, log"
+    assert top == f"{path}: sever: unknown key; expected one of server, auth, database, realtime, cluster, api, log"
 
 
 def test_every_problem_is_reported_at_once(tmp_path):

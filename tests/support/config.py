@@ -6,6 +6,7 @@ from typing import Any
 
 from fluxrt_trio.auth import mint
 from fluxrt_trio.config import (
+    ApiConfig,
     AuthConfig,
     ClusterConfig,
     Config,
@@ -28,6 +29,7 @@ def make_config(**sections: dict[str, Any]) -> Config:
         "database": DatabaseConfig(**sections.pop("database", {})),
         "realtime": RealtimeConfig(**sections.pop("realtime", {})),
         "cluster": ClusterConfig(**sections.pop("cluster", {})),
+        "api": ApiConfig(**sections.pop("api", {})),
         "log": LogConfig(**sections.pop("log", {})),
     }
     assert not sections, f"unknown sections {sections}"

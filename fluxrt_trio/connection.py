@@ -327,7 +327,12 @@ class Connection:
 
     async def _api(self, exchange: h11.Connection, call: api.ApiRequest) -> None:
         """Answer one request of the API, counted by endpoint and status; never raises for what the client does."""
-        outcome = await self._api_outcome(exchange, call)
+        try:
+            outcome = await self._api_outcome(exchange, call)
+        except Exception:
+            # A fault of ours: the client gets a 500 rather than a connection closed without an answer.
+            log.exception("internal error answering an API request", extra=ctx(conn=self.conn_id))
+            outcome = api.ApiError(500, ErrorCode.INTERNAL_ERROR, "internal error while answering this request")
         if outcome is None:
             return
         if isinstance(outcome, api.ApiError):

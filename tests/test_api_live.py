@@ -419,3 +419,17 @@ async def test_publish_helper_reports_the_wait_of_a_429(start_server):
         await publish(base, SERVICE, "broadcast:t", 2)
     assert refused.value.code == "RATE_LIMITED" and refused.value.retry_after is not None
     assert refused.value.retry_after >= 1
+
+
+class BrokenHub(LocalHub):
+    """A hub with a fault of ours in it."""
+
+    def presence_state(self, channel: str) -> dict[str, list[dict[str, Any]]]:
+        raise RuntimeError("injected fault")
+
+
+async def test_a_fault_of_ours_is_500_internal_error_and_the_server_goes_on(start_server):
+    server = await start_server(hub=BrokenHub())
+    status, _, answer = await http(server, "GET", "/api/presence?channel=presence:r")
+    assert (status, answer) == (500, error("INTERNAL_ERROR"))
+    assert (await post(server, {"channel": "broadcast:t", "payload": 1}))[0] == 202

@@ -1,5 +1,12 @@
-"""The door to Redis: redis-py's asyncio client behind the trio-asyncio bridge, one crossing per unit of work (a
-batch published with the state it changes, a burst of bus messages read, one node's state read).
+"""The door to Redis: redis-py's asyncio client behind the trio-asyncio bridge.
+
+Three connections. Batches go out on one of their own (the link), several at a time: Redis runs a connection's
+commands in the order they came and answers in that order, so batches sent back to back are taken in `seq` order
+without waiting for each other's answer. The bus is read on the pub/sub connection. Both are served by asyncio tasks
+that live as long as the connection (`serve`, one crossing of the bridge for all of it) and hand what they read to
+Trio through bounded buffers: a crossing costs more than the round trip to a local Redis, so the hot path makes
+none. Everything else (a node's state written whole or read, a channel's history read, the goodbye) is one crossing
+per unit of work on a pooled client.
 
 Keys, all under `cluster.prefix` (P):
 
@@ -14,7 +21,8 @@ Keys, all under `cluster.prefix` (P):
   is on.
 
 A batch, the state it changes and the expiry refresh go in one MULTI/EXEC, so a node that reads another's state
-gets it exactly as of some batch: the later ones it receives on the bus (see view.ClusterView). With history on, a
+gets it exactly as of some batch: the later ones it receives on the bus (see view.ClusterView). Several batches in
+flight keep that: each is its own transaction, and they run in order on the link. With history on, a
 batch that carries broadcasts is published by a script (PUBLISH_WITH_HISTORY) in that same transaction: it adds each
 broadcast to its channel's stream and writes the stream ids into the batch (`x`, see wire.py), so that every node
 delivers each broadcast with the same id, its position for clients that resume.
@@ -22,7 +30,10 @@ delivers each broadcast with the same id, its position for clients that resume.
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import contextlib
+import math
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
@@ -32,7 +43,7 @@ import orjson
 import redis.asyncio as aioredis
 import trio
 import trio_asyncio
-from redis.asyncio.connection import URL_QUERY_ARGUMENT_PARSERS
+from redis.asyncio.connection import URL_QUERY_ARGUMENT_PARSERS, AbstractConnection
 from redis.asyncio.sentinel import Sentinel
 from redis.exceptions import RedisError
 
@@ -41,10 +52,8 @@ from .view import Snapshot
 
 T = TypeVar("T")
 
-RECEIVE_WAIT = 0.5
-"""seconds one read of the bus waits for a first message"""
-RECEIVE_BURST = 256
-"""bus messages taken in one crossing when they are already there"""
+BUS_BUFFER = 4096
+"""bus messages read and not yet taken by the hub: the reader waits (and Redis buffers) beyond this"""
 
 
 PUBLISH_WITH_HISTORY = """
@@ -122,8 +131,28 @@ class RedisEngine:
         self.bus = f"{prefix}:bus".encode()
         self._client: aioredis.Redis | None = None
         self._pubsub: Any = None
+        self._link_client: aioredis.Redis | None = None
+        self._link: AbstractConnection | None = None
+        self._script: str | None = None
+        """PUBLISH_WITH_HISTORY's SHA1 once loaded (with history on)"""
         self._loop: Any = None
         self._tls = url.startswith("rediss")
+        self._reset_buffers()
+
+    def _reset_buffers(self) -> None:
+        # What one connection's tasks and the hub hand each other; new for every connection, so that nothing of a
+        # broken one is taken for the next one's.
+        self._outgoing: collections.deque[list[bytes]] = collections.deque()
+        """packed batches not yet written to the link"""
+        self._expected: collections.deque[int] = collections.deque()
+        """replies due for each batch written, in order (its MULTI, one per command, its EXEC)"""
+        self._replies: collections.deque[list[Any]] = collections.deque()
+        """the EXEC answers that came, in order"""
+        self._bus: collections.deque[bytes] = collections.deque()
+        self._send_wake = asyncio.Event()
+        self._bus_room = asyncio.Event()
+        self._replied = trio.Event()
+        self._heard = trio.Event()
 
     # ---- keys ----------------------------------------------------------------------------------------------
 
@@ -191,35 +220,53 @@ class RedisEngine:
                 **options,
                 **extra,
             )
-            client = sentinel.master_for(
-                target.primary,
-                db=target.db,
-                password=target.password,
-                username=target.username,
-                ssl=target.tls,
-            )
+
+            def make(**overrides: Any) -> aioredis.Redis:
+                return sentinel.master_for(  # type: ignore[no-any-return]
+                    target.primary,
+                    db=target.db,
+                    password=target.password,
+                    username=target.username,
+                    ssl=target.tls,
+                    **overrides,
+                )
         else:
-            client = aioredis.Redis.from_url(target, **options)
+            url = target
+
+            def make(**overrides: Any) -> aioredis.Redis:
+                return aioredis.Redis.from_url(url, **{**options, **overrides})
+
+        client = make()
         self._client = client
         pubsub = client.pubsub(ignore_subscribe_messages=True)
         self._pubsub = pubsub
+        # The link's reads wait as long as Redis takes, without a socket timeout: a timeout per read or write is an
+        # asyncio task and a timer each, costly on this bridge; the hub's deadline on every batch stands for it.
+        link_client = make(socket_timeout=None)
+        self._link_client = link_client
+        self._reset_buffers()
 
         async def subscribe() -> None:
             await pubsub.subscribe(self.bus)
+            self._link = await link_client.connection_pool.get_connection()  # type: ignore[no-untyped-call]
+            if self.history_size > 0:
+                self._script = await link_client.script_load(PUBLISH_WITH_HISTORY)
 
         await self._cross(subscribe)
 
     async def close(self) -> None:
-        client, pubsub = self._client, self._pubsub
-        self._client = self._pubsub = None
+        client, pubsub, link_client = self._client, self._pubsub, self._link_client
+        self._client = self._pubsub = self._link_client = self._link = None
         if client is None:
             return
 
         async def close() -> None:
             with contextlib.suppress(Exception):
                 await pubsub.aclose()
-            with contextlib.suppress(Exception):
-                await client.aclose()
+            for each in (client, link_client):
+                if each is not None:
+                    with contextlib.suppress(Exception):
+                        await each.aclose()
 
         with contextlib.suppress(EngineUnreachable):
             await self._cross(close, timeout=1)
@@ -231,73 +278,143 @@ class RedisEngine:
 
     # ---- the bus -------------------------------------------------------------------------------------------
 
+    async def serve(self) -> None:
+        """Write the batches handed to `submit`, read Redis's answers to them and read the bus, until cancelled;
+        raises EngineUnreachable when any of it fails. One crossing of the bridge for the whole connection."""
+        link, pubsub = self._link, self._pubsub
+        if link is None or pubsub is None:
+            raise EngineUnreachable("not connected")
+        outgoing, expected, replies, bus = self._outgoing, self._expected, self._replies, self._bus
+        send_wake, bus_room = self._send_wake, self._bus_room
+
+        async def write() -> None:
+            while True:
+                while not outgoing:
+                    send_wake.clear()
+                    await send_wake.wait()
+                # Whatever was handed over meanwhile goes in one write.
+                data: list[bytes] = []
+                while outgoing:
+                    data += outgoing.popleft()
+                if not link.is_connected:
+                    # redis-py would open a new connection, whose answers nobody expects.
+                    raise ConnectionError("the connection to Redis closed")
+                await link.send_packed_command(data, check_health=False)
+
+        async def answers() -> None:
+            while True:
+                answer = await link.read_response(timeout=math.inf)
+                expected[0] -= 1
+                if expected[0] == 0:
+                    # The EXEC's: the others are MULTI's OK and QUEUED (an error among them was raised above).
+                    expected.popleft()
+                    replies.append(answer)
+                    self._replied.set()
+
+        async def listen() -> None:
+            while True:
+                if len(bus) >= BUS_BUFFER:
+                    bus_room.clear()
+                    await bus_room.wait()
+                    continue
+                response = await pubsub.parse_response(block=True)
+                if isinstance(response, list) and len(response) == 3 and response[0] == b"message":
+                    bus.append(response[2])
+                    self._heard.set()
+
+        async def all_of_it() -> None:
+            tasks = [asyncio.ensure_future(work()) for work in (write, answers, listen)]
+            try:
+                done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+                for task in done:
+                    task.result()
+            finally:
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+
+        await self._cross(all_of_it, timeout=math.inf)
+
+    def submit(self, head: bytes, ops: list[bytes], kept: list[str | None], position: str, writes: Writes) -> None:
+        """Hand one batch to `serve` for Redis, at once, behind the batches handed before it: write `writes`,
+        mark the node's state as of `position` ("<incarnation> <seq>"), refresh its expiry and publish `head` +
+        `ops` (joined by commas) + wire.BATCH_END, all in one transaction. `kept[i]` is the channel whose history
+        `ops[i]` goes to (a broadcast, with history on), or None. `confirmed` gives Redis's answer."""
+        link = self._link
+        if link is None:
+            raise EngineUnreachable("not connected")
+        commands = self.batch_commands(head, ops, kept, position, writes)
+        self._outgoing.append(link.pack_commands(commands))
+        self._expected.append(len(commands))
+        self._send_wake.set()
+
+    async def confirmed(self) -> list[str | None]:
+        """Redis's answer to the oldest batch submitted and not yet confirmed, once it comes: the stream id of
+        each of its operations kept, in order (None for one that Redis could not keep). Raises EngineUnreachable
+        when Redis refused part of the transaction. No deadline of its own: the caller's."""
+        while not self._replies:
+            self._replied = trio.Event()
+            await self._replied.wait()
+        results = self._replies.popleft()
+        if not isinstance(results, list):
+            raise EngineUnreachable(f"Redis did not run a batch: {str(results)[:200]}")
+        for result in results:
+            if isinstance(result, Exception):
+                raise EngineUnreachable(describe(result, tls=self._tls))
+        last = results[-1]
+        if not isinstance(last, list):
+            return []
+        return [stream_id.decode() if stream_id else None for stream_id in last]
+
     async def receive(self) -> list[bytes]:
-        """The bus messages that came, waiting up to RECEIVE_WAIT for the first (none: an empty list)."""
-        _, pubsub = self._connected()
+        """The bus messages read since the last call, in order, once there is at least one."""
+        while not self._bus:
+            self._heard = trio.Event()
+            await self._heard.wait()
+        messages = list(self._bus)
+        self._bus.clear()
+        self._bus_room.set()
+        return messages
 
-        async def burst() -> list[bytes]:
-            out: list[bytes] = []
-            message = await pubsub.get_message(timeout=RECEIVE_WAIT)
-            while message is not None or (out and len(out) < RECEIVE_BURST):
-                if message is not None and message.get("type") == "message":
-                    out.append(message["data"])
-                if len(out) >= RECEIVE_BURST:
-                    break
-                message = await pubsub.get_message(timeout=0.0)
-                if message is None:
-                    break
-            return out
-
-        return await self._cross(burst, timeout=self.call_timeout + RECEIVE_WAIT)
-
-    async def publish(
+    def batch_commands(
         self, head: bytes, ops: list[bytes], kept: list[str | None], position: str, writes: Writes
-    ) -> list[str | None]:
-        """Write `writes`, mark the node's state as of `position` ("<incarnation> <seq>"), refresh its expiry and
-        publish the batch `head` + `ops` (joined by commas) + wire.BATCH_END, all in one transaction. `kept[i]` is
-        the channel whose history `ops[i]` goes to (a broadcast, with history on), or None. Returns the stream id
-        of each operation kept, in order (None for one that Redis could not keep)."""
-        client, _ = self._connected()
+    ) -> list[tuple[Any, ...]]:
+        """The commands of one batch's transaction (see `submit`), MULTI and EXEC included."""
         keys = sorted({channel for channel in kept if channel is not None})
-        index = {channel: n for n, channel in enumerate(keys, 1)}
         body = head + b",".join(ops)
-        script: list[bytes | str | int] = []
-        if keys:
-            script = [self.bus, body, wire.IDS_START, self.history_size, int(self.history_ttl * 1000)]
+        ttl = int(self.node_timeout * 1000)
+        presence, users, node = self._presence_key(self.node), self._users_key(self.node), self._node_key(self.node)
+        commands: list[tuple[Any, ...]] = [("MULTI",)]
+        stored = [x for field, value in writes.members.items() if value is not None for x in (field, value)]
+        removed = [field for field, value in writes.members.items() if value is None]
+        if stored:
+            commands.append(("HSET", presence, *stored))
+        if removed:
+            commands.append(("HDEL", presence, *removed))
+        counted = [x for sub, n in writes.users.items() if n > 0 for x in (sub, n)]
+        gone = [sub for sub, n in writes.users.items() if n <= 0]
+        if counted:
+            commands.append(("HSET", users, *counted))
+        if gone:
+            commands.append(("HDEL", users, *gone))
+        commands += [
+            ("SET", node, position, "PX", ttl),
+            ("PEXPIRE", presence, ttl),
+            ("PEXPIRE", users, ttl),
+            ("SADD", self._nodes_key, self.node),
+        ]
+        if keys and self._script is not None:
+            index = {channel: n for n, channel in enumerate(keys, 1)}
+            script: list[Any] = [self.bus, body, wire.IDS_START, self.history_size, int(self.history_ttl * 1000)]
             for op, channel in zip(ops, kept, strict=True):
                 if channel is not None:
                     script += [index[channel], op]
-        ttl = int(self.node_timeout * 1000)
-        presence, users, node = self._presence_key(self.node), self._users_key(self.node), self._node_key(self.node)
-
-        async def transaction() -> list[Any]:
-            pipe = client.pipeline(transaction=True)
-            stored = {field: value for field, value in writes.members.items() if value is not None}
-            removed = [field for field, value in writes.members.items() if value is None]
-            if stored:
-                pipe.hset(presence, mapping=stored)  # type: ignore[arg-type]
-            if removed:
-                pipe.hdel(presence, *removed)
-            counted = {sub: n for sub, n in writes.users.items() if n > 0}
-            gone = [sub for sub, n in writes.users.items() if n <= 0]
-            if counted:
-                pipe.hset(users, mapping=counted)  # type: ignore[arg-type]
-            if gone:
-                pipe.hdel(users, *gone)
-            pipe.set(node, position, px=ttl)
-            pipe.pexpire(presence, ttl)
-            pipe.pexpire(users, ttl)
-            pipe.sadd(self._nodes_key, self.node)
-            if keys:
-                pipe.eval(PUBLISH_WITH_HISTORY, len(keys), *[self._history_key(k) for k in keys], *script)
-            else:
-                pipe.publish(self.bus, body + wire.BATCH_END)
-            return await pipe.execute()
-
-        results = await self._cross(transaction)
-        if not keys:
-            return []
-        return [stream_id.decode() if stream_id else None for stream_id in results[-1]]
+            history = [self._history_key(k) for k in keys]
+            commands.append(("EVALSHA", self._script, len(keys), *history, *script))
+        else:
+            commands.append(("PUBLISH", self.bus, body + wire.BATCH_END))
+        commands.append(("EXEC",))
+        return commands
 
     async def read_history(self, channel: str, since: str, count: int) -> tuple[int, list[tuple[str, bytes]]]:
         """Redis's time (ms) and the first `count` entries of `channel`'s history stream from stream id `since`

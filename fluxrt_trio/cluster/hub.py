@@ -2,11 +2,13 @@
 delivery) and Redis (what the other nodes publish and hold).
 
 A broadcast or presence change is queued at once and never waits on Redis in the caller; a writer task publishes
-what is queued as one batch per round trip (a burst is a few round trips, not one per message). Once Redis has
+what is queued as a batch at once, up to MAX_IN_FLIGHT batches waiting for Redis's answer, and what queues behind
+them goes in the next (a burst is a few batches, not one per message). Once Redis has
 taken a batch it is delivered here, to this node's subscribers, exactly as the other nodes deliver it when it
 reaches them on the bus: every node, this one included, delivers each broadcast once, in the order its publisher
-sent it, and nobody gets what Redis did not take. While Redis is unreachable, or the queue holds
-`cluster.max_backlog` bytes, broadcasts and presence changes are refused (`unavailable`) and nothing is queued.
+sent it, and nobody gets what Redis did not take. While Redis is unreachable, or the queue and the batches in
+flight hold `cluster.max_backlog` bytes, broadcasts and presence changes are refused (`unavailable`) and nothing is
+queued.
 
 A node delivers its own broadcasts when their batch comes back to it on the bus, not when Redis answers the
 transaction: then every node delivers every broadcast of a channel in one order, Redis's, which is also the order of
@@ -46,6 +48,9 @@ S = TypeVar("S", bound=Subscriber)
 
 BATCH_OPS = 256
 """operations in one batch at most"""
+MAX_IN_FLIGHT = 8
+"""batches sent to Redis and not yet answered, at most: a message need not wait for the batch ahead of it to come
+back, while a Redis that stalls holds at most this many (and `cluster.max_backlog` bytes)"""
 BATCH_BYTES = 1024 * 1024
 """bytes of operations in one batch at most (one operation larger than this goes alone)"""
 BACKOFF = (0.1, 5.0)
@@ -101,6 +106,20 @@ class _Queued(Generic[S]):
     data: bytes
     sender: S | None = None
     ref: str | None = None
+
+
+@attrs.define(slots=True)
+class _Flight(Generic[S]):
+    """A batch sent to Redis and not yet answered."""
+
+    seq: int
+    items: list[_Queued[S]]
+    size: int
+    """bytes of its operations, counted in the backlog until Redis answers"""
+    sent: float
+    """by the hub's clock"""
+    deadline: float
+    """by Trio's clock: when Redis's answer is late"""
 
 
 @attrs.define(slots=True)
@@ -177,8 +196,12 @@ class ClusterHub(Generic[S]):
         self._was_up = False
         self._announcing = False
         """the node's state is being written: changes from then on are queued, to follow it"""
-        self._publishing = trio.Lock()
-        """held while a batch is on its way to Redis, so that the goodbye comes after the last batch"""
+        self._in_flight: collections.deque[_Flight[S]] = collections.deque()
+        """this node's batches sent to Redis and not answered yet, in seq order (Redis answers in that order)"""
+        self._sent = trio.Event()
+        """set (and replaced) when a batch is sent"""
+        self._answered = trio.Event()
+        """set (and replaced) when Redis answers a batch"""
         self._counts = collections.Counter[str]()
         self._publish_seconds = 0.0
         self._unechoed: dict[int, _Unechoed[S]] = {}
@@ -241,7 +264,7 @@ class ClusterHub(Generic[S]):
         op = wire.Broadcast(channel, payload)
         data = wire.encode_op(op)
         reason = self.unavailable()
-        if reason is None and self._queued_bytes + len(data) > self.max_backlog and self._queue:
+        if reason is None and self._queued_bytes + len(data) > self.max_backlog and self._queued_bytes:
             reason = "the cluster engine (Redis) is too slow: the outgoing backlog is full"
         if reason is not None:
             self._counts["refused"] += 1
@@ -398,23 +421,27 @@ class ClusterHub(Generic[S]):
         delay = BACKOFF[0]
         async with self.engine.opened():
             task_status.started()
-            while True:
-                try:
-                    await self.engine.connect()
-                    await self._connected()
-                except* EngineUnreachable as group:
-                    self._down(str(group.exceptions[0]))
-                except* Exception:
-                    # A fault of ours must not take the node down with it: it keeps serving its own connections.
-                    log.exception("cluster engine failed", extra=ctx(node=self.node))
-                    self._down("internal error (see the log)")
-                if self._was_up:
-                    self._was_up = False
-                    delay = BACKOFF[0]
-                await self.engine.close()
-                await trio.sleep(delay * random.uniform(0.5, 1.0))
-                # Back well within node_timeout, so that a short outage does not make this node look dead.
-                delay = min(delay * 2, BACKOFF[1], self.node_timeout / 2)
+            try:
+                while True:
+                    try:
+                        await self.engine.connect()
+                        await self._connected()
+                    except* EngineUnreachable as group:
+                        self._down(str(group.exceptions[0]))
+                    except* Exception:
+                        # A fault of ours must not take the node down with it: it keeps serving its own connections.
+                        log.exception("cluster engine failed", extra=ctx(node=self.node))
+                        self._down("internal error (see the log)")
+                    if self._was_up:
+                        self._was_up = False
+                        delay = BACKOFF[0]
+                    await self.engine.close()
+                    await trio.sleep(delay * random.uniform(0.5, 1.0))
+                    # Back well within node_timeout, so that a short outage does not make this node look dead.
+                    delay = min(delay * 2, BACKOFF[1], self.node_timeout / 2)
+            finally:
+                # Cancelled (the server stops): whatever is still in flight or queued gets its answer too.
+                self._abandon("this node is shutting down")
 
     def _down(self, reason: str) -> None:
         if self._phase != "unreachable":
@@ -422,15 +449,30 @@ class ClusterHub(Generic[S]):
         self._phase = "unreachable"
         self._last_error = reason
         self._new_epoch()
+        self._abandon(reason)
+
+    def _abandon(self, reason: str) -> None:
+        """Answer everything this node handed to Redis or queued for it, now that the link is gone: each broadcast
+        once, in seq order."""
         # Redis took these (it answered their transaction); their echo will not come now.
-        for seq in sorted(self._unechoed):
+        for seq in sorted(seq for seq, unechoed in self._unechoed.items() if unechoed.ids is not None):
             unechoed = self._unechoed.pop(seq)
-            if unechoed.ids is not None:
-                self._deliver_own(unechoed.items, unechoed.ids)
+            self._deliver_own(unechoed.items, unechoed.ids)
+        # Sent and not answered: Redis may have run them. Broadcasts whose batch came back on the bus meanwhile
+        # were delivered and acked: Redis did take them.
+        flights = list(self._in_flight)
+        self._in_flight.clear()
+        for flight in flights:
+            echoed = self._unechoed.pop(flight.seq, None) is None
+            failed = [item for item in flight.items if not (echoed and isinstance(item.op, wire.Broadcast))]
+            self._fail(failed, f"the cluster engine (Redis) did not confirm it ({reason})", sent=True)
+        self._unechoed.clear()
         queued = list(self._queue)
         self._queue.clear()
         self._queued_bytes = 0
         self._fail(queued, "the cluster engine (Redis) became unreachable", sent=False)
+        self._answered.set()
+        self._answered = trio.Event()
 
     def _fail(self, items: list[_Queued[S]], reason: str, *, sent: bool) -> None:
         """Answer the broadcasts among `items` with UNAVAILABLE; this node's own subscribers see its presence
@@ -486,21 +528,32 @@ class ClusterHub(Generic[S]):
         for channel in self.local.channels("presence"):
             self.local.publish_nowait(channel, PresenceEvent(channel, "sync", self.view.presence_state(channel)))
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.engine.serve)
             nursery.start_soon(self._write_loop)
+            nursery.start_soon(self._confirm_loop)
             nursery.start_soon(self._read_loop)
             nursery.start_soon(self._read_states)
             nursery.start_soon(self._watch)
 
     async def _write_loop(self) -> None:
+        """Send what is queued as soon as there is room in flight; an empty batch after a heartbeat of silence.
+        Returns when the node is leaving and nothing is queued."""
+        last = trio.current_time()
         while True:
-            if not self._queue and self._echo_wanted <= self._seq:
-                self._wake = trio.Event()
-                with trio.move_on_after(self.heartbeat):
-                    await self._wake.wait()
-            async with self._publishing:
-                if self._leaving:
+            while True:
+                if self._leaving and not self._queue:
                     return
-                await self._publish(self._take())
+                if len(self._in_flight) < MAX_IN_FLIGHT and (
+                    self._queue or self._echo_wanted > self._seq or trio.current_time() - last >= self.heartbeat
+                ):
+                    break
+                self._wake = trio.Event()
+                with trio.move_on_at(last + self.heartbeat):
+                    await self._wake.wait()
+            self._send(self._take())
+            last = trio.current_time()
+            # Let the callers of this tick queue more before the next batch.
+            await trio.lowlevel.checkpoint()
 
     def _take(self) -> list[_Queued[S]]:
         items: list[_Queued[S]] = []
@@ -511,44 +564,56 @@ class ClusterHub(Generic[S]):
                 break
             items.append(self._queue.popleft())
             size += len(item.data)
-        self._queued_bytes -= size
         return items
 
-    async def _publish(self, items: list[_Queued[S]]) -> None:
-        """One batch (an empty one is a heartbeat); on failure every broadcast in it is refused."""
+    def _send(self, items: list[_Queued[S]]) -> None:
+        """One batch to Redis (an empty one is a heartbeat), behind those in flight."""
         self._seq += 1
         seq = self._seq
-        ops = [item.op for item in items]
         broadcasts = [item for item in items if isinstance(item.op, wire.Broadcast)]
         if broadcasts:
-            # Before the transaction: the echo may be read before this task hears Redis's answer.
+            # Before it is sent: the echo may be read before Redis's answer.
             self._unechoed[seq] = _Unechoed(broadcasts)
         kept = [
             item.op.channel if self.history is not None and isinstance(item.op, wire.Broadcast) else None
             for item in items
         ]
         head = wire.batch_head(self.node, self.incarnation, seq)
-        started = self._clock()
-        try:
-            ids = await self.engine.publish(
-                head, [item.data for item in items], kept, f"{self.incarnation} {seq}", Writes.of(ops)
-            )
-        except BaseException as exc:
-            # Cancelled too (another task of the phase failed): every item is answered either way. Broadcasts
-            # whose batch came back on the bus meanwhile were delivered and acked: Redis did take them.
-            cause = str(exc) if isinstance(exc, EngineUnreachable) else "the engine stopped"
-            echoed = self._unechoed.pop(seq, None) is None
-            failed = [item for item in items if not (echoed and isinstance(item.op, wire.Broadcast))]
-            self._fail(failed, f"the cluster engine (Redis) did not confirm it ({cause})", sent=True)
-            raise
-        self._publish_seconds += self._clock() - started
+        self.engine.submit(
+            head, [item.data for item in items], kept, f"{self.incarnation} {seq}", Writes.of([i.op for i in items])
+        )
+        deadline = trio.current_time() + self.engine.call_timeout
+        self._in_flight.append(_Flight(seq, items, sum(len(item.data) for item in items), self._clock(), deadline))
+        self._sent.set()
+        self._sent = trio.Event()
+
+    async def _confirm_loop(self) -> None:
+        """Take Redis's answers in seq order; one that does not come within a call's timeout of its batch being
+        sent makes the engine unreachable (and every batch in flight is answered by `_abandon`)."""
+        while True:
+            while not self._in_flight:
+                await self._sent.wait()
+            flight = self._in_flight[0]
+            with trio.move_on_at(flight.deadline):
+                ids = await self.engine.confirmed()
+                self._confirm(self._in_flight.popleft(), ids)
+                continue
+            raise EngineUnreachable("Redis did not answer in time")
+
+    def _confirm(self, flight: _Flight[S], ids: list[str | None]) -> None:
+        """Redis took the batch: count it, note its stream ids for its echo, show its presence changes here."""
+        self._queued_bytes -= flight.size
+        self._publish_seconds += self._clock() - flight.sent
         self._counts["batches_out"] += 1
-        self._counts["ops_out"] += len(ops)
-        unechoed = self._unechoed.get(seq)
+        self._counts["ops_out"] += len(flight.items)
+        unechoed = self._unechoed.get(flight.seq)
         if unechoed is not None:
-            unechoed.ids = ids if self.history is not None else [None] * len(broadcasts)
-        others = tuple(op for op in ops if not isinstance(op, wire.Broadcast))
-        self._handle(self.view.receive(wire.Batch(self.node, self.incarnation, seq, others), self._clock()))
+            unechoed.ids = ids if self.history is not None else [None] * len(unechoed.items)
+        others = tuple(item.op for item in flight.items if not isinstance(item.op, wire.Broadcast))
+        self._handle(self.view.receive(wire.Batch(self.node, self.incarnation, flight.seq, others), self._clock()))
+        self._wake.set()
+        self._answered.set()
+        self._answered = trio.Event()
 
     async def _read_loop(self) -> None:
         while True:
@@ -655,16 +720,19 @@ class ClusterHub(Generic[S]):
         if self._leaving:
             return
         self._leaving = True
+        self._wake.set()
         with trio.move_on_after(1):
-            async with self._publishing:
-                if self._phase != "up":
-                    return
-                self._seq += 1
-                data = wire.encode_batch(self.node, self.incarnation, self._seq, [wire.encode_op(wire.Goodbye())])
-                try:
-                    await self.engine.leave(data)
-                except EngineUnreachable as exc:
-                    log.info("could not say goodbye to the cluster", extra=ctx(reason=str(exc)))
+            # The goodbye comes after the last batch: what is queued goes, and Redis answers everything sent.
+            while self._phase == "up" and (self._queue or self._in_flight):
+                await self._answered.wait()
+            if self._phase != "up":
+                return
+            self._seq += 1
+            data = wire.encode_batch(self.node, self.incarnation, self._seq, [wire.encode_op(wire.Goodbye())])
+            try:
+                await self.engine.leave(data)
+            except EngineUnreachable as exc:
+                log.info("could not say goodbye to the cluster", extra=ctx(reason=str(exc)))
 
     # ---- observing -----------------------------------------------------------------------------------------
 

@@ -3,10 +3,11 @@
 Three connections. Batches go out on one of their own (the link), several at a time: Redis runs a connection's
 commands in the order they came and answers in that order, so batches sent back to back are taken in `seq` order
 without waiting for each other's answer. The bus is read on the pub/sub connection. Both are served by asyncio tasks
-that live as long as the connection (`serve`, one crossing of the bridge for all of it) and hand what they read to
-Trio through bounded buffers: a crossing costs more than the round trip to a local Redis, so the hot path makes
-none. Everything else (a node's state written whole or read, a channel's history read, the goodbye) is one crossing
-per unit of work on a pooled client.
+that live as long as the connection (`serve`, one crossing of the bridge for all of it): a crossing costs more than
+the round trip to a local Redis, so the hot path makes none. The bus reader hands each message to the hub as it
+reads it, in the same step: trio-asyncio runs one asyncio callback per Trio scheduling round, so every hand-over
+between tasks adds a round of the whole node to a message's way. Everything else (a node's state written whole or
+read, a channel's history read, the goodbye) is one crossing per unit of work on a pooled client.
 
 Keys, all under `cluster.prefix` (P):
 
@@ -51,9 +52,6 @@ from . import address, wire
 from .view import Snapshot
 
 T = TypeVar("T")
-
-BUS_BUFFER = 4096
-"""bus messages read and not yet taken by the hub: the reader waits (and Redis buffers) beyond this"""
 
 
 PUBLISH_WITH_HISTORY = """
@@ -148,11 +146,8 @@ class RedisEngine:
         """replies due for each batch written, in order (its MULTI, one per command, its EXEC)"""
         self._replies: collections.deque[list[Any]] = collections.deque()
         """the EXEC answers that came, in order"""
-        self._bus: collections.deque[bytes] = collections.deque()
         self._send_wake = asyncio.Event()
-        self._bus_room = asyncio.Event()
         self._replied = trio.Event()
-        self._heard = trio.Event()
 
     # ---- keys ----------------------------------------------------------------------------------------------
 
@@ -278,14 +273,14 @@ class RedisEngine:
 
     # ---- the bus -------------------------------------------------------------------------------------------
 
-    async def serve(self) -> None:
-        """Write the batches handed to `submit`, read Redis's answers to them and read the bus, until cancelled;
-        raises EngineUnreachable when any of it fails. One crossing of the bridge for the whole connection."""
+    async def serve(self, heard: Callable[[bytes], None]) -> None:
+        """Write the batches handed to `submit`, read Redis's answers to them and read the bus, giving `heard`
+        each bus message in order as soon as it is read, until cancelled; raises EngineUnreachable when any of it
+        fails (and whatever `heard` raises). One crossing of the bridge for the whole connection."""
         link, pubsub = self._link, self._pubsub
         if link is None or pubsub is None:
             raise EngineUnreachable("not connected")
-        outgoing, expected, replies, bus = self._outgoing, self._expected, self._replies, self._bus
-        send_wake, bus_room = self._send_wake, self._bus_room
+        outgoing, expected, replies, send_wake = self._outgoing, self._expected, self._replies, self._send_wake
 
         async def write() -> None:
             while True:
@@ -313,14 +308,9 @@ class RedisEngine:
 
         async def listen() -> None:
             while True:
-                if len(bus) >= BUS_BUFFER:
-                    bus_room.clear()
-                    await bus_room.wait()
-                    continue
                 response = await pubsub.parse_response(block=True)
                 if isinstance(response, list) and len(response) == 3 and response[0] == b"message":
-                    bus.append(response[2])
-                    self._heard.set()
+                    heard(response[2])
 
         async def all_of_it() -> None:
             tasks = [asyncio.ensure_future(work()) for work in (write, answers, listen)]
@@ -365,16 +355,6 @@ class RedisEngine:
         if not isinstance(last, list):
             return []
         return [stream_id.decode() if stream_id else None for stream_id in last]
-
-    async def receive(self) -> list[bytes]:
-        """The bus messages read since the last call, in order, once there is at least one."""
-        while not self._bus:
-            self._heard = trio.Event()
-            await self._heard.wait()
-        messages = list(self._bus)
-        self._bus.clear()
-        self._bus_room.set()
-        return messages
 
     def batch_commands(
         self, head: bytes, ops: list[bytes], kept: list[str | None], position: str, writes: Writes

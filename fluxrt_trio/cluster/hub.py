@@ -528,10 +528,9 @@ class ClusterHub(Generic[S]):
         for channel in self.local.channels("presence"):
             self.local.publish_nowait(channel, PresenceEvent(channel, "sync", self.view.presence_state(channel)))
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self.engine.serve)
+            nursery.start_soon(self.engine.serve, self._heard)
             nursery.start_soon(self._write_loop)
             nursery.start_soon(self._confirm_loop)
-            nursery.start_soon(self._read_loop)
             nursery.start_soon(self._read_states)
             nursery.start_soon(self._watch)
 
@@ -615,31 +614,29 @@ class ClusterHub(Generic[S]):
         self._answered.set()
         self._answered = trio.Event()
 
-    async def _read_loop(self) -> None:
-        while True:
-            messages = await self.engine.receive()
-            now = self._clock()
-            for data in messages:
-                try:
-                    batch = wire.decode(data)
-                except wire.WireError as exc:
-                    self._counts["malformed"] += 1
-                    if self._counts["malformed"] == 1:
-                        log.warning("ignored a malformed message on the bus", extra=ctx(reason=str(exc)))
-                    continue
-                if batch.node == self.node:
-                    if batch.incarnation == self.incarnation:
-                        self._echo = now
-                        self._echoed(batch)
-                    elif batch.incarnation > self.incarnation:
-                        log.error(
-                            "another node runs with this node's cluster.node_id: give each node its own",
-                            extra=ctx(node=self.node),
-                        )
-                    continue
-                self._counts["batches_in"] += 1
-                self._counts["ops_in"] += len(batch.ops)
-                self._handle(self.view.receive(batch, now))
+    def _heard(self, data: bytes) -> None:
+        """One message from the bus, in the bus's order (called by the engine's reader as it reads it)."""
+        try:
+            batch = wire.decode(data)
+        except wire.WireError as exc:
+            self._counts["malformed"] += 1
+            if self._counts["malformed"] == 1:
+                log.warning("ignored a malformed message on the bus", extra=ctx(reason=str(exc)))
+            return
+        now = self._clock()
+        if batch.node == self.node:
+            if batch.incarnation == self.incarnation:
+                self._echo = now
+                self._echoed(batch)
+            elif batch.incarnation > self.incarnation:
+                log.error(
+                    "another node runs with this node's cluster.node_id: give each node its own",
+                    extra=ctx(node=self.node),
+                )
+            return
+        self._counts["batches_in"] += 1
+        self._counts["ops_in"] += len(batch.ops)
+        self._handle(self.view.receive(batch, now))
 
     def _echoed(self, batch: wire.Batch) -> None:
         """One of this node's batches came back: deliver its broadcasts here, with the ids Redis gave them."""

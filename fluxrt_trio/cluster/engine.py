@@ -14,7 +14,8 @@ Keys, all under `cluster.prefix` (P):
 - `P:bus`: the pub/sub channel every node publishes its batches to and reads everyone's from.
 - `P:nodes`: the set of node ids that have written state (pruned of those whose `P:node:` key expired).
 - `P:node:<id>`: "<incarnation> <seq>", the last batch whose state changes are written; it expires after
-  `cluster.node_timeout` unless the node publishes again (it publishes at least every fifth of it).
+  `cluster.node_timeout` unless the node refreshes it (it does at least every fifth of it: with every batch that
+  changes its state, with the first batch a fifth after the last refresh, and with a heartbeat when idle).
 - `P:presence:<id>`: a hash of the node's presence metas (`wire.member_field` -> state JSON), same expiry.
 - `P:users:<id>`: a hash of the node's connections per user (`sub` -> count), same expiry.
 - `P:history:<channel>`: a stream of the channel's last broadcasts (about `realtime.history_size`, field `o`: the
@@ -325,15 +326,25 @@ class RedisEngine:
 
         await self._cross(all_of_it, timeout=math.inf)
 
-    def submit(self, head: bytes, ops: list[bytes], kept: list[str | None], position: str, writes: Writes) -> None:
+    def submit(
+        self,
+        head: bytes,
+        ops: list[bytes],
+        kept: list[str | None],
+        position: str,
+        writes: Writes,
+        *,
+        refresh: bool = True,
+    ) -> None:
         """Hand one batch to `serve` for Redis, at once, behind the batches handed before it: write `writes`,
-        mark the node's state as of `position` ("<incarnation> <seq>"), refresh its expiry and publish `head` +
-        `ops` (joined by commas) + wire.BATCH_END, all in one transaction. `kept[i]` is the channel whose history
-        `ops[i]` goes to (a broadcast, with history on), or None. `confirmed` gives Redis's answer."""
+        mark the node's state as of `position` ("<incarnation> <seq>") and publish `head` + `ops` (joined by
+        commas) + wire.BATCH_END, all in one transaction, which also refreshes the expiry of the node's keys when
+        `refresh` or when `writes` change something. `kept[i]` is the channel whose history `ops[i]` goes to (a
+        broadcast, with history on), or None. `confirmed` gives Redis's answer."""
         link = self._link
         if link is None:
             raise EngineUnreachable("not connected")
-        commands = self.batch_commands(head, ops, kept, position, writes)
+        commands = self.batch_commands(head, ops, kept, position, writes, refresh=refresh)
         self._outgoing.append(link.pack_commands(commands))
         self._expected.append(len(commands))
         self._send_wake.set()
@@ -357,7 +368,14 @@ class RedisEngine:
         return [stream_id.decode() if stream_id else None for stream_id in last]
 
     def batch_commands(
-        self, head: bytes, ops: list[bytes], kept: list[str | None], position: str, writes: Writes
+        self,
+        head: bytes,
+        ops: list[bytes],
+        kept: list[str | None],
+        position: str,
+        writes: Writes,
+        *,
+        refresh: bool = True,
     ) -> list[tuple[Any, ...]]:
         """The commands of one batch's transaction (see `submit`), MULTI and EXEC included."""
         keys = sorted({channel for channel in kept if channel is not None})
@@ -377,12 +395,17 @@ class RedisEngine:
             commands.append(("HSET", users, *counted))
         if gone:
             commands.append(("HDEL", users, *gone))
-        commands += [
-            ("SET", node, position, "PX", ttl),
-            ("PEXPIRE", presence, ttl),
-            ("PEXPIRE", users, ttl),
-            ("SADD", self._nodes_key, self.node),
-        ]
+        if refresh or stored or removed or counted or gone:
+            commands += [
+                ("SET", node, position, "PX", ttl),
+                ("PEXPIRE", presence, ttl),
+                ("PEXPIRE", users, ttl),
+                ("SADD", self._nodes_key, self.node),
+            ]
+        else:
+            # Only the position moves (a batch of broadcasts): the three keys keep the expiry of the last refresh,
+            # and so still expire together. Half the commands of a batch, which is most batches under load.
+            commands.append(("SET", node, position, "KEEPTTL"))
         if keys and self._script is not None:
             index = {channel: n for n, channel in enumerate(keys, 1)}
             script: list[Any] = [self.bus, body, wire.IDS_START, self.history_size, int(self.history_ttl * 1000)]

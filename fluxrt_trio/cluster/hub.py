@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import random
 import re
 import secrets
@@ -200,6 +201,8 @@ class ClusterHub(Generic[S]):
         """this node's batches sent to Redis and not answered yet, in seq order (Redis answers in that order)"""
         self._sent = trio.Event()
         """set (and replaced) when a batch is sent"""
+        self._refreshed = -math.inf
+        """when (Trio's clock) a batch last refreshed the expiry of this node's keys in Redis"""
         self._answered = trio.Event()
         """set (and replaced) when Redis answers a batch"""
         self._counts = collections.Counter[str]()
@@ -411,7 +414,11 @@ class ClusterHub(Generic[S]):
     def _enqueue(self, item: _Queued[S]) -> None:
         self._queue.append(item)
         self._queued_bytes += len(item.data)
-        self._wake.set()
+        if self._phase == "up" and len(self._queue) == 1 and len(self._in_flight) < MAX_IN_FLIGHT:
+            # Sent in the caller's step: waking the writer would cost the message a scheduling round of the node.
+            self._send(self._take())
+        else:
+            self._wake.set()
 
     # ---- running -------------------------------------------------------------------------------------------
 
@@ -503,6 +510,7 @@ class ClusterHub(Generic[S]):
         try:
             announce = wire.encode_batch(self.node, self.incarnation, self._seq, [wire.encode_op(wire.Announce())])
             await self.engine.rewrite(snapshot, announce)
+            self._refreshed = trio.current_time()
             now = self._clock()
             self._echo = now
             # What changed while away arrives as a fresh sync below, not as diffs.
@@ -578,10 +586,15 @@ class ClusterHub(Generic[S]):
             for item in items
         ]
         head = wire.batch_head(self.node, self.incarnation, seq)
-        self.engine.submit(
-            head, [item.data for item in items], kept, f"{self.incarnation} {seq}", Writes.of([i.op for i in items])
-        )
-        deadline = trio.current_time() + self.engine.call_timeout
+        now = trio.current_time()
+        # A refresh at least every heartbeat while batches flow (an idle node's heartbeat is one too).
+        refresh = now - self._refreshed >= self.heartbeat
+        if refresh:
+            self._refreshed = now
+        position = f"{self.incarnation} {seq}"
+        writes = Writes.of([item.op for item in items])
+        self.engine.submit(head, [item.data for item in items], kept, position, writes, refresh=refresh)
+        deadline = now + self.engine.call_timeout
         self._in_flight.append(_Flight(seq, items, sum(len(item.data) for item in items), self._clock(), deadline))
         self._sent.set()
         self._sent = trio.Event()

@@ -29,6 +29,9 @@ KEYS = {
     "realtime.history_ttl": "duration",
     "cluster.node_timeout": "duration",
     "cluster.max_backlog": "size",
+    "api.rate_limit": "rate",
+    "api.rate_burst": "count",
+    "api.publish_timeout": "duration",
 }
 TRICKY = [".nan", ".inf", "-.inf", "1e400", "0x1F", "0o17", "1_000", "2024-13-01", "9" * 5000, "~", "0", "-1", "1ms"]
 # Scalars as an operator would type them, unquoted in YAML (where YAML may read them as numbers, dates or nulls).

@@ -7,7 +7,7 @@ CONFIG ?= fluxrt.yaml
 # A development-only secret so that `make run` and `make token` work out of the box; real deployments set their own.
 DEV_SECRET ?= dev-only-secret-change-me-0123456789abcdef
 
-.PHONY: setup services run test lint format token migrate fuzz bench-fanout bench-changes bench-rls bench-startup bench-resume pyz clean
+.PHONY: setup services run test lint format token migrate fuzz bench-fanout bench-changes bench-rls bench-startup bench-resume bench-publish pyz clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -81,6 +81,9 @@ bench-cluster: $(STAMP)
 
 bench-resume: $(STAMP)
 	$(BIN)/python bench/resume.py $(ARGS)
+
+bench-publish: $(STAMP)
+	$(BIN)/python bench/publish.py $(ARGS)
 
 migrate: $(STAMP)
 	$(BIN)/fluxrt --config $(CONFIG) migrate

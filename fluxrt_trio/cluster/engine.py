@@ -308,8 +308,11 @@ class RedisEngine:
                     self._replied.set()
 
         async def listen() -> None:
+            # Straight from the connection: PubSub's own reads would retry, reconnect and subscribe again quietly,
+            # and this node must know when it may have missed messages (it then reconnects and reads every state).
+            connection = pubsub.connection
             while True:
-                response = await pubsub.parse_response(block=True)
+                response = await connection.read_response(timeout=math.inf, push_request=True)
                 if isinstance(response, list) and len(response) == 3 and response[0] == b"message":
                     heard(response[2])
 

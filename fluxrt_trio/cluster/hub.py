@@ -623,7 +623,9 @@ class ClusterHub(Generic[S]):
             unechoed.ids = ids if self.history is not None else [None] * len(unechoed.items)
         others = tuple(item.op for item in flight.items if not isinstance(item.op, wire.Broadcast))
         self._handle(self.view.receive(wire.Batch(self.node, self.incarnation, flight.seq, others), self._clock()))
-        self._wake.set()
+        if self._queue or self._echo_wanted > self._seq:
+            # There is room in flight for what waits.
+            self._wake.set()
         self._answered.set()
         self._answered = trio.Event()
 

@@ -63,6 +63,7 @@ class Server:
                 max_backlog=cluster.max_backlog,
                 history_size=config.realtime.history_size,
                 history_ttl=config.realtime.history_ttl,
+                log_retention=config.database.retention,
             )
             hub = self.cluster
         if hub is None:

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from fluxrt_trio.cluster import wire
 from fluxrt_trio.cluster.engine import Writes, parse_state
 from fluxrt_trio.cluster.view import Snapshot
+from fluxrt_trio.protocol.rows import decode_image
 
 # Strings orjson can write (no lone surrogates), including NUL, quotes, backslashes and non-BMP characters.
 text = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=20)
@@ -176,6 +177,22 @@ def test_decode_refuses_unknown_or_malformed_ops(op: Any) -> None:
 def test_decode_raises_nothing_but_wire_error(data: bytes) -> None:
     with contextlib.suppress(wire.WireError):
         wire.decode(data)
+
+
+def test_stream_ids_and_duplicates_reach_the_broadcasts_in_order() -> None:
+    ops = [wire.Broadcast("broadcast:a", 1), wire.UserCount("bob", 1), wire.Broadcast("broadcast:a", 2)]
+    data = wire.encode_batch("node-a", "0001-aa", 7, [wire.encode_op(op) for op in ops])
+    data = data[: -len(wire.BATCH_END)] + wire.IDS_START + b'["1-0","' + wire.DUPLICATE.encode() + b'"]}'
+    assert wire.decode(data).ops == (
+        wire.Broadcast("broadcast:a", 1, "1-0"),
+        wire.UserCount("bob", 1),
+        wire.Broadcast("broadcast:a", 2, wire.DUPLICATE),
+    )
+
+
+def test_a_payload_read_from_postgres_keeps_its_digits_on_the_bus() -> None:
+    op = wire.Broadcast("broadcast:a", decode_image('{"price": 1.10, "big": 123456789012345678901234567890}'))
+    assert wire.encode_op(op) == b'["b","broadcast:a",{"price":1.10,"big":123456789012345678901234567890}]'
 
 
 def test_decode_ignores_fields_it_does_not_know() -> None:

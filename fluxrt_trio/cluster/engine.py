@@ -21,13 +21,20 @@ Keys, all under `cluster.prefix` (P):
 - `P:history:<channel>`: a stream of the channel's last broadcasts (about `realtime.history_size`, field `o`: the
   operation as published, without its id), expiring `realtime.history_ttl` after its last one; only while history
   is on.
+- `P:sent:<n>`: a bitmap of the `realtime.send` change ids from n * 2^20 on that a node has published, expiring
+  `database.retention` after the last one.
 
 A batch, the state it changes and the expiry refresh go in one MULTI/EXEC, so a node that reads another's state
 gets it exactly as of some batch: the later ones it receives on the bus (see view.ClusterView). Several batches in
 flight keep that: each is its own transaction, and they run in order on the link. With history on, a
-batch that carries broadcasts is published by a script (PUBLISH_WITH_HISTORY) in that same transaction: it adds each
+batch that carries broadcasts is published by a script (PUBLISH_BROADCASTS) in that same transaction: it adds each
 broadcast to its channel's stream and writes the stream ids into the batch (`x`, see wire.py), so that every node
 delivers each broadcast with the same id, its position for clients that resume.
+
+Every node reads each `realtime.send` from the change log and offers it in a batch; the script publishes the first
+offer and marks the later ones wire.DUPLICATE (a bit per change id in `P:sent:<id / 2^20>`, kept for
+`database.retention` after the last bit set), so a send is delivered once everywhere, in the stream's order like any
+broadcast, by whichever node reads it first.
 """
 
 from __future__ import annotations
@@ -55,26 +62,55 @@ from .view import Snapshot
 T = TypeVar("T")
 
 
-PUBLISH_WITH_HISTORY = """
--- KEYS: the history streams. ARGV: the bus, the batch up to the end of its operations, the end that carries the
--- stream ids, the streams' MAXLEN and expiry (ms), then for each broadcast in order: the index of its stream in
--- KEYS and the operation.
+PUBLISH_BROADCASTS = """
+-- KEYS: the history streams, then the bitmaps of realtime.send change ids published. ARGV: the bus, the batch up to
+-- the end of its operations, the end that carries the ids, the streams' MAXLEN and expiry (ms), the bitmaps'
+-- expiry (ms), then for each broadcast of the batch in order: the index in KEYS of its stream (0: not kept), of its
+-- bitmap (0: not a realtime.send), its bit there, and the operation (empty when not kept).
 local ids = {}
-for i = 6, #ARGV, 2 do
-  local key = KEYS[tonumber(ARGV[i])]
-  -- pcall: a key of another type under this name costs that message its id, not the whole batch.
-  local id = redis.pcall('XADD', key, 'MAXLEN', '~', ARGV[4], '*', 'o', ARGV[i + 1])
-  if type(id) == 'string' then
-    redis.call('PEXPIRE', key, ARGV[5])
+for i = 7, #ARGV, 4 do
+  local id = ''
+  local seen = 0
+  local bitmap = tonumber(ARGV[i + 1])
+  if bitmap > 0 then
+    -- Every node reads each send from the change log and offers it; the first one here publishes it.
+    seen = redis.call('SETBIT', KEYS[bitmap], ARGV[i + 2], 1)
+    redis.call('PEXPIRE', KEYS[bitmap], ARGV[6])
+  end
+  if seen == 1 then
+    id = '-'
   else
-    id = ''
+    local stream = tonumber(ARGV[i])
+    if stream > 0 then
+      -- pcall: a key of another type under this name costs that message its id, not the whole batch.
+      local added = redis.pcall('XADD', KEYS[stream], 'MAXLEN', '~', ARGV[4], '*', 'o', ARGV[i + 3])
+      if type(added) == 'string' then
+        redis.call('PEXPIRE', KEYS[stream], ARGV[5])
+        id = added
+      end
+    end
   end
   ids[#ids + 1] = id
 end
 redis.call('PUBLISH', ARGV[1], ARGV[2] .. ARGV[3] .. '["' .. table.concat(ids, '","') .. '"]}')
 return ids
 """
-"""the last step of a batch with broadcasts to keep; returns their stream ids in order ('' for one not kept)"""
+"""the last step of a batch with broadcasts to keep or `realtime.send`s; returns an id per broadcast in order: its
+stream id, '' for one not kept, wire.DUPLICATE for a send another node published"""
+
+SENDS_PER_BITMAP = 1 << 20
+"""change ids per bitmap key of published `realtime.send`s (128 KiB each)"""
+
+
+@attrs.frozen(slots=True)
+class Published:
+    """How one broadcast of a batch is published."""
+
+    history: str | None = None
+    """the channel whose history stream keeps it (with history on), or None"""
+    logged: int | None = None
+    """its change id when it is a `realtime.send` read from the change log: published once whichever nodes offer
+    it"""
 
 
 class EngineUnreachable(Exception):
@@ -119,8 +155,11 @@ class RedisEngine:
         node_timeout: float,
         history_size: int = 0,
         history_ttl: float = 300.0,
+        log_retention: float = 600.0,
     ) -> None:
         self._address = address.parse(url)
+        self.log_retention = log_retention
+        """how long after a `realtime.send` was published another node may still offer it (database.retention)"""
         self.prefix = prefix
         self.node = node
         self.node_timeout = node_timeout
@@ -133,7 +172,7 @@ class RedisEngine:
         self._link_client: aioredis.Redis | None = None
         self._link: AbstractConnection | None = None
         self._script: str | None = None
-        """PUBLISH_WITH_HISTORY's SHA1 once loaded (with history on)"""
+        """PUBLISH_BROADCASTS's SHA1 once loaded"""
         self._loop: Any = None
         self._tls = url.startswith("rediss")
         self._reset_buffers()
@@ -164,6 +203,9 @@ class RedisEngine:
     @property
     def _nodes_key(self) -> str:
         return f"{self.prefix}:nodes"
+
+    def _sent_key(self, change_id: int) -> str:
+        return f"{self.prefix}:sent:{change_id // SENDS_PER_BITMAP}"
 
     def _history_key(self, channel: str) -> str:
         return f"{self.prefix}:history:{channel}"
@@ -245,8 +287,7 @@ class RedisEngine:
         async def subscribe() -> None:
             await pubsub.subscribe(self.bus)
             self._link = await link_client.connection_pool.get_connection()  # type: ignore[no-untyped-call]
-            if self.history_size > 0:
-                self._script = await link_client.script_load(PUBLISH_WITH_HISTORY)
+            self._script = await link_client.script_load(PUBLISH_BROADCASTS)
 
         await self._cross(subscribe)
 
@@ -333,7 +374,7 @@ class RedisEngine:
         self,
         head: bytes,
         ops: list[bytes],
-        kept: list[str | None],
+        published: list[Published | None],
         position: str,
         writes: Writes,
         *,
@@ -342,20 +383,21 @@ class RedisEngine:
         """Hand one batch to `serve` for Redis, at once, behind the batches handed before it: write `writes`,
         mark the node's state as of `position` ("<incarnation> <seq>") and publish `head` + `ops` (joined by
         commas) + wire.BATCH_END, all in one transaction, which also refreshes the expiry of the node's keys when
-        `refresh` or when `writes` change something. `kept[i]` is the channel whose history `ops[i]` goes to (a
-        broadcast, with history on), or None. `confirmed` gives Redis's answer."""
+        `refresh` or when `writes` change something. `published[i]` says how `ops[i]` is published when it is a
+        broadcast (None for the other operations). `confirmed` gives Redis's answer."""
         link = self._link
         if link is None:
             raise EngineUnreachable("not connected")
-        commands = self.batch_commands(head, ops, kept, position, writes, refresh=refresh)
+        commands = self.batch_commands(head, ops, published, position, writes, refresh=refresh)
         self._outgoing.append(link.pack_commands(commands))
         self._expected.append(len(commands))
         self._send_wake.set()
 
     async def confirmed(self) -> list[str | None]:
-        """Redis's answer to the oldest batch submitted and not yet confirmed, once it comes: the stream id of
-        each of its operations kept, in order (None for one that Redis could not keep). Raises EngineUnreachable
-        when Redis refused part of the transaction. No deadline of its own: the caller's."""
+        """Redis's answer to the oldest batch submitted and not yet confirmed, once it comes: for each of its
+        broadcasts in order when the script published it, the stream id (None when not kept) or wire.DUPLICATE;
+        else an empty list. Raises EngineUnreachable when Redis refused part of the transaction. No deadline of its
+        own: the caller's."""
         while not self._replies:
             self._replied = trio.Event()
             await self._replied.wait()
@@ -374,14 +416,15 @@ class RedisEngine:
         self,
         head: bytes,
         ops: list[bytes],
-        kept: list[str | None],
+        published: list[Published | None],
         position: str,
         writes: Writes,
         *,
         refresh: bool = True,
     ) -> list[tuple[Any, ...]]:
         """The commands of one batch's transaction (see `submit`), MULTI and EXEC included."""
-        keys = sorted({channel for channel in kept if channel is not None})
+        streams = sorted({p.history for p in published if p is not None and p.history is not None})
+        bitmaps = sorted({self._sent_key(p.logged) for p in published if p is not None and p.logged is not None})
         body = head + b",".join(ops)
         ttl = int(self.node_timeout * 1000)
         presence, users, node = self._presence_key(self.node), self._users_key(self.node), self._node_key(self.node)
@@ -409,14 +452,26 @@ class RedisEngine:
             # Only the position moves (a batch of broadcasts): the three keys keep the expiry of the last refresh,
             # and so still expire together. Half the commands of a batch, which is most batches under load.
             commands.append(("SET", node, position, "KEEPTTL"))
-        if keys and self._script is not None:
-            index = {channel: n for n, channel in enumerate(keys, 1)}
-            script: list[Any] = [self.bus, body, wire.IDS_START, self.history_size, int(self.history_ttl * 1000)]
-            for op, channel in zip(ops, kept, strict=True):
-                if channel is not None:
-                    script += [index[channel], op]
-            history = [self._history_key(k) for k in keys]
-            commands.append(("EVALSHA", self._script, len(keys), *history, *script))
+        if (streams or bitmaps) and self._script is not None:
+            index = {key: n for n, key in enumerate([*map(self._history_key, streams), *bitmaps], 1)}
+            script: list[Any] = [
+                self.bus,
+                body,
+                wire.IDS_START,
+                self.history_size,
+                int(self.history_ttl * 1000),
+                int(self.log_retention * 1000),
+            ]
+            for op, how in zip(ops, published, strict=True):
+                if how is None:
+                    continue
+                stream = index[self._history_key(how.history)] if how.history is not None else 0
+                if how.logged is None:
+                    script += [stream, 0, 0, op if stream else b""]
+                else:
+                    bit = how.logged % SENDS_PER_BITMAP
+                    script += [stream, index[self._sent_key(how.logged)], bit, op if stream else b""]
+            commands.append(("EVALSHA", self._script, len(index), *index, *script))
         else:
             commands.append(("PUBLISH", self.bus, body + wire.BATCH_END))
         commands.append(("EXEC",))

@@ -39,7 +39,7 @@ from ..protocol.history import History, Position
 from ..protocol.messages import Ack, BroadcastEvent, Error, ErrorCode, PresenceEvent, encode
 from ..protocol.presence import Meta
 from . import wire
-from .engine import EngineUnreachable, RedisEngine, Writes
+from .engine import EngineUnreachable, Published, RedisEngine, Writes
 from .state import NodeState
 from .view import ClusterView, Delivered, Event, PresenceChanged, ReadState
 
@@ -107,6 +107,8 @@ class _Queued(Generic[S]):
     data: bytes
     sender: S | None = None
     ref: str | None = None
+    logged: int | None = None
+    """the change id of a `realtime.send`"""
 
 
 @attrs.define(slots=True)
@@ -161,6 +163,7 @@ class ClusterHub(Generic[S]):
         max_backlog: int = 8 * 1024 * 1024,
         history_size: int = 0,
         history_ttl: float = 300.0,
+        log_retention: float = 600.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         # Positions are stream ids here: the LocalHub keeps no history of its own.
@@ -180,12 +183,16 @@ class ClusterHub(Generic[S]):
             node_timeout=node_timeout,
             history_size=history_size,
             history_ttl=history_ttl,
+            log_retention=log_retention,
         )
         self.view = ClusterView(node_id)
         self.state = NodeState()
         self._clock = clock
         self._queue: collections.deque[_Queued[S]] = collections.deque()
         self._queued_bytes = 0
+        self._held: collections.deque[_Queued[S]] = collections.deque()
+        """`realtime.send`s read while Redis is away, to offer once it is back (at most `max_backlog` bytes)"""
+        self._held_bytes = 0
         self._wake = trio.Event()
         self._reads: set[str] = set()
         self._reads_wake = trio.Event()
@@ -278,9 +285,30 @@ class ClusterHub(Generic[S]):
         return 0
 
     def broadcast_logged(self, channel: str, payload: Any, key: int) -> None:
-        """A `realtime.send`: every node reads the change log, so each delivers the sends it reads to its own
-        subscribers, without Redis and without a position (resuming clients get `recovered:false` past it)."""
-        self.local.broadcast(channel, payload)
+        """A `realtime.send`: offered to Redis like a broadcast; the first node's offer is published and the
+        others' are not (engine.PUBLISH_BROADCASTS), so every node delivers it once, from the bus, with its stream
+        id. Read while Redis is away, it is held and offered when Redis is back."""
+        op = wire.Broadcast(channel, payload)
+        item: _Queued[S] = _Queued(op, wire.encode_op(op), logged=key)
+        if self._phase == "up" and not self._leaving:
+            self._enqueue(item)
+        else:
+            self._hold(item)
+
+    def _hold(self, item: _Queued[S]) -> None:
+        self._held.append(item)
+        self._held_bytes += len(item.data)
+        while self._held_bytes > self.max_backlog and len(self._held) > 1:
+            dropped = self._held.popleft()
+            self._held_bytes -= len(dropped.data)
+            self._counts["sends_dropped"] += 1
+            if self._counts["sends_dropped"] == 1:
+                # Other nodes that reach Redis still publish them; this node's subscribers miss them.
+                log.error(
+                    "realtime.send messages read while Redis was away exceeded cluster.max_backlog; dropping the"
+                    " oldest (clients that resume get them from another node's publication, if any)",
+                    extra=ctx(node=self.node),
+                )
 
     async def resumable(self, channel: str, since: Any) -> bool:
         """Read what followed `since` from the channel's history stream in Redis, and wait until this node has heard
@@ -487,7 +515,10 @@ class ClusterHub(Generic[S]):
         confirm them, so they may have reached other nodes."""
         for item in items:
             op = item.op
-            if isinstance(op, wire.Broadcast) and item.sender is not None:
+            if item.logged is not None:
+                # Committed in the database: offered again when Redis is back (once published, never twice).
+                self._hold(item)
+            elif isinstance(op, wire.Broadcast) and item.sender is not None:
                 self._counts["refused"] += 1
                 item.sender.reply_nowait(_unavailable(reason, op.channel, item.ref, sent=sent))
         changes = [item.op for item in items if not isinstance(item.op, wire.Broadcast)]
@@ -529,6 +560,9 @@ class ClusterHub(Generic[S]):
         self._phase = "up"
         self._was_up = True
         self._last_error = None
+        held, self._held, self._held_bytes = self._held, collections.deque(), 0
+        self._queue.extendleft(reversed(held))
+        self._queued_bytes += sum(len(item.data) for item in held)
         log.info(
             "cluster engine connected" if was == "connecting" else "cluster engine reachable again",
             extra=ctx(node=self.node, nodes=len(self.view.nodes)),
@@ -581,8 +615,10 @@ class ClusterHub(Generic[S]):
         if broadcasts:
             # Before it is sent: the echo may be read before Redis's answer.
             self._unechoed[seq] = _Unechoed(broadcasts)
-        kept = [
-            item.op.channel if self.history is not None and isinstance(item.op, wire.Broadcast) else None
+        published = [
+            Published(item.op.channel if self.history is not None else None, item.logged)
+            if isinstance(item.op, wire.Broadcast)
+            else None
             for item in items
         ]
         head = wire.batch_head(self.node, self.incarnation, seq)
@@ -593,7 +629,7 @@ class ClusterHub(Generic[S]):
             self._refreshed = now
         position = f"{self.incarnation} {seq}"
         writes = Writes.of([item.op for item in items])
-        self.engine.submit(head, [item.data for item in items], kept, position, writes, refresh=refresh)
+        self.engine.submit(head, [item.data for item in items], published, position, writes, refresh=refresh)
         deadline = now + self.engine.call_timeout
         self._in_flight.append(_Flight(seq, items, sum(len(item.data) for item in items), self._clock(), deadline))
         self._sent.set()
@@ -620,7 +656,7 @@ class ClusterHub(Generic[S]):
         self._counts["ops_out"] += len(flight.items)
         unechoed = self._unechoed.get(flight.seq)
         if unechoed is not None:
-            unechoed.ids = ids if self.history is not None else [None] * len(unechoed.items)
+            unechoed.ids = ids or [None] * len(unechoed.items)
         others = tuple(item.op for item in flight.items if not isinstance(item.op, wire.Broadcast))
         self._handle(self.view.receive(wire.Batch(self.node, self.incarnation, flight.seq, others), self._clock()))
         if self._queue or self._echo_wanted > self._seq:
@@ -672,12 +708,17 @@ class ClusterHub(Generic[S]):
             op = item.op
             assert isinstance(op, wire.Broadcast)
             stream_id = ids[index] if ids is not None and index < len(ids) else None
+            if stream_id == wire.DUPLICATE:
+                # A realtime.send another node published first: delivered here from its batch.
+                continue
             self._deliver(op.channel, op.payload, stream_id, exclude=item.sender)
             if item.sender is not None and item.ref is not None:
                 item.sender.reply_nowait(Ack("sent", op.channel, item.ref))
 
     def _deliver(self, channel: str, payload: Any, stream_id: str | None, exclude: S | None = None) -> None:
         """A broadcast to this node's subscribers, and into its history when it has an id."""
+        if stream_id == wire.DUPLICATE:
+            return
         if stream_id is None or self.history is None:
             self.local.publish_nowait(channel, BroadcastEvent(channel, payload), exclude=exclude)
             return

@@ -18,8 +18,12 @@ from typing import Any
 import attrs
 import orjson
 
+from ..protocol.rows import encode_default
+
 STREAM_ID = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
 """a Redis stream id, `<milliseconds>-<sequence>`"""
+DUPLICATE = "-"
+"""the id in `x` of a `realtime.send` that another node published first: no node delivers this copy"""
 
 
 @attrs.frozen(slots=True)
@@ -27,7 +31,8 @@ class Broadcast:
     channel: str
     payload: Any
     id: str | None = None
-    """the message's id in the channel's history stream, from the batch's `x` (None when history is off)"""
+    """the message's id in the channel's history stream, from the batch's `x` (None when history is off), or
+    DUPLICATE"""
 
 
 @attrs.frozen(slots=True)
@@ -83,7 +88,8 @@ def encode_op(op: Op) -> bytes:
     """One operation as it goes into a batch: encoded once, when it is queued, so the queue knows its size."""
     match op:
         case Broadcast(channel=channel, payload=payload):
-            return orjson.dumps(["b", channel, payload])
+            # A realtime.send's payload keeps the digits Postgres wrote.
+            return orjson.dumps(["b", channel, payload], default=encode_default)
         case Track(room=room, key=key, ref=ref, state=state):
             return orjson.dumps(["t", room, key, ref, state])
         case Untrack(room=room, key=key, ref=ref):
@@ -159,7 +165,7 @@ def _with_ids(ops: list[Op], ids: Any) -> list[Op]:
     for op in ops:
         if isinstance(op, Broadcast):
             stream_id = next(given)
-            if not (isinstance(stream_id, str) and (stream_id == "" or STREAM_ID.fullmatch(stream_id))):
+            if not (isinstance(stream_id, str) and (stream_id in ("", DUPLICATE) or STREAM_ID.fullmatch(stream_id))):
                 raise WireError(f"malformed stream id {str(stream_id)[:40]}")
             op = Broadcast(op.channel, op.payload, stream_id or None)
         out.append(op)

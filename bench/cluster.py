@@ -60,7 +60,9 @@ from common import BENCH_DIR, REPO_ROOT, percentile, proc_cpu, raise_nofile_limi
 SETUPS = ("single", "cluster-1", "cluster-2")
 PRESENCE_SETUPS = ("single", "cluster-2")
 PHASES = ("burst", "paced", "rate", "presence")
-NODES = {"single": 1, "cluster-1": 1, "cluster-2": 2}
+NODES = {"single": 1, "cluster-1": 1, "cluster-2": 2, "was-1": 1, "was-2": 2}
+COMPARED = ("was-1", "was-2")
+"""cluster-1 and cluster-2 of --compare-tree's fluxrt_trio"""
 
 TARGET_THROUGHPUT_RATIO = 0.7
 TARGET_ADDED_P50_MS = 2.0
@@ -118,12 +120,13 @@ class Cluster:
         self.args = args
         self.prefix = f"{args.prefix}-{serial}" if setup != "single" else None
         self.nodes: list[fanout.ServerProcess] = []
+        kind = "was" if setup in COMPARED else "fluxrt"
         try:
             for i in range(NODES[setup]):
                 extra = ""
                 if self.prefix is not None:
                     extra = CLUSTER_CONFIG.format(redis_url=args.redis_url, node_id=f"node{i + 1}", prefix=self.prefix)
-                self.nodes.append(fanout.ServerProcess("fluxrt", args, workdir, extra_config=extra))
+                self.nodes.append(fanout.ServerProcess(kind, args, workdir, extra_config=extra))
         except OSError:
             self.stop()
             raise
@@ -362,7 +365,7 @@ def cpu_per_m(r: PhaseResult) -> float | None:
 def summarize(results: list[PhaseResult], args: argparse.Namespace) -> dict[str, Any]:
     """Medians and pooled percentiles per setup and phase, the ratios and the verdicts."""
     s: dict[str, Any] = {"setups": {}, "verdicts": []}
-    for setup in SETUPS:
+    for setup in args.setups:
         entry: dict[str, Any] = {}
         for phase in ("burst", "paced", "rate"):
             if phase not in args.phase_list:
@@ -417,7 +420,7 @@ def summarize(results: list[PhaseResult], args: argparse.Namespace) -> dict[str,
 
     if "burst" in args.phase_list:
         base = single["burst"]["msgs_per_s"]
-        for setup in ("cluster-1", "cluster-2"):
+        for setup in args.setups[1:]:
             value = s["setups"][setup]["burst"]["msgs_per_s"]
             ratio = value / base if value and base else None
             s["setups"][setup]["burst"]["ratio"] = ratio
@@ -431,7 +434,7 @@ def summarize(results: list[PhaseResult], args: argparse.Namespace) -> dict[str,
     for phase in ("paced", "rate"):
         if phase not in args.phase_list:
             continue
-        for setup in ("cluster-1", "cluster-2"):
+        for setup in args.setups[1:]:
             e, b = s["setups"][setup][phase], single[phase]
             for q in ("p50", "p99", "first_p50", "first_p99"):
                 have = e.get(f"{q}_ms") is not None and b.get(f"{q}_ms") is not None
@@ -447,13 +450,21 @@ def summarize(results: list[PhaseResult], args: argparse.Namespace) -> dict[str,
         for copy, prefix in (("last", ""), ("first", "first_")):
             p50, p99 = c2[f"added_{prefix}p50_ms"], c2[f"added_{prefix}p99_ms"]
             ok = None if p50 is None or p99 is None else p50 <= TARGET_ADDED_P50_MS and p99 <= TARGET_ADDED_P99_MS
+            compared = ""
+            if "was-2" in s["setups"]:
+                w2, w1 = s["setups"]["was-2"][phase], s["setups"]["was-1"][phase]
+                compared = (
+                    f"; --compare-tree's was-2 {fmt(w2[f'added_{prefix}p50_ms'], '+.2f')} / "
+                    f"{fmt(w2[f'added_{prefix}p99_ms'], '+.2f')} ms, was-1 "
+                    f"{fmt(w1[f'added_{prefix}p50_ms'], '+.2f')} / {fmt(w1[f'added_{prefix}p99_ms'], '+.2f')} ms"
+                )
             verdict(
                 f"latency to {copy} copy ({phase})",
                 ok,
                 f"{phase} ({where}), latency to the {copy} copy: cluster-2 adds p50 {fmt(p50, '+.2f')} ms, p99 "
                 f"{fmt(p99, '+.2f')} ms to single (target <= {TARGET_ADDED_P50_MS:g} / {TARGET_ADDED_P99_MS:g}); "
                 f"cluster-1 adds {fmt(c1[f'added_{prefix}p50_ms'], '+.2f')} / "
-                f"{fmt(c1[f'added_{prefix}p99_ms'], '+.2f')} ms",
+                f"{fmt(c1[f'added_{prefix}p99_ms'], '+.2f')} ms{compared}",
             )
     if "presence" in args.phase_list:
         p = s["setups"]["cluster-2"]["presence"]
@@ -480,12 +491,12 @@ def print_summary(s: dict[str, Any], args: argparse.Namespace) -> None:
 
     print()
     print(f"Summary: median of {args.rounds} round(s); latencies pooled over every message of the valid rounds")
-    row("", list(SETUPS))
+    row("", list(args.setups))
     setups = s["setups"]
     for phase in ("burst", "paced", "rate"):
         if phase not in args.phase_list:
             continue
-        es = [setups[k][phase] for k in SETUPS]
+        es = [setups[k][phase] for k in args.setups]
         n = args.connections if phase != "rate" else args.rate_subscribers
         print(f"  {phase}: {n} subscribers")
         if phase == "burst":
@@ -508,7 +519,7 @@ def print_summary(s: dict[str, Any], args: argparse.Namespace) -> None:
         row("valid rounds", [f"{e['rounds_ok']}/{e['rounds']}" for e in es])
     if "presence" in args.phase_list:
         print(f"  presence storm: {args.members} members tracking once, all at once")
-        es = [setups[k].get("presence") for k in SETUPS]
+        es = [setups[k].get("presence") for k in args.setups]
         row("every node's fresh sync complete, ms", [fmt(e and e["agreed_ms"], ".0f") for e in es])
         row("every observer complete, ms", [fmt(e and e["observer_ms"], ".0f") for e in es])
         row("frames per member, each observer", [fmt(e and e["observer_frames_per_member"], ".2f") for e in es])
@@ -556,6 +567,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="run fluxrt_trio from this source tree (e.g. a `git worktree` of the commit to measure) instead of this "
         "repository's, as fanout.py --fluxrt-from does",
     )
+    parser.add_argument(
+        "--compare-tree",
+        type=Path,
+        help="also run cluster-1 and cluster-2 with fluxrt_trio from this tree (setups was-1 and was-2, in the same "
+        "rounds and order): a change measured against the code before it, side by side",
+    )
     parser.add_argument("--settle", type=float, default=0.5, help="s idle between connecting and the timed part")
     parser.add_argument("--timeout", type=float, default=60.0, help="client per-phase stall timeout (s)")
     parser.add_argument("--startup-timeout", type=float, default=20.0)
@@ -573,8 +590,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--members and --connections must be even (halves on two nodes)")
     if args.fluxrt_tree is not None and not (args.fluxrt_tree / "fluxrt_trio" / "__init__.py").is_file():
         parser.error(f"--fluxrt-tree: no fluxrt_trio package in {args.fluxrt_tree}")
+    if args.compare_tree is not None and not (args.compare_tree / "fluxrt_trio" / "__init__.py").is_file():
+        parser.error(f"--compare-tree: no fluxrt_trio package in {args.compare_tree}")
     # What fanout.ServerProcess reads.
     args.fluxrt_from = {} if args.fluxrt_tree is None else {"fluxrt": args.fluxrt_tree.resolve()}
+    args.setups = list(SETUPS)
+    if args.compare_tree is not None:
+        args.fluxrt_from["was"] = args.compare_tree.resolve()
+        args.setups += COMPARED
     args.slow_mode = False
     args.server_cpu, args.client_cpu = split_cpus(args.no_pin)
     args.prefix = f"bench-{secrets.token_hex(4)}"
@@ -596,6 +619,8 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     print(f"  fluxrt_trio from {fanout.fluxrt_origin(args, 'fluxrt')}", flush=True)
+    if args.compare_tree is not None:
+        print(f"  was-1 and was-2: fluxrt_trio from {fanout.fluxrt_origin(args, 'was')}", flush=True)
     if history:
         print(f"  {history}", flush=True)
     print(
@@ -607,7 +632,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="fluxrt-cluster-bench-") as tmp:
         for rnd in range(1, args.rounds + 1):
             for phase in args.phase_list:
-                setups = list(PRESENCE_SETUPS if phase == "presence" else SETUPS)
+                setups = list(PRESENCE_SETUPS if phase == "presence" else args.setups)
                 # Alternate which setup goes first so slow drift on a shared box hits all alike.
                 for setup in setups if rnd % 2 else reversed(setups):
                     r = run_phase(setup, phase, rnd, args, Path(tmp))

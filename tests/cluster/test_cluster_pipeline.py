@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
+import orjson
 import pytest
 import trio
 
@@ -18,6 +19,14 @@ from .test_cluster_resume import Recorder
 CHAT = "broadcast:chat"
 SENT = 12
 """broadcasts sent while Redis is stalled: MAX_IN_FLIGHT batches in flight, the rest queued behind them"""
+
+
+class LargeRecorder(Recorder):
+    """A Recorder that also reads frames with a 64-bit length."""
+
+    def deliver_nowait(self, frame: bytes) -> None:
+        start = {126: 4, 127: 10}.get(frame[1] & 0x7F, 2)
+        self.got.append(orjson.loads(frame[start:]))
 
 
 @pytest.fixture
@@ -72,6 +81,28 @@ async def test_batches_in_flight_are_answered_in_order_and_each_broadcast_delive
     assert ids == sorted(set(ids))
     statistics = hub.cluster_statistics()
     assert (statistics.backlog_bytes, statistics.refused) == (0, 0)
+
+
+async def test_batches_larger_than_the_socket_takes_at_once_keep_their_order(redis, nursery):
+    # 12 batches of 600 kB while Redis reads nothing: the kernel's buffers fill, and what the socket does not take
+    # waits in the transport and then in the engine's queue for the writer.
+    hub: ClusterHub[Recorder] = ClusterHub(redis.url, node_id="solo", node_timeout=60, max_backlog=16 * 1024 * 1024)
+    await nursery.start(hub.run)
+    await up(hub)
+    live, sender = LargeRecorder(), Recorder()
+    hub.join(CHAT, live)
+    redis.pause()
+    for n in range(SENT):
+        hub.broadcast(CHAT, [n, "x" * 600_000], sender=sender, ref=str(n))
+    redis.resume()
+
+    acks = await answers(sender, SENT)
+    assert [(a["status"], a["ref"]) for a in acks] == [("sent", str(n)) for n in range(SENT)]
+    with trio.fail_after(15):
+        while len(live.got) < SENT:
+            await trio.sleep(0.01)
+    assert [m["payload"][0] for m in live.got] == list(range(SENT))
+    assert hub.cluster_statistics().backlog_bytes == 0
 
 
 async def test_redis_killed_with_batches_in_flight_answers_each_broadcast_once_and_delivers_none(redis, hub):

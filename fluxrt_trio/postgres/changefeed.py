@@ -50,7 +50,8 @@ class Changefeed:
         self._retention = retention
         self._listen = listen
         self._prev: str | None = None
-        self._gap_reported: str | None = None
+        self._in_gap = False
+        """the last read found changes pruned before this node read them (reported once until a read does not)"""
         self._backoff = BACKOFF_START
         self._report: trio.TaskStatus[None] | None = None
         self._cur: str | None = None
@@ -156,12 +157,13 @@ class Changefeed:
             )
             if self.state != "ok":
                 self._healthy()
-            if page.missed and self._gap_reported != self._prev:
+            if page.missed and not self._in_gap:
                 # Rows this node had not read yet were pruned: however long it was away (or stalled), say so,
-                # once for this gap.
-                self._gap_reported = self._prev
+                # once for this gap. The read after it may find the same loss again (its `prev` was taken before
+                # the pruning committed): still the same gap.
                 log.error("changes were pruned before this node could read them; subscribers are told to refetch")
                 await self._out.send(Window([], missed=True))
+            self._in_gap = page.missed
             self._cur = page.snapshot
             if page.changes:
                 self.windows += 1

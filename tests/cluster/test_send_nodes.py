@@ -12,7 +12,7 @@ import trio
 
 from ..support.clients import connect, raw_connect, recv, subscribe
 from ..support.database import in_asyncio
-from ..support.nodes import running_nodes
+from ..support.nodes import Node, running_nodes
 from ..support.redis import RedisServer
 from ..support.waiting import nothing_arrives
 from ..test_broadcast_resume import kill, subscribed
@@ -27,6 +27,26 @@ async def received(ws: Any, count: int) -> list[dict[str, Any]]:
     messages = [await recv(ws, timeout=20) for _ in range(count)]
     await nothing_arrives(ws, 0.3)
     return messages
+
+
+async def position_of_a_send(node: Node, db: Any) -> str:
+    """The `id` of a send as a client of `node` receives it; the client's socket is then killed."""
+    client = await raw_connect(node.remote)
+    await subscribed(client, NEWS)
+    await db.execute("SELECT realtime.send('broadcast:news', '0')")
+    last = (await client.next_message())["id"]
+    kill(client)
+    return str(last)
+
+
+async def resumed(node: Node, since: str, count: int) -> list[Any]:
+    """The payloads a client resuming on `node` from `since` is replayed (the ack must say recovered)."""
+    client = await raw_connect(node.remote)
+    ack = await subscribed(client, NEWS, since=since)
+    assert ack["recovered"] is True, ack
+    payloads = [(await client.next_message())["payload"] for _ in range(count)]
+    client.close()
+    return payloads
 
 
 async def test_sends_from_eight_writers_reach_both_nodes_once_with_one_id_in_commit_order(db, redis, tmp_path):
@@ -58,20 +78,12 @@ async def test_a_client_resumes_past_sends_on_the_other_node(db, redis, tmp_path
     async with running_nodes(2, tmp_path, db.dsn, redis_url=redis.url) as nodes:
         for node in nodes:
             await up(node)
-        client = await raw_connect(nodes[0].remote)
-        await subscribed(client, NEWS)
-        await db.execute("SELECT realtime.send('broadcast:news', '0')")
-        last = (await client.next_message())["id"]
-        kill(client)
+        last = await position_of_a_send(nodes[0], db)
         async with connect(nodes[1].remote) as observer:
             await subscribe(observer, NEWS)
             await db.execute("SELECT realtime.send('broadcast:news', to_jsonb(n)) FROM generate_series(1, 10) n")
             assert [m["payload"] for m in await received(observer, 10)] == list(range(1, 11))
-        again = await raw_connect(nodes[1].remote)
-        ack = await subscribed(again, NEWS, since=last)
-        assert ack["recovered"] is True, ack
-        assert [(await again.next_message())["payload"] for _ in range(10)] == list(range(1, 11))
-        again.close()
+        assert await resumed(nodes[1], last, 10) == list(range(1, 11))
 
 
 async def test_sends_committed_while_redis_is_away_are_published_once_when_it_is_back(db, redis: RedisServer, tmp_path):
@@ -81,11 +93,7 @@ async def test_sends_committed_while_redis_is_away_are_published_once_when_it_is
     async with running_nodes(2, tmp_path, db.dsn, redis_url=redis.url, node_timeout=3) as nodes:
         for node in nodes:
             await up(node)
-        client = await raw_connect(nodes[0].remote)
-        await subscribed(client, NEWS)
-        await db.execute("SELECT realtime.send('broadcast:news', '0')")
-        last = (await client.next_message())["id"]
-        kill(client)
+        last = await position_of_a_send(nodes[0], db)
         async with connect(nodes[0].remote) as first, connect(nodes[1].remote) as second:
             await subscribe(first, NEWS)
             await subscribe(second, NEWS)
@@ -108,8 +116,4 @@ async def test_sends_committed_while_redis_is_away_are_published_once_when_it_is
                 heard.append(payloads)
             assert [1, 2, 3, 4, 5, 6] in heard
         for node in nodes:
-            again = await raw_connect(node.remote)
-            ack = await subscribed(again, NEWS, since=last)
-            assert ack["recovered"] is True, ack
-            assert [(await again.next_message())["payload"] for _ in range(6)] == [1, 2, 3, 4, 5, 6]
-            again.close()
+            assert await resumed(node, last, 6) == [1, 2, 3, 4, 5, 6]

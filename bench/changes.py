@@ -60,26 +60,28 @@ import time
 import urllib.parse
 import uuid
 from array import array
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self, TypeVar
 
 import asyncpg
 import common
 import jwt
 import orjson
+import scratch_database
 import trio
 from common import (
     BENCH_DIR,
     REPO_ROOT,
+    Copies,
+    counted,
     free_port,
     percentile,
+    postgres_cpu_since,
+    postgres_cpus,
     proc_cpu,
-    proc_stats,
-    raise_nofile_limit,
     split_cpus,
-    stat_cpu_s,
 )
 
 from fluxrt_trio.client import Change, ClientError, open_client
@@ -151,23 +153,6 @@ COST_ROW = "cost-bench-row-0000000000"
 
 
 # ---- small helpers ------------------------------------------------------------------------------------------------
-
-
-def postgres_cpu() -> float:
-    """CPU seconds of every process named postgres (the whole cluster, whoever it works for).
-
-    Backends that start and end within a phase are missed, but ours (the writers', fluxrt's) live throughout.
-    """
-    total = 0.0
-    for _pid, stat in proc_stats():
-        if stat[stat.index("(") + 1 : stat.rindex(")")] == "postgres":
-            total += stat_cpu_s(stat)
-    return total
-
-
-def with_database(dsn: str, database: str) -> str:
-    parts = urllib.parse.urlsplit(dsn)
-    return urllib.parse.urlunsplit(parts._replace(path="/" + database))
 
 
 def fluxrt_source(python: str) -> str:
@@ -346,20 +331,16 @@ class Plan:
 class Clients:
     """The subscriber process (bench/changes_clients.py), pinned to the client CPU."""
 
+    SCRIPT = "changes_clients.py"
+    """The subscriber process's program in bench/ (a subclass names its own)."""
+
     def __init__(self, proc: asyncio.subprocess.Process) -> None:
         self.proc = proc
 
     @classmethod
-    async def start(cls, args: argparse.Namespace, server: Server, plan_path: Path) -> Clients:
-        argv = [
-            str(BENCH_DIR / "changes_clients.py"),
-            "--host",
-            server.host,
-            "--port",
-            str(server.port),
-            "--plan",
-            str(plan_path),
-        ]
+    async def start(cls, args: argparse.Namespace, server: Server, plan_path: Path) -> Self:
+        argv = [str(BENCH_DIR / cls.SCRIPT), "--host", server.host, "--port", str(server.port)]
+        argv += ["--plan", str(plan_path)]
         if args.client_cpu is not None:
             argv += ["--cpu", str(args.client_cpu)]
         proc = await asyncio.create_subprocess_exec(
@@ -392,75 +373,168 @@ class Clients:
                 self.proc.kill()
                 await self.proc.wait()
 
+    async def collect(
+        self, path: Path, expected: int, timeout: float, grace: float = GRACE_S
+    ) -> tuple[dict[str, Any], array]:
+        """Once `expected` copies have arrived since the last collect (or `timeout` s have passed), and `grace` s
+        more: the process's `collected` event and its records (quadruples of int64: sequence number, connection
+        index, kernel receive time, read time), the file at `path` removed. Raises TimeoutError when the process
+        does not answer within a minute after that, RuntimeError when it exits or reports an error."""
+        await self.send(cmd="collect", expected=expected, grace=grace, timeout=timeout, path=str(path))
+        got = await self.event(timeout + grace + 60)
+        records = array("q")
+        records.frombytes(path.read_bytes())
+        path.unlink()
+        return got, records
+
+
+class Measurement:
+    """One measured stretch of a benchmark step, from `start` (before publishing) to `collect` (once published):
+    the copies the subscribers recorded, the changefeed windows fluxrt read, and each process's CPU."""
+
+    def __init__(self, server: Server, clients: Clients, health: dict[str, Any] | None) -> None:
+        self.server = server
+        self.clients = clients
+        self.health0 = health
+        self.pg0 = postgres_cpus()
+        self.cpu0 = (proc_cpu(server.pid), proc_cpu(clients.proc.pid), time.process_time())
+        self.wall0 = time.perf_counter()
+        self.got: dict[str, Any] = {}
+        self.records = array("q")
+        self.windows: int | None = None
+        self.cpu_s: dict[str, float | None] = {}
+        self.wall_s = 0.0
+
+    @classmethod
+    async def start(cls, server: Server, clients: Clients) -> Measurement:
+        """Tell the subscribers a step begins, and take the starting health and CPU counters."""
+        await clients.send(cmd="start")
+        return cls(server, clients, server.health())
+
+    async def collect(self, path: Path, expected: int, timeout: float) -> None:
+        """`Clients.collect`, then the windows and CPU seconds since `start`."""
+        self.got, self.records = await self.clients.collect(path, expected, timeout)
+        self.wall_s = time.perf_counter() - self.wall0
+        health1 = self.server.health()
+        if self.health0 and health1:
+            self.windows = health1["changefeed"]["windows"] - self.health0["changefeed"]["windows"]
+        fluxrt, subscribers, driver = self.cpu0
+        self.cpu_s = {
+            "fluxrt": _since(fluxrt, proc_cpu(self.server.pid)),
+            "postgres": postgres_cpu_since(self.pg0),
+            "subscribers": _since(subscribers, proc_cpu(self.clients.proc.pid)),
+            "driver": time.process_time() - driver,
+        }
+
+    def cpu_pct(self, driver: str, order: tuple[str, ...]) -> dict[str, float | None]:
+        """CPU as % of the stretch's wall time, keyed and ordered by `order`: "fluxrt", "postgres", "subscribers"
+        and `driver`, the name of this process's work."""
+        shares = {label: self.cpu_s["driver" if label == driver else label] for label in order}
+        return {label: None if cpu is None else 100 * cpu / self.wall_s for label, cpu in shares.items()}
+
+    def outcome(self, result: Any) -> None:
+        """Set what the subscriber process reported on `result` (a Phase, or another bench's step with the same
+        fields): timed_out, unexpected, lost_connections, samples; and its error when fluxrt has exited."""
+        got = self.got
+        result.timed_out = got["timed_out"]
+        result.unexpected = sum(got["unexpected"].values())
+        result.lost_connections = len(got["closed"])
+        result.samples = got["samples"] + got["closed"][:5]
+        if self.server.proc.poll() is not None:
+            result.error = f"fluxrt exited with {self.server.proc.returncode}"
+
+
+def _since(before: float | None, after: float | None) -> float | None:
+    return None if before is None or after is None else after - before
+
 
 # ---- the writers --------------------------------------------------------------------------------------------------
 
 
 @dataclass
 class Writes:
-    """One phase's rows: index i is sequence number seq0 + i; even i went to todos (user (i // 2) % USERS)."""
+    """One phase's rows: index i is sequence number seq0 + i; even i went to todos (user (i // 2) % USERS).
+    `start_ns` is when its write began, `done_ns` when its commit returned, 0 when it failed."""
 
     seq0: int
     rate: float
-    send_ns: list[int]
-    commit_ns: list[int]
+    start_ns: list[int]
+    done_ns: list[int]
     errors: list[str]
 
     @property
     def n(self) -> int:
-        return len(self.commit_ns)
+        return len(self.done_ns)
 
     def achieved_rate(self) -> float:
         """Rows per second from the first send to the last commit."""
         if self.n < 2:
             return 0.0
-        return self.n / ((max(self.commit_ns) - min(self.send_ns)) / 1e9)
+        return self.n / ((max(self.done_ns) - min(self.start_ns)) / 1e9)
 
 
-class Writers:
-    """WRITERS asyncpg connections inserting one row per transaction at a steady total rate."""
+class PacedWriters:
+    """asyncpg connections each writing one statement per transaction, together at a steady total rate."""
 
-    def __init__(self, conns: list[asyncpg.Connection], users: list[uuid.UUID]) -> None:
+    def __init__(self, conns: list[asyncpg.Connection]) -> None:
         self.conns = conns
-        self.users = users
-
-    @classmethod
-    async def open(cls, dsn: str, users: list[uuid.UUID]) -> Writers:
-        return cls([await asyncpg.connect(dsn) for _ in range(WRITERS)], users)
 
     async def close(self) -> None:
         for conn in self.conns:
             with contextlib.suppress(Exception):
                 await conn.close()
 
-    async def run(self, rate: float, duration: float, seq0: int) -> Writes:
-        """Row i is due at start + i / rate; writer w takes rows i = w, w + 8, ... A writer that falls behind
-        writes its next row at once (the achieved rate shows it), so the offered load never exceeds the rate."""
-        n = max(2, round(rate * duration))
-        writes = Writes(seq0, rate, [0] * n, [0] * n, [])
+    async def paced(
+        self, writes: Writes, label: str, execute: Callable[[asyncpg.Connection, int], Awaitable[object]]
+    ) -> None:
+        """Write i of `writes` is due at start + i / rate; connection w takes i = w, w + len(conns), ... One that
+        falls behind writes its next at once (the achieved rate shows it), so the offered load never exceeds the
+        rate. `execute(conn, i)` runs write i: when it began and when it returned go to `writes.start_ns` and
+        `done_ns`; a PostgreSQL or OS error goes to `writes.errors` as "label seq: error", its done_ns left 0."""
+        n, rate, step = writes.n, writes.rate, len(self.conns)
         loop = asyncio.get_running_loop()
         start = loop.time() + 0.02
-        users = self.users
 
         async def writer(w: int, conn: asyncpg.Connection) -> None:
-            for i in range(w, n, WRITERS):
+            for i in range(w, n, step):
                 delay = start + i / rate - loop.time()
                 if delay > 0:
                     await asyncio.sleep(delay)
-                seq = str(seq0 + i)
-                writes.send_ns[i] = time.time_ns()
+                writes.start_ns[i] = time.time_ns()
                 try:
-                    if i % 2 == 0:
-                        await conn.execute(INSERT_TODO, users[(i // 2) % USERS], seq)
-                    else:
-                        await conn.execute(INSERT_EVENT, seq)
+                    await execute(conn, i)
                 except (asyncpg.PostgresError, OSError) as exc:
-                    writes.errors.append(f"row {seq}: {exc}")
+                    writes.errors.append(f"{label} {writes.seq0 + i}: {exc}")
                     continue
-                # The commit has returned to the writer: the latency clock starts here.
-                writes.commit_ns[i] = time.time_ns()
+                # The statement (its own transaction) has returned: the commit-to-client clock starts here.
+                writes.done_ns[i] = time.time_ns()
 
         await asyncio.gather(*(writer(w, c) for w, c in enumerate(self.conns)))
+
+
+class Writers(PacedWriters):
+    """WRITERS connections inserting one row per transaction at a steady total rate, even rows into todos."""
+
+    def __init__(self, conns: list[asyncpg.Connection], users: list[uuid.UUID]) -> None:
+        super().__init__(conns)
+        self.users = users
+
+    @classmethod
+    async def open(cls, dsn: str, users: list[uuid.UUID]) -> Writers:
+        return cls([await asyncpg.connect(dsn) for _ in range(WRITERS)], users)
+
+    async def run(self, rate: float, duration: float, seq0: int) -> Writes:
+        """`rate` rows/s for `duration` s, paced (`PacedWriters.paced`); row i carries sequence number seq0 + i."""
+        n = max(2, round(rate * duration))
+        writes = Writes(seq0, rate, [0] * n, [0] * n, [])
+        users = self.users
+
+        def insert(conn: asyncpg.Connection, i: int) -> Awaitable[object]:
+            if i % 2 == 0:
+                return conn.execute(INSERT_TODO, users[(i // 2) % USERS], str(seq0 + i))
+            return conn.execute(INSERT_EVENT, str(seq0 + i))
+
+        await self.paced(writes, "row", insert)
         return writes
 
 
@@ -505,46 +579,34 @@ class Phase:
     latencies_ms: list[float] = field(default_factory=list, repr=False)
 
     def correctness_problems(self) -> list[str]:
-        problems = []
-        for label, value in (
-            ("missing", self.missing),
-            ("duplicate", self.duplicates),
-            ("leaked", self.leaked),
-            ("from another phase", self.foreign),
-            ("unexpected frames", self.unexpected),
-            ("connections lost", self.lost_connections),
-        ):
-            if value:
-                problems.append(f"{value} {label}")
-        return problems
+        return counted(
+            (
+                ("missing", self.missing),
+                ("duplicate", self.duplicates),
+                ("leaked", self.leaked),
+                ("from another phase", self.foreign),
+                ("unexpected frames", self.unexpected),
+                ("connections lost", self.lost_connections),
+            )
+        )
 
 
 def judge(phase: Phase, writes: Writes, records: array, plan: Plan) -> None:
     """Match each copy received to its row: latency from that row's commit, and who should have had it."""
-    seq0, n = writes.seq0, writes.n
+    n = writes.n
     nconn = len(plan.conn_table)
     is_events = [t == "events" for t in plan.conn_table]
     conn_user = plan.conn_user
-    commit = writes.commit_ns
-    seen: set[int] = set()
+    commit = writes.done_ns
     todos_lat: list[float] = []
     events_lat: list[float] = []
     lags: list[float] = []
     early: list[float] = []
     late: list[float] = []
     first_cut, last_cut = n // 5, n - n // 5
-    dup = leaked = foreign = 0
-    for k in range(0, len(records), 4):
-        seq, conn, stamp, read = records[k], records[k + 1], records[k + 2], records[k + 3]
-        i = seq - seq0
-        if not 0 <= i < n or not commit[i]:
-            foreign += 1
-            continue
-        key = i * nconn + conn
-        if key in seen:
-            dup += 1
-            continue
-        seen.add(key)
+    leaked = 0
+    copies = Copies(records, writes.seq0, commit, nconn)
+    for i, conn, stamp, read in copies:
         if i % 2 == 0:
             if is_events[conn] or conn_user[conn] != (i // 2) % USERS:
                 leaked += 1
@@ -567,7 +629,7 @@ def judge(phase: Phase, writes: Writes, records: array, plan: Plan) -> None:
     phase.expected = todos_rows * TODO_CONNS_PER_USER + (len(committed) - todos_rows) * plan.events_conns
     phase.delivered = len(todos_lat) + len(events_lat)
     phase.missing = phase.expected - phase.delivered
-    phase.duplicates, phase.leaked, phase.foreign = dup, leaked, foreign
+    phase.duplicates, phase.leaked, phase.foreign = copies.duplicates, leaked, copies.foreign
     lat = todos_lat + events_lat
     phase.latencies_ms = lat
     if lat:
@@ -581,10 +643,52 @@ def judge(phase: Phase, writes: Writes, records: array, plan: Plan) -> None:
         phase.todos_p99_ms = percentile(todos_lat, 99)
     if events_lat:
         phase.events_p99_ms = percentile(events_lat, 99)
-    write_ms = [(writes.commit_ns[i] - writes.send_ns[i]) / 1e6 for i in committed]
+    write_ms = [(writes.done_ns[i] - writes.start_ns[i]) / 1e6 for i in committed]
     if write_ms:
         phase.write_p50_ms, phase.write_p99_ms = percentile(write_ms, 50), percentile(write_ms, 99)
     phase.achieved_rate = writes.achieved_rate()
+
+
+ClientsT = TypeVar("ClientsT", bound=Clients)
+WritersT = TypeVar("WritersT", bound=PacedWriters)
+
+
+@contextlib.asynccontextmanager
+async def serving(
+    args: argparse.Namespace,
+    server: Server,
+    clients_class: type[ClientsT],
+    plan_path: Path,
+    open_writers: Callable[[], Awaitable[WritersT]],
+    check: Callable[[], Awaitable[None]] | None = None,
+) -> AsyncIterator[tuple[ClientsT, WritersT]]:
+    """The subscriber process (`clients_class`) with every subscriber of `plan_path` ready, and the writers
+    `open_writers` opens, once `server` (just started) answers healthy and `check`, if given, has passed. On the way
+    out all of them are stopped, fluxrt's log tail printed when it did not exit cleanly. Raises RuntimeError (or
+    TimeoutError) when fluxrt or the subscribers do not come up."""
+    clients: ClientsT | None = None
+    writers: WritersT | None = None
+    try:
+        await server.wait_ready(args.startup_timeout)
+        if check is not None:
+            await check()
+        clients = await clients_class.start(args, server, plan_path)
+        ready = await clients.event(120)
+        writers = await open_writers()
+        print(
+            f"  fluxrt pid {server.pid} on port {server.port}: {ready['connections']} subscribers ready "
+            f"in {ready['connect_s']:.1f}s",
+            flush=True,
+        )
+        yield clients, writers
+    finally:
+        if writers is not None:
+            await writers.close()
+        if clients is not None:
+            await clients.stop()
+        ended = server.stop()
+        if not ended.startswith("exit 0"):
+            print(f"  fluxrt ended: {ended}\n{server.log_tail()}", flush=True)
 
 
 @dataclass
@@ -610,12 +714,11 @@ class Bench:
 
     @contextlib.asynccontextmanager
     async def session(self) -> AsyncIterator[Session]:
-        """A fresh fluxrt, all subscribers connected and subscribed, and the writers' connections."""
+        """A fresh fluxrt that delivers (`check_delivery`), all subscribers connected and subscribed, and the
+        writers' connections."""
         server = Server(self.args, self.workdir, self.dsn, self.secret)
-        clients: Clients | None = None
-        writers: Writers | None = None
-        try:
-            await server.wait_ready(self.args.startup_timeout)
+
+        async def check() -> None:
             url = f"ws://{server.host}:{server.port}/realtime"
             # The client runs on Trio: a run of its own in a worker thread, beside this driver's asyncio loop.
             try:
@@ -623,64 +726,29 @@ class Bench:
             except RuntimeError as exc:
                 raise RuntimeError(f"{exc}: {server.log_tail()}") from None
             print(f"  delivery check: the probe row arrived {probe_ms:.0f} ms after its commit", flush=True)
-            clients = await Clients.start(self.args, server, self.plan_path)
-            ready = await clients.event(120)
-            writers = await Writers.open(self.dsn, self.plan.users)
-            print(
-                f"  fluxrt pid {server.pid} on port {server.port}: {ready['connections']} subscribers ready "
-                f"in {ready['connect_s']:.1f}s",
-                flush=True,
-            )
+
+        async with serving(
+            self.args, server, Clients, self.plan_path, lambda: Writers.open(self.dsn, self.plan.users), check
+        ) as (clients, writers):
             yield Session(server, clients, writers, self.plan, self.workdir)
-        finally:
-            if writers is not None:
-                await writers.close()
-            if clients is not None:
-                await clients.stop()
-            ended = server.stop()
-            if not ended.startswith("exit 0"):
-                print(f"  fluxrt ended: {ended}\n{server.log_tail()}", flush=True)
 
     async def phase(self, session: Session, name: str, rate: float, duration: float) -> Phase:
         """Write at `rate` for `duration`, wait for every copy, and judge."""
         phase = Phase(name, rate, duration)
-        clients, server = session.clients, session.server
         try:
-            await clients.send(cmd="start")
-            health0 = server.health()
-            cpu0 = (proc_cpu(server.pid), proc_cpu(clients.proc.pid), time.process_time(), postgres_cpu())
-            wall0 = time.perf_counter()
+            measurement = await Measurement.start(session.server, session.clients)
             writes = await session.writers.run(rate, duration, self.next_seq)
             self.next_seq += writes.n
             if writes.errors:
                 phase.error = f"{len(writes.errors)} writes failed, first: {writes.errors[0]}"
-            committed = [i for i in range(writes.n) if writes.commit_ns[i]]
+            committed = [i for i in range(writes.n) if writes.done_ns[i]]
             todos_rows = sum(1 for i in committed if i % 2 == 0)
             expected = todos_rows * TODO_CONNS_PER_USER + (len(committed) - todos_rows) * session.plan.events_conns
-            path = session.workdir / f"records-{name}.bin"
-            timeout = max(15.0, 2 * duration)
-            await clients.send(cmd="collect", expected=expected, grace=GRACE_S, timeout=timeout, path=str(path))
-            got = await clients.event(timeout + GRACE_S + 60)
-            wall = time.perf_counter() - wall0
-            health1 = server.health()
-            if health0 and health1:
-                phase.windows = health1["changefeed"]["windows"] - health0["changefeed"]["windows"]
-            cpu1 = (proc_cpu(server.pid), proc_cpu(clients.proc.pid), time.process_time(), postgres_cpu())
-            labels = ("fluxrt", "subscribers", "writers", "postgres")
-            phase.cpu_pct = {
-                label: (100 * (b - a) / wall if a is not None and b is not None else None)
-                for label, a, b in zip(labels, cpu0, cpu1, strict=True)
-            }
-            records = array("q")
-            records.frombytes(path.read_bytes())
-            path.unlink()
-            judge(phase, writes, records, session.plan)
-            phase.timed_out = got["timed_out"]
-            phase.unexpected = sum(got["unexpected"].values())
-            phase.lost_connections = len(got["closed"])
-            phase.samples = got["samples"] + got["closed"][:5]
-            if server.proc.poll() is not None:
-                phase.error = f"fluxrt exited with {server.proc.returncode}"
+            await measurement.collect(session.workdir / f"records-{name}.bin", expected, max(15.0, 2 * duration))
+            phase.windows = measurement.windows
+            phase.cpu_pct = measurement.cpu_pct("writers", ("fluxrt", "subscribers", "writers", "postgres"))
+            judge(phase, writes, measurement.records, session.plan)
+            measurement.outcome(phase)
         except Exception as exc:
             phase.error = f"{type(exc).__name__}: {exc}"
         phase.ok = phase.error is None and not phase.correctness_problems() and not phase.timed_out
@@ -1088,18 +1156,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 async def amain(args: argparse.Namespace) -> int:
     info = machine_info()
-    database = f"fluxrt_bench_{secrets.token_hex(4)}"
-    admin = await asyncpg.connect(args.dsn)
-    try:
-        pg_version = await admin.fetchval("SHOW server_version")
-        settings = dict(
-            await admin.fetch(
-                "SELECT name, setting FROM pg_settings WHERE name IN ('synchronous_commit', 'fsync', 'shared_buffers')"
-            )
-        )
-        await admin.execute(f'CREATE DATABASE "{database}"')
-    finally:
-        await admin.close()
+    database, pg_version, settings = await scratch_database.create(
+        args.dsn, ("synchronous_commit", "fsync", "shared_buffers")
+    )
     info.update(postgres=pg_version, postgres_settings=settings, database=database)
     info["fluxrt"] = fluxrt_source(args.python)
     if args.server_cpu is None:
@@ -1117,7 +1176,7 @@ async def amain(args: argparse.Namespace) -> int:
         f"{os.getloadavg()[0]:.2f} at start\n  fluxrt: {info['fluxrt']}\n  {where}",
         flush=True,
     )
-    dsn = with_database(args.dsn, database)
+    dsn = scratch_database.with_database(args.dsn, database)
     latency = ramp = cost = None
     bench: Bench | None = None
     try:
@@ -1150,11 +1209,7 @@ async def amain(args: argparse.Namespace) -> int:
             print(f"  load average (1/5/15 min) at the end: {' / '.join(f'{x:.2f}' for x in os.getloadavg())}")
     finally:
         if not args.keep_db:
-            admin = await asyncpg.connect(args.dsn)
-            try:
-                await admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
-            finally:
-                await admin.close()
+            await scratch_database.drop(args.dsn, database)
     if args.json:
         payload = {
             "args": {k: v for k, v in vars(args).items() if k != "json"},
@@ -1172,9 +1227,7 @@ async def amain(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    raise_nofile_limit()
-    return asyncio.run(amain(args))
+    return common.run_driver(amain, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,10 @@
-"""Process plumbing shared by the benchmark drivers (fanout.py, changes.py) and their load generators."""
+"""Plumbing shared by the benchmark drivers and their load generators: processes, CPU accounting, percentiles, and
+the copies a subscriber process recorded."""
 
 from __future__ import annotations
 
+import argparse
+import asyncio
 import contextlib
 import math
 import os
@@ -10,7 +13,8 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+from array import array
+from collections.abc import Callable, Coroutine, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +31,13 @@ def raise_nofile_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+def run_driver(amain: Callable[[argparse.Namespace], Coroutine[Any, Any, int]], args: argparse.Namespace) -> int:
+    """A driver's asyncio main on its parsed arguments, the open-file limit raised first (`raise_nofile_limit`);
+    returns its exit status."""
+    raise_nofile_limit()
+    return asyncio.run(amain(args))
+
+
 def free_port(host: str) -> int:
     with socket.socket() as s:
         s.bind((host, 0))
@@ -38,6 +49,43 @@ def percentile(values: list[float], pct: float) -> float:
     ordered = sorted(values)
     rank = max(1, math.ceil(pct / 100 * len(ordered)))
     return ordered[rank - 1]
+
+
+def counted(counts: Iterable[tuple[str, int]]) -> list[str]:
+    """Each (label, N) whose N is not zero as "N label", in order: a step's correctness problems."""
+    return [f"{value} {label}" for label, value in counts if value]
+
+
+class Copies:
+    """The copies a subscriber process recorded in one step (quadruples: sequence number, connection index, kernel
+    receive time, read time), each message's copy to a connection once. Message i of the step is sequence number
+    seq0 + i; `published[i]` is false for one that was not published. Iterating yields (i, connection, stamp,
+    read) for the first copy of a published message to each connection and counts the rest: `foreign` (not one of
+    the step's published messages) and `duplicates` (a connection's second copy)."""
+
+    def __init__(self, records: array, seq0: int, published: list[int], connections: int) -> None:
+        self.records = records
+        self.seq0 = seq0
+        self.published = published
+        self.connections = connections
+        self.foreign = 0
+        self.duplicates = 0
+
+    def __iter__(self) -> Iterator[tuple[int, int, int, int]]:
+        records, seq0, published, nconn = self.records, self.seq0, self.published, self.connections
+        n = len(published)
+        seen: set[int] = set()
+        for k in range(0, len(records), 4):
+            i, conn = records[k] - seq0, records[k + 1]
+            if not 0 <= i < n or not published[i]:
+                self.foreign += 1
+                continue
+            key = i * nconn + conn
+            if key in seen:
+                self.duplicates += 1
+                continue
+            seen.add(key)
+            yield i, conn, records[k + 2], records[k + 3]
 
 
 def stat_cpu_s(stat: str) -> float:
@@ -70,6 +118,22 @@ def proc_stats() -> Iterator[tuple[int, str]]:
         except OSError:
             continue
         yield int(entry.name), stat
+
+
+def postgres_cpus() -> dict[int, float]:
+    """CPU seconds of each process named postgres (the whole cluster, whoever it works for), by pid."""
+    return {
+        pid: stat_cpu_s(stat)
+        for pid, stat in proc_stats()
+        if stat[stat.index("(") + 1 : stat.rindex(")")] == "postgres"
+    }
+
+
+def postgres_cpu_since(before: dict[int, float]) -> float:
+    """CPU seconds the postgres processes used since `before`: a process that started since counts whole, one that
+    ended is missed (its last share unknown) rather than subtracted, so the figure can only be an underestimate
+    (ours, the writers' and fluxrt's backends, live throughout)."""
+    return sum(cpu - before.get(pid, 0.0) for pid, cpu in postgres_cpus().items())
 
 
 def split_cpus(no_pin: bool) -> tuple[int | None, int | None]:

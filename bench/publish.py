@@ -53,7 +53,7 @@ import sys
 import tempfile
 import time
 from array import array
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,7 +64,8 @@ import common
 import fanout
 import jwt
 import orjson
-from common import BENCH_DIR, free_port, percentile, proc_cpu, proc_stats, raise_nofile_limit, split_cpus, stat_cpu_s
+import scratch_database
+from common import Copies, counted, free_port, percentile, split_cpus
 
 CHANNELS = 100
 SUBSCRIBERS_PER_CHANNEL = 10
@@ -77,8 +78,6 @@ BATCH = 100
 # Warm-up before the measured steps of each round: the first sends after start-up are slower (plans, caches).
 WARMUP_S = 2.0
 WARMUP_RATE = 500.0
-# After the last expected copy has arrived, keep reading this long so that late extra copies are counted too.
-GRACE_S = 0.5
 SEND = "SELECT realtime.send($1, jsonb_build_object('s', $2::bigint))"
 
 FLUXRT_CONFIG = """\
@@ -113,22 +112,6 @@ def channel_name(c: int) -> str:
     return f"broadcast:pub-{c}"
 
 
-def postgres_cpus() -> dict[int, float]:
-    """CPU seconds of each process named postgres (the whole cluster, whoever it works for), by pid."""
-    return {
-        pid: stat_cpu_s(stat)
-        for pid, stat in proc_stats()
-        if stat[stat.index("(") + 1 : stat.rindex(")")] == "postgres"
-    }
-
-
-def postgres_cpu_since(before: dict[int, float]) -> float:
-    """CPU seconds the postgres processes used since `before`: a process that started since counts whole, one that
-    ended is missed (its last share unknown) rather than subtracted, so the figure can only be an underestimate
-    (ours, the writers' and fluxrt's backends, live throughout)."""
-    return sum(cpu - before.get(pid, 0.0) for pid, cpu in postgres_cpus().items())
-
-
 # ---- the server and the subscribers -------------------------------------------------------------------------------
 
 
@@ -148,16 +131,7 @@ class Server(changes.Server):
 class Clients(changes.Clients):
     """The subscriber process (bench/publish_clients.py), pinned to the client CPU; commands as changes.py's."""
 
-    @classmethod
-    async def start(cls, args: argparse.Namespace, server: Server, plan_path: Path) -> Clients:  # type: ignore[override]
-        argv = [str(BENCH_DIR / "publish_clients.py"), "--host", server.host, "--port", str(server.port)]
-        argv += ["--plan", str(plan_path)]
-        if args.client_cpu is not None:
-            argv += ["--cpu", str(args.client_cpu)]
-        proc = await asyncio.create_subprocess_exec(
-            args.python, *argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, limit=16 * 1024 * 1024
-        )
-        return cls(proc)
+    SCRIPT = "publish_clients.py"
 
 
 def plan_entries(secret: str) -> list[dict[str, str]]:
@@ -178,22 +152,13 @@ def plan_entries(secret: str) -> list[dict[str, str]]:
 
 
 @dataclass
-class Sends:
+class Sends(changes.Writes):
     """One step's messages: index i is sequence number seq0 + i, sent to channel (seq0 + i) % CHANNELS. `start_ns`
     is when its send began, `done_ns` when it was known published (the commit returned; the 202 was read), 0 when it
     failed."""
 
-    seq0: int
-    rate: float
-    start_ns: list[int]
-    done_ns: list[int]
-    errors: list[str]
     requests: int = 0
     elapsed_s: float = 0.0
-
-    @property
-    def n(self) -> int:
-        return len(self.done_ns)
 
     def achieved_rate(self) -> float:
         """Messages per second from the first send to the last one known published."""
@@ -203,47 +168,26 @@ class Sends:
         return len(done) / ((max(self.done_ns[i] for i in done) - min(self.start_ns)) / 1e9)
 
 
-class Writers:
+class Writers(changes.PacedWriters):
     """WRITERS asyncpg connections calling realtime.send, one send per transaction, at a steady total rate."""
-
-    def __init__(self, conns: list[asyncpg.Connection]) -> None:
-        self.conns = conns
 
     @classmethod
     async def open(cls, dsn: str) -> Writers:
         return cls([await asyncpg.connect(dsn) for _ in range(WRITERS)])
 
-    async def close(self) -> None:
-        for conn in self.conns:
-            with contextlib.suppress(Exception):
-                await conn.close()
-
     async def run(self, rate: float, duration: float, seq0: int) -> Sends:
-        """Send i is due at start + i / rate; writer w takes sends i = w, w + WRITERS, ... A writer that falls
-        behind sends its next one at once (the achieved rate shows it), so the offered load never exceeds the rate."""
+        """`rate` sends/s for `duration` s, paced (`PacedWriters.paced`); send i carries sequence number seq0 + i
+        to channel (seq0 + i) % CHANNELS."""
         n = max(2, round(rate * duration))
         sends = Sends(seq0, rate, [0] * n, [0] * n, [])
-        loop = asyncio.get_running_loop()
-        start = loop.time() + 0.02
         channels = [channel_name(c) for c in range(CHANNELS)]
 
-        async def writer(w: int, conn: asyncpg.Connection) -> None:
-            for i in range(w, n, WRITERS):
-                delay = start + i / rate - loop.time()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                seq = seq0 + i
-                sends.start_ns[i] = time.time_ns()
-                try:
-                    await conn.execute(SEND, channels[seq % CHANNELS], seq)
-                except (asyncpg.PostgresError, OSError) as exc:
-                    sends.errors.append(f"send {seq}: {exc}")
-                    continue
-                # The statement (its own transaction) has returned: the commit-to-client clock starts here.
-                sends.done_ns[i] = time.time_ns()
+        def send(conn: asyncpg.Connection, i: int) -> Awaitable[object]:
+            seq = seq0 + i
+            return conn.execute(SEND, channels[seq % CHANNELS], seq)
 
         t0 = time.perf_counter()
-        await asyncio.gather(*(writer(w, c) for w, c in enumerate(self.conns)))
+        await self.paced(sends, "send", send)
         sends.elapsed_s = time.perf_counter() - t0
         sends.requests = n
         return sends
@@ -360,18 +304,16 @@ class Step:
     latencies_ms: list[float] = field(default_factory=list, repr=False)
 
     def correctness_problems(self) -> list[str]:
-        problems = []
-        for label, value in (
-            ("missing", self.missing),
-            ("duplicate", self.duplicates),
-            ("on the wrong channel", self.wrong_channel),
-            ("from another step", self.foreign),
-            ("unexpected frames", self.unexpected),
-            ("connections lost", self.lost_connections),
-        ):
-            if value:
-                problems.append(f"{value} {label}")
-        return problems
+        return counted(
+            (
+                ("missing", self.missing),
+                ("duplicate", self.duplicates),
+                ("on the wrong channel", self.wrong_channel),
+                ("from another step", self.foreign),
+                ("unexpected frames", self.unexpected),
+                ("connections lost", self.lost_connections),
+            )
+        )
 
 
 def judge(step: Step, sends: Sends, records: array) -> None:
@@ -381,7 +323,6 @@ def judge(step: Step, sends: Sends, records: array) -> None:
     nconn = CHANNELS * SUBSCRIBERS_PER_CHANNEL
     origin = sends.done_ns if step.kind == "sql" else sends.start_ns
     done = sends.done_ns
-    seen: set[int] = set()
     lat: list[float] = []
     lags: list[float] = []
     early: list[float] = []
@@ -390,19 +331,10 @@ def judge(step: Step, sends: Sends, records: array) -> None:
     t0 = min((sends.start_ns[i] for i in range(n) if done[i]), default=0)
     seconds: dict[int, list[float]] = {}
     last_stamp = 0
-    dup = wrong = foreign = 0
-    for k in range(0, len(records), 4):
-        seq, conn, stamp, read = records[k], records[k + 1], records[k + 2], records[k + 3]
-        i = seq - seq0
-        if not 0 <= i < n or not done[i]:
-            foreign += 1
-            continue
-        key = i * nconn + conn
-        if key in seen:
-            dup += 1
-            continue
-        seen.add(key)
-        if conn // SUBSCRIBERS_PER_CHANNEL != seq % CHANNELS:
+    wrong = 0
+    copies = Copies(records, seq0, done, nconn)
+    for i, conn, stamp, read in copies:
+        if conn // SUBSCRIBERS_PER_CHANNEL != (seq0 + i) % CHANNELS:
             wrong += 1
             continue
         ms = (stamp - origin[i]) / 1e6
@@ -420,7 +352,7 @@ def judge(step: Step, sends: Sends, records: array) -> None:
     step.expected = len(published) * SUBSCRIBERS_PER_CHANNEL
     step.delivered = len(lat)
     step.missing = step.expected - step.delivered
-    step.duplicates, step.wrong_channel, step.foreign = dup, wrong, foreign
+    step.duplicates, step.wrong_channel, step.foreign = copies.duplicates, wrong, copies.foreign
     step.latencies_ms = lat
     if lat:
         step.p50_ms, step.p99_ms, step.max_ms = percentile(lat, 50), percentile(lat, 99), max(lat)
@@ -473,65 +405,25 @@ class Bench:
     async def session(self) -> AsyncIterator[Session]:
         """A fresh fluxrt, all subscribers connected and subscribed, and the writers' connections."""
         server = Server(self.args, self.workdir, self.dsn, self.secret)
-        clients: Clients | None = None
-        writers: Writers | None = None
-        try:
-            await server.wait_ready(self.args.startup_timeout)
-            clients = await Clients.start(self.args, server, self.plan_path)
-            ready = await clients.event(120)
-            writers = await Writers.open(self.dsn)
-            print(
-                f"  fluxrt pid {server.pid} on port {server.port}: {ready['connections']} subscribers ready "
-                f"in {ready['connect_s']:.1f}s",
-                flush=True,
-            )
+        serving = changes.serving(self.args, server, Clients, self.plan_path, lambda: Writers.open(self.dsn))
+        async with serving as (clients, writers):
             yield Session(server, clients, writers, self.workdir)
-        finally:
-            if writers is not None:
-                await writers.close()
-            if clients is not None:
-                await clients.stop()
-            ended = server.stop()
-            if not ended.startswith("exit 0"):
-                print(f"  fluxrt ended: {ended}\n{server.log_tail()}", flush=True)
 
     async def step(self, session: Session, step: Step, publish: Callable[[int], Any], collect_timeout: float) -> Step:
         """Publish (`publish(seq0)` returns the Sends), wait for every copy, and judge."""
-        clients, server = session.clients, session.server
         try:
-            await clients.send(cmd="start")
-            health0 = server.health()
-            pg0 = postgres_cpus()
-            cpu0 = (proc_cpu(server.pid), 0.0, proc_cpu(clients.proc.pid), time.process_time())
-            wall0 = time.perf_counter()
+            measurement = await changes.Measurement.start(session.server, session.clients)
             sends: Sends = await publish(self.next_seq)
             self.next_seq += sends.n
             if sends.errors:
                 step.error = f"{len(sends.errors)} publications failed, first: {sends.errors[0]}"
             expected = sum(1 for t in sends.done_ns if t) * SUBSCRIBERS_PER_CHANNEL
             path = session.workdir / f"records-{step.name.replace('/', '-')}.bin"
-            await clients.send(cmd="collect", expected=expected, grace=GRACE_S, timeout=collect_timeout, path=str(path))
-            got = await clients.event(collect_timeout + GRACE_S + 60)
-            wall = time.perf_counter() - wall0
-            health1 = server.health()
-            if health0 and health1:
-                step.windows = health1["changefeed"]["windows"] - health0["changefeed"]["windows"]
-            cpu1 = (proc_cpu(server.pid), postgres_cpu_since(pg0), proc_cpu(clients.proc.pid), time.process_time())
-            labels = ("fluxrt", "postgres", "subscribers", "publishers")
-            step.cpu_pct = {
-                label: (100 * (b - a) / wall if a is not None and b is not None else None)
-                for label, a, b in zip(labels, cpu0, cpu1, strict=True)
-            }
-            records = array("q")
-            records.frombytes(path.read_bytes())
-            path.unlink()
-            judge(step, sends, records)
-            step.timed_out = got["timed_out"]
-            step.unexpected = sum(got["unexpected"].values())
-            step.lost_connections = len(got["closed"])
-            step.samples = got["samples"] + got["closed"][:5]
-            if server.proc.poll() is not None:
-                step.error = f"fluxrt exited with {server.proc.returncode}"
+            await measurement.collect(path, expected, collect_timeout)
+            step.windows = measurement.windows
+            step.cpu_pct = measurement.cpu_pct("publishers", ("fluxrt", "postgres", "subscribers", "publishers"))
+            judge(step, sends, measurement.records)
+            measurement.outcome(step)
         except Exception as exc:
             step.error = f"{type(exc).__name__}: {exc}"
         step.ok = step.error is None and not step.correctness_problems() and not step.timed_out
@@ -787,16 +679,7 @@ def uptime() -> str:
 
 async def amain(args: argparse.Namespace) -> int:
     info = changes.machine_info()
-    database = f"fluxrt_bench_{secrets.token_hex(4)}"
-    admin = await asyncpg.connect(args.dsn)
-    try:
-        pg_version = await admin.fetchval("SHOW server_version")
-        settings = dict(
-            await admin.fetch("SELECT name, setting FROM pg_settings WHERE name IN ('synchronous_commit', 'fsync')")
-        )
-        await admin.execute(f'CREATE DATABASE "{database}"')
-    finally:
-        await admin.close()
+    database, pg_version, settings = await scratch_database.create(args.dsn, ("synchronous_commit", "fsync"))
     info.update(postgres=pg_version, postgres_settings=settings, database=database, uptime_start=uptime())
     info["fluxrt"] = fanout.fluxrt_origin(args, "fluxrt")
     if args.server_cpu is None:
@@ -814,7 +697,7 @@ async def amain(args: argparse.Namespace) -> int:
         f"{info['uptime_start']}\n  fluxrt: {info['fluxrt']}\n  {where}",
         flush=True,
     )
-    dsn = changes.with_database(args.dsn, database)
+    dsn = scratch_database.with_database(args.dsn, database)
     bench: Bench | None = None
     summary: dict[str, Any] = {}
     try:
@@ -832,11 +715,7 @@ async def amain(args: argparse.Namespace) -> int:
             print(f"  uptime at the end: {info['uptime_end']}")
     finally:
         if not args.keep_db:
-            admin = await asyncpg.connect(args.dsn)
-            try:
-                await admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
-            finally:
-                await admin.close()
+            await scratch_database.drop(args.dsn, database)
     if args.json and bench is not None:
         payload = {
             "args": {k: v for k, v in vars(args).items() if k not in ("json", "fluxrt_from")},
@@ -855,9 +734,7 @@ async def amain(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    raise_nofile_limit()
-    return asyncio.run(amain(args))
+    return common.run_driver(amain, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -59,9 +59,11 @@ from typing import Any
 
 import asyncpg
 import changes
+import common
 import jwt
 import orjson
-from common import REPO_ROOT, percentile, proc_cpu, proc_stats, raise_nofile_limit, split_cpus, stat_cpu_s
+import scratch_database
+from common import REPO_ROOT, percentile, proc_cpu, proc_stats, split_cpus, stat_cpu_s
 from wsraw import (
     ANC_BUFSIZE,
     OP_CLOSE,
@@ -693,7 +695,7 @@ class Run:
     def __init__(self, args: argparse.Namespace, workdir: Path, pg: PrivatePostgres, admin: asyncpg.Connection) -> None:
         self.args, self.workdir, self.pg, self.admin = args, workdir, pg, admin
         self.database = f"fluxrt_bench_resume_{secrets.token_hex(4)}"
-        self.dsn = changes.with_database(pg.embedded.dsn, self.database)
+        self.dsn = scratch_database.with_database(pg.embedded.dsn, self.database)
         self.secret = secrets.token_hex(32)
         self.users = [uuid.uuid4() for _ in range(args.users)]
         now = int(time.time())
@@ -950,9 +952,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    raise_nofile_limit()
-    return asyncio.run(amain(args))
+    return common.run_driver(amain, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -34,13 +34,13 @@ import sys
 import tempfile
 import time
 import uuid
-from array import array
 from pathlib import Path
 
 import asyncpg
 import changes
 import jwt
 import orjson
+import scratch_database
 from common import percentile
 
 SUBSCRIBERS = 1000
@@ -61,10 +61,6 @@ CREATE TABLE own_forced (id bigserial PRIMARY KEY, seq bigint NOT NULL, user_id 
 CREATE POLICY own ON own_forced FOR SELECT USING (user_id = bench.same((SELECT auth.uid())));
 """
 TABLES = ("teams_set", "teams_forced", "own_set", "own_forced")
-
-
-def with_database(dsn: str, database: str) -> str:
-    return dsn.rpartition("/")[0] + "/" + database
 
 
 class Run:
@@ -166,11 +162,7 @@ class Run:
         expected = {(s, c) for s in commit_ns for c in self.recipients(table, keys[s])}
         path = self.workdir / f"records-{table}-{rate}.bin"
         timeout = max(20.0, 4 * seconds)
-        await clients.send(cmd="collect", expected=len(expected), grace=0.5, timeout=timeout, path=str(path))
-        got = await clients.event(timeout + 60)
-        records = array("q")
-        records.frombytes(path.read_bytes())
-        path.unlink()
+        got, records = await clients.collect(path, len(expected), timeout, grace=0.5)
         seen, latencies, last = set(), [], 0
         for i in range(0, len(records), 4):
             s, c, stamp = records[i], records[i + 1], records[i + 2]
@@ -233,12 +225,8 @@ def summary(results: dict[str, list[dict]]) -> None:
 
 
 async def amain(args: argparse.Namespace) -> int:
-    database = f"fluxrt_bench_rls_{secrets.token_hex(4)}"
-    admin = await asyncpg.connect(args.dsn)
-    await admin.execute(f'CREATE DATABASE "{database}"')
-    version = await admin.fetchval("SHOW server_version")
-    await admin.close()
-    dsn = with_database(args.dsn, database)
+    database, version, _settings = await scratch_database.create(args.dsn, prefix="fluxrt_bench_rls")
+    dsn = scratch_database.with_database(args.dsn, database)
     print(
         f"rls bench: {os.cpu_count()} CPUs, PostgreSQL {version}, load average {os.getloadavg()[0]:.2f} at start; "
         f"fluxrt {changes.fluxrt_source(args.python)}",
@@ -268,9 +256,7 @@ async def amain(args: argparse.Namespace) -> int:
                 results[table] = await run.table(table)
             leaks = run.leaks
     finally:
-        admin = await asyncpg.connect(args.dsn)
-        await admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
-        await admin.close()
+        await scratch_database.drop(args.dsn, database)
     summary(results)
     if args.json:
         args.json.write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2))

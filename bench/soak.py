@@ -33,7 +33,6 @@ import secrets
 import sys
 import tempfile
 import time
-import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +41,7 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import scratch_database
 from common import ServerProcess, free_port, raise_nofile_limit
 from wsraw import OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, masked_frame, parse_frame
 
@@ -277,24 +277,6 @@ class Soak:
         return point
 
 
-async def prepare_database(admin_dsn: str, name: str) -> str:
-    conn = await asyncpg.connect(admin_dsn)
-    try:
-        await conn.execute(f"CREATE DATABASE {name}")
-    finally:
-        await conn.close()
-    dsn = urllib.parse.urlunsplit(urllib.parse.urlsplit(admin_dsn)._replace(path="/" + name))
-    return dsn
-
-
-async def drop_database(admin_dsn: str, name: str) -> None:
-    conn = await asyncpg.connect(admin_dsn)
-    try:
-        await conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-    finally:
-        await conn.close()
-
-
 async def wait_ready(soak: Soak, server: ServerProcess, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -316,8 +298,8 @@ async def wait_ready(soak: Soak, server: ServerProcess, timeout: float = 30.0) -
 async def run(args: argparse.Namespace) -> int:
     raise_nofile_limit()
     soak = Soak(args)
-    name = f"fluxrt_soak_{os.getpid()}"
-    dsn = await prepare_database(args.dsn, name)
+    name, _version, _settings = await scratch_database.create(args.dsn, prefix="fluxrt_soak")
+    dsn = scratch_database.with_database(args.dsn, name)
     workdir = Path(tempfile.mkdtemp(prefix="fluxrt-soak-"))
     config = workdir / "fluxrt.yaml"
     config.write_text(
@@ -382,7 +364,7 @@ async def run(args: argparse.Namespace) -> int:
         return report(args, soak, idle, drained)
     finally:
         print(f"fluxrt: {server.stop()}")
-        await drop_database(args.dsn, name)
+        await scratch_database.drop(args.dsn, name)
 
 
 def report(args: argparse.Namespace, soak: Soak, idle: dict[str, float], drained: dict[str, float]) -> int:

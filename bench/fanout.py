@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import signal
 import socket
 import statistics
 import subprocess
@@ -312,6 +313,33 @@ def start_clients(args: argparse.Namespace, server: ServerProcess, slow: int) ->
     return subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
 
+def start_profiler(args: argparse.Namespace, server: ServerProcess, name: str) -> subprocess.Popen[bytes]:
+    """py-spy sampling `server` (with native frames, so C calls such as `sendmsg` and the collector show) for the
+    timed phase only, writing collapsed stacks to ``<--profile>/<name>.txt``. The sampler pauses the server for
+    each sample, so a profiled round's CPU and latency figures are not comparable with an unprofiled one's."""
+    py_spy = Path(args.python).parent / "py-spy"
+    out = args.profile / f"{name}.txt"
+    argv = [str(py_spy), "record", "--native", "--format", "raw", "--rate", str(args.profile_rate)]
+    argv += ["--pid", str(server.pid), "--output", str(out)]
+    profiler = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # py-spy needs a moment to attach; samples before "go" would be idle anyway, but one missed would be work.
+    time.sleep(1.0)
+    if profiler.poll() is not None:
+        assert profiler.stderr is not None
+        raise RuntimeError(f"py-spy exited with {profiler.returncode}: {profiler.stderr.read().decode()[-500:]}")
+    return profiler
+
+
+def stop_profiler(profiler: subprocess.Popen[bytes]) -> None:
+    """Stop py-spy the way it writes its output: SIGINT."""
+    profiler.send_signal(signal.SIGINT)
+    try:
+        profiler.wait(30)
+    except subprocess.TimeoutExpired:
+        profiler.kill()
+        profiler.wait()
+
+
 def read_event(clients: subprocess.Popen[str]) -> dict[str, Any]:
     assert clients.stdout is not None
     line = clients.stdout.readline()
@@ -333,6 +361,7 @@ def run_round(label: str, kind: str, slow: int, rnd: int, args: argparse.Namespa
         return result
     clients: subprocess.Popen[str] | None = None
     sampler: RssSampler | None = None
+    profiler: subprocess.Popen[bytes] | None = None
     try:
         server.wait_ready(args.startup_timeout)
         time.sleep(0.5)
@@ -352,10 +381,15 @@ def run_round(label: str, kind: str, slow: int, rnd: int, args: argparse.Namespa
             scrape_metrics(server.host, server.port)
         if args.slow_mode:
             sampler = RssSampler(server.pid)
+        if args.profile is not None and server.is_fluxrt:
+            profiler = start_profiler(args, server, f"{label}-round{rnd}")
         assert clients.stdin is not None
         clients.stdin.write("go\n")
         clients.stdin.flush()
         res = read_event(clients)
+        if profiler is not None:
+            stop_profiler(profiler)
+            profiler = None
         if sampler is not None:
             result.rss_peak_kib = sampler.stop()
             sampler = None
@@ -410,6 +444,8 @@ def run_round(label: str, kind: str, slow: int, rnd: int, args: argparse.Namespa
     finally:
         if sampler is not None:
             sampler.stop()
+        if profiler is not None:
+            stop_profiler(profiler)
         if clients is not None:
             stop_child(clients)
         result.server_exit = server.stop()
@@ -786,6 +822,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--startup-timeout", type=float, default=20.0)
     parser.add_argument("--no-pin", action="store_true", help="don't pin server/clients to CPUs")
     parser.add_argument("--json", type=Path, help="also write all results to this file")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        metavar="DIR",
+        help="sample every fluxrt server with py-spy (native frames) during its timed phase, collapsed stacks to "
+        "DIR/LABEL-roundN.txt (bench/profiles/flamegraph.py draws them); figures of profiled rounds are not "
+        "comparable with unprofiled ones",
+    )
+    parser.add_argument("--profile-rate", type=int, default=250, help="py-spy samples per second (default 250)")
     parser.add_argument("--check", action="store_true", help="exit 1 unless all targets are met")
     args = parser.parse_args(argv)
     if args.rate is not None:
@@ -822,6 +867,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.fluxrt_from = trees
     args.server_list += list(trees)
     args.server_cpu, args.client_cpu = split_cpus(args.no_pin)
+    if args.profile is not None:
+        args.profile.mkdir(parents=True, exist_ok=True)
     return args
 
 

@@ -1,0 +1,464 @@
+"""Connect storm (issue 16): N clients (10,000) connect to one fluxrt at once, each with its own HS256 token (a
+distinct ``sub``), and each subscribes to a table channel and a presence room, then tracks its presence there.
+
+The scenario: a scratch database with one realtime-enabled table (``storm_items``, SELECT granted to
+``authenticated``, no row-level security), a fresh fluxrt per round (``python -m fluxrt_trio --config``, a real
+process) and one client process (``bench/connect_clients.py``, non-blocking raw sockets on one epoll) that prepares
+every request first and then, on "go", opens every connection as fast as it can (64 connects between two polls of
+its epoll, so answers are read while the storm goes on). Each client, once upgraded (101), sends both subscribes in
+one write (``table:public.storm_items`` first, then its room) and, once the room's subscribe is acked, tracks
+``{"n": i}`` with a ``ref`` (``--no-track`` leaves this out). Rooms hold ``--room-size`` clients (10): one room of
+10,000 would make every join a diff to 10,000 members, 10^8 frames, which measures presence fan-out rather than
+connecting; with rooms of 10 the tracks cost 10 diffs each.
+
+Per round:
+
+- **handshakes/s**: 101 responses / time from the first ``connect()`` to the last 101's arrival;
+- **all subscribed**: time from the first ``connect()`` until the last client had both acks (and **all tracked**
+  until the last ``tracked`` ack);
+- **connect p50/p99/max**: per client, from just before its ``connect()`` to the arrival of its 101 (TCP connect,
+  upgrade request, JWT check, 101); **both acks p99**: to the later of its two subscribe acks; **tracked p99**;
+- **errors by kind** (see connect_clients.py: refused connects, resets, HTTP refusals, close and error frames,
+  timeouts);
+- fluxrt's and PostgreSQL's CPU seconds over the storm, and the client's own.
+
+Arrival times are the kernel's receive timestamps, so the client process being busy does not add to them. Rounds
+(``--rounds``, 3) each start a fresh server and client process; the summary gives each round and the median
+handshakes/s, and PASS when that median is at least ``--target`` (3,000/s) and no round had an error.
+
+``--profile DIR`` adds one more round, not counted in the verdict, with py-spy sampling fluxrt (non-blocking,
+native frames) during the storm: the collapsed stacks go to DIR and the top frames by share are printed.
+
+With 2+ CPUs fluxrt runs on the first CPU, the client process (and this driver) on the second; PostgreSQL is not
+pinned. Run from the repository root with the project venv:
+
+    .venv/bin/python bench/connect.py                 # 10,000 clients, 3 rounds: about a minute
+    .venv/bin/python bench/connect.py --quick         # 1,000 clients
+    .venv/bin/python bench/connect.py --profile /tmp/connect-profile --json /tmp/connect.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import math
+import os
+import secrets
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import common
+import jwt
+import orjson
+import scratch_database
+from changes import fluxrt_source, machine_info
+from common import BENCH_DIR, REPO_ROOT, free_port, percentile, postgres_cpu_since, postgres_cpus, proc_cpu
+
+TABLE = "table:public.storm_items"
+TARGET_PER_S = 3000.0
+
+FLUXRT_CONFIG = """\
+server:
+  host: {host}
+  port: {port}
+  path: /realtime
+  # Every client connects from the same few addresses, all at once.
+  max_pending_handshakes_per_address: {pending}
+auth:
+  jwt_secret: {secret}
+  allow_anonymous: false
+database:
+  dsn: {dsn}
+  migrate: true
+realtime:
+  max_connections: {max_connections}
+  # Every client has its own sub, so one connection per user; fluxrt's default (10) is kept.
+  max_connections_per_user: 10
+log:
+  level: warning
+"""
+
+SCHEMA = """
+CREATE TABLE storm_items (id bigserial PRIMARY KEY, body text);
+GRANT SELECT ON storm_items TO authenticated;
+SELECT enable_realtime('storm_items');
+"""
+
+
+def fluxrt_config(args: argparse.Namespace, port: int, secret: str, dsn: str) -> str:
+    return FLUXRT_CONFIG.format(
+        host=args.host,
+        port=port,
+        secret=secret,
+        dsn=dsn,
+        pending=args.clients * 2,
+        max_connections=args.clients + max(1000, args.clients // 5),
+    )
+
+
+class Server(common.ServerProcess):
+    """fluxrt as a separate process, pinned to the server CPU."""
+
+    def __init__(self, args: argparse.Namespace, workdir: Path, secret: str, dsn: str) -> None:
+        self.host: str = args.host
+        self.port = free_port(self.host)
+        config = workdir / f"fluxrt-{self.port}.yaml"
+        config.write_text(fluxrt_config(args, self.port, secret, dsn))
+        argv = [args.python, "-m", "fluxrt_trio", "--config", str(config)]
+        super().__init__(argv, workdir / f"fluxrt-{self.port}.log", args.server_cpu)
+
+    def healthy(self) -> bool:
+        try:
+            with socket.create_connection((self.host, self.port), timeout=1.0) as s:
+                s.sendall(f"GET /health HTTP/1.1\r\nHost: {self.host}\r\nConnection: close\r\n\r\n".encode())
+                data = b""
+                while chunk := s.recv(65536):
+                    data += chunk
+        except OSError:
+            return False
+        head, _, body = data.partition(b"\r\n\r\n")
+        try:
+            return head.startswith(b"HTTP/1.1 200") and orjson.loads(body).get("database") == "ok"
+        except orjson.JSONDecodeError:
+            return False
+
+    def wait_ready(self, timeout: float) -> None:
+        """Until GET /health answers 200 with "database": "ok"; RuntimeError if it exits or does not in time."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"fluxrt exited with {self.proc.returncode}: {self.log_tail()}")
+            if self.healthy():
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"fluxrt not healthy after {timeout}s: {self.log_tail()}")
+
+
+def make_plan(n: int, room_size: int, secret: str) -> dict[str, Any]:
+    """N clients, each with its own token (sub: a fresh uuid) and room presence:room-<i // room_size>."""
+    now = int(time.time())
+    clients = [
+        {
+            "token": jwt.encode({"sub": str(uuid.uuid4()), "iat": now, "exp": now + 6 * 3600}, secret, "HS256"),
+            "room": f"presence:room-{i // room_size}",
+        }
+        for i in range(n)
+    ]
+    return {"table": TABLE, "clients": clients}
+
+
+def read_event(proc: subprocess.Popen[str], want: str) -> dict[str, Any]:
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line:
+        raise RuntimeError(f"client process ended (exit {proc.wait()}) before {want!r}")
+    event = orjson.loads(line)
+    if event["event"] != want:
+        raise RuntimeError(f"client process: expected {want!r}, got {event}")
+    return event
+
+
+def start_profiler(args: argparse.Namespace, pid: int, out: Path) -> subprocess.Popen[bytes]:
+    """py-spy sampling fluxrt without pausing it (--nonblocking), native frames included, as collapsed stacks."""
+    py_spy = Path(args.python).parent / "py-spy"
+    argv = [str(py_spy), "record", "--nonblocking", "--native", "--format", "raw", "--rate", "200"]
+    profiler = subprocess.Popen(
+        [*argv, "--pid", str(pid), "--output", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    time.sleep(1.0)  # attaching takes a moment; the storm should be sampled from its start
+    if profiler.poll() is not None:
+        assert profiler.stderr is not None
+        raise RuntimeError(f"py-spy exited with {profiler.returncode}: {profiler.stderr.read().decode()[-500:]}")
+    return profiler
+
+
+def stop_profiler(profiler: subprocess.Popen[bytes]) -> None:
+    profiler.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
+    try:
+        profiler.wait(30)
+    except subprocess.TimeoutExpired:
+        profiler.kill()
+        profiler.wait()
+
+
+def top_frames(collapsed: Path, limit: int) -> dict[str, list[tuple[str, float]]]:
+    """From py-spy's collapsed stacks: the frames with the largest share of samples on top of the stack (self) and
+    anywhere in it (inclusive, each frame counted once per stack), as (frame, percent of samples)."""
+    own: collections.Counter[str] = collections.Counter()
+    inclusive: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in collapsed.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        frames = stack.split(";")
+        n = int(count)
+        total += n
+        own[frames[-1]] += n
+        for frame in set(frames[1:]):  # the first is the thread
+            inclusive[frame] += n
+    if not total:
+        return {"self": [], "inclusive": [], "samples": []}
+    return {
+        "samples": [("total", total)],
+        "self": [(f, 100 * n / total) for f, n in own.most_common(limit)],
+        "inclusive": [(f, 100 * n / total) for f, n in inclusive.most_common(limit)],
+    }
+
+
+def ms(ns: int) -> float:
+    return ns / 1e6
+
+
+def measure(times: dict[str, list[int]], clients: int, tracking: bool) -> dict[str, Any]:
+    """A round's figures from the per-client times (ns; 0 = did not happen)."""
+    start = [t for t in times["start"] if t]
+    t0 = min(start)
+    upgraded = [(u, s) for u, s in zip(times["upgraded"], times["start"], strict=True) if u]
+    acked = [
+        (max(a, b), s)
+        for a, b, s in zip(times["table_ack"], times["presence_ack"], times["start"], strict=True)
+        if a and b
+    ]
+    tracked = [(t, s) for t, s in zip(times["tracked"], times["start"], strict=True) if t]
+    opened = [o - s for o, s in zip(times["open"], times["start"], strict=True) if o]
+
+    def spread(pairs: list[tuple[int, int]]) -> dict[str, float | None]:
+        values = [ms(t - s) for t, s in pairs]
+        if not values:
+            return {"p50": None, "p99": None, "max": None}
+        return {"p50": percentile(values, 50), "p99": percentile(values, 99), "max": max(values)}
+
+    last_upgrade = max((u for u, _ in upgraded), default=t0)
+    return {
+        "clients": clients,
+        "upgraded": len(upgraded),
+        "subscribed": len(acked),
+        "tracked": len(tracked),
+        "issue_ms": ms(max(start) - t0),
+        "handshakes_per_s": len(upgraded) / ((last_upgrade - t0) / 1e9) if upgraded else 0.0,
+        "all_upgraded_ms": ms(last_upgrade - t0),
+        "all_subscribed_ms": ms(max(t for t, _ in acked) - t0) if acked else None,
+        "all_tracked_ms": ms(max(t for t, _ in tracked) - t0) if tracked and tracking else None,
+        "tcp_open_p99_ms": percentile([ms(v) for v in opened], 99) if opened else None,
+        "connect_ms": spread(upgraded),
+        "both_acks_ms": spread(acked),
+        "tracked_ms": spread(tracked),
+    }
+
+
+def run_round(
+    args: argparse.Namespace, workdir: Path, secret: str, dsn: str, plan_path: Path, label: str
+) -> dict[str, Any]:
+    server = Server(args, workdir, secret, dsn)
+    clients: subprocess.Popen[str] | None = None
+    profiler: subprocess.Popen[bytes] | None = None
+    out = workdir / f"times-{label}.json"
+    try:
+        server.wait_ready(args.startup_timeout)
+        argv = [args.python, str(BENCH_DIR / "connect_clients.py"), "--host", args.host, "--port", str(server.port)]
+        argv += ["--plan", str(plan_path), "--out", str(out), "--sources", str(args.sources)]
+        argv += ["--timeout", str(args.timeout), "--connect-batch", str(args.connect_batch)]
+        if args.track:
+            argv.append("--track")
+        if args.client_cpu is not None:
+            argv += ["--cpu", str(args.client_cpu)]
+        clients = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        read_event(clients, "prepared")
+        if label == "profiled":
+            profiler = start_profiler(args, server.pid, args.profile / "connect-storm.txt")
+        time.sleep(0.5)  # let the server settle after start-up
+        server_cpu0 = proc_cpu(server.pid)
+        pg0 = postgres_cpus()
+        assert clients.stdin is not None
+        clients.stdin.write("go\n")
+        clients.stdin.flush()
+        done = read_event(clients, "done")
+        server_cpu = (proc_cpu(server.pid) or 0.0) - (server_cpu0 or 0.0)
+        pg_cpu = postgres_cpu_since(pg0)
+        if profiler is not None:
+            stop_profiler(profiler)
+            profiler = None
+        result = measure(
+            orjson.loads(out.read_bytes()), len(orjson.loads(plan_path.read_bytes())["clients"]), args.track
+        )
+        result.update(
+            label=label,
+            errors=done["errors"],
+            error_samples=done["samples"],
+            presence_frames=done["presence_frames"],
+            open_connections=done["open_connections"],
+            storm_wall_s=done["wall_s"],
+            client_cpu_s=done["cpu_s"],
+            server_cpu_s=server_cpu,
+            postgres_cpu_s=pg_cpu,
+            server_alive=server.proc.poll() is None,
+        )
+        return result
+    finally:
+        if profiler is not None:
+            stop_profiler(profiler)
+        if clients is not None:
+            common.stop_child(clients)
+        result_stop = server.stop()
+        if "killed" in result_stop:
+            print(f"  warning: fluxrt {result_stop}", flush=True)
+
+
+def fmt_round(r: dict[str, Any]) -> str:
+    def f(v: float | None, unit: str = " ms") -> str:
+        return "-" if v is None else f"{v:,.1f}{unit}"
+
+    errors = ", ".join(f"{n} {k}" for k, n in sorted(r["errors"].items())) or "none"
+    connect, acks = r["connect_ms"], r["both_acks_ms"]
+    return (
+        f"  {r['label']:>8}: {r['handshakes_per_s']:,.0f} handshakes/s ({r['upgraded']:,}/{r['clients']:,} upgraded in "
+        f"{f(r['all_upgraded_ms'])}; connects issued over {f(r['issue_ms'])}); "
+        f"all subscribed {f(r['all_subscribed_ms'])}, all tracked {f(r['all_tracked_ms'])}\n"
+        f"            connect p50/p99/max {f(connect['p50'], '')}/{f(connect['p99'], '')}/"
+        f"{f(connect['max'])} (TCP open p99 {f(r['tcp_open_p99_ms'])}); both acks p50/p99/max "
+        f"{f(acks['p50'], '')}/{f(acks['p99'], '')}/{f(acks['max'])}; tracked p99 "
+        f"{f(r['tracked_ms']['p99'])}\n"
+        f"            CPU s: fluxrt {r['server_cpu_s']:.2f}, PostgreSQL {r['postgres_cpu_s']:.2f}, clients "
+        f"{r['client_cpu_s']:.2f}; presence frames received {r['presence_frames']:,}; errors: {errors}"
+    )
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dsn", default="postgresql://postgres@127.0.0.1:5432/postgres", help="admin connection")
+    parser.add_argument("--clients", type=int, default=10000, help="clients per round (default 10,000)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds, each on a fresh server (default 3)")
+    parser.add_argument("--room-size", type=int, default=10, help="clients per presence room (default 10)")
+    parser.add_argument("--no-track", dest="track", action="store_false", help="subscribe only, no presence track")
+    parser.add_argument("--sources", type=int, help="loopback source addresses (default: one per 20,000 clients)")
+    parser.add_argument("--connect-batch", type=int, default=64, help="connects between two client polls")
+    parser.add_argument("--target", type=float, default=TARGET_PER_S, help="handshakes/s to pass (default 3,000)")
+    parser.add_argument("--timeout", type=float, default=60.0, help="seconds a storm may take (default 60)")
+    parser.add_argument("--quick", action="store_true", help="1,000 clients")
+    parser.add_argument("--profile", type=Path, help="one more round, profiled with py-spy, stacks into this folder")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--python", default=sys.executable, help="interpreter for fluxrt and the clients")
+    parser.add_argument("--startup-timeout", type=float, default=30.0)
+    parser.add_argument("--no-pin", action="store_true", help="don't pin fluxrt and the clients to CPUs")
+    parser.add_argument("--json", type=Path, help="also write the results to this file")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.clients = 1000
+    if args.sources is None:
+        args.sources = max(1, math.ceil(args.clients / 20000))
+    args.server_cpu, args.client_cpu = common.split_cpus(args.no_pin)
+    return args
+
+
+def uptime() -> str:
+    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    common.raise_nofile_limit()
+    info = machine_info()
+    info["fluxrt"] = fluxrt_source(args.python)
+    info["uptime_start"] = uptime()
+    database, pg_version, _ = asyncio.run(scratch_database.create(args.dsn))
+    if args.server_cpu is None:
+        where = "unpinned (fluxrt, clients and PostgreSQL share every CPU)"
+    else:
+        where = (
+            f"fluxrt on CPU {args.server_cpu}; clients and this driver on CPU {args.client_cpu}; PostgreSQL unpinned"
+        )
+        os.sched_setaffinity(0, {args.client_cpu})
+    print(
+        f"connect bench: {args.clients:,} clients x {args.rounds} rounds, rooms of {args.room_size}, "
+        f"{'track' if args.track else 'no track'}, {args.sources} source address(es)\n"
+        f"  {info['nproc']} CPUs ({info['cpu_model']}), kernel {info['kernel']}, Python {info['python']}, "
+        f"PostgreSQL {pg_version}; scratch database {database}\n  fluxrt: {info['fluxrt']}\n  {where}\n"
+        f"  uptime at start: {info['uptime_start']}",
+        flush=True,
+    )
+    dsn = scratch_database.with_database(args.dsn, database)
+    secret = secrets.token_hex(32)
+    rounds: list[dict[str, Any]] = []
+    profile: dict[str, Any] | None = None
+    try:
+        with tempfile.TemporaryDirectory(prefix="fluxrt-bench-connect-") as tmp:
+            workdir = Path(tmp)
+            migrate = workdir / "migrate.yaml"
+            migrate.write_text(fluxrt_config(args, 1, secret, dsn))
+            subprocess.run(
+                [args.python, "-m", "fluxrt_trio", "--config", str(migrate), "migrate"],
+                cwd=REPO_ROOT,
+                check=True,
+                stdout=subprocess.DEVNULL,
+            )
+
+            async def schema() -> None:
+                conn = await asyncpg.connect(dsn)
+                try:
+                    await conn.execute(SCHEMA)
+                finally:
+                    await conn.close()
+
+            asyncio.run(schema())
+            plan_path = workdir / "plan.json"
+            plan_path.write_bytes(orjson.dumps(make_plan(args.clients, args.room_size, secret)))
+            labels = [f"round {i + 1}" for i in range(args.rounds)]
+            if args.profile is not None:
+                args.profile.mkdir(parents=True, exist_ok=True)
+                labels.append("profiled")
+            for label in labels:
+                r = run_round(args, workdir, secret, dsn, plan_path, label)
+                print(fmt_round(r), flush=True)
+                if label == "profiled":
+                    profile = {"round": r, "top": top_frames(args.profile / "connect-storm.txt", 15)}
+                else:
+                    rounds.append(r)
+    finally:
+        asyncio.run(scratch_database.drop(args.dsn, database))
+    rates = [r["handshakes_per_s"] for r in rounds]
+    median_rate = statistics.median(rates)
+    errors = sum(sum(r["errors"].values()) for r in rounds)
+    passed = median_rate >= args.target and errors == 0
+    info["uptime_end"] = uptime()
+    if profile is not None:
+        samples = profile["top"]["samples"][0][1] if profile["top"]["samples"] else 0
+        print(f"  py-spy profile of fluxrt ({samples} samples, {args.profile / 'connect-storm.txt'}):")
+        for kind in ("self", "inclusive"):
+            print(f"    top frames, {kind}:")
+            for frame, pct in profile["top"][kind]:
+                print(f"      {pct:5.1f}%  {frame}")
+    print(
+        f"  median {median_rate:,.0f} handshakes/s (rounds {', '.join(f'{x:,.0f}' for x in rates)}), "
+        f"{errors} errors\n  uptime at end: {info['uptime_end']}"
+    )
+    print(
+        f"{'PASS' if passed else 'FAIL'}: {median_rate:,.0f} handshakes/s (target {args.target:,.0f}), {errors} errors"
+    )
+    if args.json:
+        payload = {
+            "args": {k: v for k, v in vars(args).items() if k != "json"},
+            "machine": info,
+            "where": where,
+            "rounds": rounds,
+            "profile": profile,
+            "median_handshakes_per_s": median_rate,
+            "errors": errors,
+            "passed": passed,
+        }
+        args.json.write_bytes(orjson.dumps(payload, option=orjson.OPT_INDENT_2, default=str))
+    return 0 if passed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

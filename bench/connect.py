@@ -114,8 +114,7 @@ class Server(common.ServerProcess):
         self.port = free_port(self.host)
         config = workdir / f"fluxrt-{self.port}.yaml"
         config.write_text(fluxrt_config(args, self.port, secret, dsn))
-        argv = [args.python, "-m", "fluxrt_trio", "--config", str(config)]
-        super().__init__(argv, workdir / f"fluxrt-{self.port}.log", args.server_cpu)
+        super().__init__(fluxrt_argv(args, config), workdir / f"fluxrt-{self.port}.log", args.server_cpu)
 
     def healthy(self) -> bool:
         try:
@@ -144,8 +143,27 @@ class Server(common.ServerProcess):
         raise RuntimeError(f"fluxrt not healthy after {timeout}s: {self.log_tail()}")
 
 
-def make_plan(n: int, room_size: int, secret: str) -> dict[str, Any]:
-    """N clients, each with its own token (sub: a fresh uuid) and room presence:room-<i // room_size>."""
+def fluxrt_argv(args: argparse.Namespace, config: Path, *command: str) -> list[str]:
+    """`python -m fluxrt_trio --config CONFIG COMMAND...`, run in --fluxrt-tree when given (`env -C` changes
+    directory and execs, so the process is still the one measured); `-m` imports fluxrt_trio from there first."""
+    where = [] if args.fluxrt_tree is None else ["env", "-C", str(args.fluxrt_tree)]
+    return [*where, args.python, "-m", "fluxrt_trio", "--config", str(config), *command]
+
+
+def tree_source(args: argparse.Namespace) -> str:
+    """Which fluxrt the servers run: the working tree (and whether fluxrt_trio/ has uncommitted changes there) or
+    --fluxrt-tree and its commit."""
+    if args.fluxrt_tree is None:
+        return fluxrt_source(args.python)
+    git = ["git", "-C", str(args.fluxrt_tree)]
+    commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run([*git, "status", "--porcelain", "fluxrt_trio"], capture_output=True, text=True).stdout
+    return f"{args.fluxrt_tree}/fluxrt_trio at commit {commit} ({'uncommitted changes' if dirty.strip() else 'clean'})"
+
+
+def make_plan(n: int, room_size: int, secret: str, table: bool) -> dict[str, Any]:
+    """N clients, each with its own token (sub: a fresh uuid) and room presence:room-<i // room_size>; all subscribe
+    to TABLE too unless `table` is false."""
     now = int(time.time())
     clients = [
         {
@@ -154,7 +172,7 @@ def make_plan(n: int, room_size: int, secret: str) -> dict[str, Any]:
         }
         for i in range(n)
     ]
-    return {"table": TABLE, "clients": clients}
+    return {"table": TABLE if table else None, "clients": clients}
 
 
 def read_event(proc: subprocess.Popen[str], want: str) -> dict[str, Any]:
@@ -169,9 +187,10 @@ def read_event(proc: subprocess.Popen[str], want: str) -> dict[str, Any]:
 
 
 def start_profiler(args: argparse.Namespace, pid: int, out: Path) -> subprocess.Popen[bytes]:
-    """py-spy sampling fluxrt without pausing it (--nonblocking), native frames included, as collapsed stacks."""
+    """py-spy sampling fluxrt with native frames (so C calls show), as collapsed stacks; it pauses the server for
+    each sample (native frames need that), so the profiled round's figures are not comparable with the others."""
     py_spy = Path(args.python).parent / "py-spy"
-    argv = [str(py_spy), "record", "--nonblocking", "--native", "--format", "raw", "--rate", "200"]
+    argv = [str(py_spy), "record", "--native", "--format", "raw", "--rate", "200"]
     profiler = subprocess.Popen(
         [*argv, "--pid", str(pid), "--output", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
@@ -220,15 +239,16 @@ def ms(ns: int) -> float:
     return ns / 1e6
 
 
-def measure(times: dict[str, list[int]], clients: int, tracking: bool) -> dict[str, Any]:
-    """A round's figures from the per-client times (ns; 0 = did not happen)."""
+def measure(times: dict[str, list[int]], clients: int, tracking: bool, table: bool) -> dict[str, Any]:
+    """A round's figures from the per-client times (ns; 0 = did not happen); without `table` "both acks" is the
+    presence ack alone."""
     start = [t for t in times["start"] if t]
     t0 = min(start)
     upgraded = [(u, s) for u, s in zip(times["upgraded"], times["start"], strict=True) if u]
     acked = [
         (max(a, b), s)
         for a, b, s in zip(times["table_ack"], times["presence_ack"], times["start"], strict=True)
-        if a and b
+        if (a or not table) and b
     ]
     tracked = [(t, s) for t, s in zip(times["tracked"], times["start"], strict=True) if t]
     opened = [o - s for o, s in zip(times["open"], times["start"], strict=True) if o]
@@ -289,9 +309,7 @@ def run_round(
         if profiler is not None:
             stop_profiler(profiler)
             profiler = None
-        result = measure(
-            orjson.loads(out.read_bytes()), len(orjson.loads(plan_path.read_bytes())["clients"]), args.track
-        )
+        result = measure(orjson.loads(out.read_bytes()), args.clients, args.track, args.table)
         result.update(
             label=label,
             errors=done["errors"],
@@ -341,12 +359,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=3, help="rounds, each on a fresh server (default 3)")
     parser.add_argument("--room-size", type=int, default=10, help="clients per presence room (default 10)")
     parser.add_argument("--no-track", dest="track", action="store_false", help="subscribe only, no presence track")
+    parser.add_argument(
+        "--no-table", dest="table", action="store_false", help="presence room only: what the table subscribe costs"
+    )
     parser.add_argument("--sources", type=int, help="loopback source addresses (default: one per 20,000 clients)")
     parser.add_argument("--connect-batch", type=int, default=64, help="connects between two client polls")
     parser.add_argument("--target", type=float, default=TARGET_PER_S, help="handshakes/s to pass (default 3,000)")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds a storm may take (default 60)")
     parser.add_argument("--quick", action="store_true", help="1,000 clients")
     parser.add_argument("--profile", type=Path, help="one more round, profiled with py-spy, stacks into this folder")
+    parser.add_argument(
+        "--fluxrt-tree",
+        type=Path,
+        help="run fluxrt_trio from this source tree (e.g. a `git worktree` of a commit) instead of the working tree",
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--python", default=sys.executable, help="interpreter for fluxrt and the clients")
     parser.add_argument("--startup-timeout", type=float, default=30.0)
@@ -355,6 +381,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.quick:
         args.clients = 1000
+    if args.fluxrt_tree is not None:
+        args.fluxrt_tree = args.fluxrt_tree.resolve()
+        if not (args.fluxrt_tree / "fluxrt_trio" / "__init__.py").is_file():
+            parser.error(f"--fluxrt-tree: no fluxrt_trio package in {args.fluxrt_tree}")
     if args.sources is None:
         args.sources = max(1, math.ceil(args.clients / 20000))
     args.server_cpu, args.client_cpu = common.split_cpus(args.no_pin)
@@ -369,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     common.raise_nofile_limit()
     info = machine_info()
-    info["fluxrt"] = fluxrt_source(args.python)
+    info["fluxrt"] = tree_source(args)
     info["uptime_start"] = uptime()
     database, pg_version, _ = asyncio.run(scratch_database.create(args.dsn))
     if args.server_cpu is None:
@@ -381,7 +411,8 @@ def main(argv: list[str] | None = None) -> int:
         os.sched_setaffinity(0, {args.client_cpu})
     print(
         f"connect bench: {args.clients:,} clients x {args.rounds} rounds, rooms of {args.room_size}, "
-        f"{'track' if args.track else 'no track'}, {args.sources} source address(es)\n"
+        f"{'track' if args.track else 'no track'}, {TABLE if args.table else 'no table channel'}, "
+        f"{args.sources} source address(es)\n"
         f"  {info['nproc']} CPUs ({info['cpu_model']}), kernel {info['kernel']}, Python {info['python']}, "
         f"PostgreSQL {pg_version}; scratch database {database}\n  fluxrt: {info['fluxrt']}\n  {where}\n"
         f"  uptime at start: {info['uptime_start']}",
@@ -397,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
             migrate = workdir / "migrate.yaml"
             migrate.write_text(fluxrt_config(args, 1, secret, dsn))
             subprocess.run(
-                [args.python, "-m", "fluxrt_trio", "--config", str(migrate), "migrate"],
+                fluxrt_argv(args, migrate, "migrate"),
                 cwd=REPO_ROOT,
                 check=True,
                 stdout=subprocess.DEVNULL,
@@ -412,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
 
             asyncio.run(schema())
             plan_path = workdir / "plan.json"
-            plan_path.write_bytes(orjson.dumps(make_plan(args.clients, args.room_size, secret)))
+            plan_path.write_bytes(orjson.dumps(make_plan(args.clients, args.room_size, secret, args.table)))
             labels = [f"round {i + 1}" for i in range(args.rounds)]
             if args.profile is not None:
                 args.profile.mkdir(parents=True, exist_ok=True)

@@ -2,7 +2,8 @@
 
 Driven over stdin/stdout (one JSON object per line):
 
-1. reads the plan (``--plan FILE``: a JSON object with ``table`` (a ``table:`` channel) and ``clients``, per client
+1. reads the plan (``--plan FILE``: a JSON object with ``table`` (a ``table:`` channel, or null for none) and
+   ``clients``, per client
    a ``token`` and a ``room`` (a ``presence:`` channel)), prepares every upgrade request and subscribe frame, then
    prints ``{"event": "prepared"}`` (so the preparation is not part of the storm);
 2. on ``{"cmd": "go"}`` opens every connection as fast as it can (``--connect-batch`` connects between two polls of
@@ -107,7 +108,7 @@ class Storm:
         self.batch: int = args.connect_batch
         self.timeout: float = args.timeout
         self.tracking: bool = args.track
-        self.table: str = plan["table"]
+        self.table: str | None = plan["table"]
         self.clients = [self._prepare(i, c["token"], c["room"]) for i, c in enumerate(plan["clients"])]
         self.by_fd: dict[int, Client] = {}
         self.ep = select.epoll()
@@ -123,9 +124,9 @@ class Storm:
             f"Connection: Upgrade\r\nSec-WebSocket-Key: {key.decode()}\r\nSec-WebSocket-Version: 13\r\n\r\n"
         ).encode()
         accept = base64.b64encode(hashlib.sha1(key + WS_GUID).digest())
-        subscribes = masked_frame(orjson.dumps({"type": "subscribe", "channel": self.table})) + masked_frame(
-            orjson.dumps({"type": "subscribe", "channel": room})
-        )
+        subscribes = masked_frame(orjson.dumps({"type": "subscribe", "channel": room}))
+        if self.table:
+            subscribes = masked_frame(orjson.dumps({"type": "subscribe", "channel": self.table})) + subscribes
         track = masked_frame(
             orjson.dumps(
                 {"type": "presence", "channel": room, "event": "track", "payload": {"n": index}, "ref": TRACK_REF}
@@ -273,7 +274,7 @@ class Storm:
         else:
             self._fail(client, "unexpected", raw[:300].decode(errors="replace"))
             return
-        if client.table_ack and client.presence_ack and (client.tracked or not self.tracking):
+        if (client.table_ack or not self.table) and client.presence_ack and (client.tracked or not self.tracking):
             client.state = DONE
             self.finished += 1
 

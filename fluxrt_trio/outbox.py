@@ -45,13 +45,7 @@ class Flusher:
         """Write everything pending now (also used at shutdown and by tests)."""
         dirty, self._dirty = self._dirty, []
         for outbox in dirty:
-            if outbox._pending is _SENT_THIS_TICK:
-                # Only the tick's first frame came, and it went out directly: there is nothing to hand over and
-                # nothing newly drained. Most outboxes of a paced broadcast are here; the full `_flush` for each
-                # was a measurable share of the CPU per delivery (bench/RESULTS.md, issue 16).
-                outbox._pending = None
-            else:
-                outbox._flush()
+            outbox._flush()
 
     async def run(self) -> None:
         while True:

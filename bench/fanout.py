@@ -322,7 +322,8 @@ def start_profiler(args: argparse.Namespace, server: ServerProcess, name: str) -
     argv = [str(py_spy), "record", "--native", "--format", "raw", "--rate", str(args.profile_rate)]
     argv += ["--pid", str(server.pid), "--output", str(out)]
     profiler = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    # py-spy needs a moment to attach; samples before "go" would be idle anyway, but one missed would be work.
+    # py-spy needs a moment to attach, or the first fan-outs would go unsampled; what it samples before "go" is
+    # the idle loop (epoll_wait), which bench/profiles/flamegraph.py leaves out.
     time.sleep(1.0)
     if profiler.poll() is not None:
         assert profiler.stderr is not None

@@ -66,6 +66,11 @@ from common import BENCH_DIR, REPO_ROOT, free_port, percentile, postgres_cpu_sin
 
 TABLE = "table:public.storm_items"
 TARGET_PER_S = 3000.0
+# The database's transactions are counted over a few seconds of idle before the storm (fluxrt's changefeed polls)
+# and read again this long after it: a PostgreSQL 15 backend reports its counts at most once a second while busy and
+# within 10 s of going idle (PGSTAT_IDLE_INTERVAL).
+IDLE_SAMPLE_S = 3.0
+STATS_FLUSH_S = 11.0
 
 FLUXRT_CONFIG = """\
 server:
@@ -277,8 +282,26 @@ def measure(times: dict[str, list[int]], clients: int, tracking: bool, table: bo
     }
 
 
+def transactions(admin_dsn: str, database: str) -> int:
+    """Transactions committed and rolled back in `database` so far (pg_stat_database, as the backends last
+    reported them)."""
+
+    async def ask() -> int:
+        conn = await asyncpg.connect(admin_dsn)
+        try:
+            return int(
+                await conn.fetchval(
+                    "SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = $1", database
+                )
+            )
+        finally:
+            await conn.close()
+
+    return asyncio.run(ask())
+
+
 def run_round(
-    args: argparse.Namespace, workdir: Path, secret: str, dsn: str, plan_path: Path, label: str
+    args: argparse.Namespace, workdir: Path, secret: str, dsn: str, database: str, plan_path: Path, label: str
 ) -> dict[str, Any]:
     server = Server(args, workdir, secret, dsn)
     clients: subprocess.Popen[str] | None = None
@@ -298,7 +321,11 @@ def run_round(
         if label == "profiled":
             profiler = start_profiler(args, server.pid, args.profile / "connect-storm.txt")
         time.sleep(0.5)  # let the server settle after start-up
+        idle0 = (time.monotonic(), transactions(args.dsn, database))
+        time.sleep(IDLE_SAMPLE_S)
+        idle1 = (time.monotonic(), transactions(args.dsn, database))
         server_cpu0 = proc_cpu(server.pid)
+        storm0 = time.monotonic()
         pg0 = postgres_cpus()
         assert clients.stdin is not None
         clients.stdin.write("go\n")
@@ -306,6 +333,10 @@ def run_round(
         done = read_event(clients, "done")
         server_cpu = (proc_cpu(server.pid) or 0.0) - (server_cpu0 or 0.0)
         pg_cpu = postgres_cpu_since(pg0)
+        storm_s = time.monotonic() - storm0
+        time.sleep(STATS_FLUSH_S)
+        storm_xacts = transactions(args.dsn, database) - idle1[1]
+        idle_rate = (idle1[1] - idle0[1]) / (idle1[0] - idle0[0])
         if profiler is not None:
             stop_profiler(profiler)
             profiler = None
@@ -320,6 +351,9 @@ def run_round(
             client_cpu_s=done["cpu_s"],
             server_cpu_s=server_cpu,
             postgres_cpu_s=pg_cpu,
+            db_transactions=storm_xacts,
+            db_transactions_idle_per_s=idle_rate,
+            db_transactions_beyond_idle=storm_xacts - idle_rate * (storm_s + STATS_FLUSH_S),
             server_alive=server.proc.poll() is None,
         )
         return result
@@ -348,7 +382,9 @@ def fmt_round(r: dict[str, Any]) -> str:
         f"{f(acks['p50'], '')}/{f(acks['p99'], '')}/{f(acks['max'])}; tracked p99 "
         f"{f(r['tracked_ms']['p99'])}\n"
         f"            CPU s: fluxrt {r['server_cpu_s']:.2f}, PostgreSQL {r['postgres_cpu_s']:.2f}, clients "
-        f"{r['client_cpu_s']:.2f}; presence frames received {r['presence_frames']:,}; errors: {errors}"
+        f"{r['client_cpu_s']:.2f}; database transactions {r['db_transactions']:,} "
+        f"({r['db_transactions_beyond_idle']:,.0f} beyond the idle rate of {r['db_transactions_idle_per_s']:,.0f}/s)\n"
+        f"            presence frames received {r['presence_frames']:,}; errors: {errors}"
     )
 
 
@@ -449,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.profile.mkdir(parents=True, exist_ok=True)
                 labels.append("profiled")
             for label in labels:
-                r = run_round(args, workdir, secret, dsn, plan_path, label)
+                r = run_round(args, workdir, secret, dsn, database, plan_path, label)
                 print(fmt_round(r), flush=True)
                 if label == "profiled":
                     profile = {"round": r, "top": top_frames(args.profile / "connect-storm.txt", 15)}

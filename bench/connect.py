@@ -20,7 +20,8 @@ Per round:
   upgrade request, JWT check, 101); **both acks p99**: to the later of its two subscribe acks; **tracked p99**;
 - **errors by kind** (see connect_clients.py: refused connects, resets, HTTP refusals, close and error frames,
   timeouts);
-- fluxrt's and PostgreSQL's CPU seconds over the storm, and the client's own.
+- fluxrt's and PostgreSQL's CPU seconds over the storm, and the client's own; the scratch database's transactions
+  over the storm (see bench/README.md for why the idle-corrected figure is rough).
 
 Arrival times are the kernel's receive timestamps, so the client process being busy does not add to them. Rounds
 (``--rounds``, 3) each start a fresh server and client process; the summary gives each round and the median

@@ -51,7 +51,6 @@ import platform
 import re
 import secrets
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -216,21 +215,7 @@ class Server(common.ServerProcess):
         super().__init__(argv, workdir / f"fluxrt-{self.port}.log", args.server_cpu)
 
     def health(self) -> dict[str, Any] | None:
-        try:
-            with socket.create_connection((self.host, self.port), timeout=1.0) as s:
-                s.sendall(f"GET /health HTTP/1.1\r\nHost: {self.host}\r\nConnection: close\r\n\r\n".encode())
-                data = b""
-                while chunk := s.recv(65536):
-                    data += chunk
-        except OSError:
-            return None
-        head, _, body = data.partition(b"\r\n\r\n")
-        if not head.startswith(b"HTTP/1.1 200"):
-            return None
-        try:
-            return orjson.loads(body)
-        except orjson.JSONDecodeError:
-            return None
+        return common.health(self.host, self.port)
 
     async def wait_ready(self, timeout: float) -> None:
         """Until GET /health answers 200 with "database": "ok" (migrations done, changefeed reading)."""

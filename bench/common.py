@@ -202,3 +202,23 @@ class ServerProcess:
             return self.log_path.read_text(errors="replace")[-(limit or self.LOG_TAIL) :]
         except OSError:
             return ""
+
+
+def health(host: str, port: int) -> dict[str, Any] | None:
+    """fluxrt's GET /health body when it answers 200, else None (not listening, another status, not JSON)."""
+    try:
+        with socket.create_connection((host, port), timeout=1.0) as s:
+            s.sendall(f"GET /health HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+    except OSError:
+        return None
+    head, _, body = data.partition(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1.1 200"):
+        return None
+    try:
+        answer = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    return answer if isinstance(answer, dict) else None

@@ -47,7 +47,6 @@ import math
 import os
 import secrets
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -123,19 +122,8 @@ class Server(common.ServerProcess):
         super().__init__(fluxrt_argv(args, config), workdir / f"fluxrt-{self.port}.log", args.server_cpu)
 
     def healthy(self) -> bool:
-        try:
-            with socket.create_connection((self.host, self.port), timeout=1.0) as s:
-                s.sendall(f"GET /health HTTP/1.1\r\nHost: {self.host}\r\nConnection: close\r\n\r\n".encode())
-                data = b""
-                while chunk := s.recv(65536):
-                    data += chunk
-        except OSError:
-            return False
-        head, _, body = data.partition(b"\r\n\r\n")
-        try:
-            return head.startswith(b"HTTP/1.1 200") and orjson.loads(body).get("database") == "ok"
-        except orjson.JSONDecodeError:
-            return False
+        answer = common.health(self.host, self.port)
+        return answer is not None and answer.get("database") == "ok"
 
     def wait_ready(self, timeout: float) -> None:
         """Until GET /health answers 200 with "database": "ok"; RuntimeError if it exits or does not in time."""

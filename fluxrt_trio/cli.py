@@ -21,7 +21,7 @@ from .auth import mint, read_secret
 from .config import Config, ConfigError, Secret, load_config, masked, plan_reload
 from .postgres.bridge import DatabaseUnavailable, asyncio_loop, close_connection, connect, on_connection
 from .postgres.embedded import EmbeddedError, EmbeddedPostgres
-from .postgres.migrate import MigrationError, migrate
+from .postgres.migrate import MigrationError, lifecycle_missing, migrate
 
 if TYPE_CHECKING:
     from .server import Server
@@ -127,6 +127,8 @@ def _migrate(config: Config) -> int:
         return EXIT_CONFIG
     roles = tuple(dict.fromkeys((config.auth.anon_role, config.auth.default_role, *config.auth.roles)))
 
+    missing: list[str] = []
+
     async def run() -> list[str] | str:
         """The migrations applied, or why none could be."""
         # Caught inside the loop's context: leaving it wraps whatever escapes in an exception group.
@@ -134,7 +136,10 @@ def _migrate(config: Config) -> int:
             try:
                 conn = await connect(dsn)
                 try:
-                    return await on_connection(conn, lambda c: migrate(c, roles))
+                    applied = await on_connection(conn, lambda c: migrate(c, roles))
+                    if warning := await on_connection(conn, lifecycle_missing):
+                        missing.append(warning)
+                    return applied
                 finally:
                     await close_connection(conn)
             except DatabaseUnavailable as exc:
@@ -147,6 +152,8 @@ def _migrate(config: Config) -> int:
         print(f"fluxrt migrate: {applied}", file=sys.stderr)
         return 1
     print("applied: " + ", ".join(applied) if applied else "already up to date")
+    for warning in missing:
+        print(f"fluxrt migrate: warning: {warning}", file=sys.stderr)
     return 0
 
 

@@ -198,12 +198,15 @@ class Changefeed:
         return None if self.caught_up_at is None else trio.current_time() - self.caught_up_at
 
     async def prune(self) -> int:
-        """Record a horizon, delete what fell out of retention, return the rows deleted. Uses its own connection."""
+        """Record a horizon, log tables dropped or renamed meanwhile (changelog.sweep_lifecycle: the fallback when
+        the event triggers are missing), delete what fell out of retention, return the rows deleted. Uses its own
+        connection."""
         conn = await connect(self._dsn)
         try:
             deleted = 0
             interval = datetime.timedelta(seconds=self._retention)
             await on_connection(conn, changelog.record_horizon)
+            await on_connection(conn, changelog.sweep_lifecycle)
             while True:
                 n = await on_connection(conn, lambda c: changelog.prune_batch(c, interval))
                 deleted += n

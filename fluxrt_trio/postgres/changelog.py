@@ -212,6 +212,13 @@ async def record_horizon(conn: asyncpg.Connection) -> None:
     await conn.execute("INSERT INTO realtime.horizons (snap) VALUES (pg_current_snapshot())")
 
 
+async def sweep_lifecycle(conn: asyncpg.Connection) -> int:
+    """Log a DROP or RENAME row for each enabled table dropped or renamed since the last sweep (the event triggers
+    of migration 0007 do it at once when a superuser installed them); return how many."""
+    logged: int = await conn.fetchval("SELECT realtime.sweep_lifecycle()")
+    return logged
+
+
 async def prune_batch(conn: asyncpg.Connection, retention: datetime.timedelta) -> int:
     """Delete up to PRUNE_BATCH changes older than the newest horizon at least `retention` old; return how many."""
     deleted: int = await conn.fetchval(PRUNE, retention, PRUNE_BATCH)

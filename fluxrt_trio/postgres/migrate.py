@@ -91,11 +91,32 @@ async def migrate(
             applied_now.append(f"{version:04d}_{name}")
         for role in roles:
             await _grant_role(conn, role)
+        if await conn.fetchval(_IS_SUPERUSER):
+            # Installs the event triggers a migration run by a lesser role had to leave out.
+            await conn.execute("SELECT realtime.install_lifecycle()")
         if max_message_size is not None:
             await record_settings(conn, max_message_size)
     finally:
         await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_KEY)
     return applied_now
+
+
+_IS_SUPERUSER = "SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user"
+
+LIFECYCLE_MISSING = (
+    "the table lifecycle event triggers are not installed (creating them needs a superuser): a dropped or renamed "
+    "enabled table is reported to its subscribers only at the next pruning pass, and a partition created later is "
+    "not captured on TRUNCATE until enable_realtime runs again; as a superuser run SELECT realtime.install_lifecycle()"
+)
+
+
+async def lifecycle_missing(conn: asyncpg.Connection) -> str | None:
+    """LIFECYCLE_MISSING when the event triggers of migration 0007 are not both installed, else None."""
+    found = await conn.fetchval(
+        "SELECT count(*) FROM pg_catalog.pg_event_trigger"
+        " WHERE evtname IN ('fluxrt_lifecycle_drop', 'fluxrt_lifecycle_ddl') AND evtenabled <> 'D'"
+    )
+    return None if found == 2 else LIFECYCLE_MISSING
 
 
 async def record_settings(conn: asyncpg.Connection, max_message_size: int) -> None:

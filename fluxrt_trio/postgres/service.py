@@ -18,7 +18,7 @@ from ..protocol.changes import Window
 from .bridge import AuthorizerPool, DatabaseUnavailable, close_connection, connect, describe, on_connection
 from .bridge import authorizer_dsn as default_authorizer_dsn
 from .changefeed import Changefeed
-from .migrate import migrate, record_settings
+from .migrate import lifecycle_missing, migrate, record_settings
 
 log = logging.getLogger("fluxrt.postgres")
 
@@ -112,11 +112,14 @@ class DatabaseService:
                         applied = await on_connection(
                             conn, lambda c: migrate(c, self._roles, max_message_size=self._max_message_size)
                         )
+                        missing = await on_connection(conn, lifecycle_missing)
                     finally:
                         with trio.CancelScope(shield=True):
                             await close_connection(conn)
                     if applied:
                         log.info("database migrated", extra={"ctx_applied": ",".join(applied)})
+                    if missing:
+                        log.warning(missing)
                 await self.authorizer_pool.open()
                 await self.log_pool.open()
                 break

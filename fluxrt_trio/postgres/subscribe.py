@@ -11,7 +11,10 @@ from .bridge import AuthorizerPool
 _ACCESS = """
 SELECT pg_catalog.has_schema_privilege($3, n.oid, 'USAGE')
          AND pg_catalog.has_any_column_privilege($3, c.oid, 'SELECT') AS readable,
-       EXISTS (SELECT 1 FROM realtime.tables t WHERE t.relid = c.oid) AS enabled,
+       -- Registered and still carrying its capture trigger (as the realtime_enabled_tables view says).
+       EXISTS (SELECT 1 FROM realtime.tables t WHERE t.relid = c.oid)
+         AND EXISTS (SELECT 1 FROM pg_catalog.pg_trigger g WHERE g.tgrelid = c.oid AND g.tgname = 'fluxrt_capture')
+         AS enabled,
        ARRAY(SELECT a.attname::text FROM pg_catalog.pg_attribute a
               WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped) AS columns,
        ARRAY(SELECT a.attname::text FROM pg_catalog.pg_attribute a

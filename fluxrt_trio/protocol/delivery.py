@@ -276,7 +276,7 @@ class DeliveryPlanner:
         """The tables of `changes` that someone wants something of, each with what must be decided."""
         plans: dict[str, TablePlan] = {}
         for index, change in enumerate(changes):
-            if change.op in ("DISABLE", "UNREADABLE"):
+            if change.op in ENDING or change.op == "UNREADABLE":
                 continue
             channel = change.channel
             plan = plans.get(channel)
@@ -414,12 +414,8 @@ def deliveries(
         if index and index % YIELD_EVERY == 0:
             yield PAUSE
         channel = change.channel
-        if change.op == "DISABLE":
-            qualified = f"{change.schema}.{change.table}"
-            reason = (
-                f"realtime was disabled for {qualified}; run SELECT enable_realtime('{qualified}') and subscribe again"
-            )
-            error = Error(ErrorCode.SUBSCRIPTION_FAILED, reason, channel=channel)
+        if change.op in ENDING:
+            error = Error(ErrorCode.SUBSCRIPTION_FAILED, ending_reason(change), channel=channel)
             yield Ended(subscribers(channel), channel, error)
             continue
         if change.op == "UNREADABLE":
@@ -494,6 +490,25 @@ def error_frame(error: Error) -> bytes:
 # ---- the messages --------------------------------------------------------------------------------------------
 
 
+ENDING = ("DISABLE", "DROP", "RENAME")
+"""change-log ops that end every subscription to their table's channel"""
+
+
+def ending_reason(change: RowChange) -> str:
+    """What ended the subscriptions to `change`'s table (an op of ENDING), and what to do about it."""
+    qualified = f"{change.schema}.{change.table}"
+    if change.op == "DROP":
+        return (
+            f"table {qualified} was dropped; once it exists again, run SELECT enable_realtime('{qualified}') "
+            "and subscribe again"
+        )
+    if change.op == "RENAME":
+        renamed = change.new or {}
+        to = f"{renamed.get('schema')}.{renamed.get('table')}"
+        return f"table {qualified} was renamed to {to}; subscribe to table:{to}"
+    return f"realtime was disabled for {qualified}; run SELECT enable_realtime('{qualified}') and subscribe again"
+
+
 def change_message(
     channel: str, change: RowChange, readable: tuple[str, ...] | None, old_visible: bool = True
 ) -> dict[str, Any]:
@@ -503,6 +518,8 @@ def change_message(
         payload["old_record"] = _only(change.old, readable)
     if change.new is not None and change.op in ("INSERT", "UPDATE"):
         payload["record"] = _only(change.new, readable)
+    elif change.op == "TRUNCATE" and change.new is not None and "partition" in change.new:
+        payload["partition"] = change.new["partition"]
     payload["timestamp"] = change.created_at.isoformat().replace("+00:00", "Z")
     # Its position (protocol/positions.py), for resume; a change built without one (a test's) falls back to its id.
     payload["id"] = change.position or str(change.id)

@@ -179,3 +179,27 @@ async def _ask(dsn: str) -> str | None:
         return await lifecycle_missing(conn)
     finally:
         await conn.close()
+
+
+async def test_a_table_owner_who_is_no_superuser_gets_new_partitions_covered(start_server, db):
+    role = f"fluxrt_lc_{uuid.uuid4().hex[:8]}"
+    db.sql(f"CREATE ROLE {role} NOLOGIN; GRANT CREATE ON SCHEMA public TO {role}")
+    try:
+        db.sql(
+            f"SET ROLE {role};"
+            "CREATE TABLE events (id int, kind text) PARTITION BY LIST (kind);"
+            "CREATE TABLE events_a PARTITION OF events FOR VALUES IN ('a');"
+            "GRANT SELECT ON events TO anon; SELECT enable_realtime('events');"
+            "CREATE TABLE events_b PARTITION OF events FOR VALUES IN ('b');"
+            "ALTER TABLE events ADD COLUMN note text;"
+        )
+        assert value(db, "SELECT count(*) FROM pg_trigger WHERE tgname = 'fluxrt_capture_truncate'") == 3
+        server = await start(start_server, db)
+        async with connect(server) as ws:
+            await subscribe(ws, "table:public.events")
+            await db.execute(f"SET ROLE {role}; TRUNCATE events_b")
+            assert (await recv(ws))["payload"]["partition"] == "public.events_b"
+            await db.execute(f"SET ROLE {role}; ALTER TABLE events RENAME TO happenings")
+            assert "renamed to public.happenings" in (await failure(ws))["message"]
+    finally:
+        db.sql(f"DROP OWNED BY {role}; DROP ROLE {role}")

@@ -87,15 +87,20 @@ BEGIN
 END
 $$;
 
--- Runs as the caller (creating a trigger needs the TRIGGER privilege on the table). A partition the caller may not
--- put a trigger on is skipped with a warning rather than failing the caller's DDL.
+-- Runs as the caller (creating a trigger needs the TRIGGER privilege on the table), who may not read realtime.*:
+-- the notify flag is copied from the root's capture trigger. A partition the caller may not put a trigger on is
+-- skipped with a warning rather than failing the caller's DDL.
 CREATE FUNCTION realtime.add_partition_triggers(rel oid) RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     part oid;
     flag text;
 BEGIN
-    SELECT CASE WHEN t.notify THEN 'notify' ELSE '' END INTO flag FROM realtime.tables t WHERE t.relid = rel;
+    SELECT CASE WHEN position('notify'::bytea IN g.tgargs) = 1 THEN 'notify' ELSE '' END INTO flag
+      FROM pg_trigger g WHERE g.tgrelid = rel AND g.tgname = 'fluxrt_capture';
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
     FOR part IN
         SELECT p.relid FROM pg_partition_tree(rel) p
          WHERE p.relid <> rel
@@ -204,10 +209,10 @@ DECLARE
     rel oid;
 BEGIN
     PERFORM realtime.sweep_lifecycle();
-    -- A partition created or attached under an enabled table gets its TRUNCATE trigger.
+    -- A partition created or attached under an enabled table (one whose root carries the capture trigger: the
+    -- user running the DDL may not read realtime.tables) gets its TRUNCATE trigger.
     FOR rel IN
-        SELECT DISTINCT t.relid FROM pg_event_trigger_ddl_commands() d
-          JOIN realtime.tables t ON t.relid = coalesce(pg_partition_root(d.objid), d.objid)
+        SELECT DISTINCT coalesce(pg_partition_root(d.objid), d.objid) FROM pg_event_trigger_ddl_commands() d
          WHERE d.classid = 'pg_class'::regclass
     LOOP
         PERFORM realtime.add_partition_triggers(rel);

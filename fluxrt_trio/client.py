@@ -103,7 +103,8 @@ class ChannelStatus(enum.StrEnum):
 
 @attrs.frozen(slots=True)
 class Change:
-    """A row change on a `table:` channel, in the reference's shape. `timestamp` and `id` are fluxrt's extensions."""
+    """A row change on a `table:` channel, in the reference's shape. `timestamp` and `id` are fluxrt's extensions,
+    and so is `partition`: on a TRUNCATE of one partition of a partitioned table, that partition (`schema.name`)."""
 
     type: str
     schema: str
@@ -112,6 +113,7 @@ class Change:
     old_record: dict[str, Any] | None = None
     timestamp: str | None = None
     id: str | None = None
+    partition: str | None = None
 
 
 @attrs.frozen(slots=True)

@@ -195,6 +195,8 @@ export interface DeletePayload<R = Row> extends ChangeBase {
 
 export interface TruncatePayload extends ChangeBase {
   type: 'TRUNCATE'
+  /** Set when one partition of a partitioned table was truncated (`schema.name`): only its rows are gone. */
+  partition?: string
 }
 
 export type ChangePayload<R = Row> = InsertPayload<R> | UpdatePayload<R> | DeletePayload<R> | TruncatePayload

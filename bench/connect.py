@@ -27,6 +27,10 @@ Arrival times are the kernel's receive timestamps, so the client process being b
 (``--rounds``, 3) each start a fresh server and client process; the summary gives each round and the median
 handshakes/s, and PASS when that median is at least ``--target`` (3,000/s) and no round had an error.
 
+``--compare-tree DIR`` also runs fluxrt_trio from DIR (e.g. a ``git worktree`` of the commit before a change) in
+every round, beside the one measured, alternating which goes first: the same-run baseline. Its figures are printed
+with a ``was`` label and the summary gives both medians and their ratio; the verdict is the measured tree's.
+
 ``--profile DIR`` adds one more round, not counted in the verdict, with py-spy sampling fluxrt (non-blocking,
 native frames) during the storm: the collapsed stacks go to DIR and the top frames by share are printed.
 
@@ -36,6 +40,7 @@ pinned. Run from the repository root with the project venv:
     .venv/bin/python bench/connect.py                 # 10,000 clients, 3 rounds: about a minute
     .venv/bin/python bench/connect.py --quick         # 1,000 clients
     .venv/bin/python bench/connect.py --profile /tmp/connect-profile --json /tmp/connect.json
+    .venv/bin/python bench/connect.py --compare-tree /tmp/base-connect   # beside a worktree of an older commit
 """
 
 from __future__ import annotations
@@ -114,12 +119,12 @@ def fluxrt_config(args: argparse.Namespace, port: int, secret: str, dsn: str) ->
 class Server(common.ServerProcess):
     """fluxrt as a separate process, pinned to the server CPU."""
 
-    def __init__(self, args: argparse.Namespace, workdir: Path, secret: str, dsn: str) -> None:
+    def __init__(self, args: argparse.Namespace, tree: Path | None, workdir: Path, secret: str, dsn: str) -> None:
         self.host: str = args.host
         self.port = free_port(self.host)
         config = workdir / f"fluxrt-{self.port}.yaml"
         config.write_text(fluxrt_config(args, self.port, secret, dsn))
-        super().__init__(fluxrt_argv(args, config), workdir / f"fluxrt-{self.port}.log", args.server_cpu)
+        super().__init__(fluxrt_argv(args, tree, config), workdir / f"fluxrt-{self.port}.log", args.server_cpu)
 
     def healthy(self) -> bool:
         answer = common.health(self.host, self.port)
@@ -137,22 +142,22 @@ class Server(common.ServerProcess):
         raise RuntimeError(f"fluxrt not healthy after {timeout}s: {self.log_tail()}")
 
 
-def fluxrt_argv(args: argparse.Namespace, config: Path, *command: str) -> list[str]:
-    """`python -m fluxrt_trio --config CONFIG COMMAND...`, run in --fluxrt-tree when given (`env -C` changes
-    directory and execs, so the process is still the one measured); `-m` imports fluxrt_trio from there first."""
-    where = [] if args.fluxrt_tree is None else ["env", "-C", str(args.fluxrt_tree)]
+def fluxrt_argv(args: argparse.Namespace, tree: Path | None, config: Path, *command: str) -> list[str]:
+    """`python -m fluxrt_trio --config CONFIG COMMAND...`, run in `tree` when given (`env -C` changes directory and
+    execs, so the process is still the one measured); `-m` imports fluxrt_trio from there first."""
+    where = [] if tree is None else ["env", "-C", str(tree)]
     return [*where, args.python, "-m", "fluxrt_trio", "--config", str(config), *command]
 
 
-def tree_source(args: argparse.Namespace) -> str:
-    """Which fluxrt the servers run: the working tree (and whether fluxrt_trio/ has uncommitted changes there) or
-    --fluxrt-tree and its commit."""
-    if args.fluxrt_tree is None:
+def tree_source(args: argparse.Namespace, tree: Path | None) -> str:
+    """Which fluxrt a server runs: the working tree (and whether fluxrt_trio/ has uncommitted changes there) or
+    `tree` and its commit."""
+    if tree is None:
         return fluxrt_source(args.python)
-    git = ["git", "-C", str(args.fluxrt_tree)]
+    git = ["git", "-C", str(tree)]
     commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     dirty = subprocess.run([*git, "status", "--porcelain", "fluxrt_trio"], capture_output=True, text=True).stdout
-    return f"{args.fluxrt_tree}/fluxrt_trio at commit {commit} ({'uncommitted changes' if dirty.strip() else 'clean'})"
+    return f"{tree}/fluxrt_trio at commit {commit} ({'uncommitted changes' if dirty.strip() else 'clean'})"
 
 
 def make_plan(n: int, room_size: int, secret: str, table: bool) -> dict[str, Any]:
@@ -290,9 +295,16 @@ def transactions(admin_dsn: str, database: str) -> int:
 
 
 def run_round(
-    args: argparse.Namespace, workdir: Path, secret: str, dsn: str, database: str, plan_path: Path, label: str
+    args: argparse.Namespace,
+    tree: Path | None,
+    workdir: Path,
+    secret: str,
+    dsn: str,
+    database: str,
+    plan_path: Path,
+    label: str,
 ) -> dict[str, Any]:
-    server = Server(args, workdir, secret, dsn)
+    server = Server(args, tree, workdir, secret, dsn)
     clients: subprocess.Popen[str] | None = None
     profiler: subprocess.Popen[bytes] | None = None
     out = workdir / f"times-{label}.json"
@@ -307,7 +319,7 @@ def run_round(
             argv += ["--cpu", str(args.client_cpu)]
         clients = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         read_event(clients, "prepared")
-        if label == "profiled":
+        if label.startswith("profiled"):
             profiler = start_profiler(args, server.pid, args.profile / "connect-storm.txt")
         time.sleep(0.5)  # let the server settle after start-up
         idle0 = (time.monotonic(), transactions(args.dsn, database))
@@ -339,6 +351,7 @@ def run_round(
             storm_wall_s=done["wall_s"],
             client_cpu_s=done["cpu_s"],
             server_cpu_s=server_cpu,
+            server_cpu_ms_per_client=1000 * server_cpu / args.clients,
             postgres_cpu_s=pg_cpu,
             db_transactions=storm_xacts,
             db_transactions_idle_per_s=idle_rate,
@@ -356,6 +369,16 @@ def run_round(
             print(f"  warning: fluxrt {result_stop}", flush=True)
 
 
+def median_cpu(rounds: list[dict[str, Any]]) -> float:
+    return statistics.median(r["server_cpu_ms_per_client"] for r in rounds)
+
+
+def median_of(rounds: list[dict[str, Any]], key: str) -> float:
+    """The median of a figure that a round may lack (None): infinity when any round lacks it."""
+    values = [r[key] for r in rounds]
+    return math.inf if None in values else statistics.median(values)
+
+
 def fmt_round(r: dict[str, Any]) -> str:
     def f(v: float | None, unit: str = " ms") -> str:
         return "-" if v is None else f"{v:,.1f}{unit}"
@@ -363,14 +386,16 @@ def fmt_round(r: dict[str, Any]) -> str:
     errors = ", ".join(f"{n} {k}" for k, n in sorted(r["errors"].items())) or "none"
     connect, acks = r["connect_ms"], r["both_acks_ms"]
     return (
-        f"  {r['label']:>8}: {r['handshakes_per_s']:,.0f} handshakes/s ({r['upgraded']:,}/{r['clients']:,} upgraded in "
+        f"  {r['label']:>12}: {r['handshakes_per_s']:,.0f} handshakes/s "
+        f"({r['upgraded']:,}/{r['clients']:,} upgraded in "
         f"{f(r['all_upgraded_ms'])}; connects issued over {f(r['issue_ms'])}); "
         f"all subscribed {f(r['all_subscribed_ms'])}, all tracked {f(r['all_tracked_ms'])}\n"
         f"            connect p50/p99/max {f(connect['p50'], '')}/{f(connect['p99'], '')}/"
         f"{f(connect['max'])} (TCP open p99 {f(r['tcp_open_p99_ms'])}); both acks p50/p99/max "
         f"{f(acks['p50'], '')}/{f(acks['p99'], '')}/{f(acks['max'])}; tracked p99 "
         f"{f(r['tracked_ms']['p99'])}\n"
-        f"            CPU s: fluxrt {r['server_cpu_s']:.2f}, PostgreSQL {r['postgres_cpu_s']:.2f}, clients "
+        f"            CPU s: fluxrt {r['server_cpu_s']:.2f} ({r['server_cpu_ms_per_client']:.2f} ms/client), "
+        f"PostgreSQL {r['postgres_cpu_s']:.2f}, clients "
         f"{r['client_cpu_s']:.2f}; database transactions {r['db_transactions']:,} "
         f"({r['db_transactions_beyond_idle']:,.0f} beyond the idle rate of {r['db_transactions_idle_per_s']:,.0f}/s)\n"
         f"            presence frames received {r['presence_frames']:,}; errors: {errors}"
@@ -398,6 +423,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=Path,
         help="run fluxrt_trio from this source tree (e.g. a `git worktree` of a commit) instead of the working tree",
     )
+    parser.add_argument(
+        "--compare-tree",
+        type=Path,
+        help="also run fluxrt_trio from this tree in every round (labelled `was`), alternating which goes first: "
+        "the same-run baseline of a change",
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--python", default=sys.executable, help="interpreter for fluxrt and the clients")
     parser.add_argument("--startup-timeout", type=float, default=30.0)
@@ -410,6 +441,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.fluxrt_tree = args.fluxrt_tree.resolve()
         if not (args.fluxrt_tree / "fluxrt_trio" / "__init__.py").is_file():
             parser.error(f"--fluxrt-tree: no fluxrt_trio package in {args.fluxrt_tree}")
+    if args.compare_tree is not None:
+        args.compare_tree = args.compare_tree.resolve()
+        if not (args.compare_tree / "fluxrt_trio" / "__init__.py").is_file():
+            parser.error(f"--compare-tree: no fluxrt_trio package in {args.compare_tree}")
     if args.sources is None:
         args.sources = max(1, math.ceil(args.clients / 20000))
     args.server_cpu, args.client_cpu = common.split_cpus(args.no_pin)
@@ -424,7 +459,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     common.raise_nofile_limit()
     info = machine_info()
-    info["fluxrt"] = tree_source(args)
+    info["fluxrt"] = tree_source(args, args.fluxrt_tree)
+    if args.compare_tree is not None:
+        info["was"] = tree_source(args, args.compare_tree)
     info["uptime_start"] = uptime()
     database, pg_version, _ = asyncio.run(scratch_database.create(args.dsn))
     if args.server_cpu is None:
@@ -439,13 +476,16 @@ def main(argv: list[str] | None = None) -> int:
         f"{'track' if args.track else 'no track'}, {TABLE if args.table else 'no table channel'}, "
         f"{args.sources} source address(es)\n"
         f"  {info['nproc']} CPUs ({info['cpu_model']}), kernel {info['kernel']}, Python {info['python']}, "
-        f"PostgreSQL {pg_version}; scratch database {database}\n  fluxrt: {info['fluxrt']}\n  {where}\n"
+        f"PostgreSQL {pg_version}; scratch database {database}\n  fluxrt: {info['fluxrt']}\n"
+        + (f"  was (same-run baseline): {info['was']}\n" if args.compare_tree is not None else "")
+        + f"  {where}\n"
         f"  uptime at start: {info['uptime_start']}",
         flush=True,
     )
     dsn = scratch_database.with_database(args.dsn, database)
     secret = secrets.token_hex(32)
     rounds: list[dict[str, Any]] = []
+    was_rounds: list[dict[str, Any]] = []
     profile: dict[str, Any] | None = None
     try:
         with tempfile.TemporaryDirectory(prefix="fluxrt-bench-connect-") as tmp:
@@ -453,7 +493,7 @@ def main(argv: list[str] | None = None) -> int:
             migrate = workdir / "migrate.yaml"
             migrate.write_text(fluxrt_config(args, 1, secret, dsn))
             subprocess.run(
-                fluxrt_argv(args, migrate, "migrate"),
+                fluxrt_argv(args, args.fluxrt_tree, migrate, "migrate"),
                 cwd=REPO_ROOT,
                 check=True,
                 stdout=subprocess.DEVNULL,
@@ -469,17 +509,21 @@ def main(argv: list[str] | None = None) -> int:
             asyncio.run(schema())
             plan_path = workdir / "plan.json"
             plan_path.write_bytes(orjson.dumps(make_plan(args.clients, args.room_size, secret, args.table)))
-            labels = [f"round {i + 1}" for i in range(args.rounds)]
+            runs: list[tuple[str, Path | None, list[dict[str, Any]]]] = []
+            for i in range(args.rounds):
+                now = (f"round {i + 1}", args.fluxrt_tree, rounds)
+                was = (f"was round {i + 1}", args.compare_tree, was_rounds)
+                # Alternate which tree goes first, so slow drift on a shared box hits both alike.
+                runs += [now] if args.compare_tree is None else [now, was] if i % 2 == 0 else [was, now]
             if args.profile is not None:
                 args.profile.mkdir(parents=True, exist_ok=True)
-                labels.append("profiled")
-            for label in labels:
-                r = run_round(args, workdir, secret, dsn, database, plan_path, label)
+                runs.append(("profiled", args.fluxrt_tree, []))
+            for label, tree, into in runs:
+                r = run_round(args, tree, workdir, secret, dsn, database, plan_path, label)
                 print(fmt_round(r), flush=True)
                 if label == "profiled":
                     profile = {"round": r, "top": top_frames(args.profile / "connect-storm.txt", 15)}
-                else:
-                    rounds.append(r)
+                into.append(r)
     finally:
         asyncio.run(scratch_database.drop(args.dsn, database))
     rates = [r["handshakes_per_s"] for r in rounds]
@@ -496,8 +540,21 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"      {pct:5.1f}%  {frame}")
     print(
         f"  median {median_rate:,.0f} handshakes/s (rounds {', '.join(f'{x:,.0f}' for x in rates)}), "
-        f"{errors} errors\n  uptime at end: {info['uptime_end']}"
+        f"{errors} errors; median fluxrt CPU {median_cpu(rounds):.2f} ms/client"
     )
+    was_median: float | None = None
+    if was_rounds:
+        was_rates = [r["handshakes_per_s"] for r in was_rounds]
+        was_median = statistics.median(was_rates)
+        was_errors = sum(sum(r["errors"].values()) for r in was_rounds)
+        print(
+            f"  was: median {was_median:,.0f} handshakes/s (rounds {', '.join(f'{x:,.0f}' for x in was_rates)}), "
+            f"{was_errors} errors; median fluxrt CPU {median_cpu(was_rounds):.2f} ms/client\n"
+            f"  now / was: handshakes/s x{median_rate / was_median:.2f}, all subscribed "
+            f"x{median_of(rounds, 'all_subscribed_ms') / median_of(was_rounds, 'all_subscribed_ms'):.2f}, "
+            f"fluxrt CPU per client x{median_cpu(rounds) / median_cpu(was_rounds):.2f}"
+        )
+    print(f"  uptime at end: {info['uptime_end']}")
     print(
         f"{'PASS' if passed else 'FAIL'}: {median_rate:,.0f} handshakes/s (target {args.target:,.0f}), {errors} errors"
     )
@@ -507,6 +564,8 @@ def main(argv: list[str] | None = None) -> int:
             "machine": info,
             "where": where,
             "rounds": rounds,
+            "was_rounds": was_rounds,
+            "was_median_handshakes_per_s": was_median,
             "profile": profile,
             "median_handshakes_per_s": median_rate,
             "errors": errors,

@@ -26,6 +26,11 @@ log = logging.getLogger("fluxrt.changefeed")
 
 BACKOFF_START = 0.1
 """seconds before the first reconnect; doubles up to 5 s, back to this after every read that worked"""
+BUSY_SHARE = 0.1
+"""after a read that found changes, the next comes this share of the poll interval later (1 ms of the default
+10 ms), and each read that finds nothing doubles the wait back up to the poll interval: while changes flow, a
+change waits for the next read about a tenth as long, and an idle database is read as often as before
+(docs/architecture.md, "Poll, or NOTIFY too", has the measurements)"""
 
 
 class Changefeed:
@@ -131,22 +136,26 @@ class Changefeed:
             start = Snapshot.parse(self._prev)
             await self._out.send(Window([], prev=start, cur=start))
         self._started()
+        wait = self._poll_interval
         while True:
-            await self._read(conn)
+            found = await self._read(conn)
             if self._wake.is_set():
                 self._wake = trio.Event()
                 continue
-            with trio.move_on_after(self._poll_interval):
+            wait = next_wait(wait, found=found, poll_interval=self._poll_interval)
+            with trio.move_on_after(wait):
                 await self._wake.wait()
 
-    async def _read(self, conn: Any) -> None:
-        """Send every change committed since the previous read, a page at a time under one pair of snapshots.
+    async def _read(self, conn: Any) -> bool:
+        """Send every change committed since the previous read, a page at a time under one pair of snapshots;
+        return whether there were any.
 
         `_cur` and `_after` survive a lost connection, so a read interrupted between pages resumes after the last
         page sent instead of sending it again.
         """
         prev = self._prev
         assert prev is not None
+        found = False
         while True:
             if self._cur is None:
                 # This read's snapshot is taken after this instant; a read resumed after a lost connection keeps
@@ -166,6 +175,7 @@ class Changefeed:
             self._in_gap = page.missed
             self._cur = page.snapshot
             if page.changes:
+                found = True
                 self.windows += 1
                 self.changes += len(page.changes)
                 window = Window(
@@ -182,6 +192,7 @@ class Changefeed:
                 break
         self._prev, self._cur, self._after = self._cur, None, 0
         self.caught_up_at = self._cur_taken_at
+        return found
 
     def want_progress(self) -> None:
         """Have the next read that finds nothing new say how far it read (an empty Window): a replay waits for it."""
@@ -228,3 +239,11 @@ class Changefeed:
             else:
                 if deleted:
                     log.debug("pruned", extra={"ctx_rows": deleted})
+
+
+def next_wait(wait: float, *, found: bool, poll_interval: float) -> float:
+    """Seconds from a read to the next, given the wait before it: BUSY_SHARE of `poll_interval` after a read that
+    found changes, else twice `wait`, never more than `poll_interval`."""
+    if found:
+        return poll_interval * BUSY_SHARE
+    return min(wait * 2, poll_interval)

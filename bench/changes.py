@@ -12,9 +12,12 @@ note when each commit returned, the subscribers when each copy arrived (kernel r
 
 Phases:
 
-1. latency: ``--rounds`` rounds (default 3), each with a fresh server and subscribers, a 1 s warm-up, then
-   ``--duration`` s (default 10) at ``--rate`` changes/s (default 200). Commit-to-client latency p50/p99/max over
-   every delivery of every round pooled. Target: p99 < 50 ms with the default polling (10 ms).
+0. idle: a fresh server, nothing written for ``--idle-seconds`` (default 30): the database's transactions per
+   second (the changefeed's polls), the CPU of the changefeed's backend, and fluxrt's own CPU.
+1. latency: at each ``--rate`` (default 200,2000 changes/s), ``--rounds`` rounds (default 3), each with a fresh
+   server and subscribers, a 2 s warm-up, then ``--duration`` s (default 10). Commit-to-client latency p50/p99/max
+   over every delivery of every round pooled. Targets (issue 16) with the default polling (10 ms): p99 < 20 ms at
+   200 changes/s, < 50 ms at 2,000.
 2. ramp: one server, offered rates ``--ramp`` (default 200, 500, 1000, 1500, 2000, 3000, 4000, 6000, 8000)
    for ``--step-seconds`` (default 5) each, after a warm-up step at the first rate (so that every step starts in a
    steady state). A step passes a p99 bound when the writers achieved at least 95% of the offered rate, every
@@ -30,13 +33,16 @@ Phases:
    alternating (median of ``--rounds``); also with ``pgbench`` (a C client, so the client's own CPU matters less)
    when it is installed.
 
+``--compare-tree DIR`` runs every phase for that tree's fluxrt_trio too, on a scratch database of its own; the
+idle and latency rounds alternate between the trees, so both summaries are one run's before and after.
+
 Correctness is checked in every phase: each todos change must reach exactly the 10 connections of its owner and
 no other, each events change all 100 events subscribers, each exactly once.
 
 With 2+ CPUs fluxrt runs on the first, the subscriber process and this driver (the writers) on the second;
 PostgreSQL is not pinned and shares both. Run from the repository root with the project venv:
 
-    .venv/bin/python bench/changes.py                  # ~4 minutes
+    .venv/bin/python bench/changes.py                  # ~6 minutes
     .venv/bin/python bench/changes.py --quick          # ~30 s smoke run
     .venv/bin/python bench/changes.py --phases latency --rounds 5 --json /tmp/changes.json
 """
@@ -66,6 +72,7 @@ from typing import Any, Self, TypeVar
 
 import asyncpg
 import common
+import fanout
 import jwt
 import orjson
 import scratch_database
@@ -89,7 +96,9 @@ USERS = 20
 TODO_CONNS_PER_USER = 10
 EVENT_CONNS_PER_USER = 5
 WRITERS = 8
-TARGET_P99_MS = 50.0
+TARGETS_P99_MS = {200.0: 20.0, 2000.0: 50.0}
+"""issue 16's commit-to-client p99 targets by change rate; a rate in between is held to the stricter bound"""
+IDLE_SETTLE_S = 3.0
 SUSTAIN_P99_MS = 250.0
 KEEPUP_P99_MS = 1000.0
 SUSTAIN_OFFERED = 0.95
@@ -205,13 +214,14 @@ def fluxrt_config(args: argparse.Namespace, host: str, port: int, secret: str, d
 class Server(common.ServerProcess):
     """fluxrt as a separate process, pinned to the server CPU."""
 
-    def __init__(self, args: argparse.Namespace, workdir: Path, dsn: str, secret: str) -> None:
+    def __init__(self, args: argparse.Namespace, workdir: Path, dsn: str, secret: str, kind: str = "fluxrt") -> None:
         self.host: str = args.host
         self.port = free_port(self.host)
         config = workdir / f"fluxrt-{self.port}.yaml"
         config.write_text(fluxrt_config(args, self.host, self.port, secret, dsn))
         self.config = config
-        argv = [args.python, "-m", "fluxrt_trio", "--config", str(config)]
+        # `kind` "was" runs --compare-tree's fluxrt_trio, "fluxrt" this tree's (or --fluxrt-tree's).
+        argv = [*fanout.fluxrt_command(args, kind), "-m", "fluxrt_trio", "--config", str(config)]
         super().__init__(argv, workdir / f"fluxrt-{self.port}.log", args.server_cpu)
 
     def health(self) -> dict[str, Any] | None:
@@ -683,11 +693,48 @@ class Session:
     writers: Writers
     plan: Plan
     workdir: Path
+    feed_pid: int | None
+    """the changefeed's database backend"""
+
+
+FEED_MARK = "c.xid < pg_snapshot_xmax(cur.s)"
+"""text of the changefeed's window read (postgres/changelog.py) that tells its backend in pg_stat_activity"""
+
+
+async def feed_backend(dsn: str, timeout: float = 10.0) -> int | None:
+    """The pid of the backend whose last statement is fluxrt's window read in `dsn`'s database (the changefeed's
+    connection), or None when none shows up within `timeout` s."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            pid: int | None = await conn.fetchval(
+                "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid() "
+                "AND strpos(query, $1) > 0 ORDER BY backend_start LIMIT 1",
+                FEED_MARK,
+            )
+            if pid is not None:
+                return pid
+            await asyncio.sleep(0.1)
+        return None
+    finally:
+        await conn.close()
+
+
+async def database_transactions(conn: asyncpg.Connection) -> int:
+    """Transactions committed or rolled back in the connection's database so far (pg_stat_database: each backend
+    reports its counts when idle, at most once a second, so a reading may lag by that much)."""
+    n: int = await conn.fetchval(
+        "SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = current_database()"
+    )
+    return n
 
 
 class Bench:
-    def __init__(self, args: argparse.Namespace, workdir: Path, dsn: str) -> None:
+    def __init__(self, args: argparse.Namespace, workdir: Path, dsn: str, kind: str = "fluxrt") -> None:
         self.args = args
+        self.kind = kind
+        """which fluxrt_trio runs: "fluxrt" (this tree's, or --fluxrt-tree's) or "was" (--compare-tree's)"""
         self.workdir = workdir
         self.dsn = dsn
         self.secret = secrets.token_hex(32)
@@ -701,7 +748,7 @@ class Bench:
     async def session(self) -> AsyncIterator[Session]:
         """A fresh fluxrt that delivers (`check_delivery`), all subscribers connected and subscribed, and the
         writers' connections."""
-        server = Server(self.args, self.workdir, self.dsn, self.secret)
+        server = Server(self.args, self.workdir, self.dsn, self.secret, self.kind)
 
         async def check() -> None:
             url = f"ws://{server.host}:{server.port}/realtime"
@@ -715,12 +762,13 @@ class Bench:
         async with serving(
             self.args, server, Clients, self.plan_path, lambda: Writers.open(self.dsn, self.plan.users), check
         ) as (clients, writers):
-            yield Session(server, clients, writers, self.plan, self.workdir)
+            yield Session(server, clients, writers, self.plan, self.workdir, await feed_backend(self.dsn))
 
     async def phase(self, session: Session, name: str, rate: float, duration: float) -> Phase:
         """Write at `rate` for `duration`, wait for every copy, and judge."""
         phase = Phase(name, rate, duration)
         try:
+            feed0 = proc_cpu(session.feed_pid)
             measurement = await Measurement.start(session.server, session.clients)
             writes = await session.writers.run(rate, duration, self.next_seq)
             self.next_seq += writes.n
@@ -732,6 +780,8 @@ class Bench:
             await measurement.collect(session.workdir / f"records-{name}.bin", expected, max(15.0, 2 * duration))
             phase.windows = measurement.windows
             phase.cpu_pct = measurement.cpu_pct("writers", ("fluxrt", "subscribers", "writers", "postgres"))
+            feed = _since(feed0, proc_cpu(session.feed_pid))
+            phase.cpu_pct["changefeed backend"] = None if feed is None else 100 * feed / measurement.wall_s
             judge(phase, writes, measurement.records, session.plan)
             measurement.outcome(phase)
         except Exception as exc:
@@ -742,23 +792,58 @@ class Bench:
 
     # ---- the three phases -----------------------------------------------------------------------------------------
 
-    async def latency(self) -> list[Phase]:
+    async def idle(self) -> dict[str, Any]:
+        """fluxrt running (no subscribers) while nothing changes for --idle-seconds: the polls' cost to the
+        database (transactions/s in the scratch database, CPU of the changefeed's backend) and to fluxrt."""
+        seconds = self.args.idle_seconds
+        print(f"idle [{self.kind}]: no changes for {seconds:g}s", flush=True)
+        server = Server(self.args, self.workdir, self.dsn, self.secret, self.kind)
+        conn: asyncpg.Connection | None = None
+        try:
+            await server.wait_ready(self.args.startup_timeout)
+            # Past start-up: migrations, the first pruning pass and the planner's first plans.
+            await asyncio.sleep(IDLE_SETTLE_S)
+            pid = await feed_backend(self.dsn)
+            conn = await asyncpg.connect(self.dsn)
+            xacts0, feed0, fluxrt0 = await database_transactions(conn), proc_cpu(pid), proc_cpu(server.pid)
+            t0 = time.perf_counter()
+            await asyncio.sleep(seconds)
+            elapsed = time.perf_counter() - t0
+            # Minus this reading itself, which is a transaction of the database too.
+            xacts = await database_transactions(conn) - xacts0 - 1
+            feed, fluxrt = _since(feed0, proc_cpu(pid)), _since(fluxrt0, proc_cpu(server.pid))
+        finally:
+            if conn is not None:
+                await conn.close()
+            ended = server.stop()
+            if not ended.startswith("exit 0"):
+                print(f"  fluxrt ended: {ended}\n{server.log_tail()}", flush=True)
+        result = {
+            "seconds": elapsed,
+            "transactions_per_s": xacts / elapsed,
+            "feed_backend_cpu_pct": None if feed is None else 100 * feed / elapsed,
+            "feed_backend_cpu_ms_per_s": None if feed is None else 1000 * feed / elapsed,
+            "fluxrt_cpu_pct": None if fluxrt is None else 100 * fluxrt / elapsed,
+        }
+        print(f"  {fmt_idle(result)}", flush=True)
+        return result
+
+    async def latency_round(self, rate: float, rnd: int) -> Phase:
+        """One latency round at `rate`: a fresh server and subscribers, a warm-up, then --duration s."""
         args = self.args
-        rounds = []
-        for rnd in range(1, args.rounds + 1):
-            print(f"latency round {rnd}/{args.rounds}: {args.rate:g} changes/s for {args.duration:g}s", flush=True)
-            try:
-                async with self.session() as s:
-                    warm = await self.phase(s, f"warmup-{rnd}", args.rate, WARMUP_S)
-                    print(fmt_phase(warm), flush=True)
-                    p = await self.phase(s, f"latency-{rnd}", args.rate, args.duration)
-            except Exception as exc:
-                p = Phase(f"latency-{rnd}", args.rate, args.duration, error=f"{type(exc).__name__}: {exc}")
-                self.phases.append(p)
-            p.verdict = "valid" if p.ok else "INVALID"
-            print(fmt_phase(p), flush=True)
-            rounds.append(p)
-        return rounds
+        print(f"latency [{self.kind}] {rate:g} changes/s, round {rnd}/{args.rounds}: {args.duration:g}s", flush=True)
+        name = f"latency-{self.kind}-{rate:g}-{rnd}"
+        try:
+            async with self.session() as s:
+                warm = await self.phase(s, f"warmup-{self.kind}-{rate:g}-{rnd}", rate, WARMUP_S)
+                print(fmt_phase(warm), flush=True)
+                p = await self.phase(s, name, rate, args.duration)
+        except Exception as exc:
+            p = Phase(name, rate, args.duration, error=f"{type(exc).__name__}: {exc}")
+            self.phases.append(p)
+        p.verdict = "valid" if p.ok else "INVALID"
+        print(fmt_phase(p), flush=True)
+        return p
 
     def step_passes(self, p: Phase, p99_bound_ms: float) -> tuple[bool, str]:
         """The ramp criterion with a given p99 bound; the reasons when it fails."""
@@ -797,7 +882,10 @@ class Bench:
         """Raise the offered rate until a step fails the looser bound, then try halfway once (fresh server)."""
         args = self.args
         rates = [float(r) for r in args.ramp.split(",") if r.strip()]
-        print(f"ramp: {', '.join(f'{r:g}' for r in rates)} changes/s, {args.step_seconds:g}s each", flush=True)
+        print(
+            f"ramp [{self.kind}]: {', '.join(f'{r:g}' for r in rates)} changes/s, {args.step_seconds:g}s each",
+            flush=True,
+        )
         steps: list[Phase] = []
         failed: Phase | None = None
         aborted = None
@@ -963,6 +1051,73 @@ def fmt_phase(p: Phase) -> str:
     return line
 
 
+def target_p99_ms(rate: float) -> float | None:
+    """Issue 16's p99 bound for `rate` changes/s: the bound of the lowest target rate at or above it (None above
+    every target rate)."""
+    bounds = [bound for target, bound in sorted(TARGETS_P99_MS.items()) if rate <= target]
+    return bounds[0] if bounds else None
+
+
+def fmt_idle(idle: dict[str, Any]) -> str:
+    def pct(key: str) -> str:
+        return "-" if idle[key] is None else f"{idle[key]:.2f}%"
+
+    ms = idle["feed_backend_cpu_ms_per_s"]
+    return (
+        f"idle {idle['seconds']:.0f}s: {idle['transactions_per_s']:.1f} transactions/s in the database (the polls), "
+        f"changefeed backend CPU {pct('feed_backend_cpu_pct')}"
+        + ("" if ms is None else f" ({1000 * ms / max(idle['transactions_per_s'], 1e-9):.0f} us per poll)")
+        + f", fluxrt CPU {pct('fluxrt_cpu_pct')}"
+    )
+
+
+def latency_summary(args: argparse.Namespace, rounds: list[Phase]) -> dict[str, dict[str, Any]]:
+    """Per offered rate: the valid rounds' deliveries pooled, p50/p99/max, and the verdict against the target."""
+    summary: dict[str, dict[str, Any]] = {}
+    for rate in sorted({p.rate for p in rounds}):
+        at = [p for p in rounds if p.rate == rate]
+        ok = [p for p in at if p.ok]
+        pooled = [x for p in ok for x in p.latencies_ms]
+        entry: dict[str, Any] = {"rounds": len(at), "rounds_valid": len(ok), "deliveries": len(pooled)}
+        summary[f"{rate:g}"] = entry
+        target = target_p99_ms(rate)
+        head = (
+            f"    {rate:g} changes/s ({len(ok)}/{len(at)} valid rounds x {args.duration:g}s, {len(pooled):,} copies):"
+        )
+        if not pooled:
+            print(f"{head} no valid round")
+            continue
+        p50, p99, worst = percentile(pooled, 50), percentile(pooled, 99), max(pooled)
+        met = None if target is None else p99 < target
+        feed = [p.cpu_pct.get("changefeed backend") for p in ok]
+        entry.update(
+            p50_ms=p50,
+            p99_ms=p99,
+            max_ms=worst,
+            round_p99_ms=[p.p99_ms for p in ok],
+            achieved_rate=statistics.median([p.achieved_rate for p in ok]),
+            windows_per_s=statistics.median([(p.windows or 0) / p.duration_s for p in ok]),
+            feed_backend_cpu_pct=statistics.median([f for f in feed if f is not None]) if any(feed) else None,
+            target_p99_ms=target,
+            target_met=met,
+        )
+        verdict = "" if met is None else f"(target p99 < {target:g} ms) {'PASS' if met else 'FAIL'}"
+        print(head)
+        print(f"      p50 {p50:.1f} ms  p99 {p99:.1f} ms  max {worst:.1f} ms   {verdict}")
+        feed_text = (
+            ""
+            if entry["feed_backend_cpu_pct"] is None
+            else f", changefeed backend CPU {entry['feed_backend_cpu_pct']:.1f}%"
+        )
+        print(
+            "      per round p99: "
+            + ", ".join(f"{p.p99_ms:.1f}" for p in ok if p.p99_ms is not None)
+            + f" ms; writers achieved {entry['achieved_rate']:,.0f} changes/s; "
+            f"{entry['windows_per_s']:.0f} windows/s{feed_text} (medians)"
+        )
+    return summary
+
+
 def print_summary(
     args: argparse.Namespace,
     source: str,
@@ -971,6 +1126,7 @@ def print_summary(
     ramp: dict[str, Any] | None,
     cost: dict[str, Any] | None,
     phases: list[Phase],
+    idle: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     summary: dict[str, Any] = {}
     print()
@@ -981,37 +1137,12 @@ def print_summary(
     )
     print(f"  fluxrt: {source}")
     print(f"  where: {where}")
+    if idle is not None:
+        summary["idle"] = idle
+        print(f"  {fmt_idle(idle)}")
     if latency is not None:
-        ok = [p for p in latency if p.ok]
-        pooled = [x for p in ok for x in p.latencies_ms]
-        summary["latency"] = {"rounds": len(latency), "rounds_valid": len(ok), "deliveries": len(pooled)}
-        if pooled:
-            p50, p99, worst = percentile(pooled, 50), percentile(pooled, 99), max(pooled)
-            verdict = "PASS" if p99 < TARGET_P99_MS else "FAIL"
-            summary["latency"].update(
-                p50_ms=p50,
-                p99_ms=p99,
-                max_ms=worst,
-                round_p99_ms=[p.p99_ms for p in ok],
-                median_round_p99_ms=statistics.median([p.p99_ms for p in ok if p.p99_ms is not None]),
-                achieved_rate=statistics.median([p.achieved_rate for p in ok]),
-                target_met=p99 < TARGET_P99_MS,
-            )
-            print(
-                f"  commit-to-client latency at {args.rate:g} changes/s ({len(ok)}/{len(latency)} valid rounds x "
-                f"{args.duration:g}s, {len(pooled):,} deliveries pooled):"
-            )
-            print(
-                f"    p50 {p50:.1f} ms  p99 {p99:.1f} ms  max {worst:.1f} ms   (target p99 < {TARGET_P99_MS:g} ms) "
-                f"{verdict}"
-            )
-            print(
-                "    per round p99: "
-                + ", ".join(f"{p.p99_ms:.1f}" for p in ok if p.p99_ms is not None)
-                + f" ms; writers achieved {summary['latency']['achieved_rate']:,.0f} changes/s (median)"
-            )
-        else:
-            print(f"  commit-to-client latency at {args.rate:g} changes/s: no valid round")
+        print("  commit-to-client latency (deliveries of every valid round pooled):")
+        summary["latency"] = latency_summary(args, latency)
     if ramp is not None:
         summary["ramp"] = ramp
         print(
@@ -1092,8 +1223,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="fluxrt's database.authorizer_dsn for the scratch database, with {db} for its name "
         "(default: fluxrt's own, role fluxrt_authorizer at the same host)",
     )
-    parser.add_argument("--phases", default="latency,ramp,cost", help="comma-separated subset of latency,ramp,cost")
-    parser.add_argument("--rate", type=float, default=200.0, help="changes/s in the latency phase (default 200)")
+    parser.add_argument(
+        "--phases", default="idle,latency,ramp,cost", help="comma-separated subset of idle,latency,ramp,cost"
+    )
+    parser.add_argument(
+        "--rate", default="200,2000", help="changes/s in the latency phase, comma-separated (default 200,2000)"
+    )
+    parser.add_argument(
+        "--idle-seconds", type=float, default=30.0, help="seconds of the idle phase's measurement (default 30)"
+    )
+    parser.add_argument(
+        "--fluxrt-tree",
+        type=Path,
+        help="run fluxrt_trio from this directory (a worktree of some commit) instead of this repository's",
+    )
+    parser.add_argument(
+        "--compare-tree",
+        type=Path,
+        help="also run every phase with the fluxrt_trio of this directory (e.g. `git worktree add /tmp/base "
+        "<commit>`), each tree on a scratch database of its own migrated by it; latency and idle rounds alternate "
+        "between the trees",
+    )
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per latency round (default 10)")
     parser.add_argument("--rounds", type=int, default=3, help="latency rounds and cost rounds (default 3)")
     parser.add_argument("--ramp", default=DEFAULT_RAMP, help=f"offered rates to try (default {DEFAULT_RAMP})")
@@ -1126,26 +1276,110 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--check", action="store_true", help="exit 1 unless the latency target and correctness hold")
     args = parser.parse_args(argv)
     if args.quick:
-        args.rounds, args.duration, args.step_seconds, args.cost_seconds = 1, 3.0, 2.0, 2.0
+        args.rounds, args.duration, args.step_seconds, args.cost_seconds, args.idle_seconds = 1, 3.0, 2.0, 2.0, 5.0
         if args.ramp == DEFAULT_RAMP:
             args.ramp = QUICK_RAMP
         args.refine = False
     args.phase_list = [p.strip() for p in args.phases.split(",") if p.strip()]
-    unknown = set(args.phase_list) - {"latency", "ramp", "cost"}
+    unknown = set(args.phase_list) - {"idle", "latency", "ramp", "cost"}
     if unknown:
         parser.error(f"--phases: unknown {sorted(unknown)}")
+    try:
+        args.rates = [float(r) for r in args.rate.split(",") if r.strip()]
+    except ValueError:
+        parser.error(f"--rate: not a comma-separated list of numbers: {args.rate!r}")
+    args.fluxrt_from = {}
+    for kind, tree in (("fluxrt", args.fluxrt_tree), ("was", args.compare_tree)):
+        if tree is not None:
+            if not (tree / "fluxrt_trio" / "__init__.py").is_file():
+                parser.error(f"--{'fluxrt' if kind == 'fluxrt' else 'compare'}-tree: no fluxrt_trio package in {tree}")
+            args.fluxrt_from[kind] = tree.resolve()
     args.all_cpus = sorted(os.sched_getaffinity(0))
     args.server_cpu, args.client_cpu = split_cpus(args.no_pin)
     return args
 
 
+def tree_source(tree: Path) -> str:
+    """Where a --fluxrt-tree or --compare-tree fluxrt comes from and at what commit."""
+    git = ["git", "-C", str(tree)]
+    commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run([*git, "status", "--porcelain", "fluxrt_trio"], capture_output=True, text=True).stdout
+    return f"{tree}/fluxrt_trio at commit {commit or '?'} ({'uncommitted changes' if dirty.strip() else 'clean'})"
+
+
+POSTGRES_SETTINGS = ("synchronous_commit", "fsync", "shared_buffers")
+
+
+async def prepare(args: argparse.Namespace, kind: str, workdir: Path) -> tuple[Bench, str, str, dict[str, str]]:
+    """A scratch database migrated by `kind`'s fluxrt, with the bench's schema, and its Bench; the database's name,
+    the server's version and its POSTGRES_SETTINGS."""
+    database, version, settings = await scratch_database.create(args.dsn, POSTGRES_SETTINGS)
+    dsn = scratch_database.with_database(args.dsn, database)
+    try:
+        workdir.mkdir()
+        bench = Bench(args, workdir, dsn, kind)
+        # fluxrt's migrations first (the server would run them too): the schema needs enable_realtime and
+        # auth.uid(), and the write-cost phase runs without a server.
+        config = workdir / "migrate.yaml"
+        config.write_text(fluxrt_config(args, args.host, 1, bench.secret, dsn))
+        subprocess.run(
+            [*fanout.fluxrt_command(args, kind), "-m", "fluxrt_trio", "--config", str(config), "migrate"],
+            cwd=REPO_ROOT,
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+        conn = await asyncpg.connect(dsn)
+        try:
+            await conn.execute(SCHEMA)
+        finally:
+            await conn.close()
+    except BaseException:
+        if not args.keep_db:
+            await scratch_database.drop(args.dsn, database)
+        raise
+    return bench, database, version, settings
+
+
 async def amain(args: argparse.Namespace) -> int:
     info = machine_info()
-    database, pg_version, settings = await scratch_database.create(
-        args.dsn, ("synchronous_commit", "fsync", "shared_buffers")
-    )
-    info.update(postgres=pg_version, postgres_settings=settings, database=database)
-    info["fluxrt"] = fluxrt_source(args.python)
+    kinds = ["fluxrt", *(["was"] if "was" in args.fluxrt_from else [])]
+    sources = {
+        kind: tree_source(args.fluxrt_from[kind]) if kind in args.fluxrt_from else fluxrt_source(args.python)
+        for kind in kinds
+    }
+    info["fluxrt"] = sources["fluxrt"]
+    if "was" in sources:
+        info["compare"] = sources["was"]
+    benches: dict[str, Bench] = {}
+    databases: list[str] = []
+    results: dict[str, dict[str, Any]] = {kind: {} for kind in kinds}
+    summaries: dict[str, dict[str, Any]] = {}
+    tmp = tempfile.TemporaryDirectory(prefix="fluxrt-bench-changes-")
+    try:
+        for kind in kinds:
+            benches[kind], database, pg_version, settings = await prepare(args, kind, Path(tmp.name) / kind)
+            databases.append(database)
+        info.update(postgres=pg_version, postgres_settings=settings, databases=databases)
+        return await run_phases(args, info, kinds, sources, benches, results, summaries)
+    finally:
+        if not args.keep_db:
+            for database in databases:
+                await scratch_database.drop(args.dsn, database)
+        tmp.cleanup()
+
+
+async def run_phases(
+    args: argparse.Namespace,
+    info: dict[str, Any],
+    kinds: list[str],
+    sources: dict[str, str],
+    benches: dict[str, Bench],
+    results: dict[str, dict[str, Any]],
+    summaries: dict[str, dict[str, Any]],
+) -> int:
+    """The phases asked for, for each tree's Bench; the summaries printed (and written with --json); the exit
+    status for --check."""
+    pg_version, settings = info["postgres"], info["postgres_settings"]
     if args.server_cpu is None:
         where = "unpinned (fluxrt, subscribers, writers and PostgreSQL share every CPU)"
     else:
@@ -1157,55 +1391,65 @@ async def amain(args: argparse.Namespace) -> int:
     print(
         f"changes bench: {info['nproc']} CPUs ({info['cpu_model']}), kernel {info['kernel']}, Python "
         f"{info['python']}, PostgreSQL {pg_version} (fsync={settings.get('fsync')}, synchronous_commit="
-        f"{settings.get('synchronous_commit')}); scratch database {database}; load average "
-        f"{os.getloadavg()[0]:.2f} at start\n  fluxrt: {info['fluxrt']}\n  {where}",
+        f"{settings.get('synchronous_commit')}); load average {' / '.join(f'{x:.2f}' for x in os.getloadavg())} "
+        f"at start\n  "
+        + "\n  ".join(f"{'fluxrt' if kind == 'fluxrt' else 'compared with'}: {sources[kind]}" for kind in kinds)
+        + f"\n  {where}\n  scratch databases: {', '.join(info['databases'])}",
         flush=True,
     )
-    dsn = scratch_database.with_database(args.dsn, database)
-    latency = ramp = cost = None
-    bench: Bench | None = None
-    try:
-        with tempfile.TemporaryDirectory(prefix="fluxrt-bench-changes-") as tmp:
-            workdir = Path(tmp)
-            bench = Bench(args, workdir, dsn)
-            # fluxrt's migrations first (the server would run them too): the schema needs enable_realtime and
-            # auth.uid(), and the write-cost phase runs without a server.
-            config = workdir / "migrate.yaml"
-            config.write_text(fluxrt_config(args, args.host, 1, bench.secret, dsn))
-            subprocess.run(
-                [args.python, "-m", "fluxrt_trio", "--config", str(config), "migrate"],
-                cwd=REPO_ROOT,
-                check=True,
-                stdout=subprocess.DEVNULL,
-            )
-            conn = await asyncpg.connect(dsn)
-            try:
-                await conn.execute(SCHEMA)
-            finally:
-                await conn.close()
-            if "latency" in args.phase_list:
-                latency = await bench.latency()
-            if "ramp" in args.phase_list:
-                ramp = await bench.ramp()
-            if "cost" in args.phase_list:
-                cost = await bench.cost()
-            summary = print_summary(args, info["fluxrt"], where, latency, ramp, cost, bench.phases)
-            # Other work on the box (a test suite, another benchmark) shows here; the run does not stop it.
-            print(f"  load average (1/5/15 min) at the end: {' / '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    finally:
-        if not args.keep_db:
-            await scratch_database.drop(args.dsn, database)
+
+    def alternating(rnd: int) -> list[Bench]:
+        # The compared tree first in odd rounds, this one first in even ones: neither always runs on a box warmed
+        # (or loaded) by the other.
+        ordered = [benches[kind] for kind in reversed(kinds)]
+        return ordered if rnd % 2 else ordered[::-1]
+
+    if "idle" in args.phase_list:
+        for bench in alternating(1):
+            results[bench.kind]["idle"] = await bench.idle()
+    if "latency" in args.phase_list:
+        rounds: dict[str, list[Phase]] = {kind: [] for kind in kinds}
+        for rate in args.rates:
+            for rnd in range(1, args.rounds + 1):
+                for bench in alternating(rnd):
+                    rounds[bench.kind].append(await bench.latency_round(rate, rnd))
+        for kind in kinds:
+            results[kind]["latency"] = rounds[kind]
+    for kind in kinds:
+        if "ramp" in args.phase_list:
+            results[kind]["ramp"] = await benches[kind].ramp()
+        if "cost" in args.phase_list:
+            results[kind]["cost"] = await benches[kind].cost()
+    for kind in kinds:
+        r = results[kind]
+        summaries[kind] = print_summary(
+            args,
+            sources[kind],
+            where,
+            r.get("latency"),
+            r.get("ramp"),
+            r.get("cost"),
+            benches[kind].phases,
+            r.get("idle"),
+        )
+    # Other work on the box (a test suite, another benchmark) shows here; the run does not stop it.
+    print(f"  load average (1/5/15 min) at the end: {' / '.join(f'{x:.2f}' for x in os.getloadavg())}")
     if args.json:
         payload = {
-            "args": {k: v for k, v in vars(args).items() if k != "json"},
+            "args": {k: v for k, v in vars(args).items() if k not in ("json", "fluxrt_from")},
             "machine": info,
             "where": where,
-            "summary": summary,
-            "phases": [{k: v for k, v in asdict(p).items() if k != "latencies_ms"} for p in bench.phases],
+            "summary": summaries["fluxrt"],
+            "compared": summaries.get("was"),
+            "phases": {
+                kind: [{k: v for k, v in asdict(p).items() if k != "latencies_ms"} for p in bench.phases]
+                for kind, bench in benches.items()
+            },
         }
         args.json.write_bytes(orjson.dumps(payload, option=orjson.OPT_INDENT_2, default=str))
     if args.check:
-        lat_ok = summary.get("latency", {}).get("target_met", "latency" not in args.phase_list)
+        summary = summaries["fluxrt"]
+        lat_ok = all(entry.get("target_met") is not False for entry in summary.get("latency", {}).values())
         correct = not any(summary["correctness_excluding_timed_out"].values())
         return 0 if lat_ok and correct else 1
     return 0

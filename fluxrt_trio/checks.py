@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable, Iterable
 
 from .postgres.authorize import ChannelAuthorizer, Refused
 from .postgres.bridge import AuthorizerPool, DatabaseUnavailable
-from .postgres.subscribe import TableAccess, UnknownRole, table_access
+from .postgres.subscribe import TableAccess, TableAccessQueries, UnknownRole
 from .protocol.channels import ChannelKind
 from .protocol.filters import EVENTS, FilterError, parse_filter
 from .protocol.identity import Identity
@@ -30,8 +30,8 @@ class ChannelChecks:
         database_ok: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.allowed_roles = frozenset(allowed_roles)
-        self._pool = pool
         self._hook = ChannelAuthorizer(pool) if pool is not None else None
+        self._tables = TableAccessQueries(pool) if pool is not None else None
         self._database_ok = database_ok
 
     async def database_back(self) -> None:
@@ -47,7 +47,7 @@ class ChannelChecks:
         if channel.kind is not ChannelKind.TABLE:
             return await self._hook_allows(identity, channel.name, "subscribe", check.ref)
         assert channel.schema is not None and channel.table is not None
-        if self._pool is None:
+        if self._tables is None:
             return _refusal(check, ErrorCode.SUBSCRIPTION_FAILED, f"cannot subscribe to {channel.name}: {NO_DATABASE}")
         role = identity.role
         if role not in self.allowed_roles:
@@ -67,7 +67,7 @@ class ChannelChecks:
                 "captured; subscribe to a table of your own",
             )
         try:
-            access = await table_access(self._pool, channel.schema, channel.table, role)
+            access = await self._tables.table_access(channel.schema, channel.table, role)
         except DatabaseUnavailable as exc:
             if check.renewal:
                 return Unavailable(str(exc))

@@ -9,6 +9,7 @@ presence is looked up again every few seconds, so creating or dropping it needs 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import asyncpg
 import orjson
@@ -16,6 +17,7 @@ import trio
 
 from ..protocol.identity import Identity
 from .bridge import AuthorizerPool, DatabaseUnavailable, describe
+from .shared import SharedQueries
 
 log = logging.getLogger("fluxrt.authorize")
 
@@ -32,20 +34,33 @@ class ChannelAuthorizer:
         self._pool = pool
         self._hook: bool | None = None
         self._checked_at = -HOOK_RECHECK
+        # Checks that find the answer missing or old while a look is waiting for a connection share that look.
+        self.looks: SharedQueries[None, bool] = SharedQueries()
 
     async def hook_exists(self) -> bool:
+        """Whether realtime.authorize exists, as looked up at most HOOK_RECHECK seconds ago.
+
+        Raises DatabaseUnavailable when the database cannot be asked and has never answered.
+        """
+        if self._hook is None or trio.current_time() - self._checked_at >= HOOK_RECHECK:
+            return await self.looks.run(None, self._look)
+        return self._hook
+
+    async def _look(self, sent: Callable[[], None]) -> bool:
+        async def ask(conn: asyncpg.Connection) -> bool:
+            sent()
+            found = await conn.fetchval("SELECT to_regprocedure('realtime.authorize(text,text)') IS NOT NULL")
+            return bool(found)
+
         now = trio.current_time()
-        if self._hook is None or now - self._checked_at >= HOOK_RECHECK:
-            try:
-                self._hook = await self._pool.run(
-                    lambda c: c.fetchval("SELECT to_regprocedure('realtime.authorize(text,text)') IS NOT NULL")
-                )
-            except DatabaseUnavailable:
-                # Unknown: keep the last answer (closed if never known) rather than opening channels by accident.
-                if self._hook is None:
-                    raise
-            self._checked_at = now
-        return bool(self._hook)
+        try:
+            self._hook = await self._pool.run(ask)
+        except DatabaseUnavailable:
+            # Unknown: keep the last answer (closed if never known) rather than opening channels by accident.
+            if self._hook is None:
+                raise
+        self._checked_at = now
+        return self._hook
 
     async def check(self, identity: Identity, channel: str, action: str) -> None:
         """Return when the hook allows `action` on `channel` (or there is no hook); raise Refused otherwise.

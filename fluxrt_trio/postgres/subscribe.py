@@ -3,10 +3,13 @@ and whether realtime is enabled for it. checks.py turns the answer into the clie
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import asyncpg
 import attrs
 
 from .bridge import AuthorizerPool
+from .shared import SharedQueries
 
 _ACCESS = """
 SELECT pg_catalog.has_schema_privilege($3, n.oid, 'USAGE')
@@ -41,15 +44,34 @@ class TableAccess:
     readable_columns: frozenset[str]
 
 
-async def table_access(pool: AuthorizerPool, schema: str, table: str, role: str) -> TableAccess | None:
-    """`role`'s access to `schema.table`; None when there is no such table (or it is a view or a system table).
+class TableAccessQueries:
+    """Asks the catalog about table subscribes. Identical checks (same schema, table and role: all the answer
+    depends on) that wait at the same time share one query (shared.py): in a connect storm thousands of clients ask
+    the same question at once. Each answer still comes from a query begun after its check arrived."""
 
-    Raises UnknownRole, and DatabaseUnavailable when the database cannot be asked.
-    """
-    try:
-        row = await pool.run(lambda conn: conn.fetchrow(_ACCESS, schema, table, role))
-    except asyncpg.UndefinedObjectError:
-        raise UnknownRole(role) from None
-    if row is None:
-        return None
-    return TableAccess(row["readable"], row["enabled"], frozenset(row["columns"]), frozenset(row["readable_columns"]))
+    def __init__(self, pool: AuthorizerPool) -> None:
+        self._pool = pool
+        self.shared: SharedQueries[tuple[str, str, str], TableAccess | None] = SharedQueries()
+
+    async def table_access(self, schema: str, table: str, role: str) -> TableAccess | None:
+        """`role`'s access to `schema.table`; None when there is no such table (or it is a view or a system table).
+
+        Raises UnknownRole, and DatabaseUnavailable when the database cannot be asked.
+        """
+
+        async def query(sent: Callable[[], None]) -> TableAccess | None:
+            async def ask(conn: asyncpg.Connection) -> asyncpg.Record | None:
+                sent()
+                return await conn.fetchrow(_ACCESS, schema, table, role)
+
+            try:
+                row = await self._pool.run(ask)
+            except asyncpg.UndefinedObjectError:
+                raise UnknownRole(role) from None
+            if row is None:
+                return None
+            return TableAccess(
+                row["readable"], row["enabled"], frozenset(row["columns"]), frozenset(row["readable_columns"])
+            )
+
+        return await self.shared.run((schema, table, role), query)

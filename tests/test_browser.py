@@ -10,51 +10,21 @@ from __future__ import annotations
 import difflib
 import functools
 import http.server
-import json
-import os
 import re
-import shutil
-import subprocess
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import trio
 
 from .pg import ROOT
+from .support.browser import ensure_chromium, see
 from .support.config import token
-from .support.sdk import SDK, USERS, prepare_sdk
+from .support.sdk import USERS, prepare_sdk
 
-CHROMIUM = Path("/usr/bin/chromium")
 REFERENCE = ROOT.parent / "shared" / "spec" / "realtime-api-reference.md"
 REFERENCE_PAGE = ROOT / "tests" / "data" / "reference-live-users.html"
 """the reference's "HTML + JavaScript" page, copied verbatim, so that the check runs wherever the repository does"""
-
-
-@functools.cache
-def ensure_chromium() -> str:
-    """Debian's Chromium, installed with apt-get when it is missing (the suite runs as root on CI)."""
-    if CHROMIUM.exists():
-        return str(CHROMIUM)
-    if os.geteuid() != 0 or shutil.which("apt-get") is None:
-        pytest.fail(
-            f"Chromium is missing ({CHROMIUM}): the browser tests drive Debian's chromium package; "
-            "install it with `sudo apt-get install chromium`",
-            pytrace=False,
-        )
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    install = ["apt-get", "install", "-y", "-q", "chromium"]
-    result = subprocess.run(install, capture_output=True, text=True, env=env, check=False)
-    if result.returncode != 0:
-        # A machine that never ran `apt-get update` does not know the package yet.
-        subprocess.run(["apt-get", "update", "-q"], capture_output=True, env=env, check=False)
-        result = subprocess.run(install, capture_output=True, text=True, env=env, check=False)
-    if result.returncode != 0 or not CHROMIUM.exists():
-        pytest.fail(
-            f"installing Chromium failed ({' '.join(install)}):\n{result.stdout}\n{result.stderr}", pytrace=False
-        )
-    return str(CHROMIUM)
 
 
 @pytest.fixture
@@ -95,24 +65,6 @@ async def start_fluxrt(start_server, db):
         while server.database_state() != "ok":
             await trio.sleep(0.01)
     return server
-
-
-async def see(scenario: str, tools: tuple[str, str], env: dict[str, str]) -> dict:
-    """Run one scenario of pages.js; its report, or a failure carrying everything it printed."""
-    node, chromium = tools
-    with trio.fail_after(90):
-        result = await trio.run_process(
-            [node, str(SDK / "build" / "browser" / "pages.js"), scenario],
-            cwd=SDK,
-            env={**os.environ, **env, "CHROMIUM": chromium},
-            capture_stdout=True,
-            capture_stderr=True,
-            check=False,
-        )
-    out, err = result.stdout.decode(errors="replace"), result.stderr.decode(errors="replace")
-    if result.returncode != 0:
-        pytest.fail(f"the {scenario} page did not behave (exit {result.returncode}):\n{err}\n{out}", pytrace=False)
-    return json.loads(out.strip().splitlines()[-1])["result"]
 
 
 def page_env(server, pages_url: str, db) -> dict[str, str]:

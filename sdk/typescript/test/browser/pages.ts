@@ -1,13 +1,16 @@
 // Drives the example pages in headless Chromium (Debian's, through playwright-core) and prints what a person would
 // see, as one JSON object on stdout; tests/test_browser.py serves the pages, runs fluxrt and judges the result.
 //
-//   node build/browser/pages.js live-users|chat
+//   node build/browser/pages.js live-users|chat|react-todos
 //
 // Environment: PAGES_URL (the static server's root), FLUXRT_URL (http://127.0.0.1:PORT), FLUXRT_WS
 // (ws://127.0.0.1:PORT), TOKEN_ALICE, TOKEN_BOB, SDK_TEST_DSN (for SQL), CHROMIUM (the browser's path).
+// react-todos (tests/test_sdk_react.py) runs fluxrt itself, to restart it, as the live tests do: the SDK_TEST_*
+// variables of test/support/fluxrt.ts; PAGES_URL is then the example's serve.py, which also answers /api/todos.
 
 import { type Browser, type BrowserContext, chromium, type Page } from 'playwright-core'
 import pg from 'pg'
+import { Fluxrt } from '../support/fluxrt.js'
 
 function env(name: string): string {
   const value = process.env[name]
@@ -83,7 +86,156 @@ async function chat(browser: Browser, log: string[]) {
   return { onlineBefore, messages, onlineAfter: await names(bob) }
 }
 
-const scenarios = { 'live-users': liveUsers, chat } as const
+/** What one user's todo page shows: `owner:title`, with ` ✓` when done, in id order. */
+function todos(page: Page): Promise<string[]> {
+  return page
+    .locator('#todos li')
+    .evaluateAll((items) =>
+      items.map((li) => {
+        const title = li.querySelector('.title')?.textContent ?? ''
+        return `${(li as HTMLElement).dataset.owner}:${title}${li.classList.contains('done') ? ' ✓' : ''}`
+      }),
+    )
+}
+
+/** Until the page's list is `expected` and live; fails with what it shows instead. */
+async function listIs(page: Page, who: string, expected: string[]): Promise<string[]> {
+  const deadline = Date.now() + 15_000
+  for (;;) {
+    const shown = await todos(page)
+    const status = await page.locator('#list-status').textContent()
+    if (JSON.stringify(shown) === JSON.stringify(expected) && status === 'live') return shown
+    if (Date.now() > deadline) {
+      throw new Error(`${who}'s list is ${JSON.stringify(shown)} (${status}), expected ${JSON.stringify(expected)}`)
+    }
+    await new Promise((resolve) => setTimeout(resolve, 25))
+  }
+}
+
+/**
+ * examples/react-todos as alice and bob in two browser contexts: rows changed with SQL show in each list as the
+ * table's policy allows (own and shared todos), fluxrt restarted under them, presence. Every list is read after a
+ * change both users see (a shared row), which comes after the ones before it in commit order: a change that should
+ * not have reached a list would have shown by then.
+ */
+async function reactTodos(browser: Browser, log: string[]) {
+  const fluxrt = new Fluxrt()
+  await fluxrt.start()
+  try {
+    const insert = async (owner: string, title: string, shared = false) => {
+      await sql('INSERT INTO public.todos (owner, title, shared) VALUES ($1, $2, $3)', [owner, title, shared])
+    }
+    await insert('alice', 'a1')
+    await insert('bob', 'b1')
+    await insert('carol', 's1', true)
+    await insert('carol', 'c1')
+
+    const users = ['alice', 'bob'] as const
+    const contexts = { alice: await browser.newContext(), bob: await browser.newContext() }
+    const pages = {} as Record<(typeof users)[number], Page>
+    const loads = { alice: 0, bob: 0 }
+    const sockets = { alice: 0, bob: 0 }
+    for (const who of users) {
+      const page = await open(contexts[who], `react-todos ${who}`, log)
+      page.on('request', (request) => {
+        if (request.method() === 'GET' && new URL(request.url()).pathname === '/api/todos') loads[who] += 1
+      })
+      page.on('websocket', () => {
+        sockets[who] += 1
+      })
+      await page.goto(`${env('PAGES_URL')}/?token=${env(`TOKEN_${who.toUpperCase()}`)}&server=${env('FLUXRT_URL')}`)
+      pages[who] = page
+    }
+    const online = async () => ({
+      alice: await pages.alice.locator('#online li').allTextContents(),
+      bob: await pages.bob.locator('#online li').allTextContents(),
+    })
+
+    const loaded = {
+      alice: await listIs(pages.alice, 'alice', ['alice:a1', 'carol:s1']),
+      bob: await listIs(pages.bob, 'bob', ['bob:b1', 'carol:s1']),
+    }
+
+    await insert('alice', 'a2')
+    await insert('bob', 'b2')
+    await sql("UPDATE public.todos SET title = 'a1 (edited)', done = true WHERE title = 'a1'")
+    await insert('carol', 'c2')
+    await sql("UPDATE public.todos SET title = 'c1 (edited)' WHERE title = 'c1'")
+    await sql("DELETE FROM public.todos WHERE title = 'b1'")
+    await insert('carol', 's2', true)
+    await listIs(pages.alice, 'alice', ['alice:a1 (edited) ✓', 'carol:s1', 'alice:a2', 'carol:s2'])
+    await listIs(pages.bob, 'bob', ['carol:s1', 'bob:b2', 'carol:s2'])
+    await sql("DELETE FROM public.todos WHERE title = 's1'")
+    await listIs(pages.alice, 'alice', ['alice:a1 (edited) ✓', 'alice:a2', 'carol:s2'])
+    const changed = await listIs(pages.bob, 'bob', ['bob:b2', 'carol:s2'])
+    const changedLists = { alice: await todos(pages.alice), bob: changed }
+
+    for (const who of users) {
+      await pages[who].locator('#online li', { hasText: who === 'alice' ? 'bob' : 'alice' }).waitFor()
+    }
+    const onlineBefore = await online()
+    const loadsBefore = { ...loads }
+
+    // Down: SIGTERM closes every connection (1001) and stop() waits for the process to exit, so the rows change
+    // while nobody can deliver them; back up, each page resumes its channel from the last change it had.
+    await fluxrt.stop()
+    await insert('alice', 'a3')
+    await sql("DELETE FROM public.todos WHERE title = 'a2'")
+    await sql("UPDATE public.todos SET done = true WHERE title = 'b2'")
+    await insert('carol', 'c3')
+    await insert('carol', 's3', true)
+    await fluxrt.start()
+    const restarted = {
+      alice: await listIs(pages.alice, 'alice', ['alice:a1 (edited) ✓', 'carol:s2', 'alice:a3', 'carol:s3']),
+      bob: await listIs(pages.bob, 'bob', ['bob:b2 ✓', 'carol:s2', 'carol:s3']),
+    }
+    const socketsAfterRestart = { ...sockets }
+
+    // Through the page: alice adds a todo and ticks one (serve.py writes them under the policy); the list shows
+    // what fluxrt delivers, with no load.
+    await pages.alice.locator('form input').fill('a4')
+    await pages.alice.locator('form button').click()
+    await pages.alice.locator('#todos li', { hasText: 'a4' }).waitFor()
+    // A click, not check(): the box shows the row's `done`, which changes when the UPDATE arrives.
+    await pages.alice.locator('#todos li', { hasText: 'a3' }).locator('input').click()
+    await pages.alice.locator('#todos li.done', { hasText: 'a3' }).waitFor()
+    await insert('carol', 's4', true)
+    const fromThePage = {
+      alice: await listIs(pages.alice, 'alice', [
+        'alice:a1 (edited) ✓',
+        'carol:s2',
+        'alice:a3 ✓',
+        'carol:s3',
+        'alice:a4',
+        'carol:s4',
+      ]),
+      bob: await listIs(pages.bob, 'bob', ['bob:b2 ✓', 'carol:s2', 'carol:s3', 'carol:s4']),
+    }
+    const loadsAfterRestart = { ...loads }
+    for (const who of users) {
+      await pages[who].locator('#online li', { hasText: who === 'alice' ? 'bob' : 'alice' }).waitFor()
+    }
+    const onlineAfterRestart = await online()
+
+    await contexts.bob.close()
+    await pages.alice.locator('#online li', { hasText: 'bob' }).waitFor({ state: 'detached' })
+    const onlineAfterBobLeft = await pages.alice.locator('#online li').allTextContents()
+    await contexts.alice.close()
+    return {
+      loaded,
+      changed: changedLists,
+      restarted,
+      fromThePage,
+      loads: { before: loadsBefore, afterRestart: loadsAfterRestart },
+      sockets: socketsAfterRestart,
+      online: { before: onlineBefore, afterRestart: onlineAfterRestart, afterBobLeft: onlineAfterBobLeft },
+    }
+  } finally {
+    await fluxrt.close()
+  }
+}
+
+const scenarios = { 'live-users': liveUsers, chat, 'react-todos': reactTodos } as const
 
 async function main(): Promise<void> {
   const which = process.argv[2] as keyof typeof scenarios

@@ -126,7 +126,7 @@ function useChannelHandle(
         else if (status === 'CHANNEL_ERROR') {
           // Errors that keep the subscription (CHANGES_MISSED, a refused broadcast) leave the status as it was.
           set(held?.channel?.state === 'joined' ? { error } : { status: 'error', error })
-        } else set({ status: error === undefined ? 'joining' : 'closed', error })
+        } else set({ status: 'closed', error })
         callbacks.current.onStatus?.(status, error, info, key)
       },
       interrupted() {
@@ -415,7 +415,7 @@ export function useLiveRows<R = Row>(table: string, options: LiveRowsOptions<R>)
   const sessionOf = (from: string): Session<R> | undefined =>
     session.current.key === from ? session.current : undefined
 
-  useChannelHandle(name, {
+  const [, channel] = useChannelHandle(name, {
     filter: options.filter,
     onChange(change, from) {
       const current = sessionOf(from)
@@ -440,10 +440,12 @@ export function useLiveRows<R = Row>(table: string, options: LiveRowsOptions<R>)
         else if (current.buffer === undefined) publish(current, 'live')
       } else if (status === 'CHANNEL_ERROR' && (error as { code?: string } | undefined)?.code === 'CHANGES_MISSED') {
         reload(current)
-      } else if (error !== undefined) {
+      } else if (status === 'CHANNEL_ERROR' && channel.current?.channel?.state === 'joined') {
+        // An error that keeps the subscription (a refused message): the rows are still right.
+      } else {
         current.loading?.abort()
         current.buffer = current.loading = undefined
-        publish(current, 'error', error)
+        publish(current, 'error', error ?? new Error(`${name} was closed: the client was disconnected`))
       }
     },
     onInterrupted(from) {

@@ -82,7 +82,8 @@ export class ChannelRegistry {
 
   constructor(private readonly client: RealtimeClient) {
     client.onStateChange((change) => {
-      if (change.state !== 'CLOSED') return
+      // Only a close the client comes back from: after disconnect() or a close for good the channels report CLOSED.
+      if (change.state !== 'CLOSED' || (change.reconnectInMs === undefined && !change.waitingForToken)) return
       for (const entry of this.entries.values()) each(entry, (listener) => listener.interrupted?.())
     })
   }
@@ -95,8 +96,12 @@ export class ChannelRegistry {
   acquire(name: string, options: TableOptions, listener: ChannelListener): ChannelHandle {
     const key = optionsKey(options)
     let entry = this.entries.get(name)
-    if (entry !== undefined && entry.key !== key) {
-      if (entry.listeners.size > 0) return this.conflict(name, options, entry, listener)
+    if (entry !== undefined && entry.key !== key && entry.listeners.size > 0) {
+      return this.conflict(name, options, entry, listener)
+    }
+    // Released in this same tick (StrictMode, changed arguments): reused, unless it is for other options or the
+    // server refused or ended it, when a new mount deserves a new try.
+    if (entry !== undefined && entry.listeners.size === 0 && (entry.key !== key || entry.channel?.state === 'errored')) {
       this.end(entry)
       entry = undefined
     }

@@ -51,6 +51,8 @@ export class FakeServer {
   recovered = true
   /** Answer subscribes (set false to hold the acks back; ackSubscribes() sends them). */
   autoAck = true
+  /** Refuse every subscribe with this error instead of acking it. */
+  refuse: { code: string; message: string } | undefined
   /** Presence as the server holds it, per room: { key: [{ ref, state }] }. */
   readonly presence = new Map<string, Record<string, { ref: string; state: unknown }[]>>()
   private readonly held: { socket: FakeSocket; frame: Frame }[] = []
@@ -134,6 +136,10 @@ export class FakeServer {
   }
 
   private ackSubscribe(socket: FakeSocket, frame: Frame): void {
+    if (this.refuse !== undefined) {
+      socket.push({ type: 'error', ...this.refuse, channel: frame.channel, ref: frame.ref })
+      return
+    }
     const ack: Frame = { type: 'ack', channel: frame.channel, status: 'subscribed', ref: frame.ref }
     if (frame.since !== undefined) ack.recovered = this.recovered
     socket.push(ack)

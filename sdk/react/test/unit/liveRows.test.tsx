@@ -196,6 +196,27 @@ test('a new filter subscribes again and loads again; what the old subscription l
   assert.deepEqual(shown(view), ['live', '2:from b'])
 })
 
+test('a refused subscription and a disconnected client show as errors; an error that keeps the channel does not', async () => {
+  const { server, client, wrap, loads } = setup()
+  server.refuse = { code: 'FORBIDDEN', message: 'role anon may not read public.todos' }
+  const view = render(wrap(<List load={loads.load} />))
+  await step()
+  assert.deepEqual(shown(view), ['error: role anon may not read public.todos', ''])
+  assert.equal(loads.calls.length, 0)
+  cleanup()
+
+  server.refuse = undefined
+  const again = render(wrap(<List load={loads.load} />))
+  await step()
+  await step(() => loads.last().resolve([{ id: 1, title: 'a' }]))
+  await step(() =>
+    server.socket.push({ type: 'error', code: 'RATE_LIMITED', message: 'slow down', channel: 'table:public.todos' }),
+  )
+  assert.deepEqual(shown(again), ['live', '1:a'])
+  await step(() => void client.realtime.disconnect())
+  assert.deepEqual(shown(again), ['error: table:public.todos was closed: the client was disconnected', '1:a'])
+})
+
 function Page() {
   const { rows, status } = useLiveRows<Todo>('todos', { load: async () => [{ id: 1, title: 'a' }] })
   const { members } = usePresence('lobby', { status: 'online' })

@@ -15,19 +15,19 @@ import type {
   SubscribedInfo,
   TableEvent,
 } from '@fluxbase/sdk'
-import { useCallback, useEffect, useLayoutEffect, useMemo, useRef, useState, useSyncExternalStore } from 'react'
+import { useCallback, useEffect, useInsertionEffect, useMemo, useRef, useState, useSyncExternalStore } from 'react'
 
 import { applyChange, keyFunction, type RowKey, rowsByKey } from './liveRows.js'
 import { useRealtimeClient } from './provider.js'
 import { type ChannelHandle, type ChannelListener, registryFor } from './registry.js'
 
-// useLayoutEffect warns when rendered on a server; there it never runs anyway.
-const useIsomorphicLayoutEffect = typeof document === 'undefined' ? useEffect : useLayoutEffect
-
-/** A ref holding `value` as of the last commit. */
+/**
+ * A ref holding `value` as of the last commit, updated before any effect of the commit runs (an insertion effect:
+ * unlike a layout effect, React does not warn about it when rendering on a server, where it never runs).
+ */
 function useLatest<T>(value: T): { readonly current: T } {
   const ref = useRef(value)
-  useIsomorphicLayoutEffect(() => {
+  useInsertionEffect(() => {
     ref.current = value
   })
   return ref

@@ -51,6 +51,8 @@ export class FakeServer {
   recovered = true
   /** Answer subscribes (set false to hold the acks back; ackSubscribes() sends them). */
   autoAck = true
+  /** Open new connections (set false to leave them connecting until accept()). */
+  accepting = true
   /** Refuse every subscribe with this error instead of acking it. */
   refuse: { code: string; message: string } | undefined
   /** Presence as the server holds it, per room: { key: [{ ref, state }] }. */
@@ -65,11 +67,7 @@ export class FakeServer {
       constructor(url: string) {
         super(url, server)
         server.sockets.push(this)
-        setTimeout(() => {
-          if (this.readyState !== 0) return
-          this.readyState = 1
-          this.emit('open', {})
-        }, 0)
+        if (server.accepting) setTimeout(() => server.accept(), 0)
       }
     } as unknown as WebSocketConstructor
   }
@@ -127,6 +125,16 @@ export class FakeServer {
       case 'ping':
         socket.push({ type: 'pong', ref })
         break
+    }
+  }
+
+  /** Open the connections that are still connecting, and go on accepting. */
+  accept(): void {
+    this.accepting = true
+    for (const socket of this.sockets) {
+      if (socket.readyState !== 0) continue
+      socket.readyState = 1
+      socket.emit('open', {})
     }
   }
 

@@ -63,6 +63,7 @@ from typing import Any
 
 import asyncpg
 import common
+import gcprobe
 import jwt
 import orjson
 import scratch_database
@@ -119,12 +120,17 @@ def fluxrt_config(args: argparse.Namespace, port: int, secret: str, dsn: str) ->
 class Server(common.ServerProcess):
     """fluxrt as a separate process, pinned to the server CPU."""
 
-    def __init__(self, args: argparse.Namespace, tree: Path | None, workdir: Path, secret: str, dsn: str) -> None:
+    def __init__(
+        self, args: argparse.Namespace, tree: Path | None, workdir: Path, secret: str, dsn: str, *, baseline: bool
+    ) -> None:
         self.host: str = args.host
         self.port = free_port(self.host)
         config = workdir / f"fluxrt-{self.port}.yaml"
         config.write_text(fluxrt_config(args, self.port, secret, dsn))
-        super().__init__(fluxrt_argv(args, tree, config), workdir / f"fluxrt-{self.port}.log", args.server_cpu)
+        self.gc_record = workdir / f"gc-{self.port}.json"
+        threshold = None if baseline else args.gc_threshold
+        argv = fluxrt_argv(args, tree, config, probe=self.gc_record, gc_threshold=threshold)
+        super().__init__(argv, workdir / f"fluxrt-{self.port}.log", args.server_cpu)
 
     def healthy(self) -> bool:
         answer = common.health(self.host, self.port)
@@ -142,11 +148,25 @@ class Server(common.ServerProcess):
         raise RuntimeError(f"fluxrt not healthy after {timeout}s: {self.log_tail()}")
 
 
-def fluxrt_argv(args: argparse.Namespace, tree: Path | None, config: Path, *command: str) -> list[str]:
+def fluxrt_argv(
+    args: argparse.Namespace,
+    tree: Path | None,
+    config: Path,
+    *command: str,
+    probe: Path | None = None,
+    gc_threshold: str | None = None,
+) -> list[str]:
     """`python -m fluxrt_trio --config CONFIG COMMAND...`, run in `tree` when given (`env -C` changes directory and
-    execs, so the process is still the one measured); `-m` imports fluxrt_trio from there first."""
+    execs, so the process is still the one measured); `-m` imports fluxrt_trio from there first. With `probe`,
+    through bench/gcprobe.py, which writes every garbage collection's pause there at exit."""
     where = [] if tree is None else ["env", "-C", str(tree)]
-    return [*where, args.python, "-m", "fluxrt_trio", "--config", str(config), *command]
+    python = [args.python]
+    if probe is not None:
+        python.append(str(BENCH_DIR / "gcprobe.py"))
+        if gc_threshold:
+            python += ["--threshold", gc_threshold]
+        python.append(str(probe))
+    return [*where, *python, "-m", "fluxrt_trio", "--config", str(config), *command]
 
 
 def tree_source(args: argparse.Namespace, tree: Path | None) -> str:
@@ -304,7 +324,7 @@ def run_round(
     plan_path: Path,
     label: str,
 ) -> dict[str, Any]:
-    server = Server(args, tree, workdir, secret, dsn)
+    server = Server(args, tree, workdir, secret, dsn, baseline=label.startswith("was"))
     clients: subprocess.Popen[str] | None = None
     profiler: subprocess.Popen[bytes] | None = None
     out = workdir / f"times-{label}.json"
@@ -334,7 +354,8 @@ def run_round(
         done = read_event(clients, "done")
         server_cpu = (proc_cpu(server.pid) or 0.0) - (server_cpu0 or 0.0)
         pg_cpu = postgres_cpu_since(pg0)
-        storm_s = time.monotonic() - storm0
+        storm_end = time.monotonic()
+        storm_s = storm_end - storm0
         time.sleep(STATS_FLUSH_S)
         storm_xacts = transactions(args.dsn, database) - idle1[1]
         idle_rate = (idle1[1] - idle0[1]) / (idle1[0] - idle0[0])
@@ -358,7 +379,6 @@ def run_round(
             db_transactions_beyond_idle=storm_xacts - idle_rate * (storm_s + STATS_FLUSH_S),
             server_alive=server.proc.poll() is None,
         )
-        return result
     finally:
         if profiler is not None:
             stop_profiler(profiler)
@@ -367,6 +387,9 @@ def run_round(
         result_stop = server.stop()
         if "killed" in result_stop:
             print(f"  warning: fluxrt {result_stop}", flush=True)
+    if server.gc_record.is_file():
+        result["gc"] = gcprobe.summary(str(server.gc_record), storm0, storm_end)
+    return result
 
 
 def median_cpu(rounds: list[dict[str, Any]]) -> float:
@@ -399,6 +422,17 @@ def fmt_round(r: dict[str, Any]) -> str:
         f"{r['client_cpu_s']:.2f}; database transactions {r['db_transactions']:,} "
         f"({r['db_transactions_beyond_idle']:,.0f} beyond the idle rate of {r['db_transactions_idle_per_s']:,.0f}/s)\n"
         f"            presence frames received {r['presence_frames']:,}; errors: {errors}"
+        + (f"\n            {fmt_gc(r['gc'])}" if "gc" in r else "")
+    )
+
+
+def fmt_gc(gc: dict[str, Any]) -> str:
+    per = ", ".join(
+        f"gen {g}: {v['count']:,} taking {v['total_ms']:,.1f} ms (longest {v['max_ms']:.1f})"
+        for g, v in gc["by_generation"].items()
+    )
+    return (
+        f"garbage collections during the storm: {gc['total_ms']:,.1f} ms in all, longest {gc['max_ms']:.1f} ms; {per}"
     )
 
 
@@ -428,6 +462,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=Path,
         help="also run fluxrt_trio from this tree in every round (labelled `was`), alternating which goes first: "
         "the same-run baseline of a change",
+    )
+    parser.add_argument(
+        "--gc-threshold",
+        help="A,B,C: gc.set_threshold(A, B, C) in the measured fluxrt before it starts (not in --compare-tree's): "
+        "a policy tried against the same tree, `--compare-tree .`",
     )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--python", default=sys.executable, help="interpreter for fluxrt and the clients")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import gc
 import logging
 import os
 import re
@@ -16,7 +15,7 @@ import attrs
 import trio
 import yaml
 
-from . import __version__, logs
+from . import __version__, collector, logs
 from .auth import mint, read_secret
 from .config import Config, ConfigError, Secret, load_config, masked, plan_reload
 from .postgres.bridge import DatabaseUnavailable, asyncio_loop, close_connection, connect, on_connection
@@ -164,8 +163,7 @@ async def _serve(config: Config, started: Config, path: str | None) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(server.serve)
-            # Everything allocated so far lives as long as the process: keep the collector from scanning it.
-            gc.freeze()
+            collector.install()
             async for signum in signals:
                 if signum == signal.SIGHUP:
                     reload(server, started, path)

@@ -36,8 +36,10 @@ Run from the repository root with the project venv:
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import os
+import re
 import signal
 import socket
 import statistics
@@ -54,7 +56,10 @@ import common
 import orjson
 from common import BENCH_DIR, REPO_ROOT, free_port, percentile, raise_nofile_limit, split_cpus, stop_child
 
-SERVERS = ("fluxrt", "websockets")
+SERVERS = ("fluxrt", "websockets", "floor")
+# "floor" (bench/floor_server.c, compiled with gcc at bench time) runs only when asked for.
+DEFAULT_SERVERS = ("fluxrt", "websockets")
+FLOOR_SOURCE = BENCH_DIR / "floor_server.c"
 # --slow-compare labels each server's rounds with the slow clients KIND + SLOW_SUFFIX.
 SLOW_SUFFIX = "+slow"
 TARGET_RATIO = 1.5
@@ -68,6 +73,9 @@ CLIENT_LAG_WARN = 0.05
 # leaves room.
 PACED_MS = 250.0
 PACED_MESSAGES = 100
+# Issue 16's paced targets for fluxrt: server CPU per million deliveries and p99 fan-out latency to the last subscriber.
+TARGET_PACED_CPU_S_PER_M = 6.5
+TARGET_PACED_P99_MS = 50.0
 # --slow-compare target: the healthy subscribers' p99 fan-out latency with the slow clients at most this many times
 # the same run's without them.
 TARGET_SLOW_P99_RATIO = 1.2
@@ -126,6 +134,8 @@ class RoundResult:
     rss_peak_kib: int | None = None
     rss_hwm_kib: int | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+    # With --syscalls: calls per system call during the timed phase.
+    syscalls: dict[str, int] = field(default_factory=dict)
     details: dict[str, Any] = field(default_factory=dict)
 
 
@@ -257,6 +267,8 @@ class ServerProcess(common.ServerProcess):
                 + extra_config
             )
             argv = [*fluxrt_command(args, kind), "-m", "fluxrt_trio", "--config", str(config)]
+        elif kind == "floor":
+            argv = [str(args.floor_binary), "--host", self.host, "--port", str(self.port), "--path", self.path]
         else:
             argv = [
                 args.python,
@@ -341,6 +353,30 @@ def stop_profiler(profiler: subprocess.Popen[bytes]) -> None:
         profiler.wait()
 
 
+def start_syscall_counter(args: argparse.Namespace, server: ServerProcess, name: str) -> subprocess.Popen[bytes]:
+    """`perf trace -s` counting `server`'s system calls (every thread) for the timed phase, its summary to
+    ``<--syscalls>/<name>.txt``. Tracing slows each call, so such a round's CPU and latency figures are not
+    comparable with an untraced one's; the counts are exact."""
+    out = args.syscalls / f"{name}.txt"
+    argv = ["perf", "trace", "-s", "-o", str(out), "-p", str(server.pid)]
+    counter = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    time.sleep(1.0)
+    if counter.poll() is not None:
+        assert counter.stderr is not None
+        raise RuntimeError(f"perf trace exited with {counter.returncode}: {counter.stderr.read().decode()[-500:]}")
+    return counter
+
+
+def syscall_counts(path: Path) -> dict[str, int]:
+    """Calls per system call in a `perf trace -s` summary, summed over its threads."""
+    counts: dict[str, int] = collections.Counter()
+    for line in path.read_text().splitlines():
+        match = re.match(r"\s+([a-z_0-9]+)\s+(\d+)\s+\d+\s+\d", line)
+        if match:
+            counts[match[1]] += int(match[2])
+    return dict(counts)
+
+
 def read_event(clients: subprocess.Popen[str]) -> dict[str, Any]:
     assert clients.stdout is not None
     line = clients.stdout.readline()
@@ -350,6 +386,15 @@ def read_event(clients: subprocess.Popen[str]) -> dict[str, Any]:
     if event["event"] == "error":
         raise RuntimeError(f"client: {event['message']}")
     return event
+
+
+def build_floor(workdir: Path) -> Path:
+    """Compile bench/floor_server.c into `workdir` with gcc -O2; print the compiler's version."""
+    binary = workdir / "floor_server"
+    subprocess.run(["gcc", "-O2", "-o", str(binary), str(FLOOR_SOURCE), "-lcrypto"], check=True)
+    version = subprocess.run(["gcc", "--version"], capture_output=True, text=True).stdout.partition("\n")[0]
+    print(f"  floor: {FLOOR_SOURCE.relative_to(REPO_ROOT)} built with {version} -O2", flush=True)
+    return binary
 
 
 def run_round(label: str, kind: str, slow: int, rnd: int, args: argparse.Namespace, workdir: Path) -> RoundResult:
@@ -363,6 +408,7 @@ def run_round(label: str, kind: str, slow: int, rnd: int, args: argparse.Namespa
     clients: subprocess.Popen[str] | None = None
     sampler: RssSampler | None = None
     profiler: subprocess.Popen[bytes] | None = None
+    counter: subprocess.Popen[bytes] | None = None
     try:
         server.wait_ready(args.startup_timeout)
         time.sleep(0.5)
@@ -384,6 +430,8 @@ def run_round(label: str, kind: str, slow: int, rnd: int, args: argparse.Namespa
             sampler = RssSampler(server.pid)
         if args.profile is not None and server.is_fluxrt:
             profiler = start_profiler(args, server, f"{label}-round{rnd}")
+        if args.syscalls is not None:
+            counter = start_syscall_counter(args, server, f"{label}-round{rnd}")
         assert clients.stdin is not None
         clients.stdin.write("go\n")
         clients.stdin.flush()
@@ -391,6 +439,10 @@ def run_round(label: str, kind: str, slow: int, rnd: int, args: argparse.Namespa
         if profiler is not None:
             stop_profiler(profiler)
             profiler = None
+        if counter is not None:
+            stop_profiler(counter)
+            counter = None
+            result.syscalls = syscall_counts(args.syscalls / f"{label}-round{rnd}.txt")
         if sampler is not None:
             result.rss_peak_kib = sampler.stop()
             sampler = None
@@ -447,6 +499,8 @@ def run_round(label: str, kind: str, slow: int, rnd: int, args: argparse.Namespa
             sampler.stop()
         if profiler is not None:
             stop_profiler(profiler)
+        if counter is not None:
+            stop_profiler(counter)
         if clients is not None:
             stop_child(clients)
         result.server_exit = server.stop()
@@ -516,6 +570,11 @@ def fmt_round(r: RoundResult) -> str:
             )
         if r.metrics:
             line += "; /metrics " + ", ".join(f"{k} {v:g}" for k, v in r.metrics.items())
+    if r.syscalls and r.frames_delivered:
+        top = sorted(r.syscalls.items(), key=lambda item: -item[1])
+        n_all = sum(r.syscalls.values()) / r.frames_delivered
+        per = ", ".join(f"{name} {n / r.frames_delivered:.3f}" for name, n in top if n / r.frames_delivered >= 0.001)
+        line += f"\n    system calls per delivery (perf trace): {per}; all {n_all:.3f}"
     if r.error:
         line += f"\n    WARNING: {r.error}"
     # End times come from kernel receive timestamps, so a busy client only matters once it
@@ -586,6 +645,9 @@ def summarize(results: list[RoundResult], servers: list[str]) -> dict[str, Any]:
     flux = summary.get("fluxrt", {}).get("cpu_s_per_m_deliveries")
     base = summary.get("websockets", {}).get("cpu_s_per_m_deliveries")
     summary["ratio_cpu_per_delivery"] = flux / base if flux and base else None
+    flux = summary.get("fluxrt", {}).get("cpu_s_per_m_deliveries")
+    base = summary.get("floor", {}).get("cpu_s_per_m_deliveries")
+    summary["ratio_cpu_per_delivery_floor"] = flux / base if flux and base else None
     for key in ("latency_last_p50_ms", "latency_last_p99_ms"):
         flux = summary.get("fluxrt", {}).get(key)
         base = summary.get("websockets", {}).get(key)
@@ -676,8 +738,20 @@ def print_summary(summary: dict[str, Any], servers: list[str], args: argparse.Na
         ratio_line(
             "server CPU per delivery fluxrt/websockets", "ratio_cpu_per_delivery", "(lower is better for fluxrt)"
         )
+        ratio_line(
+            "server CPU per delivery fluxrt/floor", "ratio_cpu_per_delivery_floor", "(one send() per delivery, in C)"
+        )
         ratio_line("fan-out latency p50 fluxrt/websockets", "ratio_latency_last_p50_ms", "(lower is better for fluxrt)")
         ratio_line("fan-out latency p99 fluxrt/websockets", "ratio_latency_last_p99_ms", "(lower is better for fluxrt)")
+        flux = summary.get("fluxrt", {})
+        if not args.slow_mode and flux.get("cpu_s_per_m_deliveries") is not None:
+            cpu, p99 = flux["cpu_s_per_m_deliveries"], flux.get("latency_last_p99_ms")
+            print(
+                f"  fluxrt paced targets: server CPU {cpu:.2f} s per 1M deliveries (target <= "
+                f"{TARGET_PACED_CPU_S_PER_M:g}) {'PASS' if cpu <= TARGET_PACED_CPU_S_PER_M else 'FAIL'}; p99 "
+                f"{num(p99, '.1f')} ms (target < {TARGET_PACED_P99_MS:g}) "
+                f"{'PASS' if p99 is not None and p99 < TARGET_PACED_P99_MS else 'FAIL'}"
+            )
         for k in servers:
             if summary[k].get("overlapped_messages"):
                 print(
@@ -807,7 +881,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--slow-rcvbuf", type=int, default=4096, help="SO_RCVBUF of the slow clients, so they fill fast (default 4096)"
     )
-    parser.add_argument("--servers", default=",".join(SERVERS), help="comma-separated subset of: fluxrt,websockets")
+    parser.add_argument(
+        "--servers",
+        default=",".join(DEFAULT_SERVERS),
+        help="comma-separated subset of: fluxrt,websockets,floor (default fluxrt,websockets); floor is "
+        "bench/floor_server.c, one send() per subscriber per broadcast, compiled with gcc for the run",
+    )
     parser.add_argument(
         "--fluxrt-from",
         action="append",
@@ -830,6 +909,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="sample every fluxrt server with py-spy (native frames) during its timed phase, collapsed stacks to "
         "DIR/LABEL-roundN.txt (bench/profiles/flamegraph.py draws them); figures of profiled rounds are not "
         "comparable with unprofiled ones",
+    )
+    parser.add_argument(
+        "--syscalls",
+        type=Path,
+        metavar="DIR",
+        help="count every server's system calls with `perf trace -s` during its timed phase (summaries in DIR) and "
+        "print them per delivery; figures of traced rounds are not comparable with untraced ones",
     )
     parser.add_argument("--profile-rate", type=int, default=250, help="py-spy samples per second (default 250)")
     parser.add_argument("--check", action="store_true", help="exit 1 unless all targets are met")
@@ -868,8 +954,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.fluxrt_from = trees
     args.server_list += list(trees)
     args.server_cpu, args.client_cpu = split_cpus(args.no_pin)
-    if args.profile is not None:
-        args.profile.mkdir(parents=True, exist_ok=True)
+    for directory in (args.profile, args.syscalls):
+        if directory is not None:
+            directory.mkdir(parents=True, exist_ok=True)
     return args
 
 
@@ -908,6 +995,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {kind}: fluxrt_trio from {fluxrt_origin(args, kind)}", flush=True)
     results: list[RoundResult] = []
     with tempfile.TemporaryDirectory(prefix="fluxrt-bench-") as tmp:
+        if "floor" in args.server_list:
+            args.floor_binary = build_floor(Path(tmp))
         for rnd in range(1, args.rounds + 1):
             # Alternate which server goes first so slow drift on a shared box hits both alike.
             order = variants if rnd % 2 else list(reversed(variants))

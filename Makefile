@@ -7,7 +7,7 @@ CONFIG ?= fluxrt.yaml
 # A development-only secret so that `make run` and `make token` work out of the box; real deployments set their own.
 DEV_SECRET ?= dev-only-secret-change-me-0123456789abcdef
 
-.PHONY: setup services run test lint format token migrate fuzz bench-fanout bench-changes bench-rls bench-startup bench-resume bench-publish bench-connect pyz clean
+.PHONY: setup services run test lint format token migrate fuzz bench-fanout bench-changes bench-rls bench-startup bench-resume bench-publish bench-connect bench-idle pyz clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -87,6 +87,9 @@ bench-publish: $(STAMP)
 
 bench-connect: $(STAMP)
 	$(BIN)/python bench/connect.py $(ARGS)
+
+bench-idle: $(STAMP)
+	$(BIN)/python bench/idle.py $(ARGS)
 
 migrate: $(STAMP)
 	$(BIN)/fluxrt --config $(CONFIG) migrate

@@ -100,13 +100,16 @@ function todos(page: Page): Promise<string[]> {
 
 /** Until the page's list is `expected` and live; fails with what it shows instead. */
 async function listIs(page: Page, who: string, expected: string[]): Promise<string[]> {
-  const deadline = Date.now() + 15_000
+  const deadline = Date.now() + 30_000
   for (;;) {
     const shown = await todos(page)
     const status = await page.locator('#list-status').textContent()
     if (JSON.stringify(shown) === JSON.stringify(expected) && status === 'live') return shown
     if (Date.now() > deadline) {
-      throw new Error(`${who}'s list is ${JSON.stringify(shown)} (${status}), expected ${JSON.stringify(expected)}`)
+      const connection = await page.locator('#connection').textContent()
+      throw new Error(
+        `${who}'s list is ${JSON.stringify(shown)} (${status}; ${connection}), expected ${JSON.stringify(expected)}`,
+      )
     }
     await new Promise((resolve) => setTimeout(resolve, 25))
   }
@@ -146,10 +149,19 @@ async function reactTodos(browser: Browser, log: string[]) {
       await page.goto(`${env('PAGES_URL')}/?token=${env(`TOKEN_${who.toUpperCase()}`)}&server=${env('FLUXRT_URL')}`)
       pages[who] = page
     }
-    const online = async () => ({
-      alice: await pages.alice.locator('#online li').allTextContents(),
-      bob: await pages.bob.locator('#online li').allTextContents(),
-    })
+    /** Until each page's online list shows alice and bob; fails with what they show instead. */
+    const bothOnline = async () => {
+      const deadline = Date.now() + 30_000
+      for (;;) {
+        const shown = {
+          alice: await pages.alice.locator('#online li').allTextContents(),
+          bob: await pages.bob.locator('#online li').allTextContents(),
+        }
+        if (users.every((who) => JSON.stringify(shown[who]) === '["alice","bob"]')) return shown
+        if (Date.now() > deadline) throw new Error(`the online lists are ${JSON.stringify(shown)}, expected alice and bob`)
+        await new Promise((resolve) => setTimeout(resolve, 25))
+      }
+    }
 
     const loaded = {
       alice: await listIs(pages.alice, 'alice', ['alice:a1', 'carol:s1']),
@@ -170,10 +182,7 @@ async function reactTodos(browser: Browser, log: string[]) {
     const changed = await listIs(pages.bob, 'bob', ['bob:b2', 'carol:s2'])
     const changedLists = { alice: await todos(pages.alice), bob: changed }
 
-    for (const who of users) {
-      await pages[who].locator('#online li', { hasText: who === 'alice' ? 'bob' : 'alice' }).waitFor()
-    }
-    const onlineBefore = await online()
+    const onlineBefore = await bothOnline()
     const loadsBefore = { ...loads }
 
     // Down: SIGTERM closes every connection (1001) and stop() waits for the process to exit, so the rows change
@@ -212,10 +221,8 @@ async function reactTodos(browser: Browser, log: string[]) {
       bob: await listIs(pages.bob, 'bob', ['bob:b2 ✓', 'carol:s2', 'carol:s3', 'carol:s4']),
     }
     const loadsAfterRestart = { ...loads }
-    for (const who of users) {
-      await pages[who].locator('#online li', { hasText: who === 'alice' ? 'bob' : 'alice' }).waitFor()
-    }
-    const onlineAfterRestart = await online()
+    // After the restart each page's room starts again from the new server's sync: wait for both to be back.
+    const onlineAfterRestart = await bothOnline()
 
     await contexts.bob.close()
     await pages.alice.locator('#online li', { hasText: 'bob' }).waitFor({ state: 'detached' })

@@ -78,7 +78,9 @@ class Outbox:
         self._nursery = nursery
         self._flusher = flusher
         self._pending: list[bytes] | tuple[bytes, ...] | None = None
-        self._backlog: collections.deque[memoryview | bytes] = collections.deque()
+        self._backlog: collections.deque[memoryview | bytes] | None = None
+        """made when the kernel first refuses a frame, dropped once drained: an empty deque is 760 bytes, and most
+        connections never have a backlog"""
         self._closing = False
         self._drained: trio.Event | None = None
         self.limit = limit
@@ -113,9 +115,11 @@ class Outbox:
                 else:
                     self._pending = [frame]
                 return True
-        if len(self._backlog) >= self.limit:
+        backlog = self._backlog
+        assert backlog is not None
+        if len(backlog) >= self.limit:
             return False
-        self._backlog.append(frame)
+        backlog.append(frame)
         return True
 
     def _flush(self) -> bool:
@@ -134,7 +138,7 @@ class Outbox:
             self._break()
             return
         if sent < len(frame):
-            self._backlog.append(memoryview(frame)[sent:] if sent else frame)
+            self._backlog = collections.deque([memoryview(frame)[sent:] if sent else frame])
             self._start_writer()
 
     def _send(self, frames: list[bytes]) -> None:
@@ -156,7 +160,7 @@ class Outbox:
             return
         remaining = _unsent(chunk, sent) + frames[_IOV_MAX:]
         if remaining:
-            self._backlog.extend(remaining)
+            self._backlog = collections.deque(remaining)
             self._start_writer()
         else:
             self._drained_now()
@@ -185,7 +189,7 @@ class Outbox:
 
     @property
     def backlog(self) -> int:
-        return len(self._backlog) + len(self._pending or ())
+        return len(self._backlog or ()) + len(self._pending or ())
 
     async def wait_drained(self) -> None:
         """Return once everything queued has gone to the kernel (or the socket broke)."""
@@ -207,12 +211,13 @@ class Outbox:
     def _break(self) -> None:
         """Give up on the socket: drop every queued frame and wake `wait_drained`."""
         self.broken = True
-        self._backlog.clear()
+        self._backlog = None
         self._pending = None
         self._drained_now()
 
     async def _write(self) -> None:
         backlog, sock = self._backlog, self._sock
+        assert backlog is not None
         try:
             while backlog and not self.broken:
                 await trio.lowlevel.wait_writable(sock)
@@ -234,6 +239,8 @@ class Outbox:
                 # for them, and the next frame must not go out directly after half of one.
                 self._break()
             else:
+                if self._backlog is backlog:
+                    self._backlog = None
                 self._drained_now()
 
     def _drained_now(self) -> None:

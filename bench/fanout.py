@@ -125,6 +125,8 @@ class RoundResult:
     server_exit: str = ""
     # Paced scenario only.
     cpu_s_per_m_deliveries: float | None = None
+    # Its kernel share (stime).
+    sys_s_per_m_deliveries: float | None = None
     latency_last_ms: list[float] = field(default_factory=list)
     latency_first_ms: list[float] = field(default_factory=list)
     offered_msgs_per_s: float | None = None
@@ -459,6 +461,7 @@ def run_round(label: str, kind: str, slow: int, rnd: int, args: argparse.Namespa
             result.msgs_per_cpu_s = res["frames_delivered"] / res["server_cpu_s"]
         if res["server_cpu_s"] is not None and res["frames_delivered"]:
             result.cpu_s_per_m_deliveries = res["server_cpu_s"] / res["frames_delivered"] * 1e6
+            result.sys_s_per_m_deliveries = res["server_sys_s"] / res["frames_delivered"] * 1e6
         result.client_cpu_pct = res["client_cpu_pct"]
         result.details = {
             k: res[k]
@@ -546,7 +549,8 @@ def fmt_round(r: RoundResult) -> str:
             f"p50 {percentile(lat, 50):.1f} / p99 {percentile(lat, 99):.1f} / max {max(lat):.1f} ms, "
             f"to first p50 {percentile(r.latency_first_ms, 50):.1f} ms, mean delivery "
             f"{d['latency_mean_delivery_ms']:.1f} ms; "
-            f"server CPU {r.cpu_s_per_m_deliveries or 0:.2f} s per 1M deliveries"
+            f"server CPU {r.cpu_s_per_m_deliveries or 0:.2f} s per 1M deliveries "
+            f"(kernel {r.sys_s_per_m_deliveries or 0:.2f})"
         )
         if d["overlapped_messages"]:
             line += (
@@ -602,6 +606,9 @@ def summarize(results: list[RoundResult], servers: list[str]) -> dict[str, Any]:
             "kib_per_conn": median_or_none([r.kib_per_conn for r in ok]),
             "cpu_s_per_m_deliveries": median_or_none(
                 [r.cpu_s_per_m_deliveries for r in ok if r.cpu_s_per_m_deliveries is not None]
+            ),
+            "sys_s_per_m_deliveries": median_or_none(
+                [r.sys_s_per_m_deliveries for r in ok if r.sys_s_per_m_deliveries is not None]
             ),
             "rounds_ok": len(ok),
             "rounds": sum(r.server == kind for r in results),
@@ -711,6 +718,7 @@ def print_summary(summary: dict[str, Any], servers: list[str], args: argparse.Na
         row("fan-out latency max, ms", [num(summary[k].get("latency_last_max_ms"), ".1f") for k in servers])
         row("first copy latency p50, ms", [num(summary[k].get("latency_first_p50_ms"), ".1f") for k in servers])
         row("server CPU-s per 1M deliveries", [num(summary[k]["cpu_s_per_m_deliveries"], ".2f") for k in servers])
+        row("  of which kernel (stime)", [num(summary[k]["sys_s_per_m_deliveries"], ".2f") for k in servers])
         row("msgs per server CPU-second", [num(summary[k]["msgs_per_cpu_s"], ",.0f") for k in servers])
     else:
         row("msgs/s delivered", [num(summary[k]["msgs_per_s"], ",.0f") for k in servers])

@@ -107,7 +107,9 @@ class Server:
                 log_pool=self.db.log_pool,
                 request_progress=self.db.changefeed.want_progress,
                 sends=self.hub.broadcast_logged,
+                delivered=self.db.changefeed.delivered,
             )
+            self.db.changefeed.delivering = self.tables.delivering
         self.checks = ChannelChecks(
             self.db.authorizer_pool if self.db is not None else None,
             roles,

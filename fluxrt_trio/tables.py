@@ -96,6 +96,7 @@ class _Parked:
 class _Lane:
     pending: list[RowChange | _Replay] = attrs.field(factory=list)
     ready: trio.Event = attrs.field(factory=trio.Event)
+    busy: bool = False
 
 
 class TableChannels:
@@ -112,8 +113,11 @@ class TableChannels:
         log_pool: AuthorizerPool | None = None,
         request_progress: Callable[[], None] | None = None,
         sends: Callable[[str, Any, int], None] | None = None,
+        delivered: Callable[[], None] | None = None,
     ) -> None:
         self.hub = hub
+        self._delivered = delivered
+        """called when every lane has delivered all it was given (the changefeed then reads again at once)"""
         self._sends = sends
         """where the log's `realtime.send` messages go, in commit order: (channel, payload, change id)"""
         self.pool = pool
@@ -137,6 +141,10 @@ class TableChannels:
             collections.OrderedDict()
         )
         self._pages_bytes = 0
+
+    def delivering(self) -> bool:
+        """Whether some lane is still delivering, or has changes waiting."""
+        return any(lane.busy or lane.pending for lane in self._lanes.values())
 
     def subscriptions_changed(self, channel: str) -> None:
         """See `DeliveryPlanner.subscriptions_changed`."""
@@ -434,20 +442,30 @@ class TableChannels:
         while True:
             await lane.ready.wait()
             lane.ready = trio.Event()
-            while lane.pending:
-                if isinstance(lane.pending[0], _Replay):
-                    await trio.sleep(REPLAY_GATHER)
-                    await self._replay(channel, _take(lane, _Replay, len(lane.pending)))
-                    continue
-                # What queued up while the previous batch was being delivered goes out together: one
-                # authorization round trip instead of one per window, so delivery catches up with the reads.
-                changes = _take(lane, RowChange, MERGE_LIMIT)
-                try:
-                    await self.deliver(changes)
-                except Exception:
-                    # A fault of ours must not stop delivery; the affected subscribers are told.
-                    log.exception("delivering a window failed", extra={"ctx_channel": channel})
-                    self._hand_out(Missed(self._subscribers(channel), channel, delivery.INTERNAL_ERROR))
+            lane.busy = True
+            try:
+                await self._drain(channel, lane)
+            finally:
+                lane.busy = False
+            if self._delivered is not None and not self.delivering():
+                self._delivered()
+
+    async def _drain(self, channel: str, lane: _Lane) -> None:
+        """Deliver what the lane holds, in order, until it is empty."""
+        while lane.pending:
+            if isinstance(lane.pending[0], _Replay):
+                await trio.sleep(REPLAY_GATHER)
+                await self._replay(channel, _take(lane, _Replay, len(lane.pending)))
+                continue
+            # What queued up while the previous batch was being delivered goes out together: one
+            # authorization round trip instead of one per window, so delivery catches up with the reads.
+            changes = _take(lane, RowChange, MERGE_LIMIT)
+            try:
+                await self.deliver(changes)
+            except Exception:
+                # A fault of ours must not stop delivery; the affected subscribers are told.
+                log.exception("delivering a window failed", extra={"ctx_channel": channel})
+                self._hand_out(Missed(self._subscribers(channel), channel, delivery.INTERNAL_ERROR))
 
     async def deliver(
         self,

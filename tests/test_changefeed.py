@@ -106,13 +106,16 @@ def with_user(dsn: str, user: str, password: str) -> str:
 
 
 def test_reads_follow_each_other_sooner_while_changes_flow_and_back_off_to_the_poll_interval():
-    # After a read that found changes the next comes a tenth of the interval later; each empty read doubles the
-    # wait, never past the interval, so an idle database is read as often as before.
+    # After a read that found changes the next comes a tenth of the interval later, unless delivery was still
+    # behind (then the poll interval, cut short when delivery is done); each empty read doubles the wait, never
+    # past the interval, so an idle database is read as often as before.
     wait, waits = 0.01, []
-    for found in [True, False, False, False, False, False, True, True]:
-        wait = next_wait(wait, found=found, poll_interval=0.01)
+    reads = [(True, False), (False, False), (False, True), (False, False), (False, False), (False, False)]
+    reads += [(True, True), (True, False), (False, False)]
+    for found, behind in reads:
+        wait = next_wait(wait, found=found, behind=behind, poll_interval=0.01)
         waits.append(wait)
-    assert waits == pytest.approx([0.001, 0.002, 0.004, 0.008, 0.01, 0.01, 0.001, 0.001])
+    assert waits == pytest.approx([0.001, 0.002, 0.004, 0.008, 0.01, 0.01, 0.01, 0.001, 0.002])
 
 
 async def test_updates_to_one_row_from_eight_writers_arrive_in_commit_order(start_server, db):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 import functools
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import asyncpg
@@ -29,8 +30,10 @@ BACKOFF_START = 0.1
 BUSY_SHARE = 0.1
 """after a read that found changes, the next comes this share of the poll interval later (1 ms of the default
 10 ms), and each read that finds nothing doubles the wait back up to the poll interval: while changes flow, a
-change waits for the next read about a tenth as long, and an idle database is read as often as before
-(docs/architecture.md, "Poll, or NOTIFY too", has the measurements)"""
+change waits for the next read about a tenth as long, and an idle database is read as often as before. While
+delivery is still busy with earlier windows, an early read would only queue behind them: the next read then comes
+when delivery is done (`Changefeed.delivered`) or after the poll interval. docs/architecture.md ("Reads come sooner
+while changes flow") has the measurements."""
 
 
 class Changefeed:
@@ -54,6 +57,10 @@ class Changefeed:
         self._poll_interval = poll_interval
         self._retention = retention
         self._listen = listen
+        self.delivering: Callable[[], bool] = lambda: False
+        """whether the delivery of windows already sent is still going on (set by whoever delivers them)"""
+        self._flowing = False
+        """the last read found changes"""
         self._prev: str | None = None
         self._in_gap = False
         """the last read found changes pruned before this node read them (reported once until a read does not)"""
@@ -138,11 +145,14 @@ class Changefeed:
         self._started()
         wait = self._poll_interval
         while True:
-            found = await self._read(conn)
+            # A read while earlier windows are still being delivered only queues its window behind them: then the
+            # next read waits for `delivered` (or the poll interval) instead of coming soon.
+            behind = self.delivering()
+            found = self._flowing = await self._read(conn)
             if self._wake.is_set():
                 self._wake = trio.Event()
                 continue
-            wait = next_wait(wait, found=found, poll_interval=self._poll_interval)
+            wait = next_wait(wait, found=found, behind=behind, poll_interval=self._poll_interval)
             with trio.move_on_after(wait):
                 await self._wake.wait()
 
@@ -194,6 +204,12 @@ class Changefeed:
         self.caught_up_at = self._cur_taken_at
         return found
 
+    def delivered(self) -> None:
+        """Every window sent has been delivered: read again now if the last read found changes, since more may have
+        committed meanwhile."""
+        if self._flowing:
+            self._wake.set()
+
     def want_progress(self) -> None:
         """Have the next read that finds nothing new say how far it read (an empty Window): a replay waits for it."""
         self.progress_wanted = True
@@ -241,9 +257,10 @@ class Changefeed:
                     log.debug("pruned", extra={"ctx_rows": deleted})
 
 
-def next_wait(wait: float, *, found: bool, poll_interval: float) -> float:
-    """Seconds from a read to the next, given the wait before it: BUSY_SHARE of `poll_interval` after a read that
-    found changes, else twice `wait`, never more than `poll_interval`."""
+def next_wait(wait: float, *, found: bool, behind: bool, poll_interval: float) -> float:
+    """Seconds from a read to the next, given the wait before it: after a read that found changes, BUSY_SHARE of
+    `poll_interval`, or all of it when the delivery was `behind` (still busy with earlier windows as the read
+    began; `Changefeed.delivered` cuts that wait short); else twice `wait`, never more than `poll_interval`."""
     if found:
-        return poll_interval * BUSY_SHARE
+        return poll_interval if behind else poll_interval * BUSY_SHARE
     return min(wait * 2, poll_interval)

@@ -29,7 +29,8 @@ Phases:
    once halfway between the last pass and that failure (fresh server). The highest sustained rate for a bound is
    the highest step that passed it with every lower step passing too.
 3. cost: fluxrt stopped; 8 asyncpg writers insert one-row transactions as fast as they can for ``--cost-seconds``
-   (default 10) into ``cost_plain`` and into an identical ``cost_captured`` with the capture trigger, rounds
+   (default 10) into ``cost_plain``, into an identical ``cost_captured`` with the capture trigger, and with
+   ``--notify-cost`` into ``cost_notify``, captured with ``notify => true`` (a NOTIFY per transaction), rounds
    alternating (median of ``--rounds``); also with ``pgbench`` (a C client, so the client's own CPU matters less)
    when it is installed.
 
@@ -153,6 +154,8 @@ SELECT enable_realtime('events');
 CREATE TABLE cost_plain (id bigserial PRIMARY KEY, body text, written_at timestamptz DEFAULT clock_timestamp());
 CREATE TABLE cost_captured (id bigserial PRIMARY KEY, body text, written_at timestamptz DEFAULT clock_timestamp());
 SELECT enable_realtime('cost_captured');
+CREATE TABLE cost_notify (id bigserial PRIMARY KEY, body text, written_at timestamptz DEFAULT clock_timestamp());
+SELECT enable_realtime('cost_notify', true);
 """
 
 INSERT_TODO = "INSERT INTO todos (user_id, title) VALUES ($1, $2)"
@@ -948,17 +951,19 @@ class Bench:
         return result
 
     async def cost(self) -> dict[str, Any]:
-        """Rows/s into cost_plain and cost_captured, fluxrt not running, rounds alternating."""
+        """Rows/s into cost_plain and cost_captured (and cost_notify with --notify-cost), fluxrt not running, rounds
+        alternating."""
         args = self.args
         # Unpinned: PostgreSQL and the writers may use every CPU, as a plain write benchmark would.
         os.sched_setaffinity(0, args.all_cpus)
         print(f"write cost: 8 writers, one-row transactions, {args.cost_seconds:g}s per table per round", flush=True)
-        results: dict[str, Any] = {"asyncpg": {"cost_plain": [], "cost_captured": []}, "writer_cpu_pct": []}
+        tables = ["cost_plain", "cost_captured", *(["cost_notify"] if args.notify_cost else [])]
+        results: dict[str, Any] = {"asyncpg": {t: [] for t in tables}, "writer_cpu_pct": []}
         pgbench = shutil.which("pgbench") if args.pgbench else None
         if pgbench:
-            results["pgbench"] = {"cost_plain": [], "cost_captured": []}
+            results["pgbench"] = {t: [] for t in tables}
         for rnd in range(1, args.rounds + 1):
-            order = ["cost_plain", "cost_captured"] if rnd % 2 else ["cost_captured", "cost_plain"]
+            order = tables if rnd % 2 else tables[::-1]
             for table in order:
                 rate, cpu = await self.cost_asyncpg(table, args.cost_seconds)
                 results["asyncpg"][table].append(rate)
@@ -975,6 +980,10 @@ class Bench:
                 results[client]["median_plain"] = plain
                 results[client]["median_captured"] = captured
                 results[client]["cost_pct"] = 100 * (1 - captured / plain) if plain else None
+                if args.notify_cost:
+                    notify = statistics.median(results[client]["cost_notify"])
+                    results[client]["median_notify"] = notify
+                    results[client]["notify_cost_pct"] = 100 * (1 - notify / plain) if plain else None
         if args.client_cpu is not None:
             os.sched_setaffinity(0, {args.client_cpu})
         return results
@@ -1185,6 +1194,13 @@ def print_summary(
                 f"    pgbench: without trigger {b['median_plain']:,.0f} rows/s, with {b['median_captured']:,.0f} "
                 f"rows/s -> {-b['cost_pct']:+.0f}% with the trigger (C client: less client overhead in the figure)"
             )
+        for client in ("asyncpg", "pgbench"):
+            if "median_notify" in cost.get(client, {}):
+                c = cost[client]
+                print(
+                    f"    {client}: captured with notify => true {c['median_notify']:,.0f} rows/s -> "
+                    f"{-c['notify_cost_pct']:+.0f}% against no trigger (a NOTIFY per transaction)"
+                )
     totals = {
         key: sum(getattr(p, key) for p in phases)
         for key in ("missing", "duplicates", "leaked", "foreign", "unexpected", "lost_connections")
@@ -1263,6 +1279,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-refine", dest="refine", action="store_false", help="no halfway step after a failure")
     parser.add_argument("--cost-seconds", type=float, default=10.0, help="seconds per write-cost run (default 10)")
     parser.add_argument("--no-pgbench", dest="pgbench", action="store_false", help="skip the pgbench cross-check")
+    parser.add_argument(
+        "--notify-cost",
+        action="store_true",
+        help="the write-cost phase also writes into a table enabled with notify => true (a NOTIFY per transaction)",
+    )
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 round, short phases, short ramp")
     parser.add_argument(
         "--poll-interval", help="fluxrt's database.poll_interval, e.g. 50ms (default: fluxrt's own, 10ms)"

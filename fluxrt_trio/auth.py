@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
+import hmac
 import time
 from pathlib import Path
 from typing import Any
 
 import attrs
 import jwt
+import orjson
+from jwt.types import Options
 
 from .config import AuthConfig
 from .protocol.identity import Identity
 
 _DEFAULT_ASYMMETRIC = ("RS256", "ES256", "EdDSA")
+_HMAC_HASHES = {"HS256": hashlib.sha256, "HS384": hashlib.sha384, "HS512": hashlib.sha512}
 
 
 class AuthError(Exception):
@@ -65,6 +72,19 @@ class Verifier:
             asymmetric = self._public_key is not None or any(not k.symmetric for k in retired)
             algorithms = (("HS256",) if symmetric else ()) + (_DEFAULT_ASYMMETRIC if asymmetric else ())
         self.algorithms = frozenset(a for a in algorithms if a.lower() != "none")
+        # Every claim check PyJWT makes when it verifies the signature, named, so that the HS* path (which checks the
+        # signature itself) keeps them all.
+        self._claim_options: Options = {
+            "require": ["exp"],
+            "verify_exp": True,
+            "verify_nbf": True,
+            "verify_iat": True,
+            "verify_iss": True,
+            "verify_sub": True,
+            "verify_jti": True,
+            "verify_aud": config.audience is not None,
+        }
+        self._hmac_checked: Options = {**self._claim_options, "verify_signature": False}
 
     def _check_retired(self, claims: dict[str, Any], retired_at: float) -> None:
         """A replaced key still vouches for the tokens it signed before it was replaced (`iat`, which is then
@@ -111,11 +131,7 @@ class Verifier:
         Raises AuthError for a malformed token, a disallowed algorithm, a bad signature, a missing or past `exp`,
         a future `nbf`, a wrong `aud`/`iss` when those are configured, or claims holding an integer beyond 64 bits.
         """
-        try:
-            header = jwt.get_unverified_header(token)
-        except jwt.PyJWTError as exc:
-            raise AuthError(f"malformed token: {exc}") from None
-        alg = header.get("alg")
+        alg = _unverified_alg(token)
         if not isinstance(alg, str) or alg not in self.algorithms:
             raise AuthError(f"algorithm {alg!r} is not accepted; accepted: {', '.join(sorted(self.algorithms))}")
         symmetric = alg.startswith("HS")
@@ -127,15 +143,28 @@ class Verifier:
         mismatch = "Signature verification failed"
         for key, retired_at in candidates:
             try:
-                claims = jwt.decode(
-                    token,
-                    key,
-                    algorithms=[alg],
-                    audience=self.config.audience,
-                    issuer=self.config.issuer,
-                    leeway=self.config.leeway,
-                    options={"require": ["exp"], "verify_aud": self.config.audience is not None},
-                )
+                if symmetric:
+                    # PyJWT would re-check the configured secret for a PEM or DER key on every token (half its
+                    # time); the HMAC is checked here instead, PyJWT still decodes strictly and judges the claims.
+                    if not _hmac_matches(token, alg, key):
+                        raise jwt.InvalidSignatureError("Signature verification failed")
+                    claims = jwt.decode(
+                        token,
+                        audience=self.config.audience,
+                        issuer=self.config.issuer,
+                        leeway=self.config.leeway,
+                        options=self._hmac_checked,
+                    )
+                else:
+                    claims = jwt.decode(
+                        token,
+                        key,
+                        algorithms=[alg],
+                        audience=self.config.audience,
+                        issuer=self.config.issuer,
+                        leeway=self.config.leeway,
+                        options=self._claim_options,
+                    )
             except (jwt.InvalidSignatureError, jwt.InvalidKeyError) as exc:
                 # Not this key: a retired one (maybe of another type after a switch from RSA to EC) may match.
                 mismatch = str(exc)
@@ -163,6 +192,37 @@ class Verifier:
         except TypeError:
             # Policies are given the claims as JSON; a number orjson cannot write would fail every check later.
             raise AuthError("token rejected: a claim holds an integer beyond 64 bits") from None
+
+
+def _segment(text: str) -> bytes:
+    """One base64url segment of a token; binascii.Error or ValueError when it is not one."""
+    return base64.urlsafe_b64decode(text.encode("ascii") + b"=" * (-len(text) % 4))
+
+
+def _unverified_alg(token: str) -> object:
+    """The `alg` of the token's header, unverified (only to choose the key). Raises AuthError when there is no JSON
+    object header to read."""
+    head, dot, _ = token.partition(".")
+    try:
+        header = orjson.loads(_segment(head)) if dot else None
+    except (ValueError, binascii.Error):
+        header = None
+    if not isinstance(header, dict):
+        raise AuthError("malformed token: no JSON object header before the first '.'")
+    return header.get("alg")
+
+
+def _hmac_matches(token: str, alg: str, key: str | bytes) -> bool:
+    """Whether the token's signature is the HMAC of its signing input under `key` with `alg`'s hash. A signature
+    segment that is not base64url does not match (PyJWT's strict decoding refuses such tokens anyway)."""
+    signing_input, dot, signature = token.rpartition(".")
+    try:
+        given = _segment(signature)
+    except (ValueError, binascii.Error):
+        return False
+    secret = key.encode("utf-8") if isinstance(key, str) else key
+    expected = hmac.digest(secret, signing_input.encode("utf-8"), _HMAC_HASHES[alg])
+    return bool(dot) and hmac.compare_digest(expected, given)
 
 
 def mint(secret: str, sub: str, role: str | None = None, ttl: float = 3600.0, **claims: Any) -> str:

@@ -125,6 +125,36 @@ def test_bad_signature():
     rejected(verifier, f"{header}.{forged_payload}.{signature}")
 
 
+@pytest.mark.parametrize("alg", ["HS256", "HS384", "HS512"])
+def test_each_hs_algorithm_checks_its_own_hash(alg):
+    # The HMAC is checked by fluxrt (auth._hmac_matches), not PyJWT: each algorithm with its own hash, no other.
+    verifier = Verifier(AuthConfig(jwt_secret=SECRET, algorithms=("HS256", "HS384", "HS512")))
+    token = jwt.encode(claims(), SECRET, algorithm=alg)
+    assert verifier.verify(token).sub == "alice"
+    header, payload, signature = token.split(".")
+    other = "HS512" if alg == "HS256" else "HS256"
+    relabelled = b64url(json.dumps({"alg": other, "typ": "JWT"}).encode())
+    assert "Signature" in rejected(verifier, f"{relabelled}.{payload}.{signature}")
+    rejected(verifier, f"{header}.{payload}.{signature[:-4]}")
+    rejected(verifier, f"{header}.{payload}.")
+
+
+def test_a_signature_segment_with_characters_outside_base64url_is_rejected():
+    # Python's base64 decoder skips such characters; the signature must still be refused as a whole.
+    verifier = Verifier(AuthConfig(jwt_secret=SECRET))
+    header, payload, signature = hs256(claims()).split(".")
+    for junk in ("!", "*", " ", "+/"):
+        rejected(verifier, f"{header}.{payload}.{signature[:10]}{junk}{signature[10:]}")
+        rejected(verifier, f"{header}!.{payload}.{signature}")
+
+
+def test_claims_pyjwt_checks_are_kept_on_the_hs_path():
+    verifier = Verifier(AuthConfig(jwt_secret=SECRET))
+    assert "iat" in rejected(verifier, hs256(claims(iat="yesterday")))
+    assert "JWT ID" in rejected(verifier, hs256(claims(jti=5)))
+    assert "Subject" in rejected(verifier, hs256(claims(sub=5)))
+
+
 @pytest.mark.parametrize("token", ["", "garbage", "a.b", "a.b.c", "Bearer x.y.z", "....."])
 def test_malformed_tokens(token):
     rejected(Verifier(AuthConfig(jwt_secret=SECRET)), token)

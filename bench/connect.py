@@ -426,14 +426,12 @@ def fmt_round(r: dict[str, Any]) -> str:
     )
 
 
-def fmt_gc(gc: dict[str, Any]) -> str:
+def fmt_gc(gc: dict[str, Any], during: str = "the storm") -> str:
     per = ", ".join(
         f"gen {g}: {v['count']:,} taking {v['total_ms']:,.1f} ms (longest {v['max_ms']:.1f})"
         for g, v in gc["by_generation"].items()
     )
-    return (
-        f"garbage collections during the storm: {gc['total_ms']:,.1f} ms in all, longest {gc['max_ms']:.1f} ms; {per}"
-    )
+    return f"garbage collections during {during}: {gc['total_ms']:,.1f} ms in all, longest {gc['max_ms']:.1f} ms; {per}"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -61,7 +61,9 @@ from typing import Any
 import asyncpg
 import changes
 import common
+import connect
 import fanout
+import gcprobe
 import jwt
 import orjson
 import scratch_database
@@ -124,7 +126,9 @@ class Server(changes.Server):
         self.port = free_port(self.host)
         self.config = workdir / f"fluxrt-{self.port}.yaml"
         self.config.write_text(FLUXRT_CONFIG.format(host=self.host, port=self.port, secret=secret, dsn=dsn))
-        argv = [*fanout.fluxrt_command(args, "fluxrt"), "-m", "fluxrt_trio", "--config", str(self.config)]
+        self.gc_record = workdir / f"gc-{self.port}.json" if args.gc_record else None
+        probe = [str(common.BENCH_DIR / "gcprobe.py"), str(self.gc_record)] if self.gc_record else []
+        argv = [*fanout.fluxrt_command(args, "fluxrt"), *probe, "-m", "fluxrt_trio", "--config", str(self.config)]
         common.ServerProcess.__init__(self, argv, workdir / f"fluxrt-{self.port}.log", args.server_cpu)
 
 
@@ -400,6 +404,8 @@ class Bench:
         )
         self.next_seq = 1
         self.steps: list[Step] = []
+        self.step_times: dict[str, tuple[float, float]] = {}
+        """each step's start and end, time.monotonic(), for --gc-record"""
 
     @contextlib.asynccontextmanager
     async def session(self) -> AsyncIterator[Session]:
@@ -432,9 +438,12 @@ class Bench:
 
     async def sql_step(self, session: Session, name: str, rate: float, duration: float) -> Step:
         step = Step(name, "sql", rate, duration)
-        return await self.step(
+        started = time.monotonic()
+        done = await self.step(
             session, step, lambda seq0: session.writers.run(rate, duration, seq0), max(15.0, 2 * duration)
         )
+        self.step_times[name] = (started, time.monotonic())
+        return done
 
     async def http_step(self, session: Session, name: str, batch: int) -> Step:
         args = self.args
@@ -454,6 +463,7 @@ class Bench:
         steps: list[Step] = []
         print(f"round {rnd}/{args.rounds}", flush=True)
         async with self.session() as s:
+            server = s.server
             if "sql" in args.phase_list:
                 warm = await self.sql_step(s, f"warmup-{rnd}", WARMUP_RATE, WARMUP_S)
                 print(fmt_step(warm), flush=True)
@@ -468,6 +478,11 @@ class Bench:
                     step = await self.http_step(s, f"{name}/{rnd}", batch)
                     print(fmt_step(step), flush=True)
                     steps.append(step)
+        if server.gc_record is not None and server.gc_record.is_file():
+            for step in steps:
+                if step.name in self.step_times:
+                    gc = gcprobe.summary(str(server.gc_record), *self.step_times[step.name])
+                    print(f"    {connect.fmt_gc(gc, step.name)}", flush=True)
         return steps
 
 
@@ -654,6 +669,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=Path,
         help="run fluxrt_trio from this source tree (e.g. a `git worktree` of the commit to measure while the working "
         "tree changes) instead of the repository's",
+    )
+    parser.add_argument(
+        "--gc-record", action="store_true", help="time fluxrt's garbage collections (bench/gcprobe.py) per sql step"
     )
     parser.add_argument("--json", type=Path, help="also write the results to this file")
     parser.add_argument("--check", action="store_true", help="exit 1 unless the target and correctness hold")

@@ -1,5 +1,5 @@
 """The HTTP API for backends: `POST /api/broadcast` and `GET /api/presence` (docs/protocol.md, "Broadcast from the
-database and from backends").
+database and from backends"), and `GET /api/stats` for the status page (status.py; docs/operations.md).
 
 Pure, like `http.route`: requests, bodies and times in; decisions, messages and response bodies out. The connection
 carries them out (reads the body, publishes through the hub, writes the response).
@@ -22,7 +22,8 @@ from .protocol.presence import Meta
 
 BROADCAST = "/api/broadcast"
 PRESENCE = "/api/presence"
-PATHS = {BROADCAST: ("broadcast", "POST"), PRESENCE: ("presence", "GET")}
+STATS = "/api/stats"
+PATHS = {BROADCAST: ("broadcast", "POST"), PRESENCE: ("presence", "GET"), STATS: ("stats", "GET")}
 """path -> (endpoint name, the method it answers)"""
 MAX_BATCH = 100
 """messages in one `POST /api/broadcast`"""
@@ -77,13 +78,14 @@ def route(
     method: bytes, path: str, query: str, headers: Iterable[tuple[bytes, bytes]], *, draining: bool, enabled: bool
 ) -> ApiRequest | ApiError:
     """Route a request for an API path (`is_api_path`): the method, draining, then the bearer token's presence.
-    The token itself is verified by the caller."""
+    The token itself is verified by the caller. Stats are answered while draining or disabled too: that is when
+    someone looks."""
     endpoint, allowed = PATHS[path]
     if method.decode("latin-1") != allowed:
         return ApiError(405, ErrorCode.INVALID_MESSAGE, f"{path} answers {allowed} only", (("allow", allowed),))
-    if not enabled:
+    if endpoint != "stats" and not enabled:
         return ApiError(503, ErrorCode.UNAVAILABLE, "realtime is disabled on this server (realtime.enabled: false)")
-    if draining:
+    if endpoint != "stats" and draining:
         return ApiError(503, ErrorCode.UNAVAILABLE, "the server is shutting down; send to another node")
     headers = list(headers)
     token = bearer_token(headers)

@@ -162,6 +162,9 @@ class ConnectionHost(Protocol):
     def admin(self, endpoint: str) -> tuple[int, bytes, str]:
         """Status, body and content type for `/health` or `/metrics`."""
 
+    def stats(self) -> bytes:
+        """The body of `GET /api/stats` (status.stats_body)."""
+
 
 class Connection:
     """One client socket, from the first HTTP byte to the last WebSocket frame."""
@@ -275,6 +278,20 @@ class Connection:
             status, body, content_type = host.admin(decision.endpoint)
             self._send_http(http.response_bytes(exchange, status, body, content_type, head=request.method == b"HEAD"))
             return None
+        if isinstance(decision, http.StatusPage):
+            page = decision.page
+            self._send_http(
+                http.response_bytes(
+                    exchange,
+                    304 if decision.not_modified else 200,
+                    page.body,
+                    "text/html; charset=utf-8",
+                    page.headers,
+                    head=request.method == b"HEAD",
+                    cache_control="no-cache",
+                )
+            )
+            return None
         if isinstance(decision, api.ApiRequest):
             await self._api(exchange, decision)
             return None
@@ -369,6 +386,8 @@ class Connection:
             if isinstance(channel, api.ApiError):
                 return channel
             return 200, api.presence_body(channel.name, host.hub.presence_state(channel.name))
+        if call.endpoint == "stats":
+            return 200, host.stats()
         body = await self._read_body(exchange, call.content_length, settings.max_message_size)
         if body is None or isinstance(body, api.ApiError):
             return body

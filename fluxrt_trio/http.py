@@ -1,5 +1,5 @@
-"""The HTTP side of the port: routing a request to the WebSocket upgrade, `/health`, `/metrics`, the API for
-backends (api.py), or a refusal.
+"""The HTTP side of the port: routing a request to the WebSocket upgrade, `/health`, `/metrics`, the status page
+(status.py), the API for backends (api.py), or a refusal.
 
 `route` is pure: it takes the parsed request and returns what to do; the connection carries it out with h11.
 """
@@ -17,7 +17,7 @@ import attrs
 import h11
 import orjson
 
-from . import api
+from . import api, status
 
 _WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
@@ -36,6 +36,14 @@ class Refuse:
 class Admin:
     endpoint: str
     """`health` or `metrics`"""
+
+
+@attrs.frozen(slots=True)
+class StatusPage:
+    """Serve the status page: whole (`not_modified` False) or as 304 to a browser that holds this version."""
+
+    page: status.Page
+    not_modified: bool
 
 
 @attrs.frozen(slots=True)
@@ -114,7 +122,7 @@ def route(
     realtime_enabled: bool,
     draining: bool,
     allowed_origins: tuple[str, ...],
-) -> Refuse | Admin | Upgrade | api.ApiRequest:
+) -> Refuse | Admin | StatusPage | Upgrade | api.ApiRequest:
     """Decide what to do with one HTTP request. `request.headers` are lower-cased by h11."""
     split = urllib.parse.urlsplit(request.target.decode("latin-1"))
     path = split.path
@@ -123,6 +131,11 @@ def route(
         if method not in (b"GET", b"HEAD"):
             return _json_error(405, "method_not_allowed", f"{path} answers GET", (("allow", "GET, HEAD"),))
         return Admin(path[1:])
+    if path in status.PAGE_PATHS and path != ws_path:
+        if method not in (b"GET", b"HEAD"):
+            return _json_error(405, "method_not_allowed", f"{path} answers GET", (("allow", "GET, HEAD"),))
+        page = status.page()
+        return StatusPage(page, status.not_modified(_header(list(request.headers), b"if-none-match"), page.etag))
     if api.is_api_path(path):
         decision = api.route(method, path, split.query, request.headers, draining=draining, enabled=realtime_enabled)
         return api_refusal(decision, api.PATHS[path][0]) if isinstance(decision, api.ApiError) else decision
@@ -176,15 +189,19 @@ def response_bytes(
     headers: tuple[tuple[str, str], ...] = (),
     *,
     head: bool = False,
+    cache_control: str = "no-store",
 ) -> bytes:
-    """A complete response that closes the connection afterwards."""
+    """A complete response that closes the connection afterwards; a 304 carries no body (RFC 9110 15.4.5)."""
     all_headers = [
         ("content-type", content_type),
         ("content-length", str(len(body))),
         ("connection", "close"),
-        ("cache-control", "no-store"),
+        ("cache-control", cache_control),
         *headers,
     ]
+    if status == 304:
+        all_headers = all_headers[2:]
+        head = True
     data = exchange.send(h11.Response(status_code=status, headers=all_headers, reason=HTTPStatus(status).phrase)) or b""
     if not head:
         data += exchange.send(h11.Data(data=body)) or b""

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Generic, Protocol, TypeVar
 
 import attrs
@@ -68,6 +68,9 @@ class Hub(Protocol[S]):
 
     def channels(self, kind: str) -> list[str]:
         """The channels of one kind (`table`, `presence`, `broadcast`) with subscribers on this node."""
+
+    def channel_sizes(self) -> Iterator[tuple[str, int]]:
+        """Every channel with subscribers on this node, and how many (for the status page's top channels)."""
 
     def publish_nowait(self, channel: str, message: ServerMessage, *, exclude: S | None = None) -> int:
         """Deliver `message` to every subscriber of `channel` but `exclude`; return the event's position."""
@@ -158,6 +161,9 @@ class LocalHub(Generic[S]):
     def channels(self, kind: str) -> list[str]:
         prefix = kind + ":"
         return [name for name in self._channels if name.startswith(prefix)]
+
+    def channel_sizes(self) -> Iterator[tuple[str, int]]:
+        return ((name, len(members)) for name, members in self._channels.items())
 
     def publish_nowait(self, channel: str, message: ServerMessage, *, exclude: S | None = None) -> int:
         self._position += 1

@@ -46,8 +46,10 @@ class _Collector:
         changefeed_lag: Callable[[], float | None],
         tasks: Callable[[], int],
         cluster: Callable[[], ClusterStatistics] | None,
+        connections_limit: Callable[[], int],
     ) -> None:
         self._cluster = cluster
+        self._connections_limit = connections_limit
         self._counters = counters
         self._connections = connections
         self._hub = hub
@@ -61,6 +63,11 @@ class _Collector:
         c = self._counters
         stats = self._hub()
         yield GaugeMetricFamily("fluxrt_connections", "Open WebSocket connections", value=self._connections())
+        yield GaugeMetricFamily(
+            "fluxrt_connections_limit",
+            "Connections this node admits (realtime.max_connections); beyond it handshakes are refused",
+            value=self._connections_limit(),
+        )
         subs = GaugeMetricFamily("fluxrt_subscriptions", "Subscriptions by channel kind", labels=["kind"])
         for kind, n in sorted(stats.subscriptions.items()):
             subs.add_metric([kind], n)
@@ -104,7 +111,7 @@ class _Collector:
         yield rejected
         requests = CounterMetricFamily(
             "fluxrt_api_requests",
-            "HTTP API requests answered, by endpoint (broadcast, presence) and status",
+            "HTTP API requests answered, by endpoint (broadcast, presence, stats) and status",
             labels=["endpoint", "status"],
         )
         for (endpoint, status), n in sorted(c.api_requests.items()):
@@ -217,6 +224,8 @@ def exposition(
     changefeed_lag: Callable[[], float | None],
     tasks: Callable[[], int],
     cluster: Callable[[], ClusterStatistics] | None = None,
+    *,
+    connections_limit: Callable[[], int],
 ) -> bytes:
     """The Prometheus text exposition of everything above, and the process's own metrics (`process_*`: resident
     memory, CPU seconds, open and maximum file descriptors; on Linux)."""
@@ -224,7 +233,7 @@ def exposition(
     from prometheus_client.process_collector import ProcessCollector
 
     registry = CollectorRegistry(auto_describe=False)
-    collector: Any = _Collector(counters, connections, hub, uptime, changefeed_lag, tasks, cluster)
+    collector: Any = _Collector(counters, connections, hub, uptime, changefeed_lag, tasks, cluster, connections_limit)
     registry.register(collector)
     ProcessCollector(registry=registry)
     return generate_latest(registry)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 import trio
 
-from . import api, http, metrics
+from . import __version__, api, http, metrics, status
 from .admission import Admission, address_key
 from .auth import Verifier
 from .checks import ChannelChecks
@@ -117,6 +117,7 @@ class Server:
         )
         self.draining = False
         self.port: int | None = None
+        self.samples = status.Samples()
         self._started_at = time.monotonic()
         self._ids = itertools.count(1)
         self._id_prefix = secrets.token_hex(3)
@@ -140,6 +141,7 @@ class Server:
                     self._nursery = nursery
                     nursery.start_soon(self.supervisor.run)
                     nursery.start_soon(self.flusher.run)
+                    nursery.start_soon(self._sample)
                     if self.cluster is not None:
                         await nursery.start(self.cluster.run)
                     if self.db is not None and self.tables is not None:
@@ -303,33 +305,79 @@ class Server:
                 lambda: self.db.changefeed.lag() if self.db is not None else None,
                 _task_count,
                 self.cluster.cluster_statistics if self.cluster is not None else None,
+                connections_limit=lambda: self.admission.max_connections,
             )
             return 200, body, "text/plain; version=0.0.4; charset=utf-8"
         database = self.database_state()
-        status = "draining" if self.draining else "degraded" if database == "degraded" else "ok"
+        state = self._status()
         health: dict[str, Any] = {
-            "status": status,
+            "status": state,
             "connections": len(self.connections),
             "uptime_s": round(self.uptime(), 3),
             "database": database,
         }
-        if self.cluster is not None:
+        cluster = self._cluster_state()
+        if cluster is not None:
             # Reported, but not a 503: every node would leave the balancer when the one Redis fails, and each still
             # serves its own connections and table changes.
-            stats = self.cluster.cluster_statistics()
-            health["cluster"] = {
-                "state": stats.state,
-                "node_id": stats.node,
-                "nodes": stats.nodes,
-                "last_error": stats.last_error,
-            }
+            health["cluster"] = cluster
         if self.db is not None:
             health["changefeed"] = {
                 "windows": self.db.changefeed.windows,
                 "changes": self.db.changefeed.changes,
                 "last_error": self.db.changefeed.last_error,
             }
-        return (200 if status == "ok" else 503), orjson.dumps(health), "application/json"
+        return (200 if state == "ok" else 503), orjson.dumps(health), "application/json"
+
+    def _status(self) -> str:
+        """`/health`'s status: `draining`, `degraded` (the database is unreachable) or `ok`."""
+        return "draining" if self.draining else "degraded" if self.database_state() == "degraded" else "ok"
+
+    def _cluster_state(self) -> dict[str, Any] | None:
+        if self.cluster is None:
+            return None
+        stats = self.cluster.cluster_statistics()
+        return {"state": stats.state, "node_id": stats.node, "nodes": stats.nodes, "last_error": stats.last_error}
+
+    def snapshot(self) -> status.Snapshot:
+        """The counts the status page shows, as `/metrics` would show them now."""
+        hub = self.hub.statistics()
+        counters = self.counters
+        return status.Snapshot(
+            at=time.monotonic(),
+            connections=len(self.connections),
+            subscriptions=hub.subscriptions,
+            messages_in_total=counters.messages_in,
+            messages_out_total=counters.messages_out + hub.delivered,
+            errors_total=sum(counters.errors.values()),
+            slow_consumer_closes_total=counters.slow_consumer_closes,
+            changefeed_lag=self.db.changefeed.lag() if self.db is not None else None,
+        )
+
+    async def _sample(self) -> None:
+        """Keep a snapshot every status.SAMPLE_INTERVAL for the status page's sparklines."""
+        while True:
+            self.samples.add(self.snapshot())
+            await trio.sleep(status.SAMPLE_INTERVAL)
+
+    def stats(self) -> bytes:
+        """`GET /api/stats`'s body (status.stats_body)."""
+        cluster = self._cluster_state()
+        return status.stats_body(
+            self.snapshot(),
+            self.samples,
+            node={
+                "version": __version__,
+                "node_id": cluster["node_id"] if cluster is not None else None,
+                "status": self._status(),
+                "uptime_s": round(self.uptime(), 3),
+            },
+            max_connections=self.admission.max_connections,
+            errors_by_code=self.counters.errors,
+            top=status.top_channels(self.hub.channel_sizes()),
+            database=self.database_state(),
+            cluster=cluster,
+        )
 
     def uptime(self) -> float:
         return time.monotonic() - self._started_at

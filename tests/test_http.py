@@ -99,7 +99,9 @@ def test_admin_endpoints_answer_only_get():
 # ---- paths ---------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("target", ["/", "/realtime/", "/Realtime", "/realtime/x", "/healthz", "/favicon.ico", "/ws"])
+@pytest.mark.parametrize(
+    "target", ["/status/", "/index.html", "/realtime/", "/Realtime", "/realtime/x", "/healthz", "/favicon.ico", "/ws"]
+)
 def test_other_paths_are_404(target):
     body = refused(go(request(target)), 404)
     assert body["error"] == "not_found"

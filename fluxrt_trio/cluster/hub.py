@@ -26,7 +26,7 @@ import re
 import secrets
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Generic, Literal, TypeVar
 
 import attrs
@@ -253,6 +253,9 @@ class ClusterHub(Generic[S]):
 
     def channels(self, kind: str) -> list[str]:
         return self.local.channels(kind)
+
+    def channel_sizes(self) -> Iterator[tuple[str, int]]:
+        return self.local.channel_sizes()
 
     def publish_nowait(self, channel: str, message: Any, *, exclude: S | None = None) -> int:
         """Deliver to this node's subscribers only: table changes reach every node from the change log."""

@@ -12,14 +12,19 @@ process (bench/idle_clients.py, spread over loopback source addresses 127.0.0.1.
   each connection (client and server sockets are on this machine) and every other TCP socket of the machine.
 - **slab KiB/conn**: the growth of the kernel's slab (`/proc/meminfo` Slab) over N: the socket, file, inode and
   epoll structures of BOTH ends of each connection (two sockets), plus anything else the machine did meanwhile.
+- **kobj KiB/socket**: the same structures counted one by one, from `/proc/slabinfo` (root only): the growth of the
+  active objects of the caches a TCP socket takes (SOCKET_CACHES) times their size, over 2N (both ends are alike):
+  what the kernel holds for one end of an idle connection beside its buffers.
 
 Modes: `bare` (connected and authenticated, subscribed to nothing) and `joined` (also subscribed to one broadcast
 channel, as a realistic idle client is). `--heap N` adds a run under bench/idle_probe.py: tracemalloc's view of the
 Python heap per connection (bytes still allocated since before the first connection, over N) with the source lines
 and tracebacks that hold it, and the gc-tracked objects per connection by type (e.g. Trio tasks).
 
-`--compare-tree PATH` runs the same steps on fluxrt_trio of another source tree (a `git worktree` of an older
-commit), rounds alternating, and prints the ratio. Run from the repository root:
+`--tree PATH` measures fluxrt_trio of another source tree instead of this one (a clean `git worktree` of a commit,
+when the working tree holds edits not to be measured). `--compare-tree PATH` runs the same steps on fluxrt_trio of
+another source tree (a `git worktree` of an older commit), rounds alternating, and prints the ratio. Run from the
+repository root:
 
     .venv/bin/python bench/idle.py                                  # 5,000 and 50,000, bare and joined
     .venv/bin/python bench/idle.py --connections 5000 --modes joined --heap 5000
@@ -49,6 +54,8 @@ from common import BENCH_DIR, REPO_ROOT, free_port, health
 TARGET_KIB = 8.0
 PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
 CHANNEL = "broadcast:idle"
+SOCKET_CACHES = ("TCP", "sock_inode_cache", "filp", "dentry", "eventpoll_epi", "eventpoll_pwq")
+"""the slab caches an accepted (or connected) TCP socket in an epoll set takes an object of"""
 SKMEM_FIELDS = ("r", "t", "f", "w", "o", "bl")
 """the fields of `ss -m` that are memory the socket holds (rb and tb are limits, d drops)"""
 
@@ -94,6 +101,20 @@ def rss_kib(pid: int) -> int:
 
 def slab_kib() -> int:
     return int(re.search(r"Slab:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1))  # type: ignore[union-attr]
+
+
+def socket_slab_bytes() -> int | None:
+    """Bytes of the active objects of SOCKET_CACHES, or None when /proc/slabinfo cannot be read (not root)."""
+    try:
+        lines = Path("/proc/slabinfo").read_text().splitlines()
+    except OSError:
+        return None
+    total = 0
+    for line in lines:
+        fields = line.split()
+        if fields and fields[0] in SOCKET_CACHES:
+            total += int(fields[1]) * int(fields[3])
+    return total
 
 
 def sockstat_tcp_pages() -> int:
@@ -189,11 +210,11 @@ def run_once(args: argparse.Namespace, label: str, tree: Path, n: int, mode: str
     server = Server(tree, n, workdir, None)
     try:
         time.sleep(args.settle)
-        rss0, slab0, pages0 = rss_kib(server.proc.pid), slab_kib(), sockstat_tcp_pages()
+        rss0, slab0, pages0, objs0 = rss_kib(server.proc.pid), slab_kib(), sockstat_tcp_pages(), socket_slab_bytes()
         clients, result["connect_s"] = open_clients(args, server.port, n, mode)
         try:
             time.sleep(args.settle)
-            rss1, slab1, pages1 = rss_kib(server.proc.pid), slab_kib(), sockstat_tcp_pages()
+            rss1, slab1, pages1, objs1 = rss_kib(server.proc.pid), slab_kib(), sockstat_tcp_pages(), socket_slab_bytes()
             sockets, held = skmem(server.port)
             if sockets != n:
                 raise RuntimeError(f"ss saw {sockets} established server sockets, not {n}")
@@ -209,6 +230,7 @@ def run_once(args: argparse.Namespace, label: str, tree: Path, n: int, mode: str
         "skmem_kib": held / 1024 / n,
         "sockstat_kib": (pages1 - pages0) * PAGE_KIB / n,
         "slab_kib": (slab1 - slab0) / n,
+        "kobj_kib": (objs1 - objs0) / 1024 / (2 * n) if objs0 is not None and objs1 is not None else float("nan"),
     }
     return result
 
@@ -243,6 +265,7 @@ def run_heap(args: argparse.Namespace, label: str, tree: Path, workdir: Path) ->
 def print_heap(h: dict[str, Any]) -> None:
     n = h["n"]
     print(f"\n{h['tree']}: Python heap (tracemalloc) {h['traced_bytes'] / n:.0f} B/conn at {n} joined connections")
+    print("  by package: " + ", ".join(f"{name} {size / n:.0f} B" for name, size in h["by_package"]))
     print("  by source line (bytes per connection, blocks per connection):")
     for where, size, count in h["by_line"][:20]:
         print(f"    {size / n:8.1f} B {count / n:6.2f}  {where}")
@@ -259,6 +282,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sources", type=int, default=8, help="loopback source addresses the clients use")
     parser.add_argument("--settle", type=float, default=3.0, help="seconds before each RSS sample")
     parser.add_argument("--heap", type=int, default=0, help="also a tracemalloc run with this many connections")
+    parser.add_argument(
+        "--tree", type=Path, default=REPO_ROOT, help="fluxrt source tree to measure (default this repository)"
+    )
     parser.add_argument("--compare-tree", type=Path, default=None, help="fluxrt source tree to run beside this one")
     parser.add_argument("--json", type=Path, default=None, help="write every run here")
     args = parser.parse_args(argv)
@@ -272,7 +298,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     raise_nofile(2 * max([*args.counts, args.heap]) + 4096)
-    trees = [("this", REPO_ROOT)]
+    trees = [("this", args.tree.resolve())]
     if args.compare_tree is not None:
         trees.append(("base", args.compare_tree.resolve()))
     print(f"load average at start: {uptime()}")
@@ -300,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
                             f"  {label:4} {mode:6} {n:6}: RSS {r['rss_kib']:5.2f} KiB/conn "
                             f"({r['rss_mib'][0]}->{r['rss_mib'][1]} MiB)  skmem {r['skmem_kib']:5.2f}  "
                             f"sockstat {r['sockstat_kib']:5.2f}  slab {r['slab_kib']:5.2f} KiB/conn  "
+                            f"kobj {r['kobj_kib']:4.2f} KiB/socket  "
                             f"connect {r['connect_s']} s",
                             flush=True,
                         )
@@ -313,7 +340,10 @@ def main(argv: list[str] | None = None) -> int:
     for h in heaps:
         print_heap(h)
     print(f"\nload average at end: {uptime()}")
-    print(f"\n{'tree':5} {'mode':7} {'conns':>6}  RSS KiB/conn  skmem (server)  sockstat (both)  slab (both)  target")
+    print(
+        f"\n{'tree':5} {'mode':7} {'conns':>6}  RSS KiB/conn  skmem (server)  sockstat (both)  slab (both)  "
+        "kobj/socket  target"
+    )
     met = True
     for n in args.counts:
         for mode in args.mode_list:
@@ -324,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 m = {
                     k: statistics.median(r[k] for r in mine)
-                    for k in ("rss_kib", "skmem_kib", "sockstat_kib", "slab_kib")
+                    for k in ("rss_kib", "skmem_kib", "sockstat_kib", "slab_kib", "kobj_kib")
                 }
                 med[label] = m["rss_kib"]
                 verdict = ""
@@ -333,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
                     met = met and m["rss_kib"] <= TARGET_KIB
                 print(
                     f"{label:5} {mode:7} {n:6}  {m['rss_kib']:12.2f}  {m['skmem_kib']:14.2f}  "
-                    f"{m['sockstat_kib']:15.2f}  {m['slab_kib']:11.2f}  {verdict}"
+                    f"{m['sockstat_kib']:15.2f}  {m['slab_kib']:11.2f}  {m['kobj_kib']:11.2f}  {verdict}"
                 )
             if "this" in med and "base" in med and med["base"]:
                 print(f"      ratio this/base RSS per connection: {med['this'] / med['base']:.2f}")

@@ -6,7 +6,10 @@ A thread watches DIR. When the file `start` appears it starts tracemalloc (FRAME
 counts the gc-tracked objects by type; when `stop` appears it takes a snapshot and writes DIR/heap.json:
 
 - `traced_bytes`: bytes tracemalloc sees allocated since `start` and still alive (the Python heap's growth);
+- `by_package`: those bytes by where the allocating line is: trio, wsproto, h11, fluxrt_trio, attrs/cattrs-generated
+  code (named after the class it builds), the standard library, other;
 - `by_line`: the 30 source lines that hold most of them; `by_traceback`: the 15 allocation tracebacks that do;
+- `h11_kept`: the 5 tracebacks of h11's allocations still alive: what of the HTTP handshake outlives it;
 - `objects`: gc-tracked objects that appeared since `start`, by type (fluxrt freezes what it made at start-up, and
   gc does not list dicts and tuples of plain values, so these are only the new containers).
 
@@ -39,6 +42,17 @@ def type_counts() -> collections.Counter[str]:
         gc.freeze()
 
 
+def package(filename: str) -> str:
+    """Where an allocating source file belongs; generated code (`<attrs generated methods trio...>`) goes with the
+    package of the class it was generated for."""
+    for name in ("fluxrt_trio", "wsproto", "h11", "trio"):
+        if f"/{name}/" in filename or (filename.startswith("<") and f" {name}." in filename):
+            return name
+    if filename.startswith("<"):
+        return "generated"
+    return "stdlib" if "/python3" in filename and "site-packages" not in filename else "other"
+
+
 def watch(control: Path) -> None:
     while not (control / "start").exists():
         time.sleep(0.1)
@@ -52,10 +66,19 @@ def watch(control: Path) -> None:
     snapshot = snapshot.filter_traces([tracemalloc.Filter(False, tracemalloc.__file__)])
     grew = type_counts()
     grew.subtract(before)
+    by_file = snapshot.statistics("filename")
+    packages: collections.Counter[str] = collections.Counter()
+    for stat in by_file:
+        packages[package(stat.traceback[0].filename)] += stat.size
     heap = {
-        "traced_bytes": sum(stat.size for stat in snapshot.statistics("filename")),
+        "traced_bytes": sum(stat.size for stat in by_file),
+        "by_package": packages.most_common(),
         "by_line": [[str(s.traceback[0]), s.size, s.count] for s in snapshot.statistics("lineno")[:30]],
         "by_traceback": [[s.traceback.format(), s.size, s.count] for s in snapshot.statistics("traceback")[:15]],
+        "h11_kept": [
+            [s.traceback.format(), s.size, s.count]
+            for s in snapshot.filter_traces([tracemalloc.Filter(True, "*/h11/*")]).statistics("traceback")[:5]
+        ],
         "objects": [[name, n] for name, n in grew.most_common(40) if n > 0],
     }
     (control / "heap.json").write_text(json.dumps(heap))

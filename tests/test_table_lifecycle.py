@@ -203,3 +203,148 @@ async def test_a_table_owner_who_is_no_superuser_gets_new_partitions_covered(sta
             assert "renamed to public.happenings" in (await failure(ws))["message"]
     finally:
         db.sql(f"DROP OWNED BY {role}; DROP ROLE {role}")
+
+
+def logged(db, *ops: str) -> list[tuple]:
+    """(op, schema, table, new_record) of the change log's rows of `ops`, in order."""
+    rows = db.sql(
+        "SELECT op, schema_name, table_name, new_record FROM realtime.changes WHERE op = ANY($1) ORDER BY id", list(ops)
+    )
+    return [(r["op"], r["schema_name"], r["table_name"], r["new_record"]) for r in rows]
+
+
+async def _sweep_while_another_holds(dsn: str) -> tuple[int, int, int, int]:
+    holder = await asyncpg.connect(dsn)
+    other = await asyncpg.connect(dsn)
+    try:
+        # A sweep that waited for the holder would fail here rather than hang the test.
+        await other.execute("SET lock_timeout = '5s'")
+        held = holder.transaction()
+        await held.start()
+        by_holder = await holder.fetchval("SELECT realtime.sweep_lifecycle()")
+        while_held = await other.fetchval("SELECT realtime.sweep_lifecycle()")
+        await held.rollback()
+        after_rollback = await other.fetchval("SELECT realtime.sweep_lifecycle()")
+        again = await holder.fetchval("SELECT realtime.sweep_lifecycle()")
+        return by_holder, while_held, after_rollback, again
+    finally:
+        await holder.close()
+        await other.close()
+
+
+async def test_a_sweep_skips_what_an_open_transaction_holds_and_each_event_is_logged_once(without_event_triggers):
+    # A session that swept and stays open (anyone may call the sweep) must not stall every node's pruning pass.
+    db = without_event_triggers
+    users_table(db)
+    db.sql("CREATE TABLE notes (id int); SELECT enable_realtime('notes')")
+    db.sql("DROP TABLE users; ALTER TABLE notes RENAME TO memos")
+    assert await in_asyncio(_sweep_while_another_holds, db.dsn) == (2, 0, 2, 0)
+    assert logged(db, "DROP", "RENAME") == [
+        ("DROP", "public", "users", None),
+        ("RENAME", "public", "notes", '{"table": "memos", "schema": "public"}'),
+    ]
+
+
+async def test_a_renamed_schema_renames_its_tables_and_a_dropped_one_drops_them(db):
+    db.sql(
+        "CREATE SCHEMA shop; CREATE TABLE shop.orders (id int); CREATE TABLE shop.items (id int);"
+        "SELECT enable_realtime('shop.orders'); SELECT enable_realtime('shop.items')"
+    )
+    db.sql("ALTER SCHEMA shop RENAME TO store")
+    assert sorted(registry(db)) == [("store", "items"), ("store", "orders")]
+    db.sql("DROP SCHEMA store CASCADE")
+    assert sorted(logged(db, "DROP", "RENAME")) == [
+        ("DROP", "store", "items", None),
+        ("DROP", "store", "orders", None),
+        ("RENAME", "shop", "items", '{"table": "items", "schema": "store"}'),
+        ("RENAME", "shop", "orders", '{"table": "orders", "schema": "store"}'),
+    ]
+    assert value(db, "SELECT count(*) FROM realtime.tables") == 0
+
+
+async def test_ddl_sweeps_only_the_tables_it_touched(db):
+    # The event triggers run on every CREATE and ALTER TABLE of the database: the registry is not read whole each
+    # time. A rename the DDL trigger missed waits for the pruning pass or the next DDL on that table.
+    db.sql("CREATE TABLE notes (id int); SELECT enable_realtime('notes')")
+    db.sql("ALTER EVENT TRIGGER fluxrt_lifecycle_ddl DISABLE; ALTER TABLE notes RENAME TO memos")
+    db.sql("ALTER EVENT TRIGGER fluxrt_lifecycle_ddl ENABLE; CREATE TABLE other (id int); ALTER TABLE other ADD x int")
+    assert logged(db, "RENAME") == []
+    db.sql("ALTER TABLE memos ADD COLUMN body text")
+    assert logged(db, "RENAME") == [("RENAME", "public", "notes", '{"table": "memos", "schema": "public"}')]
+
+
+async def test_nested_partitions_truncate_cascade_and_partition_ddl(db):
+    db.sql(
+        "CREATE TABLE events (id int, kind text, n int) PARTITION BY LIST (kind);"
+        "CREATE TABLE events_a PARTITION OF events FOR VALUES IN ('a') PARTITION BY RANGE (n);"
+        "CREATE TABLE events_a1 PARTITION OF events_a FOR VALUES FROM (0) TO (10);"
+        "CREATE TABLE events_a2 PARTITION OF events_a FOR VALUES FROM (10) TO (20);"
+        "CREATE TABLE events_b PARTITION OF events FOR VALUES IN ('b');"
+        "CREATE TABLE marks (id int, event_id int, kind text) PARTITION BY LIST (kind);"
+        "CREATE TABLE marks_x PARTITION OF marks FOR VALUES IN ('x');"
+        "SELECT enable_realtime('events'); SELECT enable_realtime('marks');"
+        "CREATE TABLE owners (id int PRIMARY KEY); ALTER TABLE marks ADD FOREIGN KEY (event_id) REFERENCES owners"
+    )
+    db.sql("TRUNCATE events")
+    db.sql("TRUNCATE events_a")
+    db.sql("TRUNCATE events_a2, events_b")
+    db.sql("TRUNCATE owners CASCADE")
+    # A partition renamed or dropped is not the enabled table: no RENAME or DROP, and the registry keeps it.
+    db.sql("ALTER TABLE events_a1 RENAME TO events_low; DROP TABLE events_a2; TRUNCATE events_low")
+    assert logged(db, "TRUNCATE", "DROP", "RENAME") == [
+        ("TRUNCATE", "public", "events", None),
+        ("TRUNCATE", "public", "events", '{"partition": "public.events_a"}'),
+        ("TRUNCATE", "public", "events", '{"partition": "public.events_a2"}'),
+        ("TRUNCATE", "public", "events", '{"partition": "public.events_b"}'),
+        ("TRUNCATE", "public", "marks", None),
+        ("TRUNCATE", "public", "events", '{"partition": "public.events_low"}'),
+    ]
+    assert sorted(registry(db)) == [("public", "events"), ("public", "marks")]
+
+
+async def _notices_of(dsn: str, role: str, statements: list[str]) -> list[str]:
+    conn = await asyncpg.connect(dsn)
+    notices: list[str] = []
+    conn.add_log_listener(lambda _conn, message: notices.append(f"{message.severity}: {message.message}"))
+    try:
+        await conn.execute(f"SET ROLE {role}")
+        for statement in statements:
+            await conn.execute(statement)
+        return notices
+    finally:
+        await conn.close()
+
+
+async def test_an_ordinary_users_ddl_is_not_slowed_by_warnings(db):
+    # The event triggers run as whoever issues the DDL, who may read nothing in realtime.*.
+    role = f"fluxrt_lc_{uuid.uuid4().hex[:8]}"
+    db.sql(f"CREATE ROLE {role} NOLOGIN; GRANT CREATE ON SCHEMA public TO {role}")
+    users_table(db)
+    try:
+        notices = await in_asyncio(
+            _notices_of,
+            db.dsn,
+            role,
+            [
+                "CREATE TABLE mine (id int)",
+                "ALTER TABLE mine ADD COLUMN note text",
+                "ALTER TABLE mine RENAME TO mine2",
+                "CREATE TABLE log (id int, kind text) PARTITION BY LIST (kind)",
+                "CREATE TABLE log_a PARTITION OF log FOR VALUES IN ('a')",
+                "SELECT enable_realtime('log')",
+                "CREATE TABLE log_b PARTITION OF log FOR VALUES IN ('b')",
+                "ALTER TABLE log RENAME TO journal",
+                "TRUNCATE log_b",
+                "DROP TABLE mine2",
+                "DROP TABLE journal",
+            ],
+        )
+        assert notices == []
+        assert logged(db, "DROP", "RENAME", "TRUNCATE") == [
+            ("RENAME", "public", "log", '{"table": "journal", "schema": "public"}'),
+            ("TRUNCATE", "public", "journal", '{"partition": "public.log_b"}'),
+            ("DROP", "public", "journal", None),
+        ]
+        assert registry(db) == [("public", "users")]
+    finally:
+        db.sql(f"DROP OWNED BY {role}; DROP ROLE {role}")

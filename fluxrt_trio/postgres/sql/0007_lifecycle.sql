@@ -153,49 +153,60 @@ BEGIN
 END
 $$;
 
--- Acts only on what the catalog shows, never on arguments, so anyone may call it (the event triggers do, as the
--- user whose DDL fired them): registry entries whose table is gone become DROP rows, those whose name changed
--- RENAME rows (new_record {"schema","table"}: the new name). Returns the rows it logged. Several nodes sweeping at
--- once log each event once: the row lock and the re-checked condition make the later one find nothing.
-CREATE FUNCTION realtime.sweep_lifecycle() RETURNS integer
+-- Acts only on what the catalog shows, never on arguments (only_tables can only narrow it), so anyone may call it
+-- (the event triggers do, as the user whose DDL fired them): registry entries whose table is gone become DROP rows,
+-- those whose name changed RENAME rows (new_record {"schema","table"}: the new name). Returns the rows it logged.
+-- An entry another transaction holds (a concurrent sweep, a DDL transaction that dropped or renamed the table, a
+-- session that called this and stays open) is skipped, never waited for: a pruning pass or someone's DDL must not
+-- hang on any user's open transaction, and the holder logs the event, or the next sweep does if it rolls back.
+-- So several nodes sweeping at once log each event once.
+CREATE FUNCTION realtime.sweep_lifecycle(only_tables oid[] DEFAULT NULL) RETURNS integer
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     r record;
     logged integer := 0;
 BEGIN
     FOR r IN
-        DELETE FROM realtime.tables t WHERE NOT EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = t.relid)
+        DELETE FROM realtime.tables t WHERE t.relid IN (
+            SELECT g.relid FROM realtime.tables g
+             WHERE (only_tables IS NULL OR g.relid = ANY (only_tables))
+               AND NOT EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = g.relid)
+               FOR UPDATE SKIP LOCKED)
         RETURNING t.relid, t.schema_name, t.table_name
     LOOP
         INSERT INTO realtime.changes (relid, schema_name, table_name, op) VALUES (r.relid, r.schema_name, r.table_name, 'DROP');
         logged := logged + 1;
     END LOOP;
+    -- FOR UPDATE re-checks the names against an entry another sweep updated meanwhile, so it is logged once.
     FOR r IN
         SELECT t.relid, t.schema_name, t.table_name, n.nspname AS new_schema, c.relname AS new_table
           FROM realtime.tables t JOIN pg_class c ON c.oid = t.relid JOIN pg_namespace n ON n.oid = c.relnamespace
-         WHERE (t.schema_name, t.table_name) IS DISTINCT FROM (n.nspname, c.relname)
+         WHERE (only_tables IS NULL OR t.relid = ANY (only_tables))
+           AND (t.schema_name, t.table_name) IS DISTINCT FROM (n.nspname, c.relname)
+           FOR UPDATE OF t SKIP LOCKED
     LOOP
-        UPDATE realtime.tables SET schema_name = r.new_schema, table_name = r.new_table
-         WHERE relid = r.relid AND schema_name = r.schema_name AND table_name = r.table_name;
-        IF FOUND THEN
-            INSERT INTO realtime.changes (relid, schema_name, table_name, op, new_record)
-            VALUES (r.relid, r.schema_name, r.table_name, 'RENAME',
-                    jsonb_build_object('schema', r.new_schema, 'table', r.new_table));
-            logged := logged + 1;
-        END IF;
+        UPDATE realtime.tables SET schema_name = r.new_schema, table_name = r.new_table WHERE relid = r.relid;
+        INSERT INTO realtime.changes (relid, schema_name, table_name, op, new_record)
+        VALUES (r.relid, r.schema_name, r.table_name, 'RENAME',
+                jsonb_build_object('schema', r.new_schema, 'table', r.new_table));
+        logged := logged + 1;
     END LOOP;
     RETURN logged;
 END
 $$;
-GRANT EXECUTE ON FUNCTION realtime.sweep_lifecycle() TO PUBLIC;
+GRANT EXECUTE ON FUNCTION realtime.sweep_lifecycle(oid[]) TO PUBLIC;
 
 -- The event triggers run as the user whose DDL fired them. A failure here must not fail that user's DDL: it is a
--- warning, and the next pruning pass sweeps again.
+-- warning, and the next pruning pass sweeps again. They sweep only the tables the command touched (a renamed
+-- schema: every table in it), not the whole registry: they run on every CREATE and ALTER TABLE in the database.
 CREATE FUNCTION realtime.on_sql_drop() RETURNS event_trigger
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    dropped oid[];
 BEGIN
-    IF EXISTS (SELECT 1 FROM pg_event_trigger_dropped_objects() d WHERE d.object_type = 'table') THEN
-        PERFORM realtime.sweep_lifecycle();
+    dropped := ARRAY(SELECT d.objid FROM pg_event_trigger_dropped_objects() d WHERE d.object_type = 'table');
+    IF dropped <> '{}' THEN
+        PERFORM realtime.sweep_lifecycle(dropped);
     END IF;
 EXCEPTION WHEN OTHERS THEN
     RAISE WARNING 'realtime: could not record the dropped table for its subscribers: %', SQLERRM
@@ -206,15 +217,24 @@ $$;
 CREATE FUNCTION realtime.on_ddl_end() RETURNS event_trigger
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
+    touched oid[];
+    schemas oid[];
     rel oid;
 BEGIN
-    PERFORM realtime.sweep_lifecycle();
+    SELECT coalesce(array_agg(d.objid) FILTER (WHERE d.classid = 'pg_class'::regclass), '{}'),
+           coalesce(array_agg(d.objid) FILTER (WHERE d.classid = 'pg_namespace'::regclass), '{}')
+      INTO touched, schemas FROM pg_event_trigger_ddl_commands() d;
+    -- Only then: finding a schema's tables reads all of pg_class, which has no index on the schema alone.
+    IF schemas <> '{}' THEN
+        touched := touched || ARRAY(SELECT c.oid FROM pg_class c WHERE c.relnamespace = ANY (schemas) AND c.relkind IN ('r', 'p'));
+    END IF;
+    IF touched = '{}' THEN
+        RETURN;
+    END IF;
+    PERFORM realtime.sweep_lifecycle(touched);
     -- A partition created or attached under an enabled table (one whose root carries the capture trigger: the
     -- user running the DDL may not read realtime.tables) gets its TRUNCATE trigger.
-    FOR rel IN
-        SELECT DISTINCT coalesce(pg_partition_root(d.objid), d.objid) FROM pg_event_trigger_ddl_commands() d
-         WHERE d.classid = 'pg_class'::regclass
-    LOOP
+    FOR rel IN SELECT DISTINCT coalesce(pg_partition_root(t.objid), t.objid) FROM unnest(touched) t (objid) LOOP
         PERFORM realtime.add_partition_triggers(rel);
     END LOOP;
 EXCEPTION WHEN OTHERS THEN

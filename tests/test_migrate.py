@@ -15,7 +15,7 @@ from fluxrt_trio.postgres.migrate import MigrationError, checksum, migrate, migr
 
 from . import pg
 from .process import run_cli
-from .support.database import in_asyncio
+from .support.database import fresh_database, in_asyncio
 from .support.servers import start
 
 SHIPPED = {version: checksum(sql) for version, _, sql in migrations()}
@@ -110,3 +110,52 @@ async def test_a_backfilled_checksum_is_held_to_afterwards(start_server, db, mon
     monkeypatch.undo()
     server = await start(start_server, db)
     assert server.database_state() == "ok"
+
+
+async def test_upgrading_to_0007_keeps_enabled_tables_and_covers_their_partitions(pg_admin, monkeypatch):
+    # A database migrated to 0006 (before the table lifecycle) with an enabled partitioned table, an enabled plain
+    # table and the registry entry of an enabled table dropped back then, which 0006 kept.
+    shipped = migrations()
+    assert [version for version, _, _ in shipped][6] == 7
+    async with fresh_database(pg_admin) as dsn:
+        monkeypatch.setattr(migrate_module, "migrations", lambda: shipped[:6])
+        # As fluxrt before 0007 migrated: it had no event triggers to install afterwards.
+        monkeypatch.setattr(migrate_module, "_IS_SUPERUSER", "SELECT false")
+        await on(dsn, lambda conn: migrate(conn, pg.ROLES))
+        await trio.to_thread.run_sync(
+            pg.run_sql,
+            dsn,
+            "CREATE TABLE events (id int, kind text) PARTITION BY LIST (kind);"
+            "CREATE TABLE events_a PARTITION OF events FOR VALUES IN ('a');"
+            "CREATE TABLE notes (id int); CREATE TABLE gone (id int);"
+            "SELECT enable_realtime('events', true); SELECT enable_realtime('notes'); SELECT enable_realtime('gone');"
+            "DROP TABLE gone",
+        )
+        monkeypatch.undo()
+        assert await on(dsn, lambda conn: migrate(conn, pg.ROLES)) == ["0007_lifecycle"]
+
+        def sql(query: str) -> list[tuple]:
+            return [tuple(r) for r in pg.run_sql(dsn, query)]
+
+        assert sorted(sql("SELECT schema_name, table_name, notify FROM realtime.tables")) == [
+            ("public", "events", True),
+            ("public", "notes", False),
+        ]
+        assert sorted(sql("SELECT schema_name, table_name FROM realtime_enabled_tables")) == [
+            ("public", "events"),
+            ("public", "notes"),
+        ]
+        # The partition that existed before 0007 gets its TRUNCATE trigger, with the root's notify flag.
+        assert sql(
+            "SELECT tgargs FROM pg_trigger WHERE tgrelid = 'events_a'::regclass AND tgname = 'fluxrt_capture_truncate'"
+        ) == [(b"notify\x00",)]
+        assert sorted(sql("SELECT evtname FROM pg_event_trigger")) == [
+            ("fluxrt_lifecycle_ddl",),
+            ("fluxrt_lifecycle_drop",),
+        ]
+        pg.run_sql(dsn, "TRUNCATE events_a; ALTER TABLE notes RENAME TO memos; DROP TABLE events")
+        assert sql("SELECT op, table_name, new_record FROM realtime.changes ORDER BY id") == [
+            ("TRUNCATE", "events", '{"partition": "public.events_a"}'),
+            ("RENAME", "notes", '{"table": "memos", "schema": "public"}'),
+            ("DROP", "events", None),
+        ]

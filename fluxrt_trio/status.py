@@ -50,9 +50,10 @@ class Snapshot:
 class Samples:
     """The last SAMPLES snapshots, oldest first (a ring: adding one past the limit drops the oldest)."""
 
-    __slots__ = ("_ring",)
+    __slots__ = ("_ring", "size")
 
     def __init__(self, size: int = SAMPLES) -> None:
+        self.size = size
         self._ring: collections.deque[Snapshot] = collections.deque(maxlen=size)
 
     def add(self, snapshot: Snapshot) -> None:
@@ -147,7 +148,7 @@ def stats_body(
             "per_s": rates["slow_consumer_closes_per_s"],
         },
         "errors": {"total": now.errors_total, "per_s": rates["errors_per_s"], "by_code": dict(errors_by_code)},
-        "samples": {"interval_s": SAMPLE_INTERVAL, **columns},
+        "samples": {"interval_s": SAMPLE_INTERVAL, "window_s": SAMPLE_INTERVAL * samples.size, **columns},
     }
     return orjson.dumps(body)
 

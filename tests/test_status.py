@@ -88,7 +88,7 @@ def test_the_body_shows_the_latest_rates_and_zero_before_there_are_two_samples()
     assert (second["messages"]["in_per_s"], second["messages"]["out_per_s"]) == (5.0, 10.0)
     assert second["errors"] == {"total": 2, "per_s": 0.0, "by_code": {"INVALID_CHANNEL": 2}}
     assert (second["connections"], second["max_connections"], second["changefeed_lag_s"]) == (4, 10, 0.01)
-    assert second["samples"]["interval_s"] == status.SAMPLE_INTERVAL
+    assert (second["samples"]["interval_s"], second["samples"]["window_s"]) == (status.SAMPLE_INTERVAL, 600.0)
     assert len(second["samples"]["t"]) == 2
 
 

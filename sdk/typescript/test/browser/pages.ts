@@ -1,10 +1,12 @@
 // Drives the example pages in headless Chromium (Debian's, through playwright-core) and prints what a person would
 // see, as one JSON object on stdout; tests/test_browser.py serves the pages, runs fluxrt and judges the result.
 //
-//   node build/browser/pages.js live-users|chat|react-todos
+//   node build/browser/pages.js live-users|chat|react-todos|status
 //
 // Environment: PAGES_URL (the static server's root), FLUXRT_URL (http://127.0.0.1:PORT), FLUXRT_WS
 // (ws://127.0.0.1:PORT), TOKEN_ALICE, TOKEN_BOB, SDK_TEST_DSN (for SQL), CHROMIUM (the browser's path).
+// status (tests/test_status_page.py) opens fluxrt's own page and needs only FLUXRT_URL, TOKEN_ALICE (refused: not
+// a service role), TOKEN_SERVICE and SCREENSHOT (where to save one).
 // react-todos (tests/test_sdk_react.py) runs fluxrt itself, to restart it, as the live tests do: the SDK_TEST_*
 // variables of test/support/fluxrt.ts; PAGES_URL is then the example's serve.py, which also answers /api/todos.
 
@@ -242,7 +244,76 @@ async function reactTodos(browser: Browser, log: string[]) {
   }
 }
 
-const scenarios = { 'live-users': liveUsers, chat, 'react-todos': reactTodos } as const
+/**
+ * fluxrt's status page (GET /status): asked for a token, refused a user's, shown the node's statistics with a
+ * service role's, plots of at least two samples; then reloaded, when the tab's token is used again. Reports every
+ * value the page shows (data-value), its top channels, the points of each plot, the origins it requested and the
+ * prompts it showed; saves a screenshot.
+ */
+async function status(browser: Browser, log: string[]) {
+  const context = await browser.newContext({ viewport: { width: 1200, height: 900 } })
+  const page = await open(context, 'status', log)
+  const origins = new Set<string>()
+  page.on('request', (request) => origins.add(new URL(request.url()).origin))
+  const prompts: string[] = []
+  const login = page.locator('#login')
+  const prompt = async () => {
+    await login.waitFor({ state: 'visible' })
+    prompts.push((await page.locator('#login-message').textContent()) ?? '')
+  }
+  const submit = async (token: string) => {
+    await page.locator('#token').fill(token)
+    await page.locator('#login-form button').click()
+  }
+  /** Until the page has drawn `renders` more answers and every plot has at least two points. */
+  const drawn = async (renders: number) => {
+    await page.waitForFunction(
+      (n) =>
+        Number(document.body.dataset.ready ?? 0) >= n &&
+        Array.from(document.querySelectorAll<SVGElement>('svg[data-series]')).every(
+          (svg) => Number(svg.dataset.points) >= 2,
+        ),
+      renders,
+      { timeout: 20_000 },
+    )
+  }
+  await page.goto(`${env('FLUXRT_URL')}/status`)
+  await prompt()
+  await submit(env('TOKEN_ALICE'))
+  await page.locator('#login-message', { hasText: 'refused' }).waitFor()
+  await prompt()
+  await submit(env('TOKEN_SERVICE'))
+  await drawn(1)
+  await page.reload()
+  await drawn(2)
+  const loginAfterReload = await login.isVisible()
+  const shown = await page.evaluate(() => ({
+    values: Object.fromEntries(
+      Array.from(document.querySelectorAll<HTMLElement>('[data-stat]')).map((e) => [e.dataset.stat, e.dataset.value]),
+    ),
+    texts: Object.fromEntries(
+      Array.from(document.querySelectorAll<HTMLElement>('[data-stat]')).map((e) => [e.dataset.stat, e.textContent]),
+    ),
+    channels: Array.from(document.querySelectorAll<HTMLElement>('#channels tr')).map((tr) => [
+      tr.dataset.channel,
+      Number(tr.querySelector('td.n')?.textContent),
+    ]),
+    points: Object.fromEntries(
+      Array.from(document.querySelectorAll<SVGElement>('svg[data-series]')).map((svg) => [
+        svg.dataset.series,
+        svg.querySelector('polyline')?.getAttribute('points')?.split(' ').length ?? 0,
+      ]),
+    ),
+    problem: document.querySelector('#problem')?.hasAttribute('hidden')
+      ? null
+      : document.querySelector('#problem')?.textContent,
+  }))
+  await page.screenshot({ path: env('SCREENSHOT'), fullPage: true })
+  await context.close()
+  return { ...shown, prompts, loginAfterReload, origins: [...origins] }
+}
+
+const scenarios = { 'live-users': liveUsers, chat, 'react-todos': reactTodos, status } as const
 
 async function main(): Promise<void> {
   const which = process.argv[2] as keyof typeof scenarios

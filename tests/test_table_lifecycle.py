@@ -348,3 +348,27 @@ async def test_an_ordinary_users_ddl_is_not_slowed_by_warnings(db):
         assert registry(db) == [("public", "users")]
     finally:
         db.sql(f"DROP OWNED BY {role}; DROP ROLE {role}")
+
+
+async def test_without_event_triggers_enable_and_disable_log_a_pending_drop_or_rename_first(without_event_triggers):
+    db = without_event_triggers
+    db.sql(
+        "CREATE TABLE notes (id int); CREATE TABLE drafts (id int); CREATE TABLE users (id int);"
+        "SELECT enable_realtime('notes'); SELECT enable_realtime('drafts'); SELECT enable_realtime('users')"
+    )
+    # Renamed, then enabled again under the new name: the old name's subscribers are still told.
+    db.sql("ALTER TABLE notes RENAME TO memos; SELECT enable_realtime('memos')")
+    # Renamed, then disabled: told of the rename under the old name, not only of the disable under the new one.
+    db.sql("ALTER TABLE drafts RENAME TO sketches; SELECT disable_realtime('sketches')")
+    # Dropped and made again: the DROP comes before the new table's changes, never after them.
+    db.sql("DROP TABLE users; CREATE TABLE users (id int); SELECT enable_realtime('users')")
+    db.sql("INSERT INTO users VALUES (1)")
+    assert value(db, "SELECT realtime.sweep_lifecycle()") == 0
+    assert logged(db, "DROP", "RENAME", "DISABLE", "INSERT") == [
+        ("RENAME", "public", "notes", '{"table": "memos", "schema": "public"}'),
+        ("RENAME", "public", "drafts", '{"table": "sketches", "schema": "public"}'),
+        ("DISABLE", "public", "sketches", None),
+        ("DROP", "public", "users", None),
+        ("INSERT", "public", "users", '{"id": 1}'),
+    ]
+    assert sorted(registry(db)) == [("public", "memos"), ("public", "users")]

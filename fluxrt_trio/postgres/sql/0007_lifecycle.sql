@@ -18,6 +18,10 @@ UPDATE realtime.tables t SET schema_name = n.nspname, table_name = c.relname
 -- Left over from a table dropped before this migration: nothing can reach it any more, and its oid may come back.
 DELETE FROM realtime.tables WHERE schema_name IS NULL;
 
+-- register and unregister sweep first (realtime.sweep_lifecycle, below): when the event triggers are missing, a
+-- rename or a drop not yet swept is logged before the entry takes the table's current name, and before the table
+-- is disabled or a new one of the same name enabled. Else the old name's subscribers would never be told (the entry
+-- would already carry the new name), or the late DROP would end the new table's subscriptions.
 CREATE OR REPLACE FUNCTION realtime.register(rel oid) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -27,11 +31,32 @@ BEGIN
     IF NOT FOUND THEN
         RAISE EXCEPTION 'realtime.register: % has no capture trigger; call enable_realtime instead', rel::regclass;
     END IF;
+    PERFORM realtime.sweep_lifecycle();
     INSERT INTO realtime.tables (relid, notify, schema_name, table_name)
     SELECT rel, position('notify'::bytea IN args) = 1, n.nspname, c.relname
       FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = rel
     ON CONFLICT (relid) DO UPDATE
         SET notify = EXCLUDED.notify, schema_name = EXCLUDED.schema_name, table_name = EXCLUDED.table_name;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION realtime.unregister(rel oid) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    nsp name;
+    relname name;
+BEGIN
+    IF EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = rel AND tgname = 'fluxrt_capture') THEN
+        RAISE EXCEPTION 'realtime.unregister: % still has its capture trigger; call disable_realtime instead', rel::regclass;
+    END IF;
+    PERFORM realtime.sweep_lifecycle();
+    DELETE FROM realtime.tables WHERE relid = rel;
+    IF FOUND THEN
+        SELECT n.nspname, c.relname INTO nsp, relname
+          FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = rel;
+        -- In the change log, so that every node tells the table's subscribers in order with the changes.
+        INSERT INTO realtime.changes (relid, schema_name, table_name, op) VALUES (rel, nsp, relname, 'DISABLE');
+    END IF;
 END
 $$;
 

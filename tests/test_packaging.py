@@ -22,7 +22,7 @@ from fluxrt_trio.config import RealtimeConfig
 
 from . import pg
 from .process import FluxrtProcess, Remote
-from .support.clients import connect, recv, send, subscribe
+from .support.clients import connect, http_get, recv, send, subscribe
 from .support.config import SECRET, token
 from .support.redis import RedisServer
 
@@ -161,6 +161,10 @@ async def test_the_pyz_migrates_serves_and_delivers_from_an_empty_folder_air_gap
             await proc.wait_for("changefeed connected")
             await proc.wait_for("cluster engine connected")
             server = Remote(proc.port)
+            # The status page is package data: shipped in the pyz, not only in the source tree.
+            code, headers, page = await http_get(server, "/status")
+            assert (code, headers["content-type"]) == (200, "text/html; charset=utf-8")
+            assert b"<title>fluxrt status</title>" in page
             async with connect(server, tok=token("alice")) as alice, connect(server, tok=token("bob")) as bob:
                 await subscribe(alice, "table:public.users")
                 await subscribe(alice, "broadcast:room")

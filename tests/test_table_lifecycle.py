@@ -95,6 +95,16 @@ async def test_a_recreated_table_is_not_enabled_by_its_predecessor(db):
     assert ("public", "reused") not in registry(db)
 
 
+async def test_a_table_whose_capture_trigger_was_dropped_by_hand_cannot_be_subscribed(start_server, db):
+    users_table(db)
+    db.sql("DROP TRIGGER fluxrt_capture ON users")
+    server = await start(start_server, db)
+    async with connect(server) as ws:
+        reply = await request(ws, type="subscribe", channel="table:public.users")
+        assert reply["code"] == "SUBSCRIPTION_FAILED", reply
+        assert "realtime is not enabled for public.users" in reply["message"]
+
+
 async def test_truncating_one_partition_names_it_and_the_whole_table_once(start_server, db):
     db.sql(
         "CREATE TABLE events (id int, kind text) PARTITION BY LIST (kind);"

@@ -557,6 +557,9 @@ class TableChannels:
             # Nobody may receive the table's changes unchecked.
             self._hand_out(Missed(batch.plans[channel].members, channel, delivery.UNDECIDED))
         handed = 0
+        # Each subscriber's frames between two pauses are handed over together: a subscriber with several changes
+        # in a batch (a batch grows when delivery falls behind) costs one write and one wake-up of its client.
+        gathered: dict[TableSubscriber, list[bytes]] = {}
         try:
             if live and self._replaying:
                 # Live frames planned before a subscriber's replay began are held back from it too.
@@ -564,14 +567,21 @@ class TableChannels:
             for handout in delivery.deliveries(batch.changes, batch.plans, batch.decided, batch.members, held):
                 if isinstance(handout, tuple):
                     subscriber, frame = handout
-                    subscriber.deliver_nowait(frame)
+                    frames = gathered.get(subscriber)
+                    if frames is None:
+                        gathered[subscriber] = [frame]
+                    else:
+                        frames.append(frame)
                     handed += 1
-                elif handout is delivery.PAUSE:
+                    continue
+                _hand_gathered(gathered)
+                if handout is delivery.PAUSE:
                     # Let the frames queued so far reach the kernel, so a long window to a fast reader never piles
                     # up in its outbox as if it were a slow consumer.
                     await trio.sleep(0)
                 else:
                     self._hand_out(handout)
+            _hand_gathered(gathered)
         finally:
             self.counters.messages_out += handed
 
@@ -622,6 +632,16 @@ class TableChannels:
         self.counters.messages_out += len(notice.recipients)
         if notice.recipients:
             self.counters.errors[error.code.value] += len(notice.recipients)
+
+
+def _hand_gathered(gathered: dict[TableSubscriber, list[bytes]]) -> None:
+    """Queue each subscriber's gathered frames, in order, and forget them."""
+    for subscriber, frames in gathered.items():
+        if len(frames) == 1:
+            subscriber.deliver_nowait(frames[0])
+        else:
+            subscriber.deliver_frames_nowait(frames)
+    gathered.clear()
 
 
 def _take(lane: _Lane, kind: type[Any], most: int) -> list[Any]:

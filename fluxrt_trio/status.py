@@ -1,4 +1,5 @@
-"""The status page (`GET /`, `GET /status`) and what it reads (`GET /api/stats`): pure, like api.py.
+"""The status page (`GET /`, `GET /status`) and what it reads (`GET /api/stats`): pure, like api.py, but for
+`page()`, which reads status.html from the package once.
 
 Values in, values out: the server hands in counts and counters (`Snapshot`) and keeps a `Samples` ring of them, one
 every SAMPLE_INTERVAL seconds; `stats_body` turns both into the JSON the page draws. The page itself is one static

@@ -108,6 +108,10 @@ class Hub(Protocol[S]):
 
     def statistics(self) -> HubStatistics: ...
 
+    def traffic(self) -> tuple[dict[str, int], int]:
+        """Subscriptions by kind and frames delivered, as in `statistics`, without what else it costs (a cluster's
+        presence rooms, sweeping the history): the status page samples them every few seconds."""
+
 
 def _kind(channel: str) -> str:
     return channel.partition(":")[0]
@@ -258,6 +262,9 @@ class LocalHub(Generic[S]):
     def presence_state(self, channel: str) -> dict[str, list[Meta]]:
         room = self._rooms.get(channel)
         return room.state() if room is not None else {}
+
+    def traffic(self) -> tuple[dict[str, int], int]:
+        return dict(self._by_kind), self._delivered
 
     def statistics(self) -> HubStatistics:
         history = self.history

@@ -341,14 +341,14 @@ class Server:
 
     def snapshot(self) -> status.Snapshot:
         """The counts the status page shows, as `/metrics` would show them now."""
-        hub = self.hub.statistics()
+        subscriptions, delivered = self.hub.traffic()
         counters = self.counters
         return status.Snapshot(
             at=time.monotonic(),
             connections=len(self.connections),
-            subscriptions=hub.subscriptions,
+            subscriptions=subscriptions,
             messages_in_total=counters.messages_in,
-            messages_out_total=counters.messages_out + hub.delivered,
+            messages_out_total=counters.messages_out + delivered,
             errors_total=sum(counters.errors.values()),
             slow_consumer_closes_total=counters.slow_consumer_closes,
             changefeed_lag=self.db.changefeed.lag() if self.db is not None else None,

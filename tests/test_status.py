@@ -14,6 +14,7 @@ import pytest
 
 from fluxrt_trio import status
 from fluxrt_trio.http import StatusPage, Upgrade, route
+from fluxrt_trio.hub import LocalHub
 
 from .support.clients import connect, http_get, recv, send, subscribe
 from .support.config import token
@@ -99,6 +100,22 @@ def test_top_channels_are_the_largest_first_ties_by_name():
         {"channel": "broadcast:a", "subscribers": 3},
         {"channel": "broadcast:b", "subscribers": 3},
     ]
+
+
+def test_a_hubs_traffic_is_what_its_statistics_say():
+    class Subscriber:
+        def deliver_nowait(self, frame: bytes) -> None:
+            pass
+
+    hub = LocalHub()
+    a, b = Subscriber(), Subscriber()
+    hub.join("broadcast:x", a)
+    hub.join("broadcast:x", b)
+    hub.join("presence:r", a)
+    hub.broadcast("broadcast:x", 1, sender=a)
+    stats = hub.statistics()
+    assert hub.traffic() == (stats.subscriptions, stats.delivered) == ({"table": 0, "presence": 1, "broadcast": 2}, 1)
+    assert sorted(hub.channel_sizes()) == [("broadcast:x", 2), ("presence:r", 1)]
 
 
 # ---- the page ------------------------------------------------------------------------------------------------

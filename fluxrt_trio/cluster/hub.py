@@ -411,6 +411,9 @@ class ClusterHub(Generic[S]):
     def presence_state(self, channel: str) -> dict[str, list[Meta]]:
         return self.view.presence_state(channel)
 
+    def traffic(self) -> tuple[dict[str, int], int]:
+        return self.local.traffic()
+
     def statistics(self) -> HubStatistics:
         local = self.local.statistics()
         history = self.history

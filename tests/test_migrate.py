@@ -127,6 +127,9 @@ async def test_upgrading_to_0007_keeps_enabled_tables_and_covers_their_partition
             dsn,
             "CREATE TABLE events (id int, kind text) PARTITION BY LIST (kind);"
             "CREATE TABLE events_a PARTITION OF events FOR VALUES IN ('a');"
+            # PostgreSQL allows foreign tables no TRUNCATE trigger: 0007 must leave this one out, not fail.
+            "CREATE FOREIGN DATA WRAPPER up_fdw; CREATE SERVER up_server FOREIGN DATA WRAPPER up_fdw;"
+            "CREATE FOREIGN TABLE events_f PARTITION OF events FOR VALUES IN ('f') SERVER up_server;"
             "CREATE TABLE notes (id int); CREATE TABLE gone (id int);"
             "SELECT enable_realtime('events', true); SELECT enable_realtime('notes'); SELECT enable_realtime('gone');"
             "DROP TABLE gone",

@@ -127,6 +127,23 @@ async def test_truncating_one_partition_names_it_and_the_whole_table_once(start_
         await nothing_arrives(ws)
 
 
+async def test_a_partitioned_table_with_foreign_partitions_can_be_enabled(db):
+    # PostgreSQL allows foreign tables no TRUNCATE trigger: those partitions are left out, not a failure.
+    db.sql(
+        "CREATE FOREIGN DATA WRAPPER lc_fdw; CREATE SERVER lc_server FOREIGN DATA WRAPPER lc_fdw;"
+        "CREATE TABLE events (id int, kind text) PARTITION BY LIST (kind);"
+        "CREATE TABLE events_a PARTITION OF events FOR VALUES IN ('a');"
+        "CREATE FOREIGN TABLE events_f PARTITION OF events FOR VALUES IN ('f') SERVER lc_server;"
+        "SELECT enable_realtime('events');"
+        "CREATE FOREIGN TABLE events_g PARTITION OF events FOR VALUES IN ('g') SERVER lc_server;"
+    )
+    assert registry(db) == [("public", "events")]
+    assert value(
+        db,
+        "SELECT array_agg(tgrelid::regclass::text ORDER BY 1) FROM pg_trigger WHERE tgname = 'fluxrt_capture_truncate'",
+    ) == ["events", "events_a"]
+
+
 async def test_disable_realtime_removes_the_partition_triggers(db):
     db.sql(
         "CREATE TABLE events (id int, kind text) PARTITION BY LIST (kind);"

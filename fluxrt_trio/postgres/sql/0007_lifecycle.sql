@@ -114,7 +114,8 @@ $$;
 
 -- Runs as the caller (creating a trigger needs the TRIGGER privilege on the table), who may not read realtime.*:
 -- the notify flag is copied from the root's capture trigger. A partition the caller may not put a trigger on is
--- skipped with a warning rather than failing the caller's DDL.
+-- skipped with a warning rather than failing the caller's DDL. Foreign partitions are left out: PostgreSQL allows
+-- them no TRUNCATE trigger (truncating the whole table still reports them).
 CREATE FUNCTION realtime.add_partition_triggers(rel oid) RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -127,8 +128,8 @@ BEGIN
         RETURN;
     END IF;
     FOR part IN
-        SELECT p.relid FROM pg_partition_tree(rel) p
-         WHERE p.relid <> rel
+        SELECT p.relid FROM pg_partition_tree(rel) p JOIN pg_class c ON c.oid = p.relid
+         WHERE p.relid <> rel AND c.relkind IN ('r', 'p')
            AND NOT EXISTS (SELECT 1 FROM pg_trigger g WHERE g.tgrelid = p.relid AND g.tgname = 'fluxrt_capture_truncate')
     LOOP
         BEGIN

@@ -500,9 +500,6 @@ class TableChannels:
         they would be lost) and put them, planned and decided, in `into`. A replay marker at the head is left for
         the loop: what follows it must be planned after the replay."""
         lane.accepting = True
-        if self._delivered is not None and not self.delivering():
-            # A read now is decided while this batch goes out: have it come soon.
-            self._delivered()
         try:
             while not lane.pending or not isinstance(lane.pending[0], RowChange):
                 if lane.pending:

@@ -111,8 +111,6 @@ class _Lane:
     pending: list[RowChange | _Replay] = attrs.field(factory=list)
     ready: trio.Event = attrs.field(factory=trio.Event)
     busy: bool = False
-    accepting: bool = False
-    """handing out a batch and ready to decide the next meanwhile: changes read now are not held up"""
 
 
 class TableChannels:
@@ -159,9 +157,8 @@ class TableChannels:
         self._pages_bytes = 0
 
     def delivering(self) -> bool:
-        """Whether some lane has changes waiting, or is deciding a batch with none to take up meanwhile: changes
-        read now would only queue behind. A lane handing out a batch takes the next one up at once (`_decide_next`)."""
-        return any(lane.pending or (lane.busy and not lane.accepting) for lane in self._lanes.values())
+        """Whether some lane is still delivering, or has changes waiting."""
+        return any(lane.busy or lane.pending for lane in self._lanes.values())
 
     def subscriptions_changed(self, channel: str) -> None:
         """See `DeliveryPlanner.subscriptions_changed`."""
@@ -499,18 +496,14 @@ class TableChannels:
         """Once changes head the lane, take them (`taken` is set then; from then on this must not be cancelled, or
         they would be lost) and put them, planned and decided, in `into`. A replay marker at the head is left for
         the loop: what follows it must be planned after the replay."""
-        lane.accepting = True
-        try:
-            while not lane.pending or not isinstance(lane.pending[0], RowChange):
-                if lane.pending:
-                    await trio.sleep_forever()
-                # `run` sets the lane's current event whenever it adds to the lane.
-                lane.ready = trio.Event()
-                await lane.ready.wait()
-            # Woken, but perhaps cancelled meanwhile (the batch before ended first): then the loop takes these.
-            await trio.lowlevel.checkpoint_if_cancelled()
-        finally:
-            lane.accepting = False
+        while not lane.pending or not isinstance(lane.pending[0], RowChange):
+            if lane.pending:
+                await trio.sleep_forever()
+            # `run` sets the lane's current event whenever it adds to the lane.
+            lane.ready = trio.Event()
+            await lane.ready.wait()
+        # Woken, but perhaps cancelled meanwhile (the batch before ended first): then the loop takes these.
+        await trio.lowlevel.checkpoint_if_cancelled()
         taken.set()
         into.append(await self._prepare_live(channel, _take(lane, RowChange, MERGE_LIMIT)))
 

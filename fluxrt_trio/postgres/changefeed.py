@@ -225,20 +225,23 @@ class Changefeed:
         return None if self.caught_up_at is None else trio.current_time() - self.caught_up_at
 
     async def prune(self) -> int:
-        """Record a horizon, log tables dropped or renamed meanwhile (changelog.sweep_lifecycle: the fallback when
-        the event triggers are missing), delete what fell out of retention, return the rows deleted. Uses its own
-        connection."""
+        """Record a horizon, delete what fell out of retention, then log tables dropped or renamed meanwhile
+        (changelog.sweep_lifecycle: the fallback when the event triggers are missing); return the rows deleted.
+        Uses its own connection. Raises what the database raised; when only the sweep fails (a database not yet
+        migrated to 0007, say), the rows were deleted all the same."""
         conn = await connect(self._dsn)
         try:
             deleted = 0
             interval = datetime.timedelta(seconds=self._retention)
             await on_connection(conn, changelog.record_horizon)
-            await on_connection(conn, changelog.sweep_lifecycle)
             while True:
                 n = await on_connection(conn, lambda c: changelog.prune_batch(c, interval))
                 deleted += n
                 if n < changelog.PRUNE_BATCH:
-                    return deleted
+                    break
+            # After the deleting, so that a sweep that fails never lets the change log grow.
+            await on_connection(conn, changelog.sweep_lifecycle)
+            return deleted
         finally:
             with trio.CancelScope(shield=True):
                 await close_connection(conn)

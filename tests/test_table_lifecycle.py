@@ -144,6 +144,21 @@ async def test_a_partitioned_table_with_foreign_partitions_can_be_enabled(db):
     ) == ["events", "events_a"]
 
 
+async def test_a_detached_partition_reports_no_truncate(db):
+    # Its TRUNCATE trigger stays (PostgreSQL removes only the cloned row trigger), on a table nobody may subscribe to.
+    db.sql(
+        "CREATE TABLE events (id int, kind text) PARTITION BY LIST (kind);"
+        "CREATE TABLE events_a PARTITION OF events FOR VALUES IN ('a');"
+        "CREATE TABLE events_b PARTITION OF events FOR VALUES IN ('b');"
+        "CREATE TABLE others (id int, kind text) PARTITION BY LIST (kind);"
+        "SELECT enable_realtime('events');"
+        "ALTER TABLE events DETACH PARTITION events_a; ALTER TABLE events DETACH PARTITION events_b;"
+        "ALTER TABLE others ATTACH PARTITION events_b FOR VALUES IN ('b');"
+        "TRUNCATE events_a; TRUNCATE events_b; TRUNCATE others"
+    )
+    assert logged(db, "TRUNCATE") == []
+
+
 async def test_disable_realtime_removes_the_partition_triggers(db):
     db.sql(
         "CREATE TABLE events (id int, kind text) PARTITION BY LIST (kind);"

@@ -64,7 +64,8 @@ $$;
 -- {"partition": "schema.name"}): subscribers of the root lose that partition's rows only. Truncating the root (or
 -- an intermediate partitioned table) also fires the trigger of every partition under it, right after its own; the
 -- partition's report is then left out when the last change of this transaction to the table is a TRUNCATE of an
--- ancestor (or of the whole table), which already says it.
+-- ancestor (or of the whole table), which already says it. A TRUNCATE trigger left on a partition detached since
+-- (its root, now itself, or a table it was attached to later, carries no capture trigger) reports nothing.
 CREATE OR REPLACE FUNCTION realtime.capture() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -81,7 +82,10 @@ BEGIN
         SELECT n.nspname, c.relname INTO nsp, rel FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
          WHERE c.oid = root;
     END IF;
-    IF TG_LEVEL = 'STATEMENT' AND root = TG_RELID THEN
+    IF TG_LEVEL = 'STATEMENT'
+       AND NOT EXISTS (SELECT 1 FROM pg_trigger g WHERE g.tgrelid = root AND g.tgname = 'fluxrt_capture') THEN
+        RETURN NULL;
+    ELSIF TG_LEVEL = 'STATEMENT' AND root = TG_RELID THEN
         INSERT INTO realtime.changes (relid, schema_name, table_name, op) VALUES (root, nsp, rel, 'TRUNCATE');
     ELSIF TG_LEVEL = 'STATEMENT' THEN
         SELECT c.op, c.new_record INTO last_op, last_record FROM realtime.changes c

@@ -425,3 +425,18 @@ async def test_pruning_goes_on_when_the_sweep_fails(start_server, without_event_
     with trio.fail_after(30):
         while (await db.execute("SELECT count(*) FROM realtime.changes"))[0][0]:
             await trio.sleep(0.1)
+
+
+async def test_renames_and_a_drop_in_one_transaction_are_each_logged_in_order(db):
+    # The transaction holds the registry entry after the first rename; its own later DDL must not skip it.
+    db.sql("CREATE TABLE notes (id int); SELECT enable_realtime('notes')")
+    db.sql(
+        "BEGIN; ALTER TABLE notes RENAME TO memos; ALTER TABLE memos SET SCHEMA auth;"
+        "INSERT INTO auth.memos VALUES (1); DROP TABLE auth.memos; COMMIT"
+    )
+    assert logged(db, "RENAME", "DROP", "INSERT") == [
+        ("RENAME", "public", "notes", '{"table": "memos", "schema": "public"}'),
+        ("RENAME", "public", "memos", '{"table": "memos", "schema": "auth"}'),
+        ("INSERT", "auth", "memos", '{"id": 1}'),
+        ("DROP", "auth", "memos", None),
+    ]

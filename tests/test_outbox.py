@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 import trio
+import trio.testing
 
 from fluxrt_trio.outbox import Flusher, Outbox
 
@@ -109,6 +110,30 @@ async def test_more_frames_than_sendmsg_takes_at_once_go_out_in_batches(buffer):
             assert await receive(peer, sum(map(len, frames))) == b"".join(frames)
             await outbox.wait_drained()
             assert not outbox.broken
+
+
+# ---- ticks --------------------------------------------------------------------------------------------------
+
+
+async def test_the_first_frame_of_every_tick_goes_out_at_once_and_the_rest_at_the_ticks_end():
+    # Ticks of one frame per outbox, as a paced broadcast makes them, then a tick of two frames: each tick's first
+    # frame is in the kernel before send_nowait returns, including after ticks in which nothing was collected, and
+    # the second frame of a tick waits for the tick to end.
+    with socket_pair(None) as (ours, peer), socket_pair(None) as (ours_too, peer_too):
+        async with flushing() as (nursery, flusher):
+            pairs = [(Outbox(ours, 100, nursery, flusher), peer), (Outbox(ours_too, 100, nursery, flusher), peer_too)]
+            for tick in range(3):
+                for outbox, reader in pairs:
+                    assert outbox.send_nowait(b"tick %d" % tick)
+                    assert reader.recv(100) == b"tick %d" % tick
+                await trio.testing.wait_all_tasks_blocked()
+            outbox, reader = pairs[0]
+            assert outbox.send_nowait(b"first")
+            assert outbox.send_nowait(b"second")
+            assert reader.recv(100) == b"first"
+            with pytest.raises(BlockingIOError):
+                reader.recv(100)
+            assert await receive(reader, len(b"second")) == b"second"
 
 
 # ---- half-close --------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import trio
 from fluxrt_trio.postgres.migrate import LIFECYCLE_MISSING, lifecycle_missing
 
 from . import pg
+from .process import run_cli
 from .support.clients import connect, recv, request, subscribe
 from .support.database import fresh_database, in_asyncio, users_table
 from .support.servers import serving, start, wait_ok
@@ -211,6 +212,9 @@ async def test_a_node_migrating_without_a_superuser_says_what_is_missing(pg_admi
                     await wait_ok(server)
             assert await in_asyncio(_ask, own) == LIFECYCLE_MISSING
             assert [r for r in caplog.records if r.getMessage() == LIFECYCLE_MISSING]
+            code, out, err = await run_cli(own, "migrate")
+            assert (code, out.strip()) == (0, "already up to date"), err
+            assert f"fluxrt migrate: warning: {LIFECYCLE_MISSING}" in err.splitlines()
     finally:
         await trio.to_thread.run_sync(pg.run_sql, pg_admin, f"DROP ROLE {role}")
 

@@ -86,7 +86,8 @@ async def test_a_recreated_table_is_not_enabled_by_its_predecessor(db):
     users_table(db)
     relid = value(db, "SELECT 'public.users'::regclass::oid")
     db.sql("DROP TABLE users; CREATE TABLE users (id int)")
-    assert ("public", "users") not in registry(db)
+    # The view could not list the old oid anyway: the registry itself must have let go of it.
+    assert value(db, "SELECT count(*) FROM realtime.tables") == 0
     # An entry left behind by a drop the event triggers did not see, whose oid a new table took: not enabled
     # while that table has no capture trigger.
     db.sql(f"INSERT INTO realtime.tables (relid, schema_name, table_name) VALUES ({relid}, 'public', 'old')")

@@ -3,10 +3,11 @@
     python bench/idle_clients.py --host H --port P --path /ws --connections N [--join CHANNEL] [--sources K]
 
 Opens N connections (upgrade by hand on non-blocking sockets, at most --concurrency handshakes in flight), each
-from one of K loopback source addresses 127.0.0.1 .. 127.0.0.K in turn, so that more connections than one
-address has ephemeral ports fit. With --join every connection subscribes to the broadcast channel CHANNEL and
-waits for its ack. Then it prints {"event": "ready", "connect_s": ...} and holds the connections, answering pings,
-until its stdin closes; a connection the server closes meanwhile is an error (printed as {"event": "error"}).
+from one of K loopback source addresses 127.0.0.F .. 127.0.0.F+K-1 in turn (F is --first-source, default 1), so
+that more connections than one address has ephemeral ports fit. With --join every connection subscribes to the
+broadcast channel CHANNEL and waits for its ack. Then it prints {"event": "ready", "connect_s": ...} and holds the
+connections, answering pings, until its stdin closes; a connection the server closes meanwhile is an error (printed
+as {"event": "error"}).
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ class IdleClients:
         self.port: int = args.port
         self.path: str = args.path
         self.n: int = args.connections
-        self.sources = [f"127.0.0.{i + 1}" for i in range(args.sources)]
+        self.sources = [f"127.0.0.{args.first_source + i}" for i in range(args.sources)]
         self.concurrency: int = args.concurrency
         self.timeout: float = args.timeout
         self.channel: str | None = args.join
@@ -160,7 +161,8 @@ def main() -> int:
     parser.add_argument("--path", default="/ws")
     parser.add_argument("--connections", type=int, required=True)
     parser.add_argument("--join", default=None, help="broadcast channel every connection subscribes to")
-    parser.add_argument("--sources", type=int, default=8, help="loopback source addresses 127.0.0.1..K")
+    parser.add_argument("--sources", type=int, default=8, help="loopback source addresses 127.0.0.F..F+K-1")
+    parser.add_argument("--first-source", type=int, default=1, help="F, the last byte of the first source address")
     parser.add_argument("--concurrency", type=int, default=256, help="handshakes in flight at most")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds for all connections to be ready")
     args = parser.parse_args()

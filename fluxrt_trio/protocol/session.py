@@ -290,15 +290,19 @@ class Session:
         """(channel, action) pairs allowed under the current identity: asked once, until the identity changes"""
         self._rechecks: dict[str, None] = {}
         """table subscriptions whose renewal check could not reach the database, to be checked again"""
-        self._messages = Allowance(limits.message_rate_limit)
-        self._subscribes = Allowance(2 * limits.max_subscriptions)
+        # Made at the first message that is charged to them: a connection that never sends holds neither (~400
+        # bytes).
+        self._messages: Allowance | None = None
+        self._subscribes: Allowance | None = None
 
     def set_limits(self, limits: SessionLimits) -> None:
         """Apply reloaded limits. What the connection already holds stays (subscriptions and presence beyond a
         lowered limit are kept); the new limits decide every message from now on."""
         self.limits = limits
-        self._messages.resize(limits.message_rate_limit)
-        self._subscribes.resize(2 * limits.max_subscriptions)
+        if self._messages is not None:
+            self._messages.resize(limits.message_rate_limit)
+        if self._subscribes is not None:
+            self._subscribes.resize(2 * limits.max_subscriptions)
 
     @property
     def presence_key(self) -> str:
@@ -311,7 +315,7 @@ class Session:
         try:
             message = decode(text)
         except DecodeError as exc:
-            return self._charged(self._messages, now, exc.ref) or error(
+            return self._charged(self._message_allowance(), now, exc.ref) or error(
                 ErrorCode.INVALID_MESSAGE, str(exc), ref=exc.ref
             )
         match message:
@@ -320,9 +324,9 @@ class Session:
             case Subscribe() | Unsubscribe() | Auth():
                 # Control messages share their own allowance, so that a client that spent its broadcast
                 # allowance can still open channels and refresh its token.
-                refusal = self._charged(self._subscribes, now, message.ref, "subscribe/unsubscribe/auth")
+                refusal = self._charged(self._subscribe_allowance(), now, message.ref, "subscribe/unsubscribe/auth")
             case _:
-                refusal = self._charged(self._messages, now, message.ref)
+                refusal = self._charged(self._message_allowance(), now, message.ref)
         if refusal:
             return refusal
         match message:
@@ -340,9 +344,19 @@ class Session:
 
     def binary_frame(self, now: float) -> list[Effect]:
         """A binary frame: counted like any message, then refused."""
-        return self._charged(self._messages, now, None) or error(
+        return self._charged(self._message_allowance(), now, None) or error(
             ErrorCode.INVALID_MESSAGE, "binary frames are not supported: send JSON in text frames"
         )
+
+    def _message_allowance(self) -> Allowance:
+        if self._messages is None:
+            self._messages = Allowance(self.limits.message_rate_limit)
+        return self._messages
+
+    def _subscribe_allowance(self) -> Allowance:
+        if self._subscribes is None:
+            self._subscribes = Allowance(2 * self.limits.max_subscriptions)
+        return self._subscribes
 
     def _charged(self, allowance: Allowance, now: float, ref: str | None, what: str = "") -> list[Effect]:
         verdict = allowance.charge(now)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from fluxrt_trio.protocol.limits import WINDOW, Allowance, SlidingCount, TokenBucket, Verdict
@@ -84,6 +86,27 @@ def test_sliding_count_forgets_after_two_windows():
     for _ in range(100):
         count.add(0.0)
     assert count.add(121.0) == 1
+
+
+def test_sliding_count_matches_a_count_of_timestamps():
+    # Against the plain definition: the events whose second is within the last `window` seconds, one second at a
+    # time or with gaps, in bursts within a second, and with gaps of a window or more that empty it.
+    rng = random.Random(16)
+    for _ in range(200):
+        count, seen, now = SlidingCount(window=10.0), [], 0.0
+        for _ in range(60):
+            now += rng.choice((0.0, 0.3, 1.0, 2.5, 9.0, 10.0, 12.0))
+            seen.append(int(now))
+            assert count.add(now) == sum(1 for s in seen if s > int(now) - 10)
+
+
+def test_sliding_count_holds_no_ring_while_its_events_share_one_second():
+    count = SlidingCount(window=60.0)
+    assert [count.add(t) for t in (5.0, 5.2, 5.9)] == [1, 2, 3]
+    assert count.add(70.0) == 1  # the three have left the window
+    assert count._slots is None  # the point: a client that subscribes as it connects and then idles holds no ring
+    assert count.add(71.0) == 2
+    assert count._slots is not None
 
 
 # ---- Allowance -----------------------------------------------------------------------------------------------

@@ -45,9 +45,10 @@ class TokenBucket:
 class SlidingCount:
     """Counts events over the last `window` seconds, at one-second resolution.
 
-    A ring of per-second counts, allocated at the first event: exact up to the second in which the window starts,
-    with constant memory (a timestamp per event would cost kilobytes per connection) and nothing at all for
-    connections that never send.
+    A ring of per-second counts: exact up to the second in which the window starts, with constant memory (a
+    timestamp per event would cost kilobytes per connection). The ring is allocated only once events fall in two
+    different seconds less than a window apart; until then a count and its second are enough, so connections that
+    send nothing, or only within one second now and then (a client's subscribes as it connects), hold no ring.
     """
 
     __slots__ = ("_last", "_slots", "_total", "window")
@@ -63,9 +64,16 @@ class SlidingCount:
         second = int(now)
         slots = self._slots
         if slots is None:
+            if self._total == 0 or second >= self._last + self.window:
+                # The first event, or the first since every earlier one left the window.
+                self._last, self._total = second, 1
+                return 1
+            if second <= self._last:
+                self._total += 1
+                return self._total
             slots = self._slots = array.array("I", [0]) * self.window
-            self._last = second
-        elif second > self._last:
+            slots[self._last % self.window] = self._total
+        if second > self._last:
             # Forget the seconds that have left the window since the last event.
             for s in range(self._last + 1, min(second, self._last + self.window) + 1):
                 i = s % self.window

@@ -785,17 +785,6 @@ class Connection:
             log.info("slow consumer", extra=ctx(conn=self.conn_id, backlog=outbox.backlog))
             self.close(CloseCode.SLOW_CONSUMER, "slow consumer: outgoing queue overflowed", discard_backlog=True)
 
-    def deliver_frames_nowait(self, frames: list[bytes]) -> None:
-        """Table entry point: queue frames in order. While nothing waits for the socket they go as one write (one
-        system call, one wake-up of the client); otherwise one at a time, each counted against the outbox's limit
-        (a joined write the kernel takes only in part counts once, so the limit can be passed by one batch)."""
-        outbox = self.outbox
-        if outbox is not None and not outbox.backlog:
-            self.deliver_nowait(b"".join(frames))
-            return
-        for frame in frames:
-            self.deliver_nowait(frame)
-
     def close(self, code: int, reason: str, *, discard_backlog: bool = False) -> None:
         """Start closing: send the close frame after what is queued, then give the peer CLOSE_TIMEOUT to answer.
 

@@ -92,20 +92,6 @@ class _Parked:
     deadline: float
 
 
-@attrs.frozen(slots=True)
-class _Decided:
-    """A batch of changes planned and decided, waiting its turn to be handed out."""
-
-    changes: list[RowChange]
-    plans: dict[str, TablePlan]
-    decided: dict[tuple[str, str], Visibility]
-    failed: dict[str, str]
-    """tables whose decision failed as a whole, with the error: their subscribers are told CHANGES_MISSED"""
-    members: delivery.Subscribers
-    fault: bool = False
-    """planning or deciding failed in fluxrt itself: the lane's subscribers are told INTERNAL_ERROR"""
-
-
 @attrs.define
 class _Lane:
     pending: list[RowChange | _Replay] = attrs.field(factory=list)
@@ -465,66 +451,21 @@ class TableChannels:
                 self._delivered()
 
     async def _drain(self, channel: str, lane: _Lane) -> None:
-        """Deliver what the lane holds, in order, until it is empty. While one batch is handed out, the changes that
-        arrive meanwhile are already being decided by the database (`_decide_next`), so fluxrt's work and the
-        database's overlap instead of taking turns."""
-        ahead: _Decided | None = None
-        while lane.pending or ahead is not None:
-            if ahead is None:
-                if isinstance(lane.pending[0], _Replay):
-                    await trio.sleep(REPLAY_GATHER)
-                    await self._replay(channel, _take(lane, _Replay, len(lane.pending)))
-                    continue
-                # What queued up while the previous batch was being delivered goes out together: one
-                # authorization round trip instead of one per window, so delivery catches up with the reads.
-                ahead = await self._prepare_live(channel, _take(lane, RowChange, MERGE_LIMIT))
-            current, ahead = ahead, None
-            following: list[_Decided] = []
-            async with trio.open_nursery() as nursery:
-                taken = trio.Event()
-                nursery.start_soon(self._decide_next, channel, lane, taken, following)
-                try:
-                    await self._hand_live(channel, current)
-                finally:
-                    if not taken.is_set():
-                        # Nothing arrived in time: the next batch is taken by the loop, with what comes.
-                        nursery.cancel_scope.cancel()
-            if following:
-                ahead = following[0]
-
-    async def _decide_next(self, channel: str, lane: _Lane, taken: trio.Event, into: list[_Decided]) -> None:
-        """Once changes head the lane, take them (`taken` is set then; from then on this must not be cancelled, or
-        they would be lost) and put them, planned and decided, in `into`. A replay marker at the head is left for
-        the loop: what follows it must be planned after the replay."""
-        while not lane.pending or not isinstance(lane.pending[0], RowChange):
-            if lane.pending:
-                await trio.sleep_forever()
-            # `run` sets the lane's current event whenever it adds to the lane.
-            lane.ready = trio.Event()
-            await lane.ready.wait()
-        # Woken, but perhaps cancelled meanwhile (the batch before ended first): then the loop takes these.
-        await trio.lowlevel.checkpoint_if_cancelled()
-        taken.set()
-        into.append(await self._prepare_live(channel, _take(lane, RowChange, MERGE_LIMIT)))
-
-    async def _prepare_live(self, channel: str, changes: list[RowChange]) -> _Decided:
-        """`_prepare` for the live subscribers; a fault of ours is handed out later, in turn, as INTERNAL_ERROR."""
-        try:
-            return await self._prepare(changes, self._subscribers, self.planner)
-        except Exception:
-            log.exception("deciding a window failed", extra={"ctx_channel": channel})
-            return _Decided(changes, {}, {}, {}, self._subscribers, fault=True)
-
-    async def _hand_live(self, channel: str, batch: _Decided) -> None:
-        if batch.fault:
-            self._hand_out(Missed(self._subscribers(channel), channel, delivery.INTERNAL_ERROR))
-            return
-        try:
-            await self._hand(batch, live=True)
-        except Exception:
-            # A fault of ours must not stop delivery; the affected subscribers are told.
-            log.exception("delivering a window failed", extra={"ctx_channel": channel})
-            self._hand_out(Missed(self._subscribers(channel), channel, delivery.INTERNAL_ERROR))
+        """Deliver what the lane holds, in order, until it is empty."""
+        while lane.pending:
+            if isinstance(lane.pending[0], _Replay):
+                await trio.sleep(REPLAY_GATHER)
+                await self._replay(channel, _take(lane, _Replay, len(lane.pending)))
+                continue
+            # What queued up while the previous batch was being delivered goes out together: one
+            # authorization round trip instead of one per window, so delivery catches up with the reads.
+            changes = _take(lane, RowChange, MERGE_LIMIT)
+            try:
+                await self.deliver(changes)
+            except Exception:
+                # A fault of ours must not stop delivery; the affected subscribers are told.
+                log.exception("delivering a window failed", extra={"ctx_channel": channel})
+                self._hand_out(Missed(self._subscribers(channel), channel, delivery.INTERNAL_ERROR))
 
     async def deliver(
         self,
@@ -538,67 +479,43 @@ class TableChannels:
         the channels' live subscribers, or to `subscribers` (a replay, planned by its own `planner`). Nothing goes
         to a subscriber `held` says must get nothing of a channel now (see `delivery.deliveries`)."""
         members = subscribers if subscribers is not None else self._subscribers
-        batch = await self._prepare(changes, members, planner or self.planner)
-        await self._hand(batch, live=subscribers is None, held=held)
-
-    async def _prepare(
-        self, changes: list[RowChange], members: delivery.Subscribers, planner: DeliveryPlanner
-    ) -> _Decided:
-        """Plan `changes` for `members` and have the database decide them."""
-        plans = planner.plan(changes, members)
-        decided, failed = await self._decide(plans)
-        return _Decided(changes, plans, decided, failed, members)
-
-    async def _hand(
-        self, batch: _Decided, *, live: bool, held: Callable[[TableSubscriber, str], bool] | None = None
-    ) -> None:
-        """Hand out a decided batch: its frames, and the notices some subscribers must get, in order."""
-        for channel in batch.failed:
-            # Nobody may receive the table's changes unchecked.
-            self._hand_out(Missed(batch.plans[channel].members, channel, delivery.UNDECIDED))
+        plans = (planner or self.planner).plan(changes, members)
+        decided = await self._decide(plans)
         handed = 0
-        # Each subscriber's frames between two pauses are handed over together: a subscriber with several changes
-        # in a batch (a batch grows when delivery falls behind) costs one write and one wake-up of its client.
-        gathered: dict[TableSubscriber, list[bytes]] = {}
         try:
-            if live and self._replaying:
+            if subscribers is None and self._replaying:
                 # Live frames planned before a subscriber's replay began are held back from it too.
                 held = self._held
-            for handout in delivery.deliveries(batch.changes, batch.plans, batch.decided, batch.members, held):
+            for handout in delivery.deliveries(changes, plans, decided, members, held):
                 if isinstance(handout, tuple):
                     subscriber, frame = handout
-                    frames = gathered.get(subscriber)
-                    if frames is None:
-                        gathered[subscriber] = [frame]
-                    else:
-                        frames.append(frame)
+                    subscriber.deliver_nowait(frame)
                     handed += 1
-                    continue
-                _hand_gathered(gathered)
-                if handout is delivery.PAUSE:
+                elif handout is delivery.PAUSE:
                     # Let the frames queued so far reach the kernel, so a long window to a fast reader never piles
                     # up in its outbox as if it were a slow consumer.
                     await trio.sleep(0)
                 else:
                     self._hand_out(handout)
-            _hand_gathered(gathered)
         finally:
             self.counters.messages_out += handed
 
-    async def _decide(self, plans: dict[str, TablePlan]) -> tuple[dict[tuple[str, str], Visibility], dict[str, str]]:
+    async def _decide(self, plans: dict[str, TablePlan]) -> dict[tuple[str, str], Visibility]:
         """One crossing into the database for every table of the window with identities to decide (some with no
-        images: only which columns their role may read); and the tables whose decision failed, with the error."""
+        images: only which columns their role may read)."""
         questions = [
             TableQuestion(channel, plan.relid, plan.identities(), plan.images_json(), len(plan.images))
             for channel, plan in plans.items()
             if plan.identity_keys
         ]
         if not questions:
-            return {}, {}
+            return {}
         decided, failed = delivery.visibilities(plans, await self._decide_waiting_out_outages(questions))
         for channel, error in failed.items():
+            # Nobody may receive the table's changes unchecked.
             log.error("authorizing changes failed", extra={"ctx_channel": channel, "ctx_error": error})
-        return decided, failed
+            self._hand_out(Missed(plans[channel].members, channel, delivery.UNDECIDED))
+        return decided
 
     async def _decide_waiting_out_outages(
         self, questions: Sequence[TableQuestion]
@@ -632,16 +549,6 @@ class TableChannels:
         self.counters.messages_out += len(notice.recipients)
         if notice.recipients:
             self.counters.errors[error.code.value] += len(notice.recipients)
-
-
-def _hand_gathered(gathered: dict[TableSubscriber, list[bytes]]) -> None:
-    """Queue each subscriber's gathered frames, in order, and forget them."""
-    for subscriber, frames in gathered.items():
-        if len(frames) == 1:
-            subscriber.deliver_nowait(frames[0])
-        else:
-            subscriber.deliver_frames_nowait(frames)
-    gathered.clear()
 
 
 def _take(lane: _Lane, kind: type[Any], most: int) -> list[Any]:

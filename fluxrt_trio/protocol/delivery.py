@@ -63,9 +63,6 @@ class TableSubscriber(Protocol):
 
     def deliver_nowait(self, frame: bytes) -> None: ...
 
-    def deliver_frames_nowait(self, frames: list[bytes]) -> None:
-        """`deliver_nowait` for each frame, in order; may hand them to the socket as one write."""
-
     def end_subscription(self, channel: str, error: Error) -> None:
         """Send `error` and drop the subscription (for example when realtime was disabled on the table)."""
 

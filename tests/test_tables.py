@@ -93,8 +93,8 @@ async def test_table_deliveries_are_counted_in_messages_out(start_server, db):
 
 
 async def test_a_long_window_and_the_changes_behind_it_arrive_once_and_in_order(start_server, db):
-    # 700 changes in one window: its hand-out pauses twice, so changes committed meanwhile are decided while it goes
-    # out, and each subscriber's frames between pauses leave as one write. Every change arrives once, in order.
+    # 700 changes in one window (its hand-out pauses twice, letting the changefeed read on) and 30 committed behind
+    # it: every change reaches each subscriber once, in order.
     users_table(db)
     server = await start(start_server, db)
     async with connect(server) as first, connect(server) as second:

@@ -24,36 +24,49 @@ import trio
 
 # Linux accepts at most 1024 buffers per sendmsg (IOV_MAX).
 _IOV_MAX = 1024
-# Marks an outbox whose first frame of this tick already went out, without allocating a list per connection per
-# message (thousands of short-lived lists per broadcast would wake the garbage collector).
-_SENT_THIS_TICK: tuple[bytes, ...] = ()
 
 
 class Flusher:
-    """Writes the frames queued during a tick, for every outbox, once the queueing task yields. One per server."""
+    """Ends each tick in which frames were queued, once the queueing task yields: writes the frames collected during
+    the tick, for every outbox. One per server.
+
+    An outbox tells its first frame of a tick by the tick's number, not by being on a list: a broadcast to thousands
+    of connections that get one frame each leaves the Flusher nothing to do per connection.
+    """
 
     def __init__(self) -> None:
         self._dirty: list[Outbox] = []
         self._lot = trio.lowlevel.ParkingLot()
+        self.tick = 0
+        """the current tick's number; it changes when the tick ends"""
+        self.awake = False
+        """whether this tick will be ended (`wake` was called since the last end)"""
+
+    def wake(self) -> None:
+        """Have this tick ended once the queueing task yields."""
+        if not self.awake:
+            self.awake = True
+            self._lot.unpark()
 
     def mark(self, outbox: Outbox) -> None:
-        if not self._dirty:
-            self._lot.unpark()
+        """Have `outbox`'s collected frames written when this tick ends."""
+        self.wake()
         self._dirty.append(outbox)
 
     def flush(self) -> None:
-        """Write everything pending now (also used at shutdown and by tests)."""
+        """End the tick: write everything collected (also used at shutdown and by tests)."""
+        self.tick += 1
+        self.awake = False
         dirty, self._dirty = self._dirty, []
         for outbox in dirty:
             outbox._flush()
 
     async def run(self) -> None:
         while True:
-            if not self._dirty:
+            if not self.awake:
                 await self._lot.park()
-            else:
-                # Let the tasks that are queueing right now finish their turn, so their frames go out together.
-                await trio.lowlevel.cancel_shielded_checkpoint()
+            # Let the tasks that are queueing right now finish their turn, so their frames go out together.
+            await trio.lowlevel.cancel_shielded_checkpoint()
             self.flush()
 
 
@@ -69,6 +82,7 @@ class Outbox:
         "_nursery",
         "_pending",
         "_sock",
+        "_tick",
         "broken",
         "limit",
     )
@@ -77,7 +91,9 @@ class Outbox:
         self._sock = sock
         self._nursery = nursery
         self._flusher = flusher
-        self._pending: list[bytes] | tuple[bytes, ...] | None = None
+        self._pending: list[bytes] | None = None
+        self._tick = -1
+        """the Flusher's tick in which a frame last went to the kernel directly"""
         self._backlog: collections.deque[memoryview | bytes] | None = None
         """made when the kernel first refuses a frame, dropped once drained: an empty deque is 760 bytes, and most
         connections never have a backlog"""
@@ -104,16 +120,30 @@ class Outbox:
                     return True
                 pending = self._pending
             if not self._backlog:
-                if pending is None:
-                    # The first frame of this tick goes to the kernel at once (a lone message is never delayed);
-                    # the ones that follow it within the tick are collected and go out together.
-                    self._pending = _SENT_THIS_TICK
-                    self._flusher.mark(self)
-                    self._send_one(frame)
-                elif isinstance(pending, list):
+                if pending is not None:
                     pending.append(frame)
-                else:
+                    return True
+                flusher = self._flusher
+                if self._tick == flusher.tick:
+                    # The second frame of this tick: collected with those that follow, they go out together.
                     self._pending = [frame]
+                    flusher.mark(self)
+                    return True
+                # The first frame of this tick goes to the kernel at once: a lone message is never delayed. This
+                # is the paced fan-out's path, once per recipient, hence inline and the method call saved.
+                self._tick = flusher.tick
+                if not flusher.awake:
+                    flusher.wake()
+                try:
+                    sent = self._sock.send(frame)
+                except BlockingIOError:
+                    sent = 0
+                except OSError:
+                    self._break()
+                    return True
+                if sent < len(frame):
+                    self._backlog = collections.deque([memoryview(frame)[sent:] if sent else frame])
+                    self._start_writer()
                 return True
         backlog = self._backlog
         assert backlog is not None
@@ -125,21 +155,8 @@ class Outbox:
     def _flush(self) -> bool:
         """Hand the frames gathered this tick to the kernel; False when the outbox is broken."""
         frames, self._pending = self._pending, None
-        self._send(frames if isinstance(frames, list) else [])
+        self._send(frames or [])
         return not self.broken
-
-    def _send_one(self, frame: bytes) -> None:
-        """The common case of `_send`, without building a list for one frame."""
-        try:
-            sent = self._sock.send(frame)
-        except BlockingIOError:
-            sent = 0
-        except OSError:
-            self._break()
-            return
-        if sent < len(frame):
-            self._backlog = collections.deque([memoryview(frame)[sent:] if sent else frame])
-            self._start_writer()
 
     def _send(self, frames: list[bytes]) -> None:
         """Hand `frames` to the kernel in one non-blocking call; what it refuses waits for the writer."""

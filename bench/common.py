@@ -88,15 +88,21 @@ class Copies:
             yield i, conn, records[k + 2], records[k + 3]
 
 
-def stat_cpu_s(stat: str) -> float:
-    """utime+stime in seconds from the text of a /proc/PID/stat file."""
+def stat_times(stat: str) -> tuple[float, float]:
+    """(utime, stime) in seconds from the text of a /proc/PID/stat file."""
     # The command name may contain spaces; fields after it are fixed.
     fields = stat[stat.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
 
 
-def proc_cpu(pid: int | None) -> float | None:
-    """utime+stime of a process in seconds, from /proc/PID/stat; None without a pid or when it is gone."""
+def stat_cpu_s(stat: str) -> float:
+    """utime+stime in seconds from the text of a /proc/PID/stat file."""
+    return sum(stat_times(stat))
+
+
+def proc_times(pid: int | None) -> tuple[float, float] | None:
+    """(utime, stime) of a process in seconds, from /proc/PID/stat; None without a pid or when it is gone."""
     if pid is None:
         return None
     try:
@@ -104,7 +110,13 @@ def proc_cpu(pid: int | None) -> float | None:
             stat = f.read()
     except OSError:
         return None
-    return stat_cpu_s(stat)
+    return stat_times(stat)
+
+
+def proc_cpu(pid: int | None) -> float | None:
+    """utime+stime of a process in seconds, from /proc/PID/stat; None without a pid or when it is gone."""
+    times = proc_times(pid)
+    return None if times is None else sum(times)
 
 
 def proc_stats() -> Iterator[tuple[int, str]]:

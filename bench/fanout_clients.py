@@ -35,7 +35,7 @@ import time
 from typing import Any
 
 import orjson
-from common import emit, raise_nofile_limit
+from common import emit, proc_times, raise_nofile_limit
 from wsraw import (
     ANC_BUFSIZE,
     OP_CLOSE,
@@ -311,7 +311,7 @@ class FanoutClients:
         out = memoryview(frames)
 
         cpu0 = time.process_time()
-        server_cpu0 = server_times(self.server_pid)
+        server_cpu0 = proc_times(self.server_pid)
         t0 = time.perf_counter()
         t0_ns = time.time_ns()
         # Non-blocking send so a large M can't stall receiving; the rest goes out on EPOLLOUT.
@@ -371,7 +371,7 @@ class FanoutClients:
             if pause:
                 time.sleep(pause)
         cpu1 = time.process_time()
-        server_cpu1 = server_times(self.server_pid)
+        server_cpu1 = proc_times(self.server_pid)
         wall = max(time.perf_counter() - t0, 1e-9)
         # Finished connections were unregistered; anything still readable on them is an extra
         # frame that the exact byte count would otherwise miss.
@@ -452,7 +452,7 @@ class FanoutClients:
         next_seq = 1  # next message to publish
 
         cpu0 = time.process_time()
-        server_cpu0 = server_times(self.server_pid)
+        server_cpu0 = proc_times(self.server_pid)
         t0 = time.perf_counter()
         next_send = t0
         idle_deadline = t0 + self.timeout
@@ -509,7 +509,7 @@ class FanoutClients:
                     end_ns = max(end_ns, stamp)
             idle_deadline = time.perf_counter() + self.timeout
         cpu1 = time.process_time()
-        server_cpu1 = server_times(self.server_pid)
+        server_cpu1 = proc_times(self.server_pid)
         wall = max(time.perf_counter() - t0, 1e-9)
         overshoot = self._count_extra_bytes(received, target)
         start_ns = sent_ns[1]
@@ -609,21 +609,6 @@ class FanoutClients:
         for conn in self.by_fd.values():
             conn.sock.close()
         self.ep.close()
-
-
-def server_times(pid: int | None) -> tuple[float, float] | None:
-    """(utime, stime) of the server in seconds, from /proc/PID/stat; None without a pid or when it is gone."""
-    if pid is None:
-        return None
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
-    except OSError:
-        return None
-    # The command name may contain spaces; the fields after it are fixed.
-    fields = stat[stat.rindex(")") + 2 :].split()
-    tick = os.sysconf("SC_CLK_TCK")
-    return int(fields[11]) / tick, int(fields[12]) / tick
 
 
 def cpu_fields(

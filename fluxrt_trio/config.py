@@ -48,6 +48,11 @@ class ServerConfig:
     handshake_timeout: Seconds = Seconds(10 * SECONDS)
     max_pending_handshakes_per_address: Count = Count(64)
     trusted_proxies: tuple[str, ...] = ()
+    tls_cert_file: str | None = None
+    """PEM certificate, its chain after it: set with tls_key_file, the port serves wss:// and https:// only"""
+    tls_key_file: str | None = None
+    tls_client_ca_file: str | None = None
+    """PEM CA certificates: /metrics and /api then need a client certificate signed by one of them"""
 
 
 @attrs.frozen
@@ -449,6 +454,7 @@ def _cross_checks(config: Config, label: str) -> list[str]:
                 f"{label}: auth.service_roles: {role!r} is the role of {who}, who would then publish to every "
                 "channel; name a role that only your backends' tokens carry, such as service_role"
             )
+    problems.extend(_tls_problems(config.server, label))
     for proxy in config.server.trusted_proxies:
         try:
             ipaddress.ip_network(proxy, strict=False)
@@ -569,6 +575,32 @@ def _settings(config: Config) -> dict[str, Any]:
     }
 
 
+def _tls_problems(server: ServerConfig, label: str) -> list[str]:
+    """The TLS files are loaded here, as the server will load them, so that check-config finds what it would."""
+    cert, key, client_ca = server.tls_cert_file, server.tls_key_file, server.tls_client_ca_file
+    if cert is None and key is None:
+        if client_ca is not None:
+            return [
+                f"{label}: server.tls_client_ca_file: client certificates are checked over TLS only; set "
+                "server.tls_cert_file and server.tls_key_file too"
+            ]
+        return []
+    if cert is None or key is None:
+        given, missing = ("tls_cert_file", "tls_key_file") if cert is not None else ("tls_key_file", "tls_cert_file")
+        return [f"{label}: server.{given} is set without server.{missing}: set both to serve TLS, or neither"]
+    from . import tls
+
+    try:
+        tls.load(cert, key, client_ca)
+    except ValueError as exc:
+        return [f"{label}: {exc}"]
+    return []
+
+
+def tls_enabled(config: Config) -> bool:
+    return config.server.tls_cert_file is not None
+
+
 def _restart_only(name: str) -> bool:
     return any(name == r or name.startswith(r + ".") for r in RESTART_REQUIRED)
 
@@ -591,5 +623,17 @@ def plan_reload(started: Config, running: Config, new: Config) -> Reload:
         elif value != now[name]:
             changed.append(name)
         sections.setdefault(section, {})[key] = value
+    if tls_enabled(new) != tls_enabled(running):
+        # Certificates can be replaced live, but a port cannot switch between plain and TLS under its clients.
+        for key in _TLS_FILES:
+            name = f"server.{key}"
+            if name in changed:
+                changed.remove(name)
+            if after[name] != before[name]:
+                needs_restart.append(name)
+            sections["server"][key] = now[name]
     config = Config(**{s: type(getattr(new, s))(**fields) for s, fields in sections.items()})
     return Reload(config, tuple(changed), tuple(needs_restart))
+
+
+_TLS_FILES = ("tls_cert_file", "tls_key_file", "tls_client_ca_file")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
-import socket
 from typing import Any, Protocol, cast
 
 import attrs
@@ -64,6 +63,7 @@ from .protocol.session import (
     message_ref,
 )
 from .supervisor import Supervisor
+from .tls import TlsRefused, TlsSocket, Transport
 
 log = logging.getLogger("fluxrt.connection")
 
@@ -186,7 +186,7 @@ class Connection:
         "ws",
     )
 
-    def __init__(self, host: ConnectionHost, sock: socket.socket, conn_id: str, peer: str) -> None:
+    def __init__(self, host: ConnectionHost, sock: Transport, conn_id: str, peer: str) -> None:
         self.host = host
         self.sock = sock
         self.conn_id = conn_id
@@ -273,6 +273,7 @@ class Connection:
             realtime_enabled=settings.realtime_enabled,
             draining=host.draining,
             allowed_origins=settings.allowed_origins,
+            admin_allowed=not isinstance(self.sock, TlsSocket) or self.sock.admin_allowed,
         )
         if isinstance(decision, http.Admin):
             status, body, content_type = host.admin(decision.endpoint)
@@ -485,6 +486,13 @@ class Connection:
     async def _read_request(self) -> tuple[h11.Request | None, h11.Connection, bytes]:
         exchange = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD)
         with trio.move_on_after(self.host.settings.handshake_timeout):
+            if isinstance(self.sock, TlsSocket):
+                try:
+                    await self.sock.handshake()
+                except TlsRefused as exc:
+                    self.host.counters.tls_handshake_failures += 1
+                    log.info("TLS handshake failed", extra=ctx(conn=self.conn_id, peer=self.peer, reason=str(exc)))
+                    return None, exchange, b""
             while True:
                 try:
                     event = exchange.next_event()

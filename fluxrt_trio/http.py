@@ -18,6 +18,7 @@ import h11
 import orjson
 
 from . import api, status
+from .protocol.messages import ErrorCode
 
 _WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
@@ -61,6 +62,16 @@ def api_refusal(error: api.ApiError, endpoint: str) -> Refuse:
 
 def _json_error(status: int, error: str, message: str, headers: tuple[tuple[str, str], ...] = ()) -> Refuse:
     return Refuse(status, orjson.dumps({"error": error, "message": message}), headers=headers)
+
+
+_CERTIFICATE_REQUIRED = (
+    "%s needs a client certificate signed by the CA in server.tls_client_ca_file: connect with one "
+    "(curl --cert client.pem --key client-key.pem)"
+)
+
+
+def _certificate_required(path: str) -> Refuse:
+    return _json_error(403, "client_certificate_required", _CERTIFICATE_REQUIRED % path)
 
 
 def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> str | None:
@@ -122,14 +133,21 @@ def route(
     realtime_enabled: bool,
     draining: bool,
     allowed_origins: tuple[str, ...],
+    admin_allowed: bool = True,
 ) -> Refuse | Admin | StatusPage | Upgrade | api.ApiRequest:
-    """Decide what to do with one HTTP request. `request.headers` are lower-cased by h11."""
+    """Decide what to do with one HTTP request. `request.headers` are lower-cased by h11.
+
+    `admin_allowed` False (server.tls_client_ca_file is set and the client showed no certificate) refuses /metrics
+    and /api with 403; /health, the status page and the WebSocket endpoint need no certificate.
+    """
     split = urllib.parse.urlsplit(request.target.decode("latin-1"))
     path = split.path
     method = request.method
     if path in ("/health", "/metrics"):
         if method not in (b"GET", b"HEAD"):
             return _json_error(405, "method_not_allowed", f"{path} answers GET", (("allow", "GET, HEAD"),))
+        if path == "/metrics" and not admin_allowed:
+            return _certificate_required(path)
         return Admin(path[1:])
     if path in status.PAGE_PATHS and path != ws_path:
         if method not in (b"GET", b"HEAD"):
@@ -137,6 +155,8 @@ def route(
         page = status.page()
         return StatusPage(page, status.not_modified(_header(list(request.headers), b"if-none-match"), page.etag))
     if api.is_api_path(path):
+        if not admin_allowed:
+            return api_refusal(api.ApiError(403, ErrorCode.FORBIDDEN, _CERTIFICATE_REQUIRED % path), api.PATHS[path][0])
         decision = api.route(method, path, split.query, request.headers, draining=draining, enabled=realtime_enabled)
         return api_refusal(decision, api.PATHS[path][0]) if isinstance(decision, api.ApiError) else decision
     if path != ws_path:

@@ -34,6 +34,8 @@ class Counters:
     """HTTP API requests answered, by (endpoint, status)"""
     api_published: int = 0
     """messages of `POST /api/broadcast` handed to every node (answered 202)"""
+    tls_handshake_failures: int = 0
+    """TLS handshakes refused or abandoned by the client (plain HTTP to the TLS port included)"""
 
 
 class _Collector:
@@ -47,7 +49,9 @@ class _Collector:
         tasks: Callable[[], int],
         cluster: Callable[[], ClusterStatistics] | None,
         connections_limit: Callable[[], int],
+        certificate_expiry: Callable[[], float | None],
     ) -> None:
+        self._certificate_expiry = certificate_expiry
         self._cluster = cluster
         self._connections_limit = connections_limit
         self._counters = counters
@@ -147,6 +151,19 @@ class _Collector:
                 "oldest change not yet read",
                 value=lag,
             )
+        yield CounterMetricFamily(
+            "fluxrt_tls_handshake_failures",
+            "TLS handshakes that failed: refused by the server or abandoned by the client, plain HTTP included",
+            value=c.tls_handshake_failures,
+        )
+        expiry = self._certificate_expiry()
+        if expiry is not None:
+            yield GaugeMetricFamily(
+                "fluxrt_tls_certificate_expiry_timestamp_seconds",
+                "When the certificate served to new connections (server.tls_cert_file, as last loaded) expires, "
+                "in Unix seconds",
+                value=expiry,
+            )
         if self._cluster is not None:
             yield from _cluster_metrics(self._cluster())
 
@@ -226,6 +243,7 @@ def exposition(
     cluster: Callable[[], ClusterStatistics] | None = None,
     *,
     connections_limit: Callable[[], int],
+    certificate_expiry: Callable[[], float | None] = lambda: None,
 ) -> bytes:
     """The Prometheus text exposition of everything above, and the process's own metrics (`process_*`: resident
     memory, CPU seconds, open and maximum file descriptors; on Linux)."""
@@ -233,7 +251,9 @@ def exposition(
     from prometheus_client.process_collector import ProcessCollector
 
     registry = CollectorRegistry(auto_describe=False)
-    collector: Any = _Collector(counters, connections, hub, uptime, changefeed_lag, tasks, cluster, connections_limit)
+    collector: Any = _Collector(
+        counters, connections, hub, uptime, changefeed_lag, tasks, cluster, connections_limit, certificate_expiry
+    )
     registry.register(collector)
     ProcessCollector(registry=registry)
     return generate_latest(registry)

@@ -22,6 +22,8 @@ import socket
 
 import trio
 
+from .tls import Transport
+
 # Linux accepts at most 1024 buffers per sendmsg (IOV_MAX).
 _IOV_MAX = 1024
 
@@ -87,7 +89,7 @@ class Outbox:
         "limit",
     )
 
-    def __init__(self, sock: socket.socket, limit: int, nursery: trio.Nursery, flusher: Flusher) -> None:
+    def __init__(self, sock: Transport, limit: int, nursery: trio.Nursery, flusher: Flusher) -> None:
         self._sock = sock
         self._nursery = nursery
         self._flusher = flusher

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 import trio
 
-from . import __version__, api, http, metrics, status
+from . import __version__, api, http, metrics, status, tls
 from .admission import Admission, address_key
 from .auth import Verifier
 from .checks import ChannelChecks
@@ -70,6 +70,7 @@ class Server:
             hub = LocalHub(history_size=config.realtime.history_size, history_ttl=config.realtime.history_ttl)
         self.hub: Hub[Connection] = hub
         self.verifier = Verifier(config.auth)
+        self.tls = _load_tls(config)
         self.counters = metrics.Counters()
         rt = config.realtime
         self.settings = ConnectionSettings.from_config(config)
@@ -150,8 +151,15 @@ class Server:
                     nursery.start_soon(self._accept_loop, listener, nursery)
                     log.info(
                         "listening",
-                        extra=ctx(host=self.config.server.host, port=self.port, path=self.config.server.path),
+                        extra=ctx(
+                            host=self.config.server.host,
+                            port=self.port,
+                            path=self.config.server.path,
+                            scheme="wss" if self.tls is not None else "ws",
+                        ),
                     )
+                    if self.tls is not None:
+                        log.info("TLS certificate loaded", extra=ctx(**_certificate_fields(self.tls)))
                     task_status.started(self.port)
         finally:
             self._close_listener()
@@ -195,8 +203,13 @@ class Server:
                     sock.setblocking(False)
                     if sock.family in (socket.AF_INET, socket.AF_INET6):
                         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    # Read once per connection: a reload replaces the certificate for the connections that follow.
+                    context = self.tls.context if self.tls is not None else None
                     connection = Connection(
-                        self, sock, f"{self._id_prefix}{next(self._ids):x}", f"{address[0]}:{address[1]}"
+                        self,
+                        sock if context is None else tls.TlsSocket(sock, context),
+                        f"{self._id_prefix}{next(self._ids):x}",
+                        f"{address[0]}:{address[1]}",
                     )
                     # A trusted proxy carries many clients' handshakes at once: its own are not capped.
                     refusal = (
@@ -205,7 +218,11 @@ class Server:
                         else self.admission.begin_handshake(connection, address_key(address[0]))
                     )
                     if refusal is not None:
-                        _refuse_at_once(sock, refusal)
+                        if context is None:
+                            _refuse_at_once(sock, refusal)
+                        else:
+                            # An answer would cost the TLS handshake the refusal is there to spare.
+                            sock.close()
                         continue
                     nursery.start_soon(self._handle, connection)
                 await trio.lowlevel.checkpoint()
@@ -250,7 +267,11 @@ class Server:
         Raises OSError, changing nothing, when a key file cannot be read.
         """
         verifier = self.verifier.rotated(config.auth)
+        certificates = _load_tls(config)
         self.config = config
+        self.tls = certificates
+        if certificates is not None:
+            log.info("TLS certificate loaded", extra=ctx(**_certificate_fields(certificates)))
         self.verifier = verifier
         self.settings = settings = ConnectionSettings.from_config(config)
         rt = config.realtime
@@ -306,6 +327,7 @@ class Server:
                 _task_count,
                 self.cluster.cluster_statistics if self.cluster is not None else None,
                 connections_limit=lambda: self.admission.max_connections,
+                certificate_expiry=lambda: self.tls.certificate.not_after.timestamp() if self.tls else None,
             )
             return 200, body, "text/plain; version=0.0.4; charset=utf-8"
         database = self.database_state()
@@ -381,6 +403,25 @@ class Server:
 
     def uptime(self) -> float:
         return time.monotonic() - self._started_at
+
+
+def _load_tls(config: Config) -> tls.TlsSettings | None:
+    """The TLS context `server.tls_*` name, freshly read from the files; None without TLS.
+
+    Raises ValueError naming the file when one cannot be read or used.
+    """
+    server = config.server
+    if server.tls_cert_file is None or server.tls_key_file is None:
+        return None
+    return tls.load(server.tls_cert_file, server.tls_key_file, server.tls_client_ca_file)
+
+
+def _certificate_fields(settings: tls.TlsSettings) -> dict[str, Any]:
+    return {
+        "subject": settings.certificate.subject,
+        "expires": settings.certificate.not_after.isoformat(),
+        "client_certificates": "required for /metrics and /api" if settings.client_ca else "not asked",
+    }
 
 
 def _task_count() -> int:

@@ -445,6 +445,9 @@ def test_masked_hides_the_secret_and_the_dsn_password():
         "handshake_timeout": 10.0,
         "max_pending_handshakes_per_address": 64,
         "trusted_proxies": [],
+        "tls_cert_file": None,
+        "tls_key_file": None,
+        "tls_client_ca_file": None,
     }
     assert data["realtime"]["max_message_size"] == 65536
     assert data["realtime"]["heartbeat_interval"] == 30.0

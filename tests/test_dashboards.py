@@ -1,8 +1,9 @@
 """packaging/grafana/fluxrt.json and packaging/prometheus/fluxrt-alerts.yml: every query of the dashboard (its
 variables' too) and every alert rule's expression names only metrics that a live node exports, scraped from its
-`/metrics` with a database and the cluster engine on (so that `fluxrt_changefeed_lag_seconds` and `fluxrt_cluster_*`
-are there). The PromQL is read by `metric_names`, a tokenizer that knows strings, label matchers, ranges, label
-lists, functions, keywords and Grafana's variables; promtool, where installed, checks the syntax as well."""
+`/metrics` with a database, the cluster engine and TLS on (so that `fluxrt_changefeed_lag_seconds`,
+`fluxrt_cluster_*` and `fluxrt_tls_*` are there). The PromQL is read by `metric_names`, a tokenizer that knows
+strings, label matchers, ranges, label lists, functions, keywords and Grafana's variables; promtool, where
+installed, checks the syntax as well."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from .support.clients import http_get
 from .support.metrics import series_names
 from .support.redis import redis_server
 from .support.servers import start
+from .support.tls import make_ca
 
 DASHBOARD = ROOT / "packaging" / "grafana" / "fluxrt.json"
 ALERTS = ROOT / "packaging" / "prometheus" / "fluxrt-alerts.yml"
@@ -160,6 +162,7 @@ def test_each_alert_rule_is_complete_and_the_asked_for_ones_are_there():
         "fluxrt_slow_consumer_closes_total",
         "fluxrt_cluster_engine_up",
         "fluxrt_connections_limit",
+        "fluxrt_tls_certificate_expiry_timestamp_seconds",
     } <= watched
 
 
@@ -180,14 +183,26 @@ def test_promtool_reads_the_rules_and_every_dashboard_query(tmp_path: Path):
 # ---- against a live node -------------------------------------------------------------------------------------
 
 
-async def test_every_query_names_a_metric_a_node_exports(start_server, db):
+async def test_every_query_names_a_metric_a_node_exports(start_server, db, tmp_path):
+    # With TLS too, for the certificate's expiry.
+    ca = make_ca(tmp_path)
     with redis_server() as redis:
-        server = await start(start_server, db, cluster={"redis_url": redis.url, "node_id": "dash", "prefix": "dash"})
+        server = await start(
+            start_server,
+            db,
+            server=ca.server_settings(),
+            cluster={"redis_url": redis.url, "node_id": "dash", "prefix": "dash"},
+        )
         with trio.fail_after(10):
             while server.db.changefeed.lag() is None or server.cluster.cluster_statistics().state != "up":
                 await trio.sleep(0.01)
-        exported = series_names((await http_get(server, "/metrics"))[2])
-        assert {"fluxrt_changefeed_lag_seconds", "fluxrt_cluster_engine_up", "fluxrt_errors_total"} <= exported
+        exported = series_names((await http_get(server, "/metrics", ssl_context=ca.client_context()))[2])
+        assert {
+            "fluxrt_changefeed_lag_seconds",
+            "fluxrt_cluster_engine_up",
+            "fluxrt_errors_total",
+            "fluxrt_tls_certificate_expiry_timestamp_seconds",
+        } <= exported
         texts = queries()
         assert len(texts) > 40
         assert unknown_names(exported, texts) == {}

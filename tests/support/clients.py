@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import os
 import socket
+import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -57,10 +58,16 @@ async def subscribe(ws: WebSocketConnection, channel: str, **options: Any) -> di
 
 
 async def http_get(
-    server: Server, path: str, headers: dict[str, str] | None = None
+    server: Server, path: str, headers: dict[str, str] | None = None, *, ssl_context: ssl.SSLContext | None = None
 ) -> tuple[int, dict[str, str], bytes]:
-    """A plain HTTP/1.1 GET; returns status, lower-cased headers and body."""
-    stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+    """An HTTP/1.1 GET, over TLS with `ssl_context`; returns status, lower-cased headers and body."""
+    stream: trio.abc.Stream = (
+        await trio.open_tcp_stream("127.0.0.1", server.port)
+        if ssl_context is None
+        else await trio.open_ssl_over_tcp_stream(
+            "127.0.0.1", server.port, ssl_context=ssl_context, https_compatible=True
+        )
+    )
     async with stream:
         lines = [f"GET {path} HTTP/1.1", "Host: localhost", *(f"{k}: {v}" for k, v in (headers or {}).items())]
         await stream.send_all(("\r\n".join(lines) + "\r\n\r\n").encode())

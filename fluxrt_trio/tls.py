@@ -1,0 +1,284 @@
+"""Native TLS: the server's certificate context, and TLS over an accepted non-blocking socket.
+
+`TlsSocket` gives a connection the same non-blocking interface as the plain socket it wraps (`recv`, `send`,
+`sendmsg`, `shutdown`, `fileno`; BlockingIOError when the kernel cannot take or give anything now), so the reader and
+the outbox (outbox.py) run unchanged over TLS: a frame is still encoded once for all its recipients and only
+encrypted per connection, at the moment it is handed to the kernel. OpenSSL works on memory buffers (ssl.SSLObject
+over two MemoryBIOs); the encrypted bytes go through the raw socket.
+
+Encrypted bytes the kernel does not take at once stay in the TlsSocket, and the caller is told that the last byte
+of what it passed was not sent: it keeps that byte and passes it first again, as it would after any partial send,
+once the socket is writable. The TlsSocket then sends the encrypted rest and skips the byte, which it had already
+encrypted. So the outbox's backlog, writer, slow-consumer bound and half-close see exactly what a plain socket shows
+them, and no encrypted byte is ever waiting without the outbox knowing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import socket
+import ssl
+from collections.abc import Iterable
+from pathlib import Path
+
+import attrs
+import trio
+
+_RECORD = 16 * 1024 + 512
+"""one TLS record, as read from the kernel at a time"""
+_ALPN = ["http/1.1"]
+_HANDSHAKE_RECORD = 0x16
+
+
+class TlsRefused(Exception):
+    """The client's TLS handshake failed; the message says why for the log (the client is told nothing more)."""
+
+
+@attrs.frozen
+class Certificate:
+    """The loaded server certificate, for the log and the expiry gauge."""
+
+    subject: str
+    not_after: datetime.datetime
+
+
+@attrs.frozen
+class TlsSettings:
+    """What `server.tls_*` configured, loaded: one context for every connection accepted until the next reload."""
+
+    context: ssl.SSLContext
+    certificate: Certificate
+    client_ca: bool
+    """whether /metrics and /api need a client certificate signed by server.tls_client_ca_file"""
+
+
+def load(cert_file: str, key_file: str, client_ca_file: str | None = None) -> TlsSettings:
+    """Read the certificate chain, its key and the optional client CA into a server context.
+
+    Raises ValueError with a message naming the file and the fix when one cannot be read or used.
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_alpn_protocols(_ALPN)
+    # Renegotiation would let a client make the server redo the expensive half of a handshake at will.
+    context.options |= ssl.OP_NO_RENEGOTIATION
+    for key, path in (("server.tls_cert_file", cert_file), ("server.tls_key_file", key_file)):
+        _readable(key, path)
+    try:
+        context.load_cert_chain(cert_file, key_file, password=_no_password(key_file))
+    except ssl.SSLError as exc:
+        raise ValueError(
+            f"server.tls_cert_file / server.tls_key_file: cannot use {cert_file!r} with {key_file!r} ({exc.reason}): "
+            "give a PEM certificate (its chain may follow it in the same file) and the PEM private key that matches it"
+        ) from None
+    if client_ca_file is not None:
+        _readable("server.tls_client_ca_file", client_ca_file)
+        try:
+            context.load_verify_locations(cafile=client_ca_file)
+        except ssl.SSLError as exc:
+            raise ValueError(
+                f"server.tls_client_ca_file: cannot use {client_ca_file!r} ({exc.reason}): give PEM CA certificates"
+            ) from None
+        # Asked of every client, required only by /metrics and /api (a WebSocket client needs none).
+        context.verify_mode = ssl.CERT_OPTIONAL
+    return TlsSettings(context, _certificate(cert_file), client_ca_file is not None)
+
+
+def _readable(key: str, path: str) -> None:
+    try:
+        Path(path).read_bytes()
+    except OSError as exc:
+        raise ValueError(f"{key}: cannot read {path!r}: {exc.strerror}") from None
+
+
+def _no_password(key_file: str) -> bytes:
+    """A key protected by a password cannot be read unattended: refuse it with its fix instead of prompting."""
+    if b"ENCRYPTED" in Path(key_file).read_bytes():
+        raise ValueError(
+            f"server.tls_key_file: {key_file!r} is encrypted with a password; fluxrt starts unattended, so store the "
+            "key without one (openssl pkey -in key.pem -out plain.pem) and protect the file by its permissions"
+        )
+    return b""
+
+
+def _certificate(cert_file: str) -> Certificate:
+    from cryptography import x509
+
+    first = x509.load_pem_x509_certificate(Path(cert_file).read_bytes())
+    return Certificate(first.subject.rfc4514_string(), first.not_valid_after_utc)
+
+
+class TlsSocket:
+    """Server-side TLS over an accepted non-blocking socket, with that socket's non-blocking interface.
+
+    `handshake` must complete before anything else is called. Errors of the TLS layer (a bad record, an alert from
+    the peer) are ssl.SSLError, which is an OSError, as a broken socket's errors are.
+    """
+
+    __slots__ = ("_incoming", "_out", "_outgoing", "_owed", "_sock", "_ssl")
+
+    def __init__(self, sock: socket.socket, context: ssl.SSLContext) -> None:
+        self._sock = sock
+        self._incoming = ssl.MemoryBIO()
+        self._outgoing = ssl.MemoryBIO()
+        self._ssl = context.wrap_bio(self._incoming, self._outgoing, server_side=True)
+        self._out: memoryview | None = None
+        """encrypted bytes the kernel has not taken yet"""
+        self._owed = 0
+        """bytes at the start of the next send that were encrypted already (see the module's docstring)"""
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    @property
+    def admin_allowed(self) -> bool:
+        """Whether this client may use /metrics and /api: no client CA is configured, or it presented a certificate
+        that the client CA verified (one that does not verify fails the handshake)."""
+        return self._ssl.context.verify_mode == ssl.CERT_NONE or self._ssl.getpeercert(binary_form=True) is not None
+
+    async def handshake(self) -> None:
+        """Complete the TLS handshake, waiting for the socket as needed (the caller bounds the time).
+
+        Raises TlsRefused when the client's handshake fails or it closes during it; a client that speaks plain HTTP
+        to this port is answered 400 in plain HTTP first, naming the fix.
+        """
+        first = True
+        while True:
+            try:
+                self._ssl.do_handshake()
+            except ssl.SSLWantReadError:
+                pass
+            except ssl.SSLError as exc:
+                await self._push_all()
+                raise TlsRefused(f"TLS handshake failed: {exc.reason or exc}") from None
+            else:
+                await self._push_all()
+                return
+            await self._push_all()
+            data = await self._read_raw()
+            if first and data[:1].isalpha():
+                self._plain_http_refused()
+                raise TlsRefused("plain HTTP sent to the TLS port")
+            first = False
+            self._incoming.write(data)
+
+    async def _read_raw(self) -> bytes:
+        while True:
+            try:
+                data = self._sock.recv(_RECORD)
+            except BlockingIOError:
+                pass
+            except OSError as exc:
+                raise TlsRefused(f"the connection failed during the TLS handshake: {exc.strerror}") from None
+            else:
+                if not data:
+                    raise TlsRefused("the client closed the connection during the TLS handshake")
+                return data
+            await trio.lowlevel.wait_readable(self._sock)
+
+    async def _push_all(self) -> None:
+        """Send every encrypted byte there is, waiting for the socket (only the handshake waits like this)."""
+        while not self._push():
+            try:
+                await trio.lowlevel.wait_writable(self._sock)
+            except OSError as exc:
+                raise TlsRefused(f"the connection failed during the TLS handshake: {exc.strerror}") from None
+
+    def _plain_http_refused(self) -> None:
+        body = b'{"error":"tls_required","message":"this port serves TLS: connect with wss:// or https://"}'
+        head = (
+            "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+        ).encode()
+        try:
+            self._sock.send(head + body)
+        except OSError:
+            return
+
+    def _push(self) -> bool:
+        """Hand the kernel what it takes of the encrypted bytes without waiting; True once none are left.
+
+        Raises OSError when the socket is broken.
+        """
+        if self._outgoing.pending:
+            fresh = self._outgoing.read()
+            self._out = memoryview(bytes(self._out) + fresh) if self._out is not None else memoryview(fresh)
+        out = self._out
+        if out is None:
+            return True
+        try:
+            sent = self._sock.send(out)
+        except BlockingIOError:
+            return False
+        if sent < len(out):
+            self._out = out[sent:]
+            return False
+        self._out = None
+        return True
+
+    # ---- the socket interface --------------------------------------------------------------------------------
+
+    def recv(self, size: int) -> bytes:
+        """At most `size` bytes of plaintext; b"" once the client has closed TLS or the connection.
+
+        Raises BlockingIOError when no whole record has arrived yet.
+        """
+        while True:
+            try:
+                data = self._ssl.read(size)
+            except ssl.SSLWantReadError:
+                pass
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                return b""
+            else:
+                if self._outgoing.pending:
+                    # A key update or a ticket written in answer to what was read: it goes out before the next
+                    # frame (`send` pushes first), or now if the kernel takes it.
+                    self._push()
+                return data
+            raw = self._sock.recv(_RECORD)
+            if not raw:
+                self._incoming.write_eof()
+            else:
+                self._incoming.write(raw)
+
+    def recv_into(self, buffer: bytearray) -> int:
+        data = self.recv(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def send(self, data: bytes | memoryview) -> int:
+        return self.sendmsg((data,))
+
+    def sendmsg(self, buffers: Iterable[bytes | memoryview]) -> int:
+        """Encrypt and send `buffers` as one stream of bytes; returns how many of them count as sent.
+
+        Raises BlockingIOError when encrypted bytes from before still wait for the kernel (nothing of `buffers` is
+        taken then), OSError when the socket is broken.
+        """
+        if not self._push():
+            raise BlockingIOError
+        data = b"".join(buffers)
+        owed, self._owed = self._owed, 0
+        if len(data) > owed:
+            self._ssl.write(memoryview(data)[owed:])
+        if self._push():
+            return len(data)
+        self._owed = 1
+        return len(data) - 1
+
+    def shutdown(self, how: int) -> None:
+        """Send TLS's close_notify, then half-close the socket."""
+        # With memory buffers unwrap always stops to wait for the peer's close_notify; ours is written by then.
+        with contextlib.suppress(ssl.SSLError):
+            self._ssl.unwrap()
+        self._push()
+        self._sock.shutdown(how)
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+Transport = socket.socket | TlsSocket
+"""what a connection reads and writes: the accepted socket, or TLS over it"""

@@ -12,11 +12,12 @@ import asyncpg
 import pytest
 import trio
 
+from fluxrt_trio.client import Change, open_client
 from fluxrt_trio.postgres.migrate import LIFECYCLE_MISSING, lifecycle_missing
 
 from . import pg
 from .process import run_cli
-from .support.clients import connect, recv, request, subscribe
+from .support.clients import connect, recv, request, subscribe, url
 from .support.database import fresh_database, in_asyncio, users_table
 from .support.servers import serving, start, wait_ok
 from .support.waiting import nothing_arrives
@@ -127,6 +128,19 @@ async def test_truncating_one_partition_names_it_and_the_whole_table_once(start_
         whole = (await recv(ws))["payload"]
         assert whole["type"] == "TRUNCATE" and "partition" not in whole
         await nothing_arrives(ws)
+    # The Python client hands the field on.
+    truncated: list[Change] = []
+    async with open_client(url(server)) as client:
+        await client.channel("table:public.events", event="TRUNCATE").on("TRUNCATE", truncated.append).subscribe()
+        await db.execute("TRUNCATE events_b")
+        await db.execute("TRUNCATE events")
+        with trio.fail_after(10):
+            while len(truncated) < 2:
+                await trio.sleep(0.01)
+    assert [(change.type, change.table, change.partition) for change in truncated] == [
+        ("TRUNCATE", "events", "public.events_b"),
+        ("TRUNCATE", "events", None),
+    ]
 
 
 async def test_a_partitioned_table_with_foreign_partitions_can_be_enabled(db):

@@ -393,6 +393,7 @@ class Server:
                 "node_id": cluster["node_id"] if cluster is not None else None,
                 "status": self._status(),
                 "uptime_s": round(self.uptime(), 3),
+                "tls_certificate_expires": self.tls.certificate.not_after.isoformat() if self.tls else None,
             },
             max_connections=self.admission.max_connections,
             errors_by_code=self.counters.errors,

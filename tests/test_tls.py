@@ -11,9 +11,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 import trio
 import yaml
+from cryptography import x509
 
 from fluxrt_trio import tls
 from fluxrt_trio.client import ConnectionState, PublishError, open_client, publish
@@ -102,12 +104,20 @@ async def test_plain_http_to_the_tls_port_is_told_to_use_tls(start_server, autho
     assert b"this port serves TLS: connect with wss:// or https://" in data
 
 
-async def test_metrics_name_the_certificate_expiry(start_server, authority):
+async def test_metrics_and_the_status_page_name_the_certificate_expiry(start_server, authority):
     server = await start_server(server=authority.server_settings())
     status, body = await _https_get(server.port, "/metrics", authority.client_context())
     assert status == 200
     expiry = [line for line in body.decode().splitlines() if line.startswith("fluxrt_tls_certificate_expiry")]
-    assert len(expiry) == 1 and float(expiry[0].split()[1]) == server.tls.certificate.not_after.timestamp()
+    not_after = x509.load_pem_x509_certificate(authority.server_cert.read_bytes()).not_valid_after_utc
+    assert len(expiry) == 1 and float(expiry[0].split()[1]) == not_after.timestamp()
+    status, _, stats = await http_get(
+        server,
+        "/api/stats",
+        {"authorization": f"Bearer {token('ops', role='service_role')}"},
+        ssl_context=authority.client_context(),
+    )
+    assert status == 200 and orjson.loads(stats)["node"]["tls_certificate_expires"] == not_after.isoformat()
     assert "fluxrt_tls_handshake_failures_total 0.0" in body.decode()
 
 

@@ -17,9 +17,10 @@ from types import ModuleType
 
 import pytest
 
-from .support.browser import ensure_chromium, see
+from .support.browser import ensure_chromium, home_trusting, see
 from .support.config import SECRET, token
 from .support.sdk import REACT, REACT_TODOS, node_fluxrt, prepare_react, run_node_tests
+from .support.tls import make_ca
 
 
 @pytest.fixture
@@ -87,3 +88,36 @@ async def test_react_todos_two_users_restart_and_presence(node, db, tmp_path, to
     assert seen["sockets"]["alice"] >= 2 and seen["sockets"]["bob"] >= 2, "each page connected again"
     # The scenario fails unless both online lists showed alice and bob, before and after the restart.
     assert seen["online"]["afterBobLeft"] == ["alice"]
+
+
+@pytest.mark.timeout(600)  # as above: the first run may install Chromium (and certutil)
+async def test_react_todos_over_wss(node, db, tmp_path, todos_site):
+    """The example page with server=https://127.0.0.1:PORT, against a fluxrt that serves TLS with a certificate from
+    a CA made at test time: a row inserted shows in alice's list over wss://, and a browser without the CA is refused.
+
+    Chromium trusts the CA the way a user or an administrator would make it trust a private CA on Linux: in the NSS
+    database of its HOME (~/.pki/nssdb, made with certutil), so the chain and the host name are verified as for any
+    site; no flag ignores certificate errors (neither --ignore-certificate-errors nor a pinned key with
+    --ignore-certificate-errors-spki-list). The page stays on serve.py's http://: a WebSocket to wss:// from it is
+    no mixed content (that is an https:// page loading http:// or ws://), and the page is not what is under test.
+    """
+    ca = make_ca(tmp_path / "ca")
+    env, log = node_fluxrt(db.dsn, tmp_path, tls=ca.server_settings())
+    untrusting = tmp_path / "untrusting"
+    untrusting.mkdir()
+    env |= {
+        "PAGES_URL": todos_site,
+        "FLUXRT_URL": env["SDK_TEST_URL"],
+        "TOKEN_ALICE": token("alice"),
+        # Node (it starts fluxrt and asks its /health) trusts the CA through this; Chromium through its HOME.
+        "NODE_EXTRA_CA_CERTS": str(ca.ca_cert),
+        "HOME": str(home_trusting(tmp_path / "home", ca.ca_cert)),
+        "UNTRUSTING_HOME": str(untrusting),
+    }
+    seen = await see("react-todos-over-wss", (node, ensure_chromium()), env, log)
+    port = env["SDK_TEST_URL"].rsplit(":", 1)[1]
+    assert seen["shown"] == ["alice:t1", "alice:t2"]
+    assert seen["sockets"] == [f"wss://127.0.0.1:{port}/realtime?token={env['TOKEN_ALICE']}"]
+    assert seen["connection"].endswith(": OPEN"), seen["connection"]
+    assert "ERR_CERT_AUTHORITY_INVALID" in seen["without"]["refusal"], seen["without"]
+    assert seen["without"]["listStatus"] != "live", seen["without"]

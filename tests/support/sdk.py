@@ -93,17 +93,18 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def node_fluxrt(dsn: str, folder: Path) -> tuple[dict[str, str], Path]:
+def node_fluxrt(dsn: str, folder: Path, tls: dict[str, str] | None = None) -> tuple[dict[str, str], Path]:
     """The environment that tells the Node side (sdk/typescript/test/support/fluxrt.ts) how to run fluxrt on `dsn`
-    with a config written in `folder`, and the log file it appends fluxrt's output to."""
+    with a config written in `folder`, and the log file it appends fluxrt's output to. With `tls` (server settings,
+    ThrowawayCA.server_settings()) fluxrt serves TLS and the URL is https://."""
     port = free_port()
     config = folder / "fluxrt.yaml"
-    write_config(config, port=port, dsn=dsn)
+    write_config(config, port=port, dsn=dsn, tls=tls)
     log = folder / "fluxrt.log"
     env = {
         "SDK_TEST_FLUXRT": json.dumps([sys.executable, "-m", "fluxrt_trio"]),
         "SDK_TEST_CONFIG": str(config),
-        "SDK_TEST_URL": f"http://127.0.0.1:{port}",
+        "SDK_TEST_URL": f"{'https' if tls else 'http'}://127.0.0.1:{port}",
         "SDK_TEST_DSN": dsn,
         "SDK_TEST_SECRET": SECRET,
         "SDK_TEST_LOG": str(log),
@@ -111,11 +112,12 @@ def node_fluxrt(dsn: str, folder: Path) -> tuple[dict[str, str], Path]:
     return env, log
 
 
-def write_config(path: Path, *, port: int, dsn: str) -> None:
-    """A fluxrt.yaml for a fluxrt that the Node side runs (test/support/fluxrt.ts) on `port` and `dsn`."""
+def write_config(path: Path, *, port: int, dsn: str, tls: dict[str, str] | None = None) -> None:
+    """A fluxrt.yaml for a fluxrt that the Node side runs (test/support/fluxrt.ts) on `port` and `dsn`, with the
+    server settings `tls` when given."""
     # JSON is YAML: quoting every value keeps the secret and the DSN intact.
     config = {
-        "server": {"host": "127.0.0.1", "port": port},
+        "server": {"host": "127.0.0.1", "port": port, **(tls or {})},
         # The least leeway: a token is closed 1 s after its exp, so the token-refresh test does not wait 10 s.
         "auth": {"jwt_secret": SECRET, "leeway": "1s"},
         "database": {"dsn": dsn, "poll_interval": "10ms"},

@@ -1,7 +1,7 @@
 // Drives the example pages in headless Chromium (Debian's, through playwright-core) and prints what a person would
 // see, as one JSON object on stdout; tests/test_browser.py serves the pages, runs fluxrt and judges the result.
 //
-//   node build/browser/pages.js live-users|chat|react-todos|status
+//   node build/browser/pages.js live-users|chat|react-todos|react-todos-over-wss|status
 //
 // Environment: PAGES_URL (the static server's root), FLUXRT_URL (http://127.0.0.1:PORT), FLUXRT_WS
 // (ws://127.0.0.1:PORT), TOKEN_ALICE, TOKEN_BOB, SDK_TEST_DSN (for SQL), CHROMIUM (the browser's path).
@@ -9,6 +9,8 @@
 // a service role), TOKEN_SERVICE and SCREENSHOT (where to save one).
 // react-todos (tests/test_sdk_react.py) runs fluxrt itself, to restart it, as the live tests do: the SDK_TEST_*
 // variables of test/support/fluxrt.ts; PAGES_URL is then the example's serve.py, which also answers /api/todos.
+// react-todos-over-wss (the same test file) too, with an https:// FLUXRT_URL, a HOME whose NSS database trusts the
+// test CA, and UNTRUSTING_HOME, one whose does not.
 
 import { type Browser, type BrowserContext, chromium, type Page } from 'playwright-core'
 import pg from 'pg'
@@ -313,14 +315,69 @@ async function status(browser: Browser, log: string[]) {
   return { ...shown, prompts, loginAfterReload, origins: [...origins] }
 }
 
-const scenarios = { 'live-users': liveUsers, chat, 'react-todos': reactTodos, status } as const
+/**
+ * examples/react-todos as alice over wss:// (tests/test_sdk_react.py): FLUXRT_URL is https://127.0.0.1:PORT and
+ * fluxrt's certificate comes from a CA made at test time, which this browser trusts through the NSS database in its
+ * HOME. A row inserted shows in the list. Then a browser run with UNTRUSTING_HOME (no such database) opens the same
+ * page: its WebSocket must be refused and the list never live.
+ */
+async function reactTodosOverWss(browser: Browser, log: string[]) {
+  const fluxrt = new Fluxrt()
+  await fluxrt.start()
+  try {
+    const url = `${env('PAGES_URL')}/?token=${env('TOKEN_ALICE')}&server=${env('FLUXRT_URL')}`
+    await sql("INSERT INTO public.todos (owner, title) VALUES ('alice', 't1')")
+    const context = await browser.newContext()
+    const page = await open(context, 'react-todos over wss', log)
+    const sockets: string[] = []
+    page.on('websocket', (socket) => sockets.push(socket.url()))
+    await page.goto(url)
+    await listIs(page, 'alice', ['alice:t1'])
+    await sql("INSERT INTO public.todos (owner, title) VALUES ('alice', 't2')")
+    const shown = await listIs(page, 'alice', ['alice:t1', 'alice:t2'])
+    const connection = await page.locator('#connection').textContent()
+    await context.close()
 
-async function main(): Promise<void> {
-  const which = process.argv[2] as keyof typeof scenarios
-  const scenario = scenarios[which]
-  if (scenario === undefined) throw new Error(`usage: pages.js ${Object.keys(scenarios).join('|')}`)
-  const browser = await chromium.launch({
+    const untrusting = await launch(env('UNTRUSTING_HOME'))
+    try {
+      const page = await open(await untrusting.newContext(), 'react-todos without the CA', log)
+      const refused = page.waitForEvent('console', {
+        predicate: (message) => /WebSocket connection to .* failed/.test(message.text()),
+        timeout: 10_000,
+      })
+      await page.goto(url)
+      const refusal = (await refused).text()
+      return {
+        shown,
+        connection,
+        sockets,
+        without: {
+          refusal,
+          connection: await page.locator('#connection').textContent(),
+          listStatus: await page.locator('#list-status').textContent(),
+        },
+      }
+    } finally {
+      await untrusting.close()
+    }
+  } finally {
+    await fluxrt.close()
+  }
+}
+
+const scenarios = {
+  'live-users': liveUsers,
+  chat,
+  'react-todos': reactTodos,
+  'react-todos-over-wss': reactTodosOverWss,
+  status,
+} as const
+
+/** Headless Chromium; with `home` as its HOME, whose .pki/nssdb holds the certificate authorities it trusts. */
+function launch(home?: string): Promise<Browser> {
+  return chromium.launch({
     executablePath: env('CHROMIUM'),
+    env: home === undefined ? process.env : { ...process.env, HOME: home },
     headless: true,
     // Playwright gives each launch a fresh, empty profile (--user-data-dir) of its own. Without the networking
     // flags Chromium keeps calling out to Google's services, which this machine's closed network refuses.
@@ -335,6 +392,13 @@ async function main(): Promise<void> {
     ],
     timeout: 30_000,
   })
+}
+
+async function main(): Promise<void> {
+  const which = process.argv[2] as keyof typeof scenarios
+  const scenario = scenarios[which]
+  if (scenario === undefined) throw new Error(`usage: pages.js ${Object.keys(scenarios).join('|')}`)
+  const browser = await launch()
   const log: string[] = []
   try {
     const result = await scenario(browser, log)

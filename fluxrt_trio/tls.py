@@ -150,7 +150,9 @@ class TlsSocket:
             except ssl.SSLWantReadError:
                 pass
             except ssl.SSLError as exc:
-                await self._push_all()
+                # The alert, for the client's sake; the reason logged is the handshake's, not the socket's.
+                with contextlib.suppress(TlsRefused):
+                    await self._push_all()
                 raise TlsRefused(f"TLS handshake failed: {exc.reason or exc}") from None
             else:
                 await self._push_all()
@@ -178,12 +180,15 @@ class TlsSocket:
             await trio.lowlevel.wait_readable(self._sock)
 
     async def _push_all(self) -> None:
-        """Send every encrypted byte there is, waiting for the socket (only the handshake waits like this)."""
-        while not self._push():
-            try:
+        """Send every encrypted byte there is, waiting for the socket (only the handshake waits like this).
+
+        Raises TlsRefused when the socket is broken (a client gone before the server's flight went out).
+        """
+        try:
+            while not self._push():
                 await trio.lowlevel.wait_writable(self._sock)
-            except OSError as exc:
-                raise TlsRefused(f"the connection failed during the TLS handshake: {exc.strerror}") from None
+        except OSError as exc:
+            raise TlsRefused(f"the connection failed during the TLS handshake: {exc.strerror}") from None
 
     def _plain_http_refused(self) -> None:
         body = b'{"error":"tls_required","message":"this port serves TLS: connect with wss:// or https://"}'

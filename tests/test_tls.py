@@ -303,3 +303,20 @@ async def test_the_outbox_over_tls_delivers_every_byte_in_order_when_the_kernel_
             await outbox.wait_drained()
     assert bytes(got) == expected
     server_end.close()
+
+
+async def test_a_client_gone_before_the_server_hello_fails_the_handshake_as_refused(authority):
+    """The server's first flight finds the socket broken: the handshake is refused (counted and logged as such),
+    not an error escaping into the connection."""
+    server_end, client_end = socket.socketpair()
+    server_end.setblocking(False)
+    tls_socket = tls.TlsSocket(server_end, tls.load(str(authority.server_cert), str(authority.server_key)).context)
+    hello = ssl.MemoryBIO()
+    client = authority.client_context().wrap_bio(ssl.MemoryBIO(), hello, server_hostname="localhost")
+    with pytest.raises(ssl.SSLWantReadError):
+        client.do_handshake()
+    client_end.sendall(hello.read())
+    client_end.close()
+    with pytest.raises(tls.TlsRefused, match="the connection failed during the TLS handshake"), trio.fail_after(5):
+        await tls_socket.handshake()
+    server_end.close()

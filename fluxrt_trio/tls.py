@@ -9,8 +9,9 @@ over two MemoryBIOs); the encrypted bytes go through the raw socket.
 Encrypted bytes the kernel does not take at once stay in the TlsSocket, and the caller is told that the last byte
 of what it passed was not sent: it keeps that byte and passes it first again, as it would after any partial send,
 once the socket is writable. The TlsSocket then sends the encrypted rest and skips the byte, which it had already
-encrypted. So the outbox's backlog, writer, slow-consumer bound and half-close see exactly what a plain socket shows
-them, and no encrypted byte is ever waiting without the outbox knowing.
+encrypted. `sendmsg` encrypts `_PIECE` bytes at a time and stops at the first piece the kernel does not take whole,
+so the rest of a batch stays in the outbox. So the outbox's backlog, writer, slow-consumer bound and half-close see
+exactly what a plain socket shows them, and no encrypted byte is ever waiting without the outbox knowing.
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ import trio
 
 _RECORD = 16 * 1024 + 512
 """one TLS record, as read from the kernel at a time"""
+_PIECE = 64 * 1024
+"""plaintext encrypted at a time by `sendmsg`: at most this much waits encrypted where the outbox cannot see it
+(a slow consumer's close drops only the frames still in the outbox)"""
 _ALPN = ["http/1.1"]
 _HANDSHAKE_RECORD = 0x16
 
@@ -257,21 +261,45 @@ class TlsSocket:
         return self.sendmsg((data,))
 
     def sendmsg(self, buffers: Iterable[bytes | memoryview]) -> int:
-        """Encrypt and send `buffers` as one stream of bytes; returns how many of them count as sent.
+        """Encrypt and send `buffers` as one stream of bytes, `_PIECE` bytes at a time until the kernel refuses
+        some; returns how many of them count as sent (what was not encrypted stays with the caller).
 
         Raises BlockingIOError when encrypted bytes from before still wait for the kernel (nothing of `buffers` is
         taken then), OSError when the socket is broken.
         """
         if not self._push():
             raise BlockingIOError
-        data = b"".join(buffers)
-        owed, self._owed = self._owed, 0
-        if len(data) > owed:
-            self._ssl.write(memoryview(data)[owed:])
-        if self._push():
-            return len(data)
-        self._owed = 1
-        return len(data) - 1
+        skip, self._owed = self._owed, 0
+        sent = 0
+        parts: list[memoryview] = []
+        size = 0
+        for buffer in buffers:
+            view = memoryview(buffer)
+            if skip:
+                # The owed byte went out encrypted with the call before.
+                sent, view, skip = skip, view[skip:], 0
+            while view:
+                part = view[: _PIECE - size]
+                view = view[len(part) :]
+                parts.append(part)
+                size += len(part)
+                if size == _PIECE:
+                    sent += size
+                    if not self._seal(parts):
+                        self._owed = 1
+                        return sent - 1
+                    parts, size = [], 0
+        if parts:
+            sent += size
+            if not self._seal(parts):
+                self._owed = 1
+                return sent - 1
+        return sent
+
+    def _seal(self, parts: list[memoryview]) -> bool:
+        """Encrypt `parts` as one piece and hand the kernel what it takes; True when it took everything."""
+        self._ssl.write(parts[0] if len(parts) == 1 else b"".join(parts))
+        return self._push()
 
     def shutdown(self, how: int) -> None:
         """Send TLS's close_notify, then half-close the socket."""

@@ -305,6 +305,40 @@ async def test_the_outbox_over_tls_delivers_every_byte_in_order_when_the_kernel_
     server_end.close()
 
 
+async def test_a_slow_consumer_over_tls_is_closed_without_the_frames_it_did_not_read(authority):
+    """The frames the kernel refuses wait in the outbox, where closing a slow consumer drops them, as on a plain
+    socket: only a bounded piece is encrypted ahead of the kernel, not the whole batch handed to sendmsg."""
+    server_end, client_end = socket.socketpair()
+    server_end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    server_end.setblocking(False)
+    tls_socket = tls.TlsSocket(server_end, tls.load(str(authority.server_cert), str(authority.server_key)).context)
+    client = trio.SSLStream(
+        trio.SocketStream(trio.socket.from_stdlib_socket(client_end)),
+        authority.client_context(),
+        server_hostname="localhost",
+    )
+    flusher = Flusher()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(client.do_handshake)
+        with trio.fail_after(10):
+            await tls_socket.handshake()
+        outbox = Outbox(tls_socket, limit=100, nursery=nursery, flusher=flusher)
+        assert outbox.send_nowait(b"first")
+        for i in range(1000):
+            assert outbox.send_nowait(bytes([65 + i % 26]) * 10_000)
+        flusher.flush()
+        assert outbox.backlog > 900
+        outbox.close(b"CLOSE", discard_backlog=True)
+        got = bytearray()
+        with trio.fail_after(10):
+            while not got.endswith(b"CLOSE"):
+                got += await client.receive_some(1 << 20)
+        # The 10 MB the consumer did not read are not sent before the close frame.
+        assert len(got) < 200_000
+        nursery.cancel_scope.cancel()
+    server_end.close()
+
+
 async def test_a_client_gone_before_the_server_hello_fails_the_handshake_as_refused(authority):
     """The server's first flight finds the socket broken: the handshake is refused (counted and logged as such),
     not an error escaping into the connection."""

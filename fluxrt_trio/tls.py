@@ -120,7 +120,7 @@ class TlsSocket:
     the peer) are ssl.SSLError, which is an OSError, as a broken socket's errors are.
     """
 
-    __slots__ = ("_incoming", "_out", "_outgoing", "_owed", "_sock", "_ssl")
+    __slots__ = ("_incoming", "_out", "_outgoing", "_owed", "_sock", "_ssl", "_unread")
 
     def __init__(self, sock: socket.socket, context: ssl.SSLContext) -> None:
         self._sock = sock
@@ -131,6 +131,8 @@ class TlsSocket:
         """encrypted bytes the kernel has not taken yet"""
         self._owed = 0
         """bytes at the start of the next send that were encrypted already (see the module's docstring)"""
+        self._unread = b""
+        """plaintext decrypted at `shutdown` and not yet given to `recv`"""
 
     def fileno(self) -> int:
         return self._sock.fileno()
@@ -233,6 +235,9 @@ class TlsSocket:
 
         Raises BlockingIOError when no whole record has arrived yet.
         """
+        if self._unread:
+            data, self._unread = self._unread[:size], self._unread[size:]
+            return data
         while True:
             try:
                 data = self._ssl.read(size)
@@ -302,12 +307,25 @@ class TlsSocket:
         return self._push()
 
     def shutdown(self, how: int) -> None:
-        """Send TLS's close_notify, then half-close the socket."""
+        """Send TLS's close_notify, then half-close the socket; `recv` still returns what the client sends, as after
+        a plain half-close."""
+        # unwrap goes on to read the client's close_notify, and a record of data already there fails the connection
+        # for good (OpenSSL: application data after close notify), losing it and all that follows: what has arrived
+        # is decrypted first and kept for `recv`.
+        self._unread = self._decrypt_arrived()
         # With memory buffers unwrap always stops to wait for the peer's close_notify; ours is written by then.
         with contextlib.suppress(ssl.SSLError):
             self._ssl.unwrap()
         self._push()
         self._sock.shutdown(how)
+
+    def _decrypt_arrived(self) -> bytes:
+        """The plaintext of every whole record already read from the kernel (a bad record is left for `recv`)."""
+        parts = [self._unread]
+        with contextlib.suppress(ssl.SSLError):
+            while data := self._ssl.read(_RECORD):
+                parts.append(data)
+        return b"".join(parts)
 
     def close(self) -> None:
         self._sock.close()

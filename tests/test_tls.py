@@ -16,6 +16,8 @@ import pytest
 import trio
 import yaml
 from cryptography import x509
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection, CloseConnection, Message, Request
 
 from fluxrt_trio import tls
 from fluxrt_trio.client import ConnectionState, PublishError, open_client, publish
@@ -354,3 +356,32 @@ async def test_a_client_gone_before_the_server_hello_fails_the_handshake_as_refu
     with pytest.raises(tls.TlsRefused, match="the connection failed during the TLS handshake"), trio.fail_after(5):
         await tls_socket.handshake()
     server_end.close()
+
+
+async def test_a_client_closed_for_an_oversized_message_over_wss_completes_the_close_handshake(start_server, authority):
+    """After the server's close frame and close_notify, what the client sent is still read, as after a plain
+    half-close: the rest of the oversized message is discarded, the client's close frame is read and the connection
+    ends cleanly, not by a broken pipe or a reset."""
+    server = await start_server(server=authority.server_settings(), realtime={"max_message_size": 1024})
+    stream = await trio.open_ssl_over_tcp_stream("127.0.0.1", server.port, ssl_context=authority.client_context())
+    ws = WSConnection(ConnectionType.CLIENT)
+
+    async def until(kind: type) -> Any:
+        while True:
+            for event in ws.events():
+                if isinstance(event, kind):
+                    return event
+            ws.receive_data(await stream.receive_some(65536) or None)
+
+    async with stream:
+        with trio.fail_after(10):
+            await stream.send_all(ws.send(Request(host="localhost", target="/realtime")))
+            await until(AcceptConnection)
+            oversized = {"type": "broadcast", "channel": "broadcast:x", "payload": "a" * 2000}
+            more = b"".join(ws.send(Message(data="x" * 500)) for _ in range(200))
+            await stream.send_all(ws.send(Message(data=orjson.dumps(oversized).decode())) + more)
+            close = await until(CloseConnection)
+            assert close.code == 1009
+            await stream.send_all(ws.send(close.response()))
+            while await stream.receive_some(65536):
+                pass

@@ -7,7 +7,7 @@ CONFIG ?= fluxrt.yaml
 # A development-only secret so that `make run` and `make token` work out of the box; real deployments set their own.
 DEV_SECRET ?= dev-only-secret-change-me-0123456789abcdef
 
-.PHONY: setup services run test lint format token migrate fuzz bench-fanout bench-changes bench-rls bench-startup bench-resume bench-publish bench-connect bench-idle pyz clean
+.PHONY: setup services run test lint format token migrate fuzz bench-fanout bench-changes bench-rls bench-startup bench-resume bench-publish bench-connect bench-idle bench-tls pyz clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -90,6 +90,9 @@ bench-connect: $(STAMP)
 
 bench-idle: $(STAMP)
 	$(BIN)/python bench/idle.py $(ARGS)
+
+bench-tls: $(STAMP)
+	$(BIN)/python bench/fanout.py --tls $(ARGS)
 
 migrate: $(STAMP)
 	$(BIN)/fluxrt --config $(CONFIG) migrate

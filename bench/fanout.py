@@ -16,6 +16,9 @@ Two scenarios:
 
 Rounds alternate between servers and the median is reported, since the machine is shared.
 
+TLS (``--tls``): fluxrt plain, fluxrt over native TLS and the baseline over TLS, with a certificate of a CA made for
+the run; the clients of a TLS server connect over TLS (``wsraw.TlsStream``) and verify it.
+
 Slow consumers (``--slow S``): S more subscribers on the channel that never read. They are not counted in the
 figures above; per round the bench reports how many of them the server ended (their streams end when finally read
 after the run; for fluxrt also ``fluxrt_slow_consumer_closes_total`` and ``fluxrt_closes_total{code="4009"}`` from
@@ -29,6 +32,7 @@ Run from the repository root with the project venv:
     .venv/bin/python bench/fanout.py --paced         # 5000 conns, 100 msgs, one every 250 ms
     .venv/bin/python bench/fanout.py --servers websockets --rounds 1
     .venv/bin/python bench/fanout.py --fluxrt-from before=/tmp/fluxrt-before   # also fluxrt from another tree
+    .venv/bin/python bench/fanout.py --tls --paced   # fluxrt plain and over TLS, websockets over TLS
     .venv/bin/python bench/fanout.py --servers fluxrt --connections 1000 --rate 40 --messages 2400 \
         --slow 50 --slow-compare     # 50 clients that never read: healthy p99 with/without, 4009 closes, RSS
 """
@@ -42,6 +46,7 @@ import os
 import re
 import signal
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -56,9 +61,15 @@ import common
 import orjson
 from common import BENCH_DIR, REPO_ROOT, free_port, percentile, raise_nofile_limit, split_cpus, stop_child
 
-SERVERS = ("fluxrt", "websockets", "floor")
+SERVERS = ("fluxrt", "websockets", "floor", "fluxrt-tls", "websockets-tls")
 # "floor" (bench/floor_server.c, compiled with gcc at bench time) runs only when asked for.
 DEFAULT_SERVERS = ("fluxrt", "websockets")
+# A server KIND + TLS_SUFFIX serves TLS (wss://) with a certificate of a CA the bench makes, and its clients connect
+# over TLS; --tls runs TLS_SERVERS.
+TLS_SUFFIX = "-tls"
+TLS_SERVERS = ("fluxrt", "fluxrt-tls", "websockets-tls")
+# The pairs (A, B) whose ratios A/B a run with TLS servers prints.
+TLS_RATIOS = (("fluxrt-tls", "fluxrt"), ("fluxrt-tls", "websockets-tls"), ("websockets-tls", "websockets"))
 FLOOR_SOURCE = BENCH_DIR / "floor_server.c"
 # --slow-compare labels each server's rounds with the slow clients KIND + SLOW_SUFFIX.
 SLOW_SUFFIX = "+slow"
@@ -86,7 +97,7 @@ server:
   host: {host}
   port: {port}
   path: {path}
-  # Every client connects from this one address, all at once.
+{tls}  # Every client connects from this one address, all at once.
   max_pending_handshakes_per_address: 20000
 auth:
   allow_anonymous: true
@@ -122,6 +133,8 @@ class RoundResult:
     kib_per_conn: float = 0.0
     server_cpu_pct: float | None = None
     client_cpu_pct: float | None = None
+    # The client process's CPU over the timed phase (over TLS it decrypts every copy).
+    client_cpu_s_per_m_deliveries: float | None = None
     server_exit: str = ""
     # Paced scenario only.
     cpu_s_per_m_deliveries: float | None = None
@@ -197,9 +210,11 @@ def scrape_metrics(host: str, port: int, wanted: dict[str, str] = SLOW_METRICS) 
     return found
 
 
-def http_health(host: str, port: int) -> bool:
+def http_health(host: str, port: int, tls: ssl.SSLContext | None = None) -> bool:
+    """Whether GET /health answers 200 (over TLS with the client context `tls`)."""
     try:
-        with socket.create_connection((host, port), timeout=1.0) as s:
+        with socket.create_connection((host, port), timeout=1.0) as raw:
+            s = raw if tls is None else tls.wrap_socket(raw, server_hostname=host)
             s.sendall(f"GET /health HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n\r\n".encode())
             status = s.recv(64)
     except OSError:
@@ -209,7 +224,7 @@ def http_health(host: str, port: int) -> bool:
 
 def fluxrt_command(args: argparse.Namespace, kind: str) -> list[str]:
     """The interpreter command that runs fluxrt: this tree's, or for a ``--fluxrt-from`` label its PATH's."""
-    tree = args.fluxrt_from.get(kind)
+    tree = args.fluxrt_from.get(kind.removesuffix(TLS_SUFFIX))
     if tree is None:
         return [args.python]
     pythonpath = os.pathsep.join(filter(None, [str(tree), os.environ.get("PYTHONPATH")]))
@@ -252,7 +267,11 @@ class ServerProcess(common.ServerProcess):
         self.host: str = args.host
         self.port = free_port(args.host)
         self.path: str = args.path
-        self.is_fluxrt = kind == "fluxrt" or kind in args.fluxrt_from
+        self.tls: ssl.SSLContext | None = None
+        if kind.endswith(TLS_SUFFIX):
+            self.tls = args.tls_ca.client_context()
+        base = kind.removesuffix(TLS_SUFFIX)
+        self.is_fluxrt = base == "fluxrt" or base in args.fluxrt_from
         if self.is_fluxrt:
             config = workdir / f"{kind}-{self.port}.yaml"
             # With slow clients the per-connection queue bound is what is tested, so it keeps fluxrt's default;
@@ -263,8 +282,9 @@ class ServerProcess(common.ServerProcess):
                     host=self.host,
                     port=self.port,
                     path=self.path,
+                    tls=tls_settings(args) if self.tls else "",
                     write_buffer=write_buffer,
-                    history=history_setting(Path(args.fluxrt_from.get(kind, REPO_ROOT))),
+                    history=history_setting(Path(args.fluxrt_from.get(base, REPO_ROOT))),
                 )
                 + extra_config
             )
@@ -282,6 +302,8 @@ class ServerProcess(common.ServerProcess):
                 "--path",
                 self.path,
             ]
+            if self.tls:
+                argv += ["--tls-cert", str(args.tls_ca.server_cert), "--tls-key", str(args.tls_ca.server_key)]
         super().__init__(argv, workdir / f"{kind}-{self.port}.log", args.server_cpu)
 
     def wait_ready(self, timeout: float) -> None:
@@ -289,10 +311,25 @@ class ServerProcess(common.ServerProcess):
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.kind} exited with {self.proc.returncode}: {self.log_tail()}")
-            if http_health(self.host, self.port):
+            if http_health(self.host, self.port, self.tls):
                 return
             time.sleep(0.1)
         raise RuntimeError(f"{self.kind} not healthy after {timeout}s: {self.log_tail()}")
+
+
+def tls_settings(args: argparse.Namespace) -> str:
+    """fluxrt's `server:` lines serving TLS with the run's server certificate."""
+    return f"  tls_cert_file: {args.tls_ca.server_cert}\n  tls_key_file: {args.tls_ca.server_key}\n"
+
+
+def make_tls_ca(directory: Path) -> Any:
+    """The test suite's throwaway CA (tests/support/tls.py: a CA and a server certificate for 127.0.0.1, EC P-256),
+    made in `directory`: one copy of that code for tests and bench. It needs only cryptography and attrs."""
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.append(str(REPO_ROOT))
+    from tests.support.tls import make_ca
+
+    return make_ca(directory, "fluxrt bench CA")
 
 
 def start_clients(args: argparse.Namespace, server: ServerProcess, slow: int) -> subprocess.Popen[str]:
@@ -324,6 +361,8 @@ def start_clients(args: argparse.Namespace, server: ServerProcess, slow: int) ->
     ]
     if args.client_cpu is not None:
         argv += ["--cpu", str(args.client_cpu)]
+    if server.tls is not None:
+        argv += ["--tls-ca", str(args.tls_ca.ca_cert)]
     return subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
 
@@ -369,6 +408,19 @@ def start_syscall_counter(args: argparse.Namespace, server: ServerProcess, name:
     return counter
 
 
+def start_perf_record(args: argparse.Namespace, server: ServerProcess, name: str) -> subprocess.Popen[bytes]:
+    """`perf record -g` sampling `server` (kernel and user, native frames: OpenSSL's functions show by name,
+    Python's as the interpreter's) for the timed phase, to ``<--perf>/<name>.data`` (`perf report -i` reads it)."""
+    out = args.perf / f"{name}.data"
+    argv = ["perf", "record", "-g", "-F", str(args.profile_rate), "-o", str(out), "-p", str(server.pid)]
+    recorder = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    time.sleep(1.0)
+    if recorder.poll() is not None:
+        assert recorder.stderr is not None
+        raise RuntimeError(f"perf record exited with {recorder.returncode}: {recorder.stderr.read().decode()[-500:]}")
+    return recorder
+
+
 def syscall_counts(path: Path) -> dict[str, int]:
     """Calls per system call in a `perf trace -s` summary, summed over its threads."""
     counts: dict[str, int] = collections.Counter()
@@ -411,6 +463,7 @@ def run_round(label: str, kind: str, slow: int, rnd: int, args: argparse.Namespa
     sampler: RssSampler | None = None
     profiler: subprocess.Popen[bytes] | None = None
     counter: subprocess.Popen[bytes] | None = None
+    recorder: subprocess.Popen[bytes] | None = None
     try:
         server.wait_ready(args.startup_timeout)
         time.sleep(0.5)
@@ -434,6 +487,8 @@ def run_round(label: str, kind: str, slow: int, rnd: int, args: argparse.Namespa
             profiler = start_profiler(args, server, f"{label}-round{rnd}")
         if args.syscalls is not None:
             counter = start_syscall_counter(args, server, f"{label}-round{rnd}")
+        if args.perf is not None:
+            recorder = start_perf_record(args, server, f"{label}-round{rnd}")
         assert clients.stdin is not None
         clients.stdin.write("go\n")
         clients.stdin.flush()
@@ -441,6 +496,9 @@ def run_round(label: str, kind: str, slow: int, rnd: int, args: argparse.Namespa
         if profiler is not None:
             stop_profiler(profiler)
             profiler = None
+        if recorder is not None:
+            stop_profiler(recorder)
+            recorder = None
         if counter is not None:
             stop_profiler(counter)
             counter = None
@@ -463,6 +521,8 @@ def run_round(label: str, kind: str, slow: int, rnd: int, args: argparse.Namespa
             result.cpu_s_per_m_deliveries = res["server_cpu_s"] / res["frames_delivered"] * 1e6
             result.sys_s_per_m_deliveries = res["server_sys_s"] / res["frames_delivered"] * 1e6
         result.client_cpu_pct = res["client_cpu_pct"]
+        if res["frames_delivered"]:
+            result.client_cpu_s_per_m_deliveries = res["client_cpu_s"] / res["frames_delivered"] * 1e6
         result.details = {
             k: res[k]
             for k in (
@@ -475,6 +535,8 @@ def run_round(label: str, kind: str, slow: int, rnd: int, args: argparse.Namespa
                 "recv_calls",
             )
         }
+        if ready.get("tls"):
+            result.details["tls"] = ready["tls"]
         if args.pace:
             result.latency_last_ms = res["latency_last_ms"]
             result.latency_first_ms = res["latency_first_ms"]
@@ -504,6 +566,8 @@ def run_round(label: str, kind: str, slow: int, rnd: int, args: argparse.Namespa
             stop_profiler(profiler)
         if counter is not None:
             stop_profiler(counter)
+        if recorder is not None:
+            stop_profiler(recorder)
         if clients is not None:
             stop_child(clients)
         result.server_exit = server.stop()
@@ -550,7 +614,7 @@ def fmt_round(r: RoundResult) -> str:
             f"to first p50 {percentile(r.latency_first_ms, 50):.1f} ms, mean delivery "
             f"{d['latency_mean_delivery_ms']:.1f} ms; "
             f"server CPU {r.cpu_s_per_m_deliveries or 0:.2f} s per 1M deliveries "
-            f"(kernel {r.sys_s_per_m_deliveries or 0:.2f})"
+            f"(kernel {r.sys_s_per_m_deliveries or 0:.2f}), client {r.client_cpu_s_per_m_deliveries or 0:.2f}"
         )
         if d["overlapped_messages"]:
             line += (
@@ -596,6 +660,11 @@ def median_or_none(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
 
 
+def this_tree(label: str) -> str:
+    """The server of this tree that a --fluxrt-from LABEL (or LABEL-tls) is compared with."""
+    return "fluxrt" + TLS_SUFFIX if label.endswith(TLS_SUFFIX) else "fluxrt"
+
+
 def summarize(results: list[RoundResult], servers: list[str]) -> dict[str, Any]:
     summary: dict[str, Any] = {}
     for kind in servers:
@@ -610,6 +679,10 @@ def summarize(results: list[RoundResult], servers: list[str]) -> dict[str, Any]:
             "sys_s_per_m_deliveries": median_or_none(
                 [r.sys_s_per_m_deliveries for r in ok if r.sys_s_per_m_deliveries is not None]
             ),
+            "client_cpu_s_per_m_deliveries": median_or_none(
+                [r.client_cpu_s_per_m_deliveries for r in ok if r.client_cpu_s_per_m_deliveries is not None]
+            ),
+            "tls": next((r.details["tls"] for r in ok if r.details.get("tls")), None),
             "rounds_ok": len(ok),
             "rounds": sum(r.server == kind for r in results),
         }
@@ -659,16 +732,29 @@ def summarize(results: list[RoundResult], servers: list[str]) -> dict[str, Any]:
         flux = summary.get("fluxrt", {}).get(key)
         base = summary.get("websockets", {}).get(key)
         summary[f"ratio_{key}"] = flux / base if flux and base else None
-    # fluxrt (this tree) against each --fluxrt-from server.
+    # fluxrt (this tree) against each --fluxrt-from server, over TLS for a LABEL-tls.
     for other in servers:
         if other in SERVERS or other.endswith(SLOW_SUFFIX):
             continue
         ratios = {}
         for key in ("msgs_per_s", "msgs_per_cpu_s", "latency_last_p50_ms", "latency_last_p99_ms"):
-            flux = summary.get("fluxrt", {}).get(key)
+            flux = summary.get(this_tree(other), {}).get(key)
             base = summary[other].get(key)
             ratios[key] = flux / base if flux and base else None
         summary[f"ratio_fluxrt_{other}"] = ratios
+    for a, b in TLS_RATIOS:
+        if a in summary and b in summary:
+            ratios = {}
+            for key in (
+                "cpu_s_per_m_deliveries",
+                "msgs_per_s",
+                "latency_last_p50_ms",
+                "latency_last_p99_ms",
+                "client_cpu_s_per_m_deliveries",
+            ):
+                x, y = summary[a].get(key), summary[b].get(key)
+                ratios[key] = x / y if x and y else None
+            summary[f"ratio_{a}/{b}"] = ratios
     # Each server with its slow clients against itself without them (--slow-compare).
     for label in servers:
         base = label.removesuffix(SLOW_SUFFIX)
@@ -684,8 +770,10 @@ def summarize(results: list[RoundResult], servers: list[str]) -> dict[str, Any]:
 
 
 def print_summary(summary: dict[str, Any], servers: list[str], args: argparse.Namespace) -> None:
+    width = max(14, *(len(k) + 2 for k in servers))
+
     def row(label: str, cells: list[str]) -> None:
-        print(f"  {label:<32}" + "".join(f"{c:>14}" for c in cells))
+        print(f"  {label:<32}" + "".join(f"{c:>{width}}" for c in cells))
 
     def num(value: float | None, spec: str) -> str:
         return "-" if value is None else format(value, spec)
@@ -725,6 +813,8 @@ def print_summary(summary: dict[str, Any], servers: list[str], args: argparse.Na
         # Less sensitive to other load on the server's CPU than wall-clock rate.
         row("msgs per server CPU-second", [num(summary[k]["msgs_per_cpu_s"], ",.0f") for k in servers])
         row("server CPU-s per 1M deliveries", [num(summary[k]["cpu_s_per_m_deliveries"], ".2f") for k in servers])
+        row("  of which kernel (stime)", [num(summary[k]["sys_s_per_m_deliveries"], ".2f") for k in servers])
+    row("client CPU-s per 1M deliveries", [num(summary[k]["client_cpu_s_per_m_deliveries"], ".2f") for k in servers])
     row("idle KiB/conn", [num(summary[k]["kib_per_conn"], ".1f") for k in servers])
     if args.slow_mode:
         mib = [summary[k].get("rss_peak_kib_median") for k in servers]
@@ -736,6 +826,24 @@ def print_summary(summary: dict[str, Any], servers: list[str], args: argparse.Na
         for name in SLOW_METRICS.values():
             row(f"  /metrics {name}", [num(summary[k].get(name), "g") for k in servers])
     row("valid rounds", [f"{summary[k]['rounds_ok']}/{summary[k]['rounds']}" for k in servers])
+    for k in servers:
+        if summary[k].get("tls"):
+            print(f"  {k}: {summary[k]['tls']}, as the clients negotiated it")
+    for a, b in TLS_RATIOS:
+        ratios = summary.get(f"ratio_{a}/{b}")
+        if ratios:
+            cells = [
+                f"{label} {ratios[key]:.2f}x"
+                for label, key in (
+                    ("server CPU per delivery", "cpu_s_per_m_deliveries"),
+                    ("msgs/s", "msgs_per_s"),
+                    ("fan-out latency p50", "latency_last_p50_ms"),
+                    ("p99", "latency_last_p99_ms"),
+                    ("client CPU per delivery", "client_cpu_s_per_m_deliveries"),
+                )
+                if ratios[key] is not None and (key != "msgs_per_s" or not args.pace)
+            ]
+            print(f"  {a}/{b}: " + ", ".join(cells))
     if args.pace:
         counts = {summary[k].get("latency_messages") for k in servers}
         n_msgs = "/".join(str(c) for c in sorted(counts, key=str))
@@ -781,7 +889,7 @@ def print_summary(summary: dict[str, Any], servers: list[str], args: argparse.Na
     for other in servers:
         ratios = summary.get(f"ratio_fluxrt_{other}")
         if ratios and ratios["msgs_per_s"] is not None:
-            line = f"  ratio fluxrt/{other}: msgs/s {ratios['msgs_per_s']:.2f}x"
+            line = f"  ratio {this_tree(other)}/{other}: msgs/s {ratios['msgs_per_s']:.2f}x"
             if ratios["msgs_per_cpu_s"] is not None:
                 line += f", per server CPU-second {ratios['msgs_per_cpu_s']:.2f}x"
             line += " (higher is better for fluxrt)"
@@ -891,9 +999,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--servers",
-        default=",".join(DEFAULT_SERVERS),
-        help="comma-separated subset of: fluxrt,websockets,floor (default fluxrt,websockets); floor is "
-        "bench/floor_server.c, one send() per subscriber per broadcast, compiled with gcc for the run",
+        default=None,
+        help=f"comma-separated subset of: {','.join(SERVERS)} (default {','.join(DEFAULT_SERVERS)}); floor is "
+        "bench/floor_server.c, one send() per subscriber per broadcast, compiled with gcc for the run; KIND-tls serves "
+        "TLS with a certificate of a CA the bench makes, and its clients connect over TLS",
+    )
+    parser.add_argument(
+        "--tls",
+        action="store_true",
+        help=f"TLS fan-out: the same as --servers {','.join(TLS_SERVERS)}",
     )
     parser.add_argument(
         "--fluxrt-from",
@@ -925,7 +1039,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="count every server's system calls with `perf trace -s` during its timed phase (summaries in DIR) and "
         "print them per delivery; figures of traced rounds are not comparable with untraced ones",
     )
-    parser.add_argument("--profile-rate", type=int, default=250, help="py-spy samples per second (default 250)")
+    parser.add_argument(
+        "--perf",
+        type=Path,
+        metavar="DIR",
+        help="sample every server with `perf record -g` during its timed phase, to DIR/LABEL-roundN.data; figures of "
+        "sampled rounds are not comparable with unsampled ones",
+    )
+    parser.add_argument(
+        "--profile-rate", type=int, default=250, help="py-spy's (and --perf's) samples per second (default 250)"
+    )
     parser.add_argument("--check", action="store_true", help="exit 1 unless all targets are met")
     args = parser.parse_args(argv)
     if args.rate is not None:
@@ -947,10 +1070,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.messages = PACED_MESSAGES if args.pace else 200
     if args.quick:
         args.connections, args.messages = 500, 50
+    if args.tls:
+        if args.servers is not None:
+            parser.error("--tls is a choice of --servers; give one")
+        args.servers = ",".join(TLS_SERVERS)
+    elif args.servers is None:
+        args.servers = ",".join(DEFAULT_SERVERS)
     args.server_list = [s.strip() for s in args.servers.split(",") if s.strip()]
-    unknown = set(args.server_list) - set(SERVERS)
-    if unknown or not args.server_list:
-        parser.error(f"--servers: unknown {sorted(unknown)}; choose from {SERVERS}")
     trees: dict[str, Path] = {}
     for spec in args.fluxrt_from:
         label, sep, path = spec.partition("=")
@@ -960,9 +1086,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--fluxrt-from {spec}: no fluxrt_trio package in {path}")
         trees[label] = Path(path).resolve()
     args.fluxrt_from = trees
-    args.server_list += list(trees)
+    # A --fluxrt-from LABEL can also be named in --servers as LABEL-tls, to serve TLS; it runs once either way.
+    args.server_list += [label for label in trees if not {label, label + TLS_SUFFIX} & set(args.server_list)]
+    known = {*SERVERS, *trees, *(label + TLS_SUFFIX for label in trees)}
+    unknown = set(args.server_list) - known
+    if unknown or not args.server_list:
+        parser.error(f"--servers: unknown {sorted(unknown)}; choose from {SERVERS} or a --fluxrt-from LABEL[-tls]")
+    if args.slow and any(s.endswith(TLS_SUFFIX) for s in args.server_list):
+        parser.error("--slow is not supported with TLS servers")
     args.server_cpu, args.client_cpu = split_cpus(args.no_pin)
-    for directory in (args.profile, args.syscalls):
+    for directory in (args.profile, args.syscalls, args.perf):
         if directory is not None:
             directory.mkdir(parents=True, exist_ok=True)
     return args
@@ -999,10 +1132,14 @@ def main(argv: list[str] | None = None) -> int:
         )
     if args.fluxrt_from:
         for kind in ["fluxrt", *args.fluxrt_from]:
-            if kind in servers:
+            if kind in servers or kind + TLS_SUFFIX in servers:
                 print(f"  {kind}: fluxrt_trio from {fluxrt_origin(args, kind)}", flush=True)
     results: list[RoundResult] = []
     with tempfile.TemporaryDirectory(prefix="fluxrt-bench-") as tmp:
+        args.tls_ca = None
+        if any(kind.endswith(TLS_SUFFIX) for kind in args.server_list):
+            args.tls_ca = make_tls_ca(Path(tmp) / "tls")
+            print(f"  TLS: servers use a certificate of a CA made for the run ({args.tls_ca.ca_cert})", flush=True)
         if "floor" in args.server_list:
             args.floor_binary = build_floor(Path(tmp))
         for rnd in range(1, args.rounds + 1):

@@ -30,6 +30,7 @@ import itertools
 import os
 import select
 import socket
+import ssl
 import sys
 import time
 from typing import Any
@@ -43,6 +44,7 @@ from wsraw import (
     OP_PONG,
     OP_TEXT,
     BenchError,
+    TlsStream,
     finish_handshake,
     kernel_stamp,
     masked_frame,
@@ -58,8 +60,8 @@ NEAR_BYTES = 8192
 # How long the slow clients get, once the timed run is over, to read to the end of their streams.
 SLOW_DRAIN_S = 15.0
 
-# Connection states.
-CONNECTING, HANDSHAKING, SUBSCRIBING, IDLE = range(4)
+# Connection states, in order.
+CONNECTING, TLS_HANDSHAKING, HANDSHAKING, SUBSCRIBING, IDLE = range(5)
 
 
 def make_payload(seq: int, size: int) -> dict[str, str]:
@@ -71,7 +73,7 @@ class Conn:
     __slots__ = ("accept", "buf", "fd", "sock", "state")
 
     def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
+        self.sock: socket.socket | TlsStream = sock
         self.fd = sock.fileno()
         self.state = CONNECTING
         self.buf = bytearray()
@@ -95,6 +97,11 @@ class FanoutClients:
         self.server_pid: int | None = args.server_pid
         self.n_slow: int = args.slow
         self.slow_rcvbuf: int = args.slow_rcvbuf
+        self.tls: ssl.SSLContext | None = None
+        if args.tls_ca is not None:
+            # Verifies the server's certificate against the bench's CA and the host name, as a real client would.
+            self.tls = ssl.create_default_context(cafile=args.tls_ca)
+        self.cipher = ""
         self.ep = select.epoll()
         self.subs: list[Conn] = []
         self.slow: list[Conn] = []
@@ -112,6 +119,21 @@ class FanoutClients:
         return conn
 
     def _start_handshake(self, conn: Conn) -> None:
+        """Move a connection on from CONNECTING (its connect completed) or TLS_HANDSHAKING (something arrived): with
+        TLS, start or continue the TLS handshake; once there is a stream, send the upgrade request."""
+        if conn.state == CONNECTING and self.tls is not None:
+            err = conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                raise BenchError(f"connect to {self.host}:{self.port} failed: {os.strerror(err)}")
+            assert isinstance(conn.sock, socket.socket)
+            conn.sock = TlsStream(conn.sock, self.tls, self.host)
+            conn.state = TLS_HANDSHAKING
+            self.ep.modify(conn.fd, select.EPOLLIN)
+        if conn.state == TLS_HANDSHAKING:
+            assert isinstance(conn.sock, TlsStream)
+            if not conn.sock.handshake():
+                return
+            self.cipher = conn.sock.cipher()
         conn.accept = start_handshake(conn.sock, self.host, self.port, self.path)
         conn.state = HANDSHAKING
         self.ep.modify(conn.fd, select.EPOLLIN)
@@ -141,7 +163,11 @@ class FanoutClients:
             return payload, length
 
     def _read_into_buf(self, conn: Conn) -> None:
-        data = conn.sock.recv(65536)
+        try:
+            data = conn.sock.recv(65536)
+        except BlockingIOError:
+            # Part of a TLS record: the rest is still to come.
+            return
         if not data:
             raise BenchError(f"server closed a connection (state {conn.state})")
         conn.buf += data
@@ -175,7 +201,7 @@ class FanoutClients:
                 raise BenchError(f"only {ready}/{count} connections subscribed after {self.timeout}s")
             for fd, ev in self.ep.poll(1.0, len(self.by_fd) + 1):
                 conn = self.by_fd[fd]
-                if conn.state == CONNECTING:
+                if conn.state < HANDSHAKING:
                     self._start_handshake(conn)
                     continue
                 if ev & (select.EPOLLERR | select.EPOLLHUP) and not ev & select.EPOLLIN:
@@ -212,7 +238,7 @@ class FanoutClients:
                 if fd != conn.fd:
                     # A subscriber got something while idle; leave it for the warm-up parser.
                     continue
-                if conn.state == CONNECTING:
+                if conn.state < HANDSHAKING:
                     self._start_handshake(conn)
                 else:
                     self._read_into_buf(conn)
@@ -297,6 +323,7 @@ class FanoutClients:
         for conn in self.subs:
             recv_into[conn.fd] = conn.sock.recv_into
             recvmsg_into[conn.fd] = conn.sock.recvmsg_into
+        tls = self._tls_streams(max_fd)
         pub_fd = pub.fd
         buf = bytearray(1 << 18)
         bufs = [buf]
@@ -342,18 +369,25 @@ class FanoutClients:
                         if not out:
                             self.ep.modify(pub_fd, select.EPOLLIN)
                     if ev & select.EPOLLIN:
-                        pub_rx += len(pub.sock.recv(65536))
+                        pub_rx += self._publisher_read()
                     continue
                 recvs += 1
                 total = received[fd]
                 stamp = 0
-                if total < near:
-                    n = recv_into[fd](buf)
-                else:
-                    n, ancdata, _flags, _addr = recvmsg_into[fd](bufs, ANC_BUFSIZE)
-                    stamp = kernel_stamp(ancdata)
+                try:
+                    if total < near:
+                        n = recv_into[fd](buf)
+                    else:
+                        n, ancdata, _flags, _addr = recvmsg_into[fd](bufs, ANC_BUFSIZE)
+                        stamp = kernel_stamp(ancdata)
+                except BlockingIOError:
+                    # Only over TLS: part of a record.
+                    continue
                 if n == 0:
                     raise BenchError("server closed a subscriber during the timed run")
+                if tls and tls[fd].has_more and total + n < target:
+                    # Plaintext left in the TLS stream with nothing in the kernel to report: read it again.
+                    events.append((fd, 0))
                 total += n
                 received[fd] = total
                 if total >= target:
@@ -432,6 +466,7 @@ class FanoutClients:
         recvmsg_into: list[Any] = [None] * max_fd
         for conn in self.subs:
             recvmsg_into[conn.fd] = conn.sock.recvmsg_into
+        tls = self._tls_streams(max_fd)
         pub_fd = pub.fd
         view = memoryview(bytearray(size))
         whole = [view]
@@ -476,15 +511,24 @@ class FanoutClients:
                 continue
             for fd, _ev in events:
                 if fd == pub_fd:
-                    pub_rx += len(pub.sock.recv(65536))
+                    pub_rx += self._publisher_read()
                     continue
                 recvs += 1
                 total = received[fd]
                 partial = total % size
                 bufs = whole if not partial else [view[: size - partial]]
-                n, ancdata, _flags, _addr = recvmsg_into[fd](bufs, ANC_BUFSIZE)
+                try:
+                    n, ancdata, _flags, _addr = recvmsg_into[fd](bufs, ANC_BUFSIZE)
+                except BlockingIOError:
+                    # Only over TLS: part of a record.
+                    continue
                 if n == 0:
                     raise BenchError("server closed a subscriber during the timed run")
+                if tls and tls[fd].has_more and total + n < target:
+                    # The next message's plaintext is here already (this read stops at the boundary) and the kernel
+                    # has nothing to report: read it again. Its completion counts as late, as the plain socket's
+                    # merged segment does.
+                    events.append((fd, 0))
                 stamp = kernel_stamp(ancdata)
                 if not stamp:
                     untimestamped += 1
@@ -593,6 +637,23 @@ class FanoutClients:
             "slow_frames_max": max(frames.values(), default=0),
         }
 
+    def _tls_streams(self, size: int) -> list[Any]:
+        """The subscribers' TLS streams indexed by descriptor, or an empty list without TLS."""
+        if self.tls is None:
+            return []
+        streams: list[Any] = [None] * size
+        for conn in self.subs:
+            streams[conn.fd] = conn.sock
+        return streams
+
+    def _publisher_read(self) -> int:
+        """Bytes the publisher received (none are expected: the server sends a publisher nothing back)."""
+        assert self.publisher is not None
+        try:
+            return len(self.publisher.sock.recv(65536))
+        except BlockingIOError:
+            return 0
+
     def _count_extra_bytes(self, received: list[int], target: int) -> int:
         """Subscribers that got all ``target`` bytes and still have more to read."""
         extra = 0
@@ -620,6 +681,7 @@ def cpu_fields(
         server_sys_s = server_cpu1[1] - server_cpu0[1]
         server_cpu_s = server_cpu1[0] - server_cpu0[0] + server_sys_s
     return {
+        "client_cpu_s": client_cpu_s,
         "client_cpu_pct": 100.0 * client_cpu_s / wall,
         "server_cpu_s": server_cpu_s,
         "server_sys_s": server_sys_s,
@@ -646,6 +708,9 @@ def main() -> int:
     parser.add_argument(
         "--slow-rcvbuf", type=int, default=4096, help="SO_RCVBUF of the slow subscribers, so they fill fast"
     )
+    parser.add_argument(
+        "--tls-ca", help="connect over TLS, verifying the server's certificate against this PEM CA certificate"
+    )
     parser.add_argument("--server-pid", type=int, help="report this process's CPU use in the run")
     parser.add_argument("--cpu", type=int, help="pin this process to one CPU")
     parser.add_argument("--no-wait", action="store_true", help="don't wait for 'go' on stdin")
@@ -657,7 +722,7 @@ def main() -> int:
     clients = FanoutClients(args)
     try:
         connect_s = clients.connect_all()
-        emit("ready", connections=args.connections, connect_s=connect_s)
+        emit("ready", connections=args.connections, connect_s=connect_s, tls=clients.cipher)
         if not args.no_wait and sys.stdin.readline().strip() != "go":
             raise BenchError("driver went away before 'go'")
         clients.warmup()

@@ -11,7 +11,10 @@ code drives both servers:
 Per broadcast it does what fluxrt has to do and no more: parse the JSON, serialize the
 outgoing frame once, and hand it to ``websockets.asyncio.server.broadcast()``.
 
-Run: ``python bench/ws_baseline_server.py --port 18081 [--path /realtime]``
+With ``--tls-cert`` and ``--tls-key`` it serves TLS (``websockets.serve(ssl=...)``, asyncio's TLS transport), with
+the settings fluxrt's native TLS uses (TLS 1.2 or later, ALPN http/1.1, no renegotiation).
+
+Run: ``python bench/ws_baseline_server.py --port 18081 [--path /realtime] [--tls-cert PEM --tls-key PEM]``
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import argparse
 import asyncio
 import resource
 import signal
+import ssl
 from http import HTTPStatus
 
 import orjson
@@ -79,7 +83,17 @@ class BaselineServer:
                         del self.channels[channel]
 
 
-async def run(host: str, port: int, path: str, ping_interval: float | None) -> None:
+def tls_context(cert_file: str, key_file: str) -> ssl.SSLContext:
+    """A server context as fluxrt_trio/tls.py's `load` makes it, so both servers negotiate the same with a client."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_alpn_protocols(["http/1.1"])
+    context.options |= ssl.OP_NO_RENEGOTIATION
+    context.load_cert_chain(cert_file, key_file)
+    return context
+
+
+async def run(host: str, port: int, path: str, ping_interval: float | None, tls: ssl.SSLContext | None) -> None:
     app = BaselineServer(path)
     stop = asyncio.get_running_loop().create_future()
     loop = asyncio.get_running_loop()
@@ -95,6 +109,7 @@ async def run(host: str, port: int, path: str, ping_interval: float | None) -> N
         compression=None,
         ping_interval=ping_interval,
         backlog=4096,
+        ssl=tls,
     ):
         await stop
 
@@ -111,9 +126,14 @@ def main() -> None:
         help="websockets keepalive ping interval in seconds (default: off; server pings would be "
         "counted as payload bytes by the benchmark client)",
     )
+    parser.add_argument("--tls-cert", help="serve TLS with this PEM certificate (with --tls-key)")
+    parser.add_argument("--tls-key", help="the PEM private key of --tls-cert")
     args = parser.parse_args()
+    if (args.tls_cert is None) != (args.tls_key is None):
+        parser.error("--tls-cert and --tls-key go together")
+    tls = tls_context(args.tls_cert, args.tls_key) if args.tls_cert else None
     raise_nofile_limit()
-    asyncio.run(run(args.host, args.port, args.path, args.ping_interval))
+    asyncio.run(run(args.host, args.port, args.path, args.ping_interval, tls))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,9 @@ import errno
 import hashlib
 import os
 import socket
+import ssl
 import struct
+from typing import Any
 
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 OP_TEXT = 0x1
@@ -24,6 +26,8 @@ OP_PONG = 0xA
 SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
 TIMESPEC = struct.Struct("@qq")
 ANC_BUFSIZE = socket.CMSG_SPACE(TIMESPEC.size)
+# Encrypted bytes read from the kernel at a time by a TlsStream.
+TLS_RAW_READ = 65536
 
 
 class BenchError(Exception):
@@ -159,3 +163,170 @@ def finish_handshake(buf: bytearray, accept: bytes, max_head: int | None = None)
     if headers.get("sec-websocket-accept", "").encode() != accept:
         raise BenchError("bad Sec-WebSocket-Accept in upgrade response")
     return True
+
+
+class TlsStream:
+    """TLS over a connected non-blocking socket, for a load generator that drives thousands of them on one epoll.
+
+    It offers the calls the load generators make on a plain socket (`recv`, `recv_into`, `recvmsg_into`, `send`,
+    `getsockopt`, `fileno`, `close`), with the same non-blocking behaviour: BlockingIOError when no plaintext can be
+    had without waiting. OpenSSL works on memory buffers (ssl.SSLObject over two MemoryBIOs) and the encrypted bytes
+    go through the socket, so `recvmsg_into` can still hand back the kernel's receive timestamp (SO_TIMESTAMPNS):
+    that of the last read of encrypted bytes, the one that completed the plaintext returned.
+
+    A read stops when the caller's buffer is full, so plaintext may be left decrypted here with nothing left in the
+    kernel to make epoll report the socket again: `has_more` says so, and the caller must read again.
+    """
+
+    __slots__ = ("_anc", "_incoming", "_outgoing", "_raw", "_ssl", "sock")
+
+    def __init__(self, sock: socket.socket, context: ssl.SSLContext, host: str) -> None:
+        self.sock = sock
+        self._incoming = ssl.MemoryBIO()
+        self._outgoing = ssl.MemoryBIO()
+        self._ssl = context.wrap_bio(self._incoming, self._outgoing, server_hostname=host)
+        self._raw = bytearray(TLS_RAW_READ)
+        self._anc: list[tuple[int, int, bytes]] = []
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def getsockopt(self, level: int, option: int) -> int:
+        return self.sock.getsockopt(level, option)
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def handshake(self) -> bool:
+        """Advance the TLS handshake with what has arrived; True once it is complete.
+
+        Raises BenchError when it fails (the server's certificate does not verify, an alert) or the server closes.
+        """
+        while True:
+            try:
+                self._ssl.do_handshake()
+            except ssl.SSLWantReadError:
+                self._flush()
+                if self._pull(0) is None:
+                    return False
+                continue
+            except ssl.SSLError as exc:
+                raise BenchError(f"TLS handshake failed: {exc}") from None
+            self._flush()
+            return True
+
+    def cipher(self) -> str:
+        """The negotiated protocol and cipher suite, such as "TLSv1.3 TLS_AES_256_GCM_SHA384"."""
+        name, version, _bits = self._ssl.cipher() or ("?", "?", 0)
+        return f"{version} {name}"
+
+    @property
+    def has_more(self) -> bool:
+        """Whether bytes already read from the kernel may hold plaintext not yet returned."""
+        return bool(self._ssl.pending() or self._incoming.pending)
+
+    def _pull(self, ancbufsize: int) -> int | None:
+        """Move what the kernel has into OpenSSL (and keep its receive timestamp): how many bytes (0 at the end of
+        the stream), None if it has nothing now."""
+        try:
+            n, anc, _flags, _addr = self.sock.recvmsg_into([self._raw], ancbufsize)
+        except BlockingIOError:
+            return None
+        if not n:
+            self._incoming.write_eof()
+            return 0
+        self._incoming.write(memoryview(self._raw)[:n])
+        if anc:
+            self._anc = anc
+        return n
+
+    def _flush(self) -> None:
+        """Send what OpenSSL wrote; the load generators' writes are small, so the kernel takes them at once (a short
+        write would block until it took the rest)."""
+        if self._outgoing.pending:
+            data = self._outgoing.read()
+            sent = self.sock.send(data)
+            if sent < len(data):
+                self.sock.setblocking(True)
+                try:
+                    self.sock.sendall(memoryview(data)[sent:])
+                finally:
+                    self.sock.setblocking(False)
+
+    def recvmsg_into(self, buffers: list[Any], ancbufsize: int = 0, _flags: int = 0) -> tuple[int, list, int, None]:
+        """Decrypt into ``buffers[0]`` (only one buffer is supported) until it is full or nothing more has arrived;
+        returns (bytes, the ancillary data of the last read from the kernel, 0, None); 0 bytes at the end of the
+        stream. Raises BlockingIOError when there is no plaintext."""
+        view = memoryview(buffers[0])
+        want = len(view)
+        got = 0
+        ended = False
+        incoming, tls = self._incoming, self._ssl
+        # Once the kernel gave less than asked it has nothing more for now, and epoll reports what comes later: not
+        # asking again saves a call that would fail. Nor is OpenSSL asked to read from nothing (its "want read" is
+        # an exception, and this is the load generator's hot path).
+        drained = False
+        while got < want:
+            if not incoming.pending and not tls.pending() and not incoming.eof:
+                if drained:
+                    break
+                pulled = self._pull(ancbufsize)
+                if pulled is None:
+                    break
+                drained = pulled < TLS_RAW_READ
+                continue
+            try:
+                n = tls.read(want - got, view[got:])
+            except ssl.SSLWantReadError:
+                # Part of a record.
+                if drained:
+                    break
+                pulled = self._pull(ancbufsize)
+                if pulled is None:
+                    break
+                drained = pulled < TLS_RAW_READ
+                continue
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                ended = True
+                break
+            if not n:
+                ended = True
+                break
+            got += n
+        if not got and not ended:
+            raise BlockingIOError
+        return got, self._anc, 0, None
+
+    def recv_into(self, buffer: Any) -> int:
+        return self.recvmsg_into([buffer])[0]
+
+    def recv(self, size: int, flags: int = 0) -> bytes:
+        """Every byte of plaintext there is (``size`` is ignored, so that none stays behind unseen by epoll), or with
+        MSG_PEEK one byte if any has arrived, encrypted or not."""
+        if flags & socket.MSG_PEEK:
+            return b"?" if self.has_more else self.sock.recv(1, socket.MSG_PEEK)
+        chunks = []
+        while True:
+            buf = bytearray(TLS_RAW_READ)
+            try:
+                n = self.recv_into(buf)
+            except BlockingIOError:
+                if chunks:
+                    break
+                raise
+            if not n:
+                break
+            chunks.append(bytes(buf[:n]))
+        return b"".join(chunks)
+
+    def send(self, data: bytes | memoryview) -> int:
+        """Encrypt and send all of ``data`` (see `_flush`)."""
+        self._ssl.write(data)
+        self._flush()
+        return len(data)
+
+    def setblocking(self, flag: bool) -> None:
+        """Sends always complete (see `_flush`), so a caller switching to a blocking send needs no change."""
+
+    def sendall(self, data: bytes | memoryview) -> None:
+        self.send(data)

@@ -217,6 +217,10 @@ class Connection:
                     trailing = await self._handshake()
                     if trailing is not None:
                         await self._websocket(trailing)
+                    else:
+                        # An HTTP answer, or none: end the stream after it (over TLS with close_notify, whose
+                        # absence a client reading to the end takes for a truncation).
+                        self.outbox.close(b"")
                 except Exception:
                     log.exception("connection failed", extra=ctx(conn=self.conn_id))
                     self.close(CloseCode.INTERNAL_ERROR, "internal error")

@@ -385,3 +385,17 @@ async def test_a_client_closed_for_an_oversized_message_over_wss_completes_the_c
             await stream.send_all(ws.send(close.response()))
             while await stream.receive_some(65536):
                 pass
+
+
+async def test_an_https_answer_ends_with_close_notify(start_server, authority):
+    """A client that reads to the end of the stream (not trusting Content-Length) sees TLS's close_notify, not an
+    EOF that could be a truncation attack."""
+    server = await start_server(server=authority.server_settings())
+    stream = await trio.open_ssl_over_tcp_stream("127.0.0.1", server.port, ssl_context=authority.client_context())
+    async with stream:
+        await stream.send_all(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        data = b""
+        with trio.fail_after(5):
+            while chunk := await stream.receive_some(65536):
+                data += chunk
+    assert data.startswith(b"HTTP/1.1 200 ")

@@ -489,14 +489,15 @@ class Connection:
 
     async def _read_request(self) -> tuple[h11.Request | None, h11.Connection, bytes]:
         exchange = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD)
+        secured = not isinstance(self.sock, TlsSocket)
         with trio.move_on_after(self.host.settings.handshake_timeout):
             if isinstance(self.sock, TlsSocket):
                 try:
                     await self.sock.handshake()
                 except TlsRefused as exc:
-                    self.host.counters.tls_handshake_failures += 1
-                    log.info("TLS handshake failed", extra=ctx(conn=self.conn_id, peer=self.peer, reason=str(exc)))
+                    self._tls_failed(str(exc))
                     return None, exchange, b""
+                secured = True
             while True:
                 try:
                     event = exchange.next_event()
@@ -516,7 +517,13 @@ class Connection:
                     exchange.receive_data(data)
                 else:
                     return None, exchange, b""
+        if not secured:
+            self._tls_failed("the TLS handshake did not complete within server.handshake_timeout")
         return None, exchange, b""
+
+    def _tls_failed(self, reason: str) -> None:
+        self.host.counters.tls_handshake_failures += 1
+        log.info("TLS handshake failed", extra=ctx(conn=self.conn_id, peer=self.peer, reason=reason))
 
     def _send_http(self, data: bytes) -> None:
         assert self.outbox is not None

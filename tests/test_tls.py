@@ -399,3 +399,16 @@ async def test_an_https_answer_ends_with_close_notify(start_server, authority):
             while chunk := await stream.receive_some(65536):
                 data += chunk
     assert data.startswith(b"HTTP/1.1 200 ")
+
+
+async def test_a_tls_handshake_that_does_not_complete_in_time_is_counted_and_logged(start_server, authority, caplog):
+    caplog.set_level("INFO", logger="fluxrt.connection")
+    server = await start_server(server={**authority.server_settings(), "handshake_timeout": 0.2})
+    stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+    async with stream:
+        with trio.fail_after(5):
+            # Nothing sent: the server gives up after server.handshake_timeout and closes.
+            assert await stream.receive_some() == b""
+    assert server.counters.tls_handshake_failures == 1
+    (record,) = [r for r in caplog.records if r.getMessage() == "TLS handshake failed"]
+    assert "server.handshake_timeout" in record.__dict__["ctx_reason"]

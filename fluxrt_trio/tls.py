@@ -276,24 +276,24 @@ class TlsSocket:
             raise BlockingIOError
         skip, self._owed = self._owed, 0
         sent = 0
-        parts: list[memoryview] = []
+        parts: list[bytes | memoryview] = []
         size = 0
         for buffer in buffers:
-            view = memoryview(buffer)
             if skip:
                 # The owed byte went out encrypted with the call before.
-                sent, view, skip = skip, view[skip:], 0
-            while view:
-                part = view[: _PIECE - size]
-                view = view[len(part) :]
-                parts.append(part)
-                size += len(part)
-                if size == _PIECE:
-                    sent += size
-                    if not self._seal(parts):
-                        self._owed = 1
-                        return sent - 1
-                    parts, size = [], 0
+                sent, buffer, skip = skip, memoryview(buffer)[skip:], 0
+            while size + len(buffer) >= _PIECE:
+                view, cut = memoryview(buffer), _PIECE - size
+                parts.append(view[:cut])
+                buffer = view[cut:]
+                sent += _PIECE
+                if not self._seal(parts):
+                    self._owed = 1
+                    return sent - 1
+                parts, size = [], 0
+            if buffer:
+                parts.append(buffer)
+                size += len(buffer)
         if parts:
             sent += size
             if not self._seal(parts):
@@ -301,7 +301,7 @@ class TlsSocket:
                 return sent - 1
         return sent
 
-    def _seal(self, parts: list[memoryview]) -> bool:
+    def _seal(self, parts: list[bytes | memoryview]) -> bool:
         """Encrypt `parts` as one piece and hand the kernel what it takes; True when it took everything."""
         self._ssl.write(parts[0] if len(parts) == 1 else b"".join(parts))
         return self._push()

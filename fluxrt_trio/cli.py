@@ -191,7 +191,7 @@ def reload(server: Server, started: Config, path: str | None) -> None:
         # The files changed since they were checked (or cannot be used as keys): nothing was applied.
         log.error(
             "reload rejected; the running configuration stays",
-            extra=logs.ctx(problems=[f"cannot use a key file: {exc}"]),
+            extra=logs.ctx(problems=[f"cannot use a file named by the configuration: {exc}"]),
         )
         return
     logs.configure(plan.config.log.level, plan.config.log.format)

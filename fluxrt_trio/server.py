@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
 import errno
 import itertools
 import logging
@@ -159,7 +160,7 @@ class Server:
                         ),
                     )
                     if self.tls is not None:
-                        log.info("TLS certificate loaded", extra=ctx(**_certificate_fields(self.tls)))
+                        _log_certificate(self.tls)
                     task_status.started(self.port)
         finally:
             self._close_listener()
@@ -271,7 +272,7 @@ class Server:
         self.config = config
         self.tls = certificates
         if certificates is not None:
-            log.info("TLS certificate loaded", extra=ctx(**_certificate_fields(certificates)))
+            _log_certificate(certificates)
         self.verifier = verifier
         self.settings = settings = ConnectionSettings.from_config(config)
         rt = config.realtime
@@ -417,12 +418,21 @@ def _load_tls(config: Config) -> tls.TlsSettings | None:
     return tls.load(server.tls_cert_file, server.tls_key_file, server.tls_client_ca_file)
 
 
-def _certificate_fields(settings: tls.TlsSettings) -> dict[str, Any]:
-    return {
-        "subject": settings.certificate.subject,
-        "expires": settings.certificate.not_after.isoformat(),
-        "client_certificates": "required for /metrics and /api" if settings.client_ca else "not asked",
-    }
+def _log_certificate(settings: tls.TlsSettings) -> None:
+    """Name the certificate now served; a warning when clients would refuse it (it is served all the same: the
+    one before it may be no better, and a renewal can follow with a reload)."""
+    certificate = settings.certificate
+    log.info(
+        "TLS certificate loaded",
+        extra=ctx(
+            subject=certificate.subject,
+            expires=certificate.not_after.isoformat(),
+            client_certificates="required for /metrics and /api" if settings.client_ca else "not asked",
+        ),
+    )
+    problem = certificate.problem(datetime.datetime.now(datetime.UTC))
+    if problem is not None:
+        log.warning("clients will refuse the TLS certificate", extra=ctx(subject=certificate.subject, problem=problem))
 
 
 def _task_count() -> int:

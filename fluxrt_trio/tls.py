@@ -44,7 +44,16 @@ class Certificate:
     """The loaded server certificate, for the log and the expiry gauge."""
 
     subject: str
+    not_before: datetime.datetime
     not_after: datetime.datetime
+
+    def problem(self, now: datetime.datetime) -> str | None:
+        """Why clients refuse this certificate at `now` (expired or not yet valid), or None."""
+        if now >= self.not_after:
+            return f"it expired at {self.not_after.isoformat()}: renew it and reload (SIGHUP)"
+        if now < self.not_before:
+            return f"it is valid only from {self.not_before.isoformat()}: check this host's clock"
+        return None
 
 
 @attrs.frozen
@@ -110,7 +119,7 @@ def _certificate(cert_file: str) -> Certificate:
     from cryptography import x509
 
     first = x509.load_pem_x509_certificate(Path(cert_file).read_bytes())
-    return Certificate(first.subject.rfc4514_string(), first.not_valid_after_utc)
+    return Certificate(first.subject.rfc4514_string(), first.not_valid_before_utc, first.not_valid_after_utc)
 
 
 class TlsSocket:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 import signal
 import socket
@@ -412,3 +413,12 @@ async def test_a_tls_handshake_that_does_not_complete_in_time_is_counted_and_log
     assert server.counters.tls_handshake_failures == 1
     (record,) = [r for r in caplog.records if r.getMessage() == "TLS handshake failed"]
     assert "server.handshake_timeout" in record.__dict__["ctx_reason"]
+
+
+def test_a_certificate_clients_would_refuse_is_named_with_the_fix():
+    day = datetime.timedelta(days=1)
+    start = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
+    certificate = tls.Certificate("CN=x", not_before=start, not_after=start + 90 * day)
+    assert certificate.problem(start + day) is None
+    assert "expired at 2026-04-01T00:00:00+00:00: renew it and reload" in str(certificate.problem(start + 90 * day))
+    assert "check this host's clock" in str(certificate.problem(start - day))

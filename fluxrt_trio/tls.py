@@ -272,7 +272,22 @@ class TlsSocket:
         return len(data)
 
     def send(self, data: bytes | memoryview) -> int:
-        return self.sendmsg((data,))
+        """`sendmsg` of one buffer."""
+        if self._owed or self._out is not None or self._outgoing.pending or len(data) > _PIECE:
+            return self.sendmsg((data,))
+        # Nothing waits and it is one piece: the paced fan-out's call, once per recipient, without sendmsg's
+        # piecing and its two `_push` calls (bench/RESULTS.md, "TLS fan-out").
+        self._ssl.write(data)
+        out = self._outgoing.read()
+        try:
+            sent = self._sock.send(out)
+        except BlockingIOError:
+            sent = 0
+        if sent == len(out):
+            return len(data)
+        self._out = memoryview(out)[sent:]
+        self._owed = 1
+        return len(data) - 1
 
     def sendmsg(self, buffers: Iterable[bytes | memoryview]) -> int:
         """Encrypt and send `buffers` as one stream of bytes, `_PIECE` bytes at a time until the kernel refuses

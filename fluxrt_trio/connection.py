@@ -534,18 +534,11 @@ class Connection:
         needed; b"" at end of stream or on a socket error."""
         sock = self.sock
         while True:
-            try:
-                data = sock.recv(size or self.host.settings.read_buffer_size)
-            except BlockingIOError:
-                pass
-            except OSError:
-                return b""
-            else:
+            data = _read_now(sock, size or self.host.settings.read_buffer_size)
+            if data is not None:
                 # A client that keeps the buffer full must still let other connections run.
                 await trio.lowlevel.checkpoint()
                 return data
-            # Waited for outside the handler: a coroutine suspended in an `except` block keeps the exception, its
-            # traceback and their frames alive for as long as it waits, about 600 bytes per idle connection.
             await trio.lowlevel.wait_readable(sock)
 
     # ---- WebSocket -----------------------------------------------------------------------------------------
@@ -555,7 +548,7 @@ class Connection:
         assert ws is not None
         guard = FrameGuard()
         sock = self.sock
-        data = trailing
+        data: bytes | None = trailing
         while True:
             if data:
                 self.last_seen = trio.current_time()
@@ -578,20 +571,14 @@ class Connection:
                 return
             # `_recv`, inlined: an idle connection waits here, and neither the last chunk nor a coroutine frame
             # of its own (~450 bytes together) should stay alive while it does.
-            data = b""
-            try:
-                data = sock.recv(self.host.settings.read_buffer_size)
-            except BlockingIOError:
-                pass
-            except OSError:
+            data = _read_now(sock, self.host.settings.read_buffer_size)
+            if data is None:
+                await trio.lowlevel.wait_readable(sock)
+            elif not data:
                 return
             else:
-                if not data:
-                    return
                 # A client that keeps the buffer full must still let other connections run.
                 await trio.lowlevel.checkpoint()
-                continue
-            await trio.lowlevel.wait_readable(sock)
 
     async def _discard(self) -> None:
         """After a protocol violation: drop what the client still sends, unparsed, until it closes, DISCARD_LIMIT
@@ -872,6 +859,23 @@ class Connection:
     def token_expired(self) -> None:
         self.reply_nowait(Error(ErrorCode.UNAUTHORIZED, "token expired"))
         self.close(CloseCode.UNAUTHORIZED, "token expired")
+
+
+def _read_now(sock: Transport, size: int) -> bytes | None:
+    """What the kernel has for `sock`, at most `size` bytes, without waiting: None when it has nothing yet, b"" at
+    end of stream or on a socket error.
+
+    A function of its own so that the readers' coroutines never see an exception: one raised in a coroutine's frame
+    (`BlockingIOError`, at every wait) gives the frame a frame object, ~250 bytes that then live as long as the
+    coroutine, that is, as long as the connection. Waiting is the caller's, outside any `except` block, where the
+    exception, its traceback and their frames would stay alive as long as the wait.
+    """
+    try:
+        return sock.recv(size)
+    except BlockingIOError:
+        return None
+    except OSError:
+        return b""
 
 
 class _WebSocket(WSConnection):

@@ -285,10 +285,11 @@ class Session:
         self.limits = limits
         self.subscriptions: dict[str, Subscription] = {}
         self.tracked: dict[str, dict[str, Any]] = {}
-        # These two are sets kept as dicts (keys only): empty, a dict is 64 bytes and a set 216, per connection.
-        self._granted: dict[tuple[str, str], None] = {}
+        # These two are sets kept as dicts (keys only), made at their first key: most connections never need them,
+        # and even empty a dict is 64 bytes per connection (a set 216).
+        self._granted: dict[tuple[str, str], None] | None = None
         """(channel, action) pairs allowed under the current identity: asked once, until the identity changes"""
-        self._rechecks: dict[str, None] = {}
+        self._rechecks: dict[str, None] | None = None
         """table subscriptions whose renewal check could not reach the database, to be checked again"""
         # Made at the first message that is charged to them: a connection that never sends holds neither (~400
         # bytes).
@@ -403,6 +404,8 @@ class Session:
         if isinstance(refusal, Unavailable):
             # Ending subscriptions because the database is away would turn every outage into lost subscriptions;
             # meanwhile each delivery is still decided by row-level security under the new identity.
+            if self._rechecks is None:
+                self._rechecks = {}
             self._rechecks[name] = None
             return [RecheckLater()]
         if not isinstance(refusal, Error):
@@ -421,10 +424,12 @@ class Session:
             case CheckAction():
                 if isinstance(outcome, Error):
                     return [Reply(outcome)]
-                if len(self._granted) >= MAX_GRANTS:
-                    # A client may broadcast to any number of topics it is not subscribed to.
-                    self._granted.clear()
-                self._granted[request.channel.name, request.action] = None
+                granted = self._granted
+                if granted is None or len(granted) >= MAX_GRANTS:
+                    # Past MAX_GRANTS, all are forgotten: a client may broadcast to any number of topics it is
+                    # not subscribed to.
+                    self._granted = granted = {}
+                granted[request.channel.name, request.action] = None
                 return self._allowed(request)
             case HandOff():
                 if isinstance(outcome, Error):
@@ -515,7 +520,7 @@ class Session:
 
     def _ask(self, check: CheckAction) -> list[Effect]:
         """The check, unless this identity was already allowed the same action on the same channel."""
-        if (check.channel.name, check.action) in self._granted:
+        if self._granted is not None and (check.channel.name, check.action) in self._granted:
             return self._allowed(check)
         return [check]
 
@@ -597,7 +602,7 @@ class Session:
         then every table subscription is checked again under it (those no longer allowed end with FORBIDDEN)."""
         old_key = self.presence_key
         self.identity = identity
-        self._granted.clear()
+        self._granted = None
         effects: list[Effect] = [Reply(Ack("authorized", ref=ref))]
         if self.presence_key != old_key:
             for name, state in self.tracked.items():
@@ -607,7 +612,7 @@ class Session:
         tables = [sub for sub in self.subscriptions.values() if sub.channel.kind is ChannelKind.TABLE]
         effects.append(IdentityChanged(tuple(sub.channel.name for sub in tables)))
         # Every table is checked afresh below, pending re-checks of an earlier identity included.
-        self._rechecks.clear()
+        self._rechecks = None
         effects.extend(_renewal(sub) for sub in tables)
         return effects
 
@@ -618,7 +623,7 @@ class Session:
 
     def rechecks(self) -> list[Effect]:
         """The renewal checks that could not reach the database, asked again, for the subscriptions still held."""
-        names, self._rechecks = self._rechecks, {}
+        names, self._rechecks = self._rechecks or {}, None
         return [_renewal(self.subscriptions[name]) for name in sorted(names) if name in self.subscriptions]
 
 

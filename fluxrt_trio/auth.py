@@ -85,6 +85,10 @@ class Verifier:
             "verify_aud": config.audience is not None,
         }
         self._hmac_checked: Options = {**self._claim_options, "verify_signature": False}
+        role = config.anon_role
+        # One for every anonymous connection: Identity is immutable, and one of their own (with its claims and
+        # policy key) would cost each ~330 bytes.
+        self._anonymous = Identity(sub=None, role=role, claims={"role": role})
 
     def _check_retired(self, claims: dict[str, Any], retired_at: float) -> None:
         """A replaced key still vouches for the tokens it signed before it was replaced (`iat`, which is then
@@ -122,8 +126,9 @@ class Verifier:
         return bool(self.algorithms)
 
     def anonymous(self) -> Identity:
-        role = self.config.anon_role
-        return Identity(sub=None, role=role, claims={"role": role})
+        """The identity of a connection without a token (auth.anon_role): the same object each time, which no one
+        may change (its claims included)."""
+        return self._anonymous
 
     def verify(self, token: str) -> Identity:
         """Verify `token` and return its identity.

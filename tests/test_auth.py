@@ -294,10 +294,13 @@ def test_no_keys_means_verification_disabled():
 
 
 def test_anonymous_identity():
-    identity = Verifier(AuthConfig(anon_role="visitor")).anonymous()
+    verifier = Verifier(AuthConfig(anon_role="visitor"))
+    identity = verifier.anonymous()
     assert identity == Identity(None, "visitor")
     assert identity.anonymous
     assert identity.claims == {"role": "visitor"}
+    # One object for every anonymous connection (bench/RESULTS.md, "Idle memory").
+    assert verifier.anonymous() is identity
 
 
 def test_mint_round_trip():

@@ -232,3 +232,10 @@ def test_error_message_for_a_huge_name_stays_bounded():
     with pytest.raises(ChannelError) as info:
         parse_channel("x" * 100_000)
     assert len(str(info.value)) < 1000
+
+
+def test_a_name_parsed_again_gives_the_same_channel_name():
+    # The subscribers of a channel share one ChannelName (bench/RESULTS.md, "Idle memory"); the name is built at
+    # run time, so that it is not the same str object as the literal below.
+    first = parse_channel("".join(["broadcast:", "shared"]))
+    assert parse_channel("broadcast:shared") is first

@@ -9,6 +9,8 @@ import signal
 import socket
 import ssl
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -270,28 +272,39 @@ async def test_sighup_serves_a_new_certificate_without_dropping_a_connection(aut
 # ---- the TLS socket under a full send buffer ---------------------------------------------------------------------
 
 
-async def test_the_outbox_over_tls_delivers_every_byte_in_order_when_the_kernel_takes_little_at_a_time(authority):
-    """The encrypted bytes the kernel refuses are owed to the outbox as one unsent byte (tls.py): a reader that
-    lags far behind must still get every frame whole and in order, with the backlog and the writer doing the
-    waiting as for a plain socket."""
+@asynccontextmanager
+async def _handshaken(authority: ThrowawayCA) -> AsyncIterator[tuple[tls.TlsSocket, trio.SSLStream, trio.Nursery]]:
+    """A TlsSocket over a socketpair whose server end sends through a 4 KiB buffer, its handshake with a Trio
+    client done; the nursery is cancelled when the block ends."""
     server_end, client_end = socket.socketpair()
     server_end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     server_end.setblocking(False)
-    settings = tls.load(str(authority.server_cert), str(authority.server_key))
-    tls_socket = tls.TlsSocket(server_end, settings.context)
+    tls_socket = tls.TlsSocket(server_end, tls.load(str(authority.server_cert), str(authority.server_key)).context)
     client = trio.SSLStream(
         trio.SocketStream(trio.socket.from_stdlib_socket(client_end)),
         authority.client_context(),
         server_hostname="localhost",
     )
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client.do_handshake)
+            with trio.fail_after(10):
+                await tls_socket.handshake()
+            yield tls_socket, client, nursery
+            nursery.cancel_scope.cancel()
+    finally:
+        server_end.close()
+
+
+async def test_the_outbox_over_tls_delivers_every_byte_in_order_when_the_kernel_takes_little_at_a_time(authority):
+    """The encrypted bytes the kernel refuses are owed to the outbox as one unsent byte (tls.py): a reader that
+    lags far behind must still get every frame whole and in order, with the backlog and the writer doing the
+    waiting as for a plain socket."""
     frames = [bytes([i % 251]) * (1 + (i * 7919) % 30_000) for i in range(300)]
     expected = b"".join(frames)
     got = bytearray()
     flusher = Flusher()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(client.do_handshake)
-        with trio.fail_after(10):
-            await tls_socket.handshake()
+    async with _handshaken(authority) as (tls_socket, client, nursery):
         outbox = Outbox(tls_socket, limit=10_000, nursery=nursery, flusher=flusher)
         for i, frame in enumerate(frames):
             assert outbox.send_nowait(frame)
@@ -305,26 +318,13 @@ async def test_the_outbox_over_tls_delivers_every_byte_in_order_when_the_kernel_
                 await trio.sleep(0)
             await outbox.wait_drained()
     assert bytes(got) == expected
-    server_end.close()
 
 
 async def test_a_slow_consumer_over_tls_is_closed_without_the_frames_it_did_not_read(authority):
     """The frames the kernel refuses wait in the outbox, where closing a slow consumer drops them, as on a plain
     socket: only a bounded piece is encrypted ahead of the kernel, not the whole batch handed to sendmsg."""
-    server_end, client_end = socket.socketpair()
-    server_end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-    server_end.setblocking(False)
-    tls_socket = tls.TlsSocket(server_end, tls.load(str(authority.server_cert), str(authority.server_key)).context)
-    client = trio.SSLStream(
-        trio.SocketStream(trio.socket.from_stdlib_socket(client_end)),
-        authority.client_context(),
-        server_hostname="localhost",
-    )
     flusher = Flusher()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(client.do_handshake)
-        with trio.fail_after(10):
-            await tls_socket.handshake()
+    async with _handshaken(authority) as (tls_socket, client, nursery):
         outbox = Outbox(tls_socket, limit=100, nursery=nursery, flusher=flusher)
         assert outbox.send_nowait(b"first")
         for i in range(1000):
@@ -338,8 +338,6 @@ async def test_a_slow_consumer_over_tls_is_closed_without_the_frames_it_did_not_
                 got += await client.receive_some(1 << 20)
         # The 10 MB the consumer did not read are not sent before the close frame.
         assert len(got) < 200_000
-        nursery.cancel_scope.cancel()
-    server_end.close()
 
 
 async def test_a_client_gone_before_the_server_hello_fails_the_handshake_as_refused(authority):

@@ -374,14 +374,19 @@ def start_profiler(args: argparse.Namespace, server: ServerProcess, name: str) -
     out = args.profile / f"{name}.txt"
     argv = [str(py_spy), "record", "--native", "--format", "raw", "--rate", str(args.profile_rate)]
     argv += ["--pid", str(server.pid), "--output", str(out)]
-    profiler = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    # py-spy needs a moment to attach, or the first fan-outs would go unsampled; what it samples before "go" is
-    # the idle loop (epoll_wait), which bench/profiles/flamegraph.py leaves out.
+    # What py-spy samples before "go" is the idle loop (epoll_wait), which bench/profiles/flamegraph.py leaves out.
+    return attached(argv, "py-spy")
+
+
+def attached(argv: list[str], tool: str) -> subprocess.Popen[bytes]:
+    """Start `argv`, a tool that attaches to the server, and give it a second to attach (or the first fan-outs
+    would go unobserved). Raises RuntimeError with the tool's last words when it exits meanwhile."""
+    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     time.sleep(1.0)
-    if profiler.poll() is not None:
-        assert profiler.stderr is not None
-        raise RuntimeError(f"py-spy exited with {profiler.returncode}: {profiler.stderr.read().decode()[-500:]}")
-    return profiler
+    if process.poll() is not None:
+        assert process.stderr is not None
+        raise RuntimeError(f"{tool} exited with {process.returncode}: {process.stderr.read().decode()[-500:]}")
+    return process
 
 
 def stop_profiler(profiler: subprocess.Popen[bytes]) -> None:
@@ -400,12 +405,7 @@ def start_syscall_counter(args: argparse.Namespace, server: ServerProcess, name:
     comparable with an untraced one's; the counts are exact."""
     out = args.syscalls / f"{name}.txt"
     argv = ["perf", "trace", "-s", "-o", str(out), "-p", str(server.pid)]
-    counter = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    time.sleep(1.0)
-    if counter.poll() is not None:
-        assert counter.stderr is not None
-        raise RuntimeError(f"perf trace exited with {counter.returncode}: {counter.stderr.read().decode()[-500:]}")
-    return counter
+    return attached(argv, "perf trace")
 
 
 def start_perf_record(args: argparse.Namespace, server: ServerProcess, name: str) -> subprocess.Popen[bytes]:
@@ -413,12 +413,7 @@ def start_perf_record(args: argparse.Namespace, server: ServerProcess, name: str
     Python's as the interpreter's) for the timed phase, to ``<--perf>/<name>.data`` (`perf report -i` reads it)."""
     out = args.perf / f"{name}.data"
     argv = ["perf", "record", "-g", "-F", str(args.profile_rate), "-o", str(out), "-p", str(server.pid)]
-    recorder = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    time.sleep(1.0)
-    if recorder.poll() is not None:
-        assert recorder.stderr is not None
-        raise RuntimeError(f"perf record exited with {recorder.returncode}: {recorder.stderr.read().decode()[-500:]}")
-    return recorder
+    return attached(argv, "perf record")
 
 
 def syscall_counts(path: Path) -> dict[str, int]:

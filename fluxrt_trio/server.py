@@ -265,7 +265,7 @@ class Server:
         """Run with `config` from now on, without dropping a connection: limits, origins, keys and timeouts apply to
         open connections too. The caller keeps restart-only settings as they were (config.plan_reload).
 
-        Raises OSError, changing nothing, when a key file cannot be read.
+        Raises OSError or ValueError, changing nothing, when a key or certificate file cannot be read or used.
         """
         verifier = self.verifier.rotated(config.auth)
         certificates = _load_tls(config)

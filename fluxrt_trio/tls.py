@@ -76,17 +76,22 @@ def load(cert_file: str, key_file: str, client_ca_file: str | None = None) -> Tl
     context.set_alpn_protocols(_ALPN)
     # Renegotiation would let a client make the server redo the expensive half of a handshake at will.
     context.options |= ssl.OP_NO_RENEGOTIATION
-    for key, path in (("server.tls_cert_file", cert_file), ("server.tls_key_file", key_file)):
-        _readable(key, path)
+    cert_pem = _read("server.tls_cert_file", cert_file)
+    if b"ENCRYPTED" in _read("server.tls_key_file", key_file):
+        # Unattended, OpenSSL would prompt for the password on the terminal: refuse with the fix instead.
+        raise ValueError(
+            f"server.tls_key_file: {key_file!r} is encrypted with a password; fluxrt starts unattended, so store the "
+            "key without one (openssl pkey -in key.pem -out plain.pem) and protect the file by its permissions"
+        )
     try:
-        context.load_cert_chain(cert_file, key_file, password=_no_password(key_file))
+        context.load_cert_chain(cert_file, key_file, password=b"")
     except ssl.SSLError as exc:
         raise ValueError(
             f"server.tls_cert_file / server.tls_key_file: cannot use {cert_file!r} with {key_file!r} ({exc.reason}): "
             "give a PEM certificate (its chain may follow it in the same file) and the PEM private key that matches it"
         ) from None
     if client_ca_file is not None:
-        _readable("server.tls_client_ca_file", client_ca_file)
+        _read("server.tls_client_ca_file", client_ca_file)
         try:
             context.load_verify_locations(cafile=client_ca_file)
         except ssl.SSLError as exc:
@@ -95,30 +100,22 @@ def load(cert_file: str, key_file: str, client_ca_file: str | None = None) -> Tl
             ) from None
         # Asked of every client, required only by /metrics and /api (a WebSocket client needs none).
         context.verify_mode = ssl.CERT_OPTIONAL
-    return TlsSettings(context, _certificate(cert_file), client_ca_file is not None)
+    return TlsSettings(context, _certificate(cert_pem), client_ca_file is not None)
 
 
-def _readable(key: str, path: str) -> None:
+def _read(key: str, path: str) -> bytes:
+    """The file's bytes; ValueError naming the setting when it cannot be read."""
     try:
-        Path(path).read_bytes()
+        return Path(path).read_bytes()
     except OSError as exc:
         raise ValueError(f"{key}: cannot read {path!r}: {exc.strerror}") from None
 
 
-def _no_password(key_file: str) -> bytes:
-    """A key protected by a password cannot be read unattended: refuse it with its fix instead of prompting."""
-    if b"ENCRYPTED" in Path(key_file).read_bytes():
-        raise ValueError(
-            f"server.tls_key_file: {key_file!r} is encrypted with a password; fluxrt starts unattended, so store the "
-            "key without one (openssl pkey -in key.pem -out plain.pem) and protect the file by its permissions"
-        )
-    return b""
-
-
-def _certificate(cert_file: str) -> Certificate:
+def _certificate(cert_pem: bytes) -> Certificate:
+    """The first certificate of the chain: the one served."""
     from cryptography import x509
 
-    first = x509.load_pem_x509_certificate(Path(cert_file).read_bytes())
+    first = x509.load_pem_x509_certificate(cert_pem)
     return Certificate(first.subject.rfc4514_string(), first.not_valid_before_utc, first.not_valid_after_utc)
 
 

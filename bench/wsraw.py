@@ -267,32 +267,26 @@ class TlsStream:
         # an exception, and this is the load generator's hot path).
         drained = False
         while got < want:
-            if not incoming.pending and not tls.pending() and not incoming.eof:
-                if drained:
+            if incoming.pending or tls.pending() or incoming.eof:
+                try:
+                    n = tls.read(want - got, view[got:])
+                except ssl.SSLWantReadError:
+                    pass  # part of a record: pull more below
+                except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                    ended = True
                     break
-                pulled = self._pull(ancbufsize)
-                if pulled is None:
-                    break
-                drained = pulled < TLS_RAW_READ
-                continue
-            try:
-                n = tls.read(want - got, view[got:])
-            except ssl.SSLWantReadError:
-                # Part of a record.
-                if drained:
-                    break
-                pulled = self._pull(ancbufsize)
-                if pulled is None:
-                    break
-                drained = pulled < TLS_RAW_READ
-                continue
-            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
-                ended = True
+                else:
+                    if not n:
+                        ended = True
+                        break
+                    got += n
+                    continue
+            if drained:
                 break
-            if not n:
-                ended = True
+            pulled = self._pull(ancbufsize)
+            if pulled is None:
                 break
-            got += n
+            drained = pulled < TLS_RAW_READ
         if not got and not ended:
             raise BlockingIOError
         return got, self._anc, 0, None

@@ -1,6 +1,7 @@
 """The checks a connection's requests need beyond their own format: may this identity subscribe to a channel, or
-broadcast or track presence on it. Each answer is None (allowed) or the Error to send, echoing the request's ref;
-a renewal check that cannot reach the database answers Unavailable instead, so that the subscription is kept."""
+broadcast or track presence on it. Each answer is None (allowed; a TableGrant for a table) or the Error to send,
+echoing the request's ref; a renewal check that cannot reach the database answers Unavailable instead, so that the
+subscription is kept."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from .protocol.channels import ChannelKind
 from .protocol.filters import EVENTS, FilterError, parse_filter
 from .protocol.identity import Identity
 from .protocol.messages import Error, ErrorCode
-from .protocol.session import CheckAction, CheckSubscribe, Unavailable
+from .protocol.positions import Snapshot
+from .protocol.session import CheckAction, CheckSubscribe, TableGrant, Unavailable
 
 NO_DATABASE = "no database is configured (set database.dsn or database.embedded in fluxrt.yaml, or FLUXRT_DATABASE_DSN)"
 
@@ -39,8 +41,9 @@ class ChannelChecks:
         if self._database_ok is not None:
             await self._database_ok()
 
-    async def subscribe(self, identity: Identity, check: CheckSubscribe) -> Error | Unavailable | None:
-        """The checks of docs/protocol.md "Subscribe checks, in order" after the format. A renewal check
+    async def subscribe(self, identity: Identity, check: CheckSubscribe) -> Error | Unavailable | TableGrant | None:
+        """The checks of docs/protocol.md "Subscribe checks, in order" after the format; an allowed table subscribe
+        answers the TableGrant its subscription keeps (which table the check saw, and when). A renewal check
         (`check.renewal`) that cannot reach the database answers Unavailable: the subscription it concerns is kept
         and checked again once the database is back (`Session.rechecks`)."""
         channel = check.channel
@@ -74,7 +77,11 @@ class ChannelChecks:
             return _refusal(check, ErrorCode.SUBSCRIPTION_FAILED, f"database unavailable, try again later ({exc})")
         except UnknownRole:
             return _refusal(check, ErrorCode.FORBIDDEN, f"role {role!r} does not exist in the database")
-        return judge_table_subscribe(check, role, access)
+        refusal = judge_table_subscribe(check, role, access)
+        if refusal is not None:
+            return refusal
+        assert access is not None
+        return TableGrant(access.relid, Snapshot.parse(access.snapshot))
 
     async def action(self, identity: Identity, check: CheckAction) -> Error | None:
         """Whether the hook lets the identity broadcast or track presence on the channel."""

@@ -21,11 +21,13 @@ from fluxrt_trio.protocol.delivery import (
     Missed,
     Visibility,
     deliveries,
+    ended_by,
     visibilities,
 )
 from fluxrt_trio.protocol.identity import Identity
 from fluxrt_trio.protocol.messages import ErrorCode
-from fluxrt_trio.protocol.session import Subscription
+from fluxrt_trio.protocol.positions import Snapshot
+from fluxrt_trio.protocol.session import Subscription, TableGrant
 
 CHANNEL = "table:public.tasks"
 AT = datetime.datetime(2026, 1, 2, 3, 4, 5, tzinfo=datetime.UTC)
@@ -185,6 +187,37 @@ def test_disabled_unreadable_and_policy_errors_become_notices():
     # Only the identity the policy raised for is told, and the policy's text stays out of the message.
     assert isinstance(policy, Missed) and policy.recipients == [b] and policy.message == POLICY_RAISED
     assert policy.detail == "division by zero" and "division" not in policy.error.message
+
+
+def granted(grant: TableGrant | None) -> Subscription:
+    return Subscription(parse_channel(CHANNEL), grant=grant)
+
+
+def test_an_ending_row_ends_only_subscriptions_checked_against_its_table_before_it_committed():
+    # The row's transaction 120 had not committed when the check read snapshot 110:130:120 (it was in progress).
+    drop = attrs.evolve(change(9, "DROP"), xid=120)
+    assert ended_by(granted(TableGrant(42, Snapshot(110, 130, frozenset({120})))), drop)
+    assert ended_by(granted(TableGrant(42, Snapshot(100, 110))), drop)
+    # Checked after it committed: the check saw the table dropped and created again, or disabled and enabled again.
+    assert not ended_by(granted(TableGrant(42, Snapshot(110, 130))), drop)
+    assert not ended_by(granted(TableGrant(42, Snapshot(121, 121))), drop)
+    # Checked against another table of that name (the one created after the DROP): never, whenever it was checked.
+    assert not ended_by(granted(TableGrant(43, Snapshot(100, 110))), drop)
+    assert not ended_by(granted(TableGrant(43)), drop)
+    # Resumed (no snapshot kept): every ending row of its table; made without a check: every ending row.
+    assert ended_by(granted(TableGrant(42)), drop)
+    assert ended_by(granted(None), drop)
+
+
+def test_an_ending_row_spares_the_subscriptions_of_a_table_created_again_under_its_name():
+    old, new = subscriber("old", ALICE), subscriber("new", BOB)
+    old.subs[CHANNEL] = granted(TableGrant(42, Snapshot(100, 110)))
+    new.subs[CHANNEL] = granted(TableGrant(43, Snapshot(121, 121)))
+    changes = [attrs.evolve(change(1, "DROP"), xid=120)]
+    everyone = members(old, new)
+    (ended,) = deliveries(changes, DeliveryPlanner().plan(changes, everyone), {}, everyone)
+    assert isinstance(ended, Ended) and ended.recipients == [old]
+    assert "public.tasks was dropped" in ended.error.message
 
 
 def test_long_windows_pause_for_the_scheduler():

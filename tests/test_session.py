@@ -18,10 +18,12 @@ from fluxrt_trio.protocol.messages import (
     Pong,
     Subscribe,
 )
+from fluxrt_trio.protocol.positions import Snapshot
 from fluxrt_trio.protocol.session import (
     MAX_GRANTS,
     Authenticate,
     CheckAction,
+    CheckResume,
     CheckSubscribe,
     Close,
     HandOff,
@@ -29,11 +31,14 @@ from fluxrt_trio.protocol.session import (
     Join,
     Leave,
     Publish,
+    Replay,
     Reply,
+    Resumable,
     SendPresenceState,
     Session,
     SessionLimits,
     Subscription,
+    TableGrant,
     Track,
     Untrack,
     message_ref,
@@ -123,6 +128,27 @@ def test_subscribe_checked_joins_and_acks():
         Reply(Ack("subscribed", "table:public.users", "s1")),
     ]
     assert session.subscriptions == {"table:public.users": Subscription(channel, "*", None)}
+
+
+def test_a_table_subscription_keeps_what_its_check_saw():
+    session = make()
+    [check] = send(session, {"type": "subscribe", "channel": "table:public.users"})
+    grant = TableGrant(42, Snapshot(100, 110))
+    join, _ack = session.answered(check, grant)
+    assert join.subscription.grant == grant
+    assert session.subscriptions["table:public.users"].grant == grant
+
+
+def test_a_resumed_table_subscription_keeps_its_table_but_not_the_checks_snapshot():
+    # It was promised every change since its position: an ending row its check already saw must still end it.
+    session = make()
+    since = "t1~42~10:20:12~20:25:22~7"
+    [check] = send(session, {"type": "subscribe", "channel": "table:public.users", "since": since})
+    [resume] = session.answered(check, TableGrant(42, Snapshot(100, 110)))
+    assert isinstance(resume, CheckResume) and resume.grant == TableGrant(42, Snapshot(100, 110))
+    join, ack, replay = session.answered(resume, Resumable(True))
+    assert join.subscription.grant == TableGrant(42)
+    assert ack.message.recovered is True and replay == Replay(join.subscription, since)
 
 
 def test_subscribe_keeps_event_and_filter():

@@ -4,9 +4,13 @@ triggers (no superuser) the pruning pass notices drops and renames, and the node
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import threading
 import urllib.parse
 import uuid
+from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
@@ -81,6 +85,65 @@ async def test_moving_a_table_to_another_schema_is_a_rename(start_server, db):
         await db.execute("ALTER TABLE users SET SCHEMA archive")
         message = await failure(ws)
         assert "renamed to archive.users" in message["message"]
+
+
+@contextlib.asynccontextmanager
+async def changefeed_held(dsn: str) -> AsyncIterator[None]:
+    """Every read of the change log waits (it reads realtime.pruned, locked meanwhile) until the block ends: what
+    commits inside reaches the changefeed after whatever the block did next, as it may under load."""
+    locked, release = threading.Event(), threading.Event()
+
+    async def hold() -> None:
+        conn = await asyncpg.connect(dsn)
+        try:
+            async with conn.transaction():
+                await conn.execute("LOCK TABLE realtime.pruned IN ACCESS EXCLUSIVE MODE")
+                locked.set()
+                await asyncio.to_thread(release.wait, 30)
+        finally:
+            await conn.close()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(in_asyncio, hold)
+        try:
+            assert await trio.to_thread.run_sync(locked.wait, 10), "the change log could not be locked"
+            yield
+        finally:
+            release.set()
+
+
+@pytest.mark.parametrize(
+    ("ddl", "reason"),
+    [
+        (
+            "DROP TABLE users; CREATE TABLE users (id bigint PRIMARY KEY, name text, email text);"
+            "GRANT SELECT ON users TO anon; SELECT enable_realtime('users')",
+            "public.users was dropped",
+        ),
+        (
+            "DO $$ BEGIN PERFORM disable_realtime('users'); PERFORM enable_realtime('users'); END $$",
+            "realtime was disabled for public.users",
+        ),
+        ("ALTER TABLE users RENAME TO people; ALTER TABLE people RENAME TO users", "renamed to public.people"),
+    ],
+    ids=["dropped-and-created", "disabled-and-enabled", "renamed-and-back"],
+)
+async def test_what_ended_a_table_before_a_subscribe_was_checked_ends_only_the_earlier_subscriptions(
+    start_server, db, ddl, reason
+):
+    users_table(db)
+    server = await start(start_server, db)
+    async with connect(server) as earlier, connect(server) as later:
+        await subscribe(earlier, "table:public.users")
+        async with changefeed_held(db.dsn):
+            await db.execute(ddl)
+            # Checked against the table as it is now, and acked before the changefeed reads what ended the other.
+            await subscribe(later, "table:public.users")
+        assert reason in (await failure(earlier))["message"]
+        await db.execute("INSERT INTO users VALUES (1, 'ann', null)")
+        change = await recv(later)
+        assert change["type"] == "broadcast" and change["payload"]["record"]["name"] == "ann", change
+        assert server.hub.statistics().subscriptions["table"] == 1
 
 
 async def test_a_recreated_table_is_not_enabled_by_its_predecessor(db):

@@ -12,7 +12,8 @@ from .bridge import AuthorizerPool
 from .shared import SharedQueries
 
 _ACCESS = """
-SELECT pg_catalog.has_schema_privilege($3, n.oid, 'USAGE')
+SELECT c.oid AS relid, pg_catalog.pg_current_snapshot()::text AS snapshot,
+       pg_catalog.has_schema_privilege($3, n.oid, 'USAGE')
          AND pg_catalog.has_any_column_privilege($3, c.oid, 'SELECT') AS readable,
        -- Registered and still carrying its capture trigger (as the realtime_enabled_tables view says).
        EXISTS (SELECT 1 FROM realtime.tables t WHERE t.relid = c.oid)
@@ -36,6 +37,9 @@ class UnknownRole(Exception):
 class TableAccess:
     """One role's access to one table."""
 
+    relid: int
+    snapshot: str
+    """the snapshot the catalog was read in (`pg_snapshot` text)"""
     readable: bool
     """USAGE on the schema and SELECT on some column"""
     enabled: bool
@@ -71,7 +75,12 @@ class TableAccessQueries:
             if row is None:
                 return None
             return TableAccess(
-                row["readable"], row["enabled"], frozenset(row["columns"]), frozenset(row["readable_columns"])
+                row["relid"],
+                row["snapshot"],
+                row["readable"],
+                row["enabled"],
+                frozenset(row["columns"]),
+                frozenset(row["readable_columns"]),
             )
 
         return await self.shared.run((schema, table, role), query)

@@ -416,7 +416,8 @@ def deliveries(
         channel = change.channel
         if change.op in ENDING:
             error = Error(ErrorCode.SUBSCRIPTION_FAILED, ending_reason(change), channel=channel)
-            yield Ended(subscribers(channel), channel, error)
+            ended = [s for s in subscribers(channel) if (sub := s.subscription(channel)) and ended_by(sub, change)]
+            yield Ended(ended, channel, error)
             continue
         if change.op == "UNREADABLE":
             yield Missed(subscribers(channel), channel, UNREADABLE)
@@ -491,7 +492,21 @@ def error_frame(error: Error) -> bytes:
 
 
 ENDING = ("DISABLE", "DROP", "RENAME")
-"""change-log ops that end every subscription to their table's channel"""
+"""change-log ops that end the subscriptions to their table's channel (those `ended_by` says they concern)"""
+
+
+def ended_by(sub: Subscription, change: RowChange) -> bool:
+    """Whether `change` (an op of ENDING) ends `sub`. Not when the subscription's check was about another table of
+    the same name (the one created after a DROP, or after a RENAME away), nor when its check already saw the
+    change's outcome (subscribed after realtime was disabled and enabled again, or after a table was renamed away
+    and back): the changefeed reads such rows after the subscribe was acked. A subscription made without a check
+    (`grant` None) is ended by every such change."""
+    grant = sub.grant
+    if grant is None:
+        return True
+    if grant.relid != change.relid:
+        return False
+    return grant.seen is None or not grant.seen.sees(change.xid)
 
 
 def ending_reason(change: RowChange) -> str:

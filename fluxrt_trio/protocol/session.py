@@ -34,6 +34,7 @@ from .messages import (
     Unsubscribe,
     decode,
 )
+from .positions import Snapshot
 
 MAX_GRANTS = 1024
 """(channel, action) pairs a session remembers as allowed; past it, they are asked about again"""
@@ -50,10 +51,24 @@ class SessionLimits:
 
 
 @attrs.frozen(slots=True)
+class TableGrant:
+    """What the check of a table subscribe saw: the table (by oid) and, for a subscribe without `since`, the
+    database snapshot the check read. The change log's ending rows (DROP, RENAME, DISABLE) are read after the fact,
+    within the changefeed's lag; these tell which of them concern the subscription (`delivery.ended_by`)."""
+
+    relid: int
+    seen: Snapshot | None = None
+    """None for a resumed subscription: it was promised every change since its position, so an ending row it had
+    not seen yet ends it even when the check already saw that row's outcome"""
+
+
+@attrs.frozen(slots=True)
 class Subscription:
     channel: ChannelName
     event: str = "*"
     filter: str | None = None
+    grant: TableGrant | None = None
+    """a table subscription's check (None for other kinds, and where no check was made)"""
     condition: Filter | None = attrs.field(init=False, eq=False, repr=False)
     """`filter` parsed; None without a filter and for one that does not parse (table subscribes refuse those)"""
 
@@ -121,6 +136,8 @@ class CheckResume:
     checks. Outcome: Resumable."""
 
     subscribe: CheckSubscribe
+    grant: TableGrant | None = None
+    """what the subscribe's check saw, kept for the subscription"""
 
     @property
     def ref(self) -> str | None:
@@ -155,9 +172,9 @@ class Unavailable:
 
 
 Request = CheckSubscribe | CheckAction | HandOff | CheckResume | Authenticate
-Outcome = Identity | Error | Unavailable | Resumable | None
-"""what the shell found: None (allowed), an Error to send (refused), a verified Identity (Authenticate), or
-Unavailable (a renewal check that could not be made)"""
+Outcome = Identity | Error | Unavailable | Resumable | TableGrant | None
+"""what the shell found: None (allowed), an Error to send (refused), a verified Identity (Authenticate),
+Unavailable (a renewal check that could not be made), or the TableGrant of an allowed table subscribe"""
 
 
 @attrs.frozen(slots=True)
@@ -435,8 +452,9 @@ class Session:
                 if isinstance(outcome, Error):
                     return [Reply(outcome)]
                 return self._handed_off(request)
-            case CheckResume(subscribe=check) if isinstance(outcome, Resumable):
-                return self._subscribed(check, outcome.recovered)
+            case CheckResume(subscribe=check, grant=grant) if isinstance(outcome, Resumable):
+                resumed = TableGrant(grant.relid) if grant is not None else None
+                return self._subscribed(check, outcome.recovered, resumed)
             case Authenticate():
                 if isinstance(outcome, Identity):
                     return self._authenticated(outcome, request.ref)
@@ -444,9 +462,10 @@ class Session:
                     return [Reply(outcome)]
         raise AssertionError(f"{request!r} cannot be answered with {outcome!r}")
 
-    def _subscribe_checked(self, check: CheckSubscribe, refusal: Outcome) -> list[Effect]:
-        if isinstance(refusal, Error):
-            return [Reply(refusal)]
+    def _subscribe_checked(self, check: CheckSubscribe, outcome: Outcome) -> list[Effect]:
+        if isinstance(outcome, Error):
+            return [Reply(outcome)]
+        grant = outcome if isinstance(outcome, TableGrant) else None
         request, channel = check.request, check.channel
         name = channel.name
         if name not in self.subscriptions and len(self.subscriptions) >= self.limits.max_subscriptions:
@@ -458,18 +477,18 @@ class Session:
                 ref=request.ref,
             )
         if request.since is None:
-            return self._subscribed(check, None)
+            return self._subscribed(check, None, grant)
         if channel.kind is ChannelKind.PRESENCE:
             # Presence has no history: the sync that follows is the whole state, so nothing is missing.
-            return self._subscribed(check, True)
-        return [CheckResume(check)]
+            return self._subscribed(check, True, grant)
+        return [CheckResume(check, grant)]
 
-    def _subscribed(self, check: CheckSubscribe, recovered: bool | None) -> list[Effect]:
+    def _subscribed(self, check: CheckSubscribe, recovered: bool | None, grant: TableGrant | None) -> list[Effect]:
         """Join, ack (with `recovered` when the subscribe carried `since`), then what the client missed, then (for
         presence) the sync. Nothing waits in between, so the replay meets the live stream without a gap."""
         request, channel = check.request, check.channel
         name = channel.name
-        subscription = Subscription(channel, request.event, request.filter)
+        subscription = Subscription(channel, request.event, request.filter, grant)
         self.subscriptions[name] = subscription
         effects: list[Effect] = [Join(subscription), Reply(Ack("subscribed", name, request.ref, recovered))]
         if recovered and channel.kind is not ChannelKind.PRESENCE:

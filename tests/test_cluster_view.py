@@ -23,6 +23,7 @@ OLDER = "0000000000000001-bb"
 NEWER = "0000000000000003-bb"
 LOBBY = "presence:lobby"
 HALL = "presence:hall"
+NEWS = "broadcast:news"
 
 
 def batch(seq: int, *ops: wire.Op, node: str = OTHER, incarnation: str = INC) -> wire.Batch:
@@ -212,6 +213,17 @@ def test_buffered_batches_at_or_below_the_snapshot_are_skipped_and_duplicates_on
         Delivered("broadcast:x", 5),
         joined(LOBBY, "bob", "r2"),
     ]
+
+
+def test_buffered_broadcasts_at_or_below_the_snapshot_keep_their_ids_and_duplicate_marks() -> None:
+    # A node back from a Redis outage offers the realtime.sends it held; another node published them first, so its
+    # batch marks them DUPLICATE. Heard while its state was being read, they must still not be delivered twice.
+    view = view_in_step()
+    assert view.receive(batch(3, wire.Announce()), 0.0) == [ReadState(OTHER)]
+    sends = batch(4, wire.Broadcast(NEWS, 1, wire.DUPLICATE), wire.Broadcast(NEWS, 2, "1700000000000-0"))
+    assert view.receive(sends, 0.0) == []
+    events = view.restore(OTHER, Snapshot(INC, 4, {}, {}), 0.0)
+    assert events == [Delivered(NEWS, 1, wire.DUPLICATE), Delivered(NEWS, 2, "1700000000000-0")]
 
 
 def test_a_gap_in_what_was_buffered_asks_again() -> None:

@@ -194,8 +194,12 @@ class ClusterView:
         once = {batch.seq: batch for batch in pending if batch.incarnation == replica.incarnation}
         for batch in sorted(once.values(), key=lambda b: b.seq):
             if batch.seq <= replica.seq:
-                # Its state changes are in the state just read; its broadcasts are not, and they did arrive.
-                events.extend(Delivered(op.channel, op.payload) for op in batch.ops if isinstance(op, wire.Broadcast))
+                # Its state changes are in the state just read; its broadcasts are not, and they did arrive. With
+                # their ids: a client resumes from them, and a realtime.send another node published first
+                # (wire.DUPLICATE) is not delivered again.
+                events.extend(
+                    Delivered(op.channel, op.payload, op.id) for op in batch.ops if isinstance(op, wire.Broadcast)
+                )
             else:
                 events.extend(self.receive(batch, now))
         return events

@@ -14,7 +14,6 @@ from .protocol.channels import ChannelKind
 from .protocol.filters import EVENTS, FilterError, parse_filter
 from .protocol.identity import Identity
 from .protocol.messages import Error, ErrorCode
-from .protocol.positions import Snapshot
 from .protocol.session import CheckAction, CheckSubscribe, TableGrant, Unavailable
 
 NO_DATABASE = "no database is configured (set database.dsn or database.embedded in fluxrt.yaml, or FLUXRT_DATABASE_DSN)"
@@ -81,7 +80,7 @@ class ChannelChecks:
         if refusal is not None:
             return refusal
         assert access is not None
-        return TableGrant(access.relid, Snapshot.parse(access.snapshot))
+        return TableGrant(access.relid, access.snapshot)
 
     async def action(self, identity: Identity, check: CheckAction) -> Error | None:
         """Whether the hook lets the identity broadcast or track presence on the channel."""

@@ -194,6 +194,43 @@ async def test_checks_share_per_role_and_a_revoke_before_a_check_is_seen(db):
             await pool.close()
 
 
+async def test_table_subscribes_that_shared_a_query_share_the_snapshot_their_subscriptions_keep(db):
+    # Each table subscription keeps the snapshot its check read (session.TableGrant), for as long as it lasts; in a
+    # connect storm thousands share one query, and must not keep a copy each of its list of transactions in progress.
+    from fluxrt_trio.checks import ChannelChecks
+    from fluxrt_trio.protocol.channels import parse_channel
+    from fluxrt_trio.protocol.identity import Identity
+    from fluxrt_trio.protocol.messages import Subscribe
+    from fluxrt_trio.protocol.session import CheckSubscribe, TableGrant
+
+    db.sql(TABLE_SQL)
+    async with asyncio_loop():
+        pool = AuthorizerPool(authorizer_dsn(db.dsn), max_size=1)
+        await pool.open()
+        checks = ChannelChecks(pool, ["authenticated"])
+        check = CheckSubscribe(Subscribe("table:public.items"), parse_channel("table:public.items"))
+        grants: list[object] = []
+
+        async def subscribe() -> None:
+            grants.append(await checks.subscribe(Identity("u1", "authenticated"), check))
+
+        try:
+            async with trio.open_nursery() as nursery:
+                admin = await _hold_the_pool(db, pool, nursery)
+                for _ in range(3):
+                    nursery.start_soon(subscribe)
+                await trio.testing.wait_all_tasks_blocked(0.05)
+                await run_on(admin, lambda c: c.execute("SELECT pg_advisory_unlock(7)"))
+            await close_connection(admin)
+            assert checks._tables is not None and checks._tables.shared.queries == 1
+            assert all(isinstance(grant, TableGrant) for grant in grants) and len(grants) == 3
+            first = grants[0]
+            assert isinstance(first, TableGrant)
+            assert all(grant.seen is first.seen for grant in grants if isinstance(grant, TableGrant))
+        finally:
+            await pool.close()
+
+
 async def test_hook_lookups_waiting_together_share_one_query(db):
     async with asyncio_loop():
         pool = AuthorizerPool(authorizer_dsn(db.dsn), max_size=1)

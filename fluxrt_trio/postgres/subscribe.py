@@ -8,6 +8,7 @@ from collections.abc import Callable
 import asyncpg
 import attrs
 
+from ..protocol.positions import Snapshot
 from .bridge import AuthorizerPool
 from .shared import SharedQueries
 
@@ -38,8 +39,9 @@ class TableAccess:
     """One role's access to one table."""
 
     relid: int
-    snapshot: str
-    """the snapshot the catalog was read in (`pg_snapshot` text)"""
+    snapshot: Snapshot
+    """the snapshot the catalog was read in; one object for every check that shared the query, since each table
+    subscription keeps it (its list of transactions in progress can be long)"""
     readable: bool
     """USAGE on the schema and SELECT on some column"""
     enabled: bool
@@ -76,7 +78,7 @@ class TableAccessQueries:
                 return None
             return TableAccess(
                 row["relid"],
-                row["snapshot"],
+                Snapshot.parse(row["snapshot"]),
                 row["readable"],
                 row["enabled"],
                 frozenset(row["columns"]),

@@ -139,6 +139,20 @@ def test_a_table_subscription_keeps_what_its_check_saw():
     assert session.subscriptions["table:public.users"].grant == grant
 
 
+def test_a_table_subscription_subscribed_again_with_other_options_keeps_what_its_first_check_saw():
+    # Subscribed at 100:110; realtime disabled (transaction 115) and enabled again; then a new filter, checked at
+    # 121:121. The subscription went on throughout and its changes while disabled were never captured: the DISABLE
+    # row, read after the second ack, must still end it. So must the DROP of its table, created again meanwhile.
+    session = make()
+    [check] = send(session, {"type": "subscribe", "channel": "table:public.users"})
+    first = TableGrant(42, Snapshot(100, 110))
+    session.answered(check, first)
+    [again] = send(session, {"type": "subscribe", "channel": "table:public.users", "filter": "id=eq.1"})
+    join, _ack = session.answered(again, TableGrant(43, Snapshot(121, 121)))
+    assert join.subscription.filter == "id=eq.1" and join.subscription.grant == first
+    assert session.subscriptions["table:public.users"].grant == first
+
+
 def test_a_resumed_table_subscription_keeps_its_table_but_not_the_checks_snapshot():
     # It was promised every change since its position: an ending row its check already saw must still end it.
     session = make()

@@ -146,6 +146,23 @@ async def test_what_ended_a_table_before_a_subscribe_was_checked_ends_only_the_e
         assert server.hub.statistics().subscriptions["table"] == 1
 
 
+async def test_a_subscription_that_changed_its_filter_after_realtime_was_disabled_and_enabled_is_still_ended(
+    start_server, db
+):
+    # Subscribed throughout, so the changes made while realtime was disabled never reached it: a new filter, checked
+    # after realtime was enabled again and acked before the changefeed reads the DISABLE row, must not hide that.
+    users_table(db)
+    server = await start(start_server, db)
+    async with connect(server) as ws:
+        await subscribe(ws, "table:public.users")
+        async with changefeed_held(db.dsn):
+            await db.execute("SELECT disable_realtime('users')")
+            await db.execute("INSERT INTO users VALUES (1, 'ann', null)")
+            await db.execute("SELECT enable_realtime('users')")
+            await subscribe(ws, "table:public.users", filter="id=gt.0")
+        assert "realtime was disabled for public.users" in (await failure(ws))["message"]
+
+
 async def test_a_recreated_table_is_not_enabled_by_its_predecessor(db):
     users_table(db)
     relid = value(db, "SELECT 'public.users'::regclass::oid")

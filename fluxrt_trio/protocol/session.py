@@ -477,6 +477,11 @@ class Session:
                 ref=request.ref,
             )
         if request.since is None:
+            previous = self.subscriptions.get(name)
+            if previous is not None and previous.grant is not None:
+                # The subscription goes on with other options: what would have ended it still does (changes made
+                # while realtime was disabled and enabled again since its first check were never captured).
+                grant = previous.grant
             return self._subscribed(check, None, grant)
         if channel.kind is ChannelKind.PRESENCE:
             # Presence has no history: the sync that follows is the whole state, so nothing is missing.

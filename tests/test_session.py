@@ -165,6 +165,19 @@ def test_a_resumed_table_subscription_keeps_its_table_but_not_the_checks_snapsho
     assert ack.message.recovered is True and replay == Replay(join.subscription, since)
 
 
+def test_a_subscribe_with_since_that_cannot_resume_keeps_the_checks_snapshot():
+    # Not recovered: nothing is replayed and the client refetches, as after a subscribe without `since`. An ending row
+    # its check already saw (realtime disabled and enabled again before it), read by a lagging changefeed after the
+    # ack, must not end it.
+    session = make()
+    since = "t1~42~10:20:12~20:25:22~7"
+    [check] = send(session, {"type": "subscribe", "channel": "table:public.users", "since": since})
+    grant = TableGrant(42, Snapshot(100, 110))
+    [resume] = session.answered(check, grant)
+    join, ack = session.answered(resume, Resumable(False))
+    assert ack.message.recovered is False and join.subscription.grant == grant
+
+
 def test_subscribe_keeps_event_and_filter():
     session = make()
     effects = subscribe(session, "table:public.todos", event="UPDATE", filter="user_id=eq.42")

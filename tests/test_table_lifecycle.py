@@ -163,6 +163,19 @@ async def test_a_subscription_that_changed_its_filter_after_realtime_was_disable
         assert "realtime was disabled for public.users" in (await failure(ws))["message"]
 
 
+async def test_a_subscribe_with_a_position_that_cannot_resume_is_not_ended_by_what_its_check_saw(start_server, db):
+    users_table(db)
+    server = await start(start_server, db)
+    async with connect(server) as ws:
+        async with changefeed_held(db.dsn):
+            await db.execute("DO $$ BEGIN PERFORM disable_realtime('users'); PERFORM enable_realtime('users'); END $$")
+            ack = await subscribe(ws, "table:public.users", since="not a position")
+            assert ack["recovered"] is False
+        await db.execute("INSERT INTO users VALUES (1, 'ann', null)")
+        change = await recv(ws)
+        assert change["type"] == "broadcast" and change["payload"]["record"]["name"] == "ann", change
+
+
 async def test_a_recreated_table_is_not_enabled_by_its_predecessor(db):
     users_table(db)
     relid = value(db, "SELECT 'public.users'::regclass::oid")

@@ -58,8 +58,8 @@ class TableGrant:
 
     relid: int
     seen: Snapshot | None = None
-    """None for a resumed subscription: it was promised every change since its position, so an ending row it had
-    not seen yet ends it even when the check already saw that row's outcome"""
+    """None for a resumed subscription (recovered): it was promised every change since its position, so an ending row
+    it had not seen yet ends it even when the check already saw that row's outcome"""
 
 
 @attrs.frozen(slots=True)
@@ -453,8 +453,11 @@ class Session:
                     return [Reply(outcome)]
                 return self._handed_off(request)
             case CheckResume(subscribe=check, grant=grant) if isinstance(outcome, Resumable):
-                resumed = TableGrant(grant.relid) if grant is not None else None
-                return self._subscribed(check, outcome.recovered, resumed)
+                # Not recovered, nothing is replayed and the client refetches: as after a subscribe without `since`,
+                # the check's snapshot tells which ending rows came before it.
+                if grant is not None and outcome.recovered:
+                    grant = TableGrant(grant.relid)
+                return self._subscribed(check, outcome.recovered, grant)
             case Authenticate():
                 if isinstance(outcome, Identity):
                     return self._authenticated(outcome, request.ref)

@@ -458,8 +458,10 @@ class TableChannels:
                 await self._replay(channel, _take(lane, _Replay, len(lane.pending)))
                 continue
             # What queued up while the previous batch was being delivered goes out together: one
-            # authorization round trip instead of one per window, so delivery catches up with the reads.
-            changes = _take(lane, RowChange, MERGE_LIMIT)
+            # authorization round trip instead of one per window, so delivery catches up with the reads. But only
+            # changes of one table: a batch is decided by its first change's table's policies, and the channel's
+            # name may pass to another table (created after a DROP, or renamed to it) within what was queued.
+            changes = _take(lane, RowChange, MERGE_LIMIT, lane.pending[0].relid)
             try:
                 await self.deliver(changes)
             except Exception:
@@ -551,11 +553,12 @@ class TableChannels:
             self.counters.errors[error.code.value] += len(notice.recipients)
 
 
-def _take(lane: _Lane, kind: type[Any], most: int) -> list[Any]:
-    """The run of items of `kind` at the head of the lane, at most `most` of them, taken off it."""
+def _take(lane: _Lane, kind: type[Any], most: int, relid: int | None = None) -> list[Any]:
+    """The run of items of `kind` at the head of the lane (with `relid`, only those of that table), at most `most`
+    of them, taken off it."""
     n = 0
     pending = lane.pending
-    while n < len(pending) and n < most and isinstance(pending[n], kind):
+    while n < len(pending) and n < most and isinstance(pending[n], kind) and relid in (None, pending[n].relid):
         n += 1
     taken, lane.pending = pending[:n], pending[n:]
     return taken

@@ -176,6 +176,29 @@ async def test_a_subscribe_with_a_position_that_cannot_resume_is_not_ended_by_wh
         assert change["type"] == "broadcast" and change["payload"]["record"]["name"] == "ann", change
 
 
+async def test_a_table_created_under_a_renamed_ones_name_is_decided_by_its_own_policies(start_server, db):
+    # One stretch of the change log holds the old table's row, its RENAME, and the new table's rows, all read after
+    # the new table's subscriber was acked. The new table's rows are decided by its own policy (anon sees only
+    # 'public'), never by the old table's (none); and the old table's row is not the new table's subscribers'.
+    users_table(db)
+    server = await start(start_server, db)
+    async with connect(server) as ws:
+        async with changefeed_held(db.dsn):
+            await db.execute("INSERT INTO users VALUES (7, 'old', null)")
+            await db.execute(
+                "ALTER TABLE users RENAME TO people;"
+                "CREATE TABLE users (id bigint PRIMARY KEY, name text, email text);"
+                "GRANT SELECT ON users TO anon; ALTER TABLE users ENABLE ROW LEVEL SECURITY;"
+                "CREATE POLICY only_public ON users FOR SELECT USING (name = 'public');"
+                "SELECT enable_realtime('users')"
+            )
+            await subscribe(ws, "table:public.users")
+            await db.execute("INSERT INTO users VALUES (1, 'secret', null)")
+            await db.execute("INSERT INTO users VALUES (2, 'public', null)")
+        change = await recv(ws)
+        assert change["type"] == "broadcast" and change["payload"]["record"]["name"] == "public", change
+
+
 async def test_a_recreated_table_is_not_enabled_by_its_predecessor(db):
     users_table(db)
     relid = value(db, "SELECT 'public.users'::regclass::oid")

@@ -106,11 +106,16 @@ def still_wanted(
     op: str,
     image: dict[str, Any] | None,
     readable: tuple[str, ...] | None = None,
+    relid: int | None = None,
 ) -> bool:
     """Whether a frame planned for `planned` may still go to `subscriber` now: it may have unsubscribed, changed its
-    options or its identity since. Never through a filter on a column outside `readable`."""
+    options or its identity since. Never through a filter on a column outside `readable`, nor a change of table
+    `relid` to a subscription checked against another table of the channel's name (one created, or renamed to that
+    name, after this one was dropped or renamed away: the changefeed reads this one's last changes within its lag)."""
     current = subscriber.subscription(channel)
     if current is None or filters_hidden(current, readable):
+        return False
+    if relid is not None and current.grant is not None and current.grant.relid != relid:
         return False
     if identity_key is not None:
         identity = subscriber.identity
@@ -428,7 +433,7 @@ def deliveries(
         if change.op == "TRUNCATE":
             truncated = text_frame(dumps(change_message(channel, change, None)))
             for subscriber, sub in plan.truncate_recipients:
-                wanted = still_wanted(subscriber, channel, sub, None, change.op, None)
+                wanted = still_wanted(subscriber, channel, sub, None, change.op, None, relid=change.relid)
                 if wanted and (held is None or not held(subscriber, channel)):
                     yield subscriber, truncated
             continue
@@ -443,7 +448,9 @@ def deliveries(
             for subscriber, sub in plan.index.groups[identity_key]:
                 if not wants(sub, change.op, image):
                     continue
-                if not still_wanted(subscriber, channel, sub, identity_key, change.op, image, visibility.readable):
+                if not still_wanted(
+                    subscriber, channel, sub, identity_key, change.op, image, visibility.readable, change.relid
+                ):
                     continue
                 if held is not None and held(subscriber, channel):
                     continue

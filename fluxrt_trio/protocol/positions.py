@@ -15,6 +15,9 @@ MAX_OID = 2**32
 NO_LIMIT = 2**63 - 1
 """above every change id and transaction id (both are bigint-sized in the database)"""
 
+NO_XIP: frozenset[int] = frozenset()
+"""one empty set for every snapshot with no transaction in progress (each table subscription keeps one)"""
+
 MAX_POSITION = 4096
 """characters of a position at most: a snapshot lists the transactions in progress, which a client must not use to
 make the server parse megabytes"""
@@ -27,14 +30,14 @@ class Snapshot:
 
     xmin: int
     xmax: int
-    xip: frozenset[int] = frozenset()
+    xip: frozenset[int] = NO_XIP
 
     @classmethod
     def parse(cls, text: str) -> Snapshot:
         """Raises ValueError for text that is not `xmin:xmax:xip,...` with xmin <= xip < xmax."""
         xmin_text, xmax_text, xip_text = text.split(":")
         xmin, xmax = int(xmin_text), int(xmax_text)
-        xip = frozenset(int(x) for x in xip_text.split(",")) if xip_text else frozenset()
+        xip = frozenset(int(x) for x in xip_text.split(",")) if xip_text else NO_XIP
         if not 0 < xmin <= xmax < NO_LIMIT or any(not xmin <= x < xmax for x in xip):
             raise ValueError(f"not a snapshot: {text[:80]!r}")
         return cls(xmin, xmax, xip)

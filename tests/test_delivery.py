@@ -299,6 +299,20 @@ def test_a_hidden_filter_is_ended_whether_or_not_the_window_matched_it():
     assert [type(h) for h in handouts] == [Ended] and handouts[0].recipients == [hidden]
 
 
+def test_columns_the_old_table_hides_do_not_end_the_filters_of_a_table_created_under_its_name():
+    # What the role may read of table 42 (the window's) says nothing of table 43, which the second subscription's
+    # check saw: its filter on `secret` is not ended by the old table's last changes.
+    old = subscriber("old", ALICE, filter=SECRET_FILTERED)
+    new = subscriber("new", ALICE, filter=SECRET_FILTERED)
+    old.subs[CHANNEL] = attrs.evolve(old.subs[CHANNEL], grant=TableGrant(42, Snapshot(100, 110)))
+    new.subs[CHANNEL] = attrs.evolve(new.subs[CHANNEL], grant=TableGrant(43, Snapshot(121, 121)))
+    changes = [change(1, "INSERT", {"id": 1, "secret": 2})]
+    plans = DeliveryPlanner().plan(changes, members(old, new))
+    decided = {(CHANNEL, ALICE.policy_key): Visibility(frozenset(), readable=("id",))}
+    handouts = list(deliveries(changes, plans, decided, members(old, new)))
+    assert [type(h) for h in handouts] == [Ended] and handouts[0].recipients == [old]
+
+
 def test_one_identity_per_role_is_asked_about_columns_and_stands_for_the_role():
     carol = Identity("carol", "authenticated", {"sub": "carol"})
     a, b = subscriber("a", ALICE, filter=SECRET_FILTERED), subscriber("b", BOB, filter="secret=gt.0")

@@ -199,6 +199,25 @@ async def test_a_table_created_under_a_renamed_ones_name_is_decided_by_its_own_p
         assert change["type"] == "broadcast" and change["payload"]["record"]["name"] == "public", change
 
 
+async def test_a_filter_on_a_column_only_the_new_table_has_is_not_ended_by_the_old_ones_last_changes(
+    start_server, db
+):
+    users_table(db)
+    server = await start(start_server, db)
+    async with connect(server) as ws:
+        async with changefeed_held(db.dsn):
+            await db.execute("INSERT INTO users VALUES (7, 'old', null)")
+            await db.execute(
+                "ALTER TABLE users RENAME TO people;"
+                "CREATE TABLE users (id bigint PRIMARY KEY, name text, owner text);"
+                "GRANT SELECT ON users TO anon; SELECT enable_realtime('users')"
+            )
+            await subscribe(ws, "table:public.users", filter="owner=eq.ann")
+        await db.execute("INSERT INTO users VALUES (1, 'x', 'ann')")
+        change = await recv(ws)
+        assert change["type"] == "broadcast" and change["payload"]["record"]["owner"] == "ann", change
+
+
 async def test_a_recreated_table_is_not_enabled_by_its_predecessor(db):
     users_table(db)
     relid = value(db, "SELECT 'public.users'::regclass::oid")

@@ -482,6 +482,8 @@ def _hidden_filters(
             if subscriber.subscription(channel) is sub
             and subscriber.identity is not None
             and subscriber.identity.policy_key == key
+            # What the role may read of the window's table says nothing of another one of the channel's name.
+            and (sub.grant is None or sub.grant.relid == plan.relid)
         ]
         if recipients:
             table = channel.partition(":")[2]

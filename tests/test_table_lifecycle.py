@@ -199,9 +199,7 @@ async def test_a_table_created_under_a_renamed_ones_name_is_decided_by_its_own_p
         assert change["type"] == "broadcast" and change["payload"]["record"]["name"] == "public", change
 
 
-async def test_a_filter_on_a_column_only_the_new_table_has_is_not_ended_by_the_old_ones_last_changes(
-    start_server, db
-):
+async def test_a_filter_on_a_column_only_the_new_table_has_is_not_ended_by_the_old_ones_last_changes(start_server, db):
     users_table(db)
     server = await start(start_server, db)
     async with connect(server) as ws:

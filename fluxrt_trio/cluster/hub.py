@@ -722,14 +722,19 @@ class ClusterHub(Generic[S]):
                 item.sender.reply_nowait(Ack("sent", op.channel, item.ref))
 
     def _deliver(self, channel: str, payload: Any, stream_id: str | None, exclude: S | None = None) -> None:
-        """A broadcast to this node's subscribers, and into its history when it has an id."""
+        """A broadcast to this node's subscribers, and into its history when it has an id. One older than a
+        broadcast of the channel already delivered here (of a batch heard while its node's state was read) goes out
+        without its id: a client's position must never move back, or a resume from it would send the newer ones
+        again."""
         if stream_id == wire.DUPLICATE:
             return
         if stream_id is None or self.history is None:
             self.local.publish_nowait(channel, BroadcastEvent(channel, payload), exclude=exclude)
             return
         frame = text_frame(encode(BroadcastEvent(channel, payload, f"b2~{stream_id}")))
-        self.history.add(channel, _parse_id(stream_id), self._clock(), frame)
+        if not self.history.add(channel, _parse_id(stream_id), self._clock(), frame):
+            self.local.publish_nowait(channel, BroadcastEvent(channel, payload), exclude=exclude)
+            return
         self.local.deliver(channel, frame, exclude=exclude)
 
     async def _read_states(self) -> None:

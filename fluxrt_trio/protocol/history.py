@@ -59,22 +59,24 @@ class History:
 
     # ---- what the hub tells it -------------------------------------------------------------------------------
 
-    def add(self, channel: str, position: Position, now: float, frame: bytes) -> None:
-        """Keep `frame`, sent at `now` on `channel` as the message at `position`. A position at or below the
-        channel's newest is not kept and raises its floor: the order of the channel is broken there."""
+    def add(self, channel: str, position: Position, now: float, frame: bytes) -> bool:
+        """Keep `frame`, sent at `now` on `channel` as the message at `position`; True when kept. A position at or
+        below the channel's newest is not kept (False) and raises its floor: the order of the channel is broken
+        there."""
         self.sweep(now)
         ring = self._rings.get(channel)
         if ring is None:
             ring = self._rings[channel] = _Ring(self._expired)
         elif ring.entries and position <= ring.newest.position:
             ring.floor = max(ring.floor, position)
-            return
+            return False
         else:
             self._rings.move_to_end(channel)
         ring.entries.append(_Entry(position, now, frame))
         self._messages += 1
         self._bytes += len(frame)
         self._trim(ring, now)
+        return True
 
     def sweep(self, now: float) -> None:
         """Drop the channels whose newest message is older than `ttl` (whole rings; older messages of the others go

@@ -14,6 +14,7 @@ from trio_websocket import WebSocketConnection
 
 from fluxrt_trio.cluster import wire
 from fluxrt_trio.cluster.hub import STASH_WAIT, WATCH_INTERVAL, ClusterHub
+from fluxrt_trio.cluster.view import Delivered
 from fluxrt_trio.protocol.messages import ServerMessage, encode
 
 from ..support.clients import connect, http_get, raw_connect, recv, request, send, subscribe
@@ -223,6 +224,21 @@ async def test_a_read_whose_subscription_never_came_is_dropped_and_a_late_replay
     redis.stop()
     assert not await hub.resumable(CHAT, since)
     nursery.cancel_scope.cancel()
+
+
+def test_a_broadcast_older_than_one_delivered_goes_out_without_its_id() -> None:
+    # Heard in a batch buffered while its node's state was read, it comes after a newer one of the channel: with
+    # its id the client's position would move back, and a resume from it would send the newer one again.
+    hub: ClusterHub[Recorder] = ClusterHub("redis://127.0.0.1:1", node_id="solo", node_timeout=60, history_size=10)
+    client = Recorder()
+    hub.join(CHAT, client)
+    hub._handle([Delivered(CHAT, "newer", "1700000000002-0"), Delivered(CHAT, "late", "1700000000001-0")])
+    hub._handle([Delivered(CHAT, "next", "1700000000003-0"), Delivered(CHAT, "twice", wire.DUPLICATE)])
+    assert [(m["payload"], m.get("id")) for m in client.got] == [
+        ("newer", "b2~1700000000002-0"),
+        ("late", None),
+        ("next", "b2~1700000000003-0"),
+    ]
 
 
 # ---- the stream ids on the bus (pure) ------------------------------------------------------------------------

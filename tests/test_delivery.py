@@ -26,7 +26,6 @@ from fluxrt_trio.protocol.delivery import (
 )
 from fluxrt_trio.protocol.identity import Identity
 from fluxrt_trio.protocol.messages import ErrorCode
-from fluxrt_trio.protocol.positions import Snapshot
 from fluxrt_trio.protocol.session import Subscription, TableGrant
 
 CHANNEL = "table:public.tasks"
@@ -196,13 +195,13 @@ def granted(grant: TableGrant | None) -> Subscription:
 def test_an_ending_row_ends_only_subscriptions_checked_against_its_table_before_it_committed():
     # The row's transaction 120 had not committed when the check read snapshot 110:130:120 (it was in progress).
     drop = attrs.evolve(change(9, "DROP"), xid=120)
-    assert ended_by(granted(TableGrant(42, Snapshot(110, 130, frozenset({120})))), drop)
-    assert ended_by(granted(TableGrant(42, Snapshot(100, 110))), drop)
+    assert ended_by(granted(TableGrant(42, "110:130:120")), drop)
+    assert ended_by(granted(TableGrant(42, "100:110:")), drop)
     # Checked after it committed: the check saw the table dropped and created again, or disabled and enabled again.
-    assert not ended_by(granted(TableGrant(42, Snapshot(110, 130))), drop)
-    assert not ended_by(granted(TableGrant(42, Snapshot(121, 121))), drop)
+    assert not ended_by(granted(TableGrant(42, "110:130:")), drop)
+    assert not ended_by(granted(TableGrant(42, "121:121:")), drop)
     # Checked against another table of that name (the one created after the DROP): never, whenever it was checked.
-    assert not ended_by(granted(TableGrant(43, Snapshot(100, 110))), drop)
+    assert not ended_by(granted(TableGrant(43, "100:110:")), drop)
     assert not ended_by(granted(TableGrant(43)), drop)
     # Resumed (no snapshot kept): every ending row of its table; made without a check: every ending row.
     assert ended_by(granted(TableGrant(42)), drop)
@@ -211,8 +210,8 @@ def test_an_ending_row_ends_only_subscriptions_checked_against_its_table_before_
 
 def test_an_ending_row_spares_the_subscriptions_of_a_table_created_again_under_its_name():
     old, new = subscriber("old", ALICE), subscriber("new", BOB)
-    old.subs[CHANNEL] = granted(TableGrant(42, Snapshot(100, 110)))
-    new.subs[CHANNEL] = granted(TableGrant(43, Snapshot(121, 121)))
+    old.subs[CHANNEL] = granted(TableGrant(42, "100:110:"))
+    new.subs[CHANNEL] = granted(TableGrant(43, "121:121:"))
     changes = [attrs.evolve(change(1, "DROP"), xid=120)]
     everyone = members(old, new)
     (ended,) = deliveries(changes, DeliveryPlanner().plan(changes, everyone), {}, everyone)
@@ -224,8 +223,8 @@ def test_a_table_created_under_the_name_gets_none_of_the_old_ones_last_changes()
     # Read after the new table's subscriber was acked, within the changefeed's lag: table 42's rows are not table
     # 43's, and its TRUNCATE must not empty what the new table's subscriber shows.
     old, new = subscriber("old", ALICE), subscriber("new", ALICE)
-    old.subs[CHANNEL] = granted(TableGrant(42, Snapshot(100, 110)))
-    new.subs[CHANNEL] = granted(TableGrant(43, Snapshot(121, 121)))
+    old.subs[CHANNEL] = granted(TableGrant(42, "100:110:"))
+    new.subs[CHANNEL] = granted(TableGrant(43, "121:121:"))
     changes = [change(1, "INSERT", {"id": 1}), change(2, "TRUNCATE")]
     everyone = members(old, new)
     plans = DeliveryPlanner().plan(changes, everyone)
@@ -304,8 +303,8 @@ def test_columns_the_old_table_hides_do_not_end_the_filters_of_a_table_created_u
     # check saw: its filter on `secret` is not ended by the old table's last changes.
     old = subscriber("old", ALICE, filter=SECRET_FILTERED)
     new = subscriber("new", ALICE, filter=SECRET_FILTERED)
-    old.subs[CHANNEL] = attrs.evolve(old.subs[CHANNEL], grant=TableGrant(42, Snapshot(100, 110)))
-    new.subs[CHANNEL] = attrs.evolve(new.subs[CHANNEL], grant=TableGrant(43, Snapshot(121, 121)))
+    old.subs[CHANNEL] = attrs.evolve(old.subs[CHANNEL], grant=TableGrant(42, "100:110:"))
+    new.subs[CHANNEL] = attrs.evolve(new.subs[CHANNEL], grant=TableGrant(43, "121:121:"))
     changes = [change(1, "INSERT", {"id": 1, "secret": 2})]
     plans = DeliveryPlanner().plan(changes, members(old, new))
     decided = {(CHANNEL, ALICE.policy_key): Visibility(frozenset(), readable=("id",))}

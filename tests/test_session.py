@@ -18,7 +18,6 @@ from fluxrt_trio.protocol.messages import (
     Pong,
     Subscribe,
 )
-from fluxrt_trio.protocol.positions import Snapshot
 from fluxrt_trio.protocol.session import (
     MAX_GRANTS,
     Authenticate,
@@ -133,7 +132,7 @@ def test_subscribe_checked_joins_and_acks():
 def test_a_table_subscription_keeps_what_its_check_saw():
     session = make()
     [check] = send(session, {"type": "subscribe", "channel": "table:public.users"})
-    grant = TableGrant(42, Snapshot(100, 110))
+    grant = TableGrant(42, "100:110:")
     join, _ack = session.answered(check, grant)
     assert join.subscription.grant == grant
     assert session.subscriptions["table:public.users"].grant == grant
@@ -145,10 +144,10 @@ def test_a_table_subscription_subscribed_again_with_other_options_keeps_what_its
     # row, read after the second ack, must still end it. So must the DROP of its table, created again meanwhile.
     session = make()
     [check] = send(session, {"type": "subscribe", "channel": "table:public.users"})
-    first = TableGrant(42, Snapshot(100, 110))
+    first = TableGrant(42, "100:110:")
     session.answered(check, first)
     [again] = send(session, {"type": "subscribe", "channel": "table:public.users", "filter": "id=eq.1"})
-    join, _ack = session.answered(again, TableGrant(43, Snapshot(121, 121)))
+    join, _ack = session.answered(again, TableGrant(43, "121:121:"))
     assert join.subscription.filter == "id=eq.1" and join.subscription.grant == first
     assert session.subscriptions["table:public.users"].grant == first
 
@@ -158,8 +157,8 @@ def test_a_resumed_table_subscription_keeps_its_table_but_not_the_checks_snapsho
     session = make()
     since = "t1~42~10:20:12~20:25:22~7"
     [check] = send(session, {"type": "subscribe", "channel": "table:public.users", "since": since})
-    [resume] = session.answered(check, TableGrant(42, Snapshot(100, 110)))
-    assert isinstance(resume, CheckResume) and resume.grant == TableGrant(42, Snapshot(100, 110))
+    [resume] = session.answered(check, TableGrant(42, "100:110:"))
+    assert isinstance(resume, CheckResume) and resume.grant == TableGrant(42, "100:110:")
     join, ack, replay = session.answered(resume, Resumable(True))
     assert join.subscription.grant == TableGrant(42)
     assert ack.message.recovered is True and replay == Replay(join.subscription, since)
@@ -172,7 +171,7 @@ def test_a_subscribe_with_since_that_cannot_resume_keeps_the_checks_snapshot():
     session = make()
     since = "t1~42~10:20:12~20:25:22~7"
     [check] = send(session, {"type": "subscribe", "channel": "table:public.users", "since": since})
-    grant = TableGrant(42, Snapshot(100, 110))
+    grant = TableGrant(42, "100:110:")
     [resume] = session.answered(check, grant)
     join, ack = session.answered(resume, Resumable(False))
     assert ack.message.recovered is False and join.subscription.grant == grant

@@ -39,9 +39,9 @@ class TableAccess:
     """One role's access to one table."""
 
     relid: int
-    snapshot: Snapshot
-    """the snapshot the catalog was read in; one object for every check that shared the query, since each table
-    subscription keeps it (its list of transactions in progress can be long)"""
+    snapshot: str
+    """the snapshot the catalog was read in (`pg_snapshot` text, checked to parse); one object for every check that
+    shared the query, since each table subscription keeps it (its list of transactions in progress can be long)"""
     readable: bool
     """USAGE on the schema and SELECT on some column"""
     enabled: bool
@@ -78,7 +78,7 @@ class TableAccessQueries:
                 return None
             return TableAccess(
                 row["relid"],
-                Snapshot.parse(row["snapshot"]),
+                _checked(row["snapshot"]),
                 row["readable"],
                 row["enabled"],
                 frozenset(row["columns"]),
@@ -86,3 +86,9 @@ class TableAccessQueries:
             )
 
         return await self.shared.run((schema, table, role), query)
+
+
+def _checked(snapshot: str) -> str:
+    """`snapshot`, once it is known to parse: it is read only when an ending row of the table comes, much later."""
+    Snapshot.parse(snapshot)
+    return snapshot

@@ -21,6 +21,7 @@ The Trio side (tables.py) runs the crossing and hands out what `deliveries` yiel
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Protocol
@@ -31,6 +32,7 @@ from .changes import RowChange
 from .frames import text_frame
 from .identity import Identity
 from .messages import Error, ErrorCode, encode
+from .positions import Snapshot
 from .rows import as_decimal, dumps
 from .session import Subscription
 
@@ -515,7 +517,13 @@ def ended_by(sub: Subscription, change: RowChange) -> bool:
         return True
     if grant.relid != change.relid:
         return False
-    return grant.seen is None or not grant.seen.sees(change.xid)
+    return grant.seen is None or not _snapshot(grant.seen).sees(change.xid)
+
+
+@functools.lru_cache(maxsize=64)
+def _snapshot(text: str) -> Snapshot:
+    # An ending row is read against every subscription of its channel, most of them made by a few shared checks.
+    return Snapshot.parse(text)
 
 
 def ending_reason(change: RowChange) -> str:

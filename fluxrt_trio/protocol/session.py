@@ -34,7 +34,6 @@ from .messages import (
     Unsubscribe,
     decode,
 )
-from .positions import Snapshot
 
 MAX_GRANTS = 1024
 """(channel, action) pairs a session remembers as allowed; past it, they are asked about again"""
@@ -57,9 +56,12 @@ class TableGrant:
     within the changefeed's lag; these tell which of them concern the subscription (`delivery.ended_by`)."""
 
     relid: int
-    seen: Snapshot | None = None
-    """None for a resumed subscription (recovered): it was promised every change since its position, so an ending row
-    it had not seen yet ends it even when the check already saw that row's outcome"""
+    seen: str | None = None
+    """the snapshot as `pg_snapshot` text (`positions.Snapshot.parse` reads it): kept for as long as the
+    subscription lasts and read only when an ending row comes, and as text it takes about 12 bytes per transaction
+    in progress against some 120 parsed (100 in progress: 1,170 bytes against 12,376, tracemalloc). None for a
+    resumed subscription (recovered): it was promised every change since its position, so an ending row it had not
+    seen yet ends it even when the check already saw that row's outcome"""
 
 
 @attrs.frozen(slots=True)

@@ -105,7 +105,6 @@ async def plain_asyncio(args: argparse.Namespace, prefix: str) -> None:
 
 class Subscriber:
     conn_id = "bench"
-    outbox = None
 
     def deliver_nowait(self, frame: bytes) -> None:
         pass

@@ -897,8 +897,6 @@ class _Answers:
 
     __slots__ = ("conn_id", "done", "failure", "waiting")
 
-    outbox = None
-
     def __init__(self, conn_id: str, count: int) -> None:
         self.conn_id = conn_id
         self.waiting = count

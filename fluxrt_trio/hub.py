@@ -23,24 +23,10 @@ MISSED = "broadcasts on this channel were missed and cannot be replayed; refetch
 """the CHANGES_MISSED message of a broadcast replay that found a gap"""
 
 
-class Sink(Protocol):
-    """Where a subscriber's frames are queued (a connection's `Outbox`)."""
-
-    def send_nowait(self, frame: bytes) -> bool:
-        """Queue one frame without blocking; False (the frame not queued) when too many already wait. Never
-        raises."""
-
-
 class Subscriber(Protocol):
     """A connection as the hub sees it."""
 
     conn_id: str
-
-    @property
-    def outbox(self) -> Sink | None:
-        """Where the hub queues this subscriber's fan-out frames itself, or None to hand each to `deliver_nowait`.
-        A frame the sink refuses (False) goes to `deliver_nowait`, which must find it refused too and close the
-        subscriber as a slow consumer. Read once, when the subscriber joins a channel."""
 
     def deliver_nowait(self, frame: bytes) -> None:
         """Queue one frame without blocking. A subscriber that cannot keep up closes itself; it never raises."""
@@ -149,10 +135,7 @@ class LocalHub(Generic[S]):
         history_ttl: float = 300.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._channels: dict[str, dict[S, Sink]] = {}
-        """each channel's subscribers, each with where its frames go: the fan-out loop touches one object per
-        recipient, its outbox, not the connection then the outbox (a paced broadcast's Python per delivery is
-        mostly the cache misses of each recipient's objects, bench/RESULTS.md)"""
+        self._channels: dict[str, dict[S, None]] = {}
         self._rooms: dict[str, PresenceRoom] = {}
         self._by_kind: dict[str, int] = {"table": 0, "presence": 0, "broadcast": 0}
         self._position = 0
@@ -164,8 +147,7 @@ class LocalHub(Generic[S]):
     def join(self, channel: str, subscriber: S) -> None:
         members = self._channels.setdefault(channel, {})
         if subscriber not in members:
-            outbox = subscriber.outbox
-            members[subscriber] = outbox if outbox is not None else _Relay(subscriber)
+            members[subscriber] = None
             self._by_kind[_kind(channel)] += 1
 
     def leave(self, channel: str, subscriber: S) -> None:
@@ -203,24 +185,12 @@ class LocalHub(Generic[S]):
         members = self._channels.get(channel)
         if not members:
             return
-        skip = members.get(exclude) if exclude is not None else None
-        # A copy: a recipient closing itself must not change the dict under this loop. Of the sinks only, so that
-        # no recipient's connection is touched unless its outbox overflows.
-        sinks = list(members.values())
-        refused: list[Sink] | None = None
-        for sink in sinks:
-            if sink is not skip and not sink.send_nowait(frame):
-                if refused is None:
-                    refused = []
-                refused.append(sink)
-        self._delivered += len(sinks) - (skip is not None)
-        if refused is not None:
-            # Slow consumers: their connections close themselves on the same frame (4009).
-            owners = {sink: subscriber for subscriber, sink in members.items()}
-            for sink in refused:
-                subscriber = owners.get(sink)
-                if subscriber is not None:
-                    subscriber.deliver_nowait(frame)
+        # A copy: a recipient closing itself must not change the dict under this loop.
+        recipients = list(members)
+        for subscriber in recipients:
+            if subscriber is not exclude:
+                subscriber.deliver_nowait(frame)
+        self._delivered += len(recipients) - (exclude in members)
 
     def broadcast(self, channel: str, payload: Any, *, sender: S | None = None, ref: str | None = None) -> int:
         """Relay a client broadcast to every other subscriber, and keep it in the channel's history."""
@@ -309,19 +279,6 @@ class LocalHub(Generic[S]):
             history_messages=history.messages if history is not None else 0,
             history_bytes=history.bytes if history is not None else 0,
         )
-
-
-class _Relay:
-    """The sink of a subscriber without an outbox: every frame goes to its `deliver_nowait`."""
-
-    __slots__ = ("_subscriber",)
-
-    def __init__(self, subscriber: Subscriber) -> None:
-        self._subscriber = subscriber
-
-    def send_nowait(self, frame: bytes) -> bool:
-        self._subscriber.deliver_nowait(frame)
-        return True
 
 
 def send_replay(subscriber: Subscriber, channel: str, frames: list[bytes] | None) -> None:

@@ -115,40 +115,38 @@ class Outbox:
             return True
         if not self._backlog:
             pending = self._pending
-            if pending is None:
-                flusher = self._flusher
-                tick = flusher.tick
-                if self._tick != tick:
-                    # The first frame of this tick goes to the kernel at once: a lone message is never delayed.
-                    # This is the paced fan-out's path, once per recipient, hence first, inline and the method
-                    # call saved.
-                    self._tick = tick
-                    if not flusher.awake:
-                        flusher.wake()
-                    try:
-                        sent = self._sock.send(frame)
-                    except BlockingIOError:
-                        sent = 0
-                    except OSError:
-                        self._break()
-                        return True
-                    if sent < len(frame):
-                        self._backlog = collections.deque([memoryview(frame)[sent:] if sent else frame])
-                        self._start_writer()
+            if pending is not None and len(pending) >= _IOV_MAX:
+                # A full batch: hand it to the kernel now rather than hold more. Only what the kernel refuses
+                # counts against the limit, so a burst to a fast reader is never mistaken for a slow consumer.
+                if not self._flush():
                     return True
-                # The second frame of this tick: collected with those that follow, they go out together.
-                self._pending = [frame]
-                flusher.mark(self)
+                pending = self._pending
+            if not self._backlog:
+                if pending is not None:
+                    pending.append(frame)
+                    return True
+                flusher = self._flusher
+                if self._tick == flusher.tick:
+                    # The second frame of this tick: collected with those that follow, they go out together.
+                    self._pending = [frame]
+                    flusher.mark(self)
+                    return True
+                # The first frame of this tick goes to the kernel at once: a lone message is never delayed. This
+                # is the paced fan-out's path, once per recipient, hence inline and the method call saved.
+                self._tick = flusher.tick
+                if not flusher.awake:
+                    flusher.wake()
+                try:
+                    sent = self._sock.send(frame)
+                except BlockingIOError:
+                    sent = 0
+                except OSError:
+                    self._break()
+                    return True
+                if sent < len(frame):
+                    self._backlog = collections.deque([memoryview(frame)[sent:] if sent else frame])
+                    self._start_writer()
                 return True
-            if len(pending) < _IOV_MAX:
-                pending.append(frame)
-                return True
-            # A full batch: hand it to the kernel now rather than hold more, then queue this frame as if it were
-            # the tick's next. Only what the kernel refuses counts against the limit, so a burst to a fast reader
-            # is never mistaken for a slow consumer.
-            if not self._flush():
-                return True
-            return self.send_nowait(frame)
         backlog = self._backlog
         assert backlog is not None
         if len(backlog) >= self.limit:

@@ -16,8 +16,6 @@ class Recorder:
 
     name: str
     log: list[tuple[str, str, dict]]
-    outbox = None
-    """none: the hub hands every frame to `deliver_nowait`"""
 
     def deliver_nowait(self, frame: bytes) -> None:
         # A server text frame: FIN + opcode, a length (7, 16 or 64 bits, unmasked), then the JSON.
@@ -80,45 +78,3 @@ def test_each_broadcast_takes_the_next_position():
 
 def test_one_node_is_always_available_to_itself():
     assert LocalHub().unavailable() is None
-
-
-@attrs.define(eq=False)
-class Queue:
-    """An outbox that takes `room` frames, then refuses."""
-
-    room: int
-    frames: list[bytes] = attrs.field(factory=list)
-
-    def send_nowait(self, frame: bytes) -> bool:
-        if len(self.frames) >= self.room:
-            return False
-        self.frames.append(frame)
-        return True
-
-
-@attrs.define(eq=False)
-class Queued:
-    """A subscriber with an outbox: the hub queues its frames there and calls `deliver_nowait` only with a frame
-    the outbox refused."""
-
-    outbox: Queue
-    refused: list[bytes] = attrs.field(factory=list)
-
-    def deliver_nowait(self, frame: bytes) -> None:
-        self.refused.append(frame)
-
-    def reply_nowait(self, message: ServerMessage) -> None:
-        raise AssertionError("nothing to answer")
-
-
-def test_frames_go_to_each_outbox_and_a_refused_one_to_its_connection():
-    hub: LocalHub[Queued] = LocalHub()
-    sender, fast, slow = Queued(Queue(10)), Queued(Queue(10)), Queued(Queue(1))
-    for subscriber in (sender, fast, slow):
-        hub.join("broadcast:chat", subscriber)
-    hub.broadcast("broadcast:chat", 1, sender=sender)
-    hub.broadcast("broadcast:chat", 2, sender=sender)
-    assert sender.outbox.frames == [] and sender.refused == []
-    assert len(fast.outbox.frames) == 2 and fast.refused == []
-    assert slow.outbox.frames == fast.outbox.frames[:1] and slow.refused == fast.outbox.frames[1:]
-    assert hub.statistics().delivered == 4

@@ -104,8 +104,6 @@ def test_top_channels_are_the_largest_first_ties_by_name():
 
 def test_a_hubs_traffic_is_what_its_statistics_say():
     class Subscriber:
-        outbox = None
-
         def deliver_nowait(self, frame: bytes) -> None:
             pass
 

@@ -166,9 +166,6 @@ async def test_history_trimmed_or_expired_or_unknown_is_not_recovered_on_another
 class Recorder:
     """A subscriber of an in-process hub: the messages it is handed, decoded."""
 
-    outbox = None
-    """none: the hub hands every frame to `deliver_nowait`"""
-
     def __init__(self) -> None:
         self.conn_id = "recorder"
         self.got: list[dict[str, Any]] = []

@@ -3,6 +3,9 @@ answers a check from before it arrived nor across roles: a REVOKE is honoured by
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Awaitable, Callable
+
 import pytest
 import trio
 import trio.testing
@@ -143,6 +146,17 @@ async def _hold_the_pool(db, pool: AuthorizerPool, nursery: trio.Nursery):
     return admin
 
 
+async def _together(db, pool: AuthorizerPool, *tasks: Callable[[], Awaitable[object]]) -> None:
+    """Start `tasks` while the pool's one connection is held, so that they all wait for it at once; then free it."""
+    async with trio.open_nursery() as nursery:
+        admin = await _hold_the_pool(db, pool, nursery)
+        for task in tasks:
+            nursery.start_soon(task)
+        await trio.testing.wait_all_tasks_blocked(0.05)
+        await run_on(admin, lambda c: c.execute("SELECT pg_advisory_unlock(7)"))
+    await close_connection(admin)
+
+
 async def test_checks_share_per_role_and_a_revoke_before_a_check_is_seen(db):
     from fluxrt_trio.postgres.subscribe import TableAccessQueries
 
@@ -159,13 +173,7 @@ async def test_checks_share_per_role_and_a_revoke_before_a_check_is_seen(db):
             answers.append((role, access.readable))
 
         try:
-            async with trio.open_nursery() as nursery:
-                admin = await _hold_the_pool(db, pool, nursery)
-                for _ in range(3):
-                    nursery.start_soon(check, "anon")
-                    nursery.start_soon(check, "authenticated")
-                await trio.testing.wait_all_tasks_blocked(0.05)
-                await run_on(admin, lambda c: c.execute("SELECT pg_advisory_unlock(7)"))
+            await _together(db, pool, *[functools.partial(check, role) for role in ("anon", "authenticated") * 3])
             # One query per role, never one answer for both: anon may not read, authenticated may.
             assert tables.shared.queries == 2
             assert sorted(answers) == [("anon", False)] * 3 + [("authenticated", True)] * 3
@@ -173,7 +181,6 @@ async def test_checks_share_per_role_and_a_revoke_before_a_check_is_seen(db):
             # A check waiting for the pool, then a REVOKE, then another identical check: the second shares the first
             # one's query, which runs after both arrived, so neither is told the old answer.
             answers.clear()
-            await close_connection(admin)
             async with trio.open_nursery() as nursery:
                 admin = await _hold_the_pool(db, pool, nursery)
                 nursery.start_soon(check, "authenticated")
@@ -215,13 +222,7 @@ async def test_table_subscribes_that_shared_a_query_share_the_snapshot_their_sub
             grants.append(await checks.subscribe(Identity("u1", "authenticated"), check))
 
         try:
-            async with trio.open_nursery() as nursery:
-                admin = await _hold_the_pool(db, pool, nursery)
-                for _ in range(3):
-                    nursery.start_soon(subscribe)
-                await trio.testing.wait_all_tasks_blocked(0.05)
-                await run_on(admin, lambda c: c.execute("SELECT pg_advisory_unlock(7)"))
-            await close_connection(admin)
+            await _together(db, pool, subscribe, subscribe, subscribe)
             assert checks._tables is not None and checks._tables.shared.queries == 1
             assert all(isinstance(grant, TableGrant) for grant in grants) and len(grants) == 3
             first = grants[0]
@@ -242,13 +243,7 @@ async def test_hook_lookups_waiting_together_share_one_query(db):
             answers.append(await hook.hook_exists())
 
         try:
-            async with trio.open_nursery() as nursery:
-                admin = await _hold_the_pool(db, pool, nursery)
-                for _ in range(5):
-                    nursery.start_soon(look)
-                await trio.testing.wait_all_tasks_blocked(0.05)
-                await run_on(admin, lambda c: c.execute("SELECT pg_advisory_unlock(7)"))
+            await _together(db, pool, *[look] * 5)
             assert answers == [False] * 5 and hook.looks.queries == 1
-            await close_connection(admin)
         finally:
             await pool.close()

@@ -176,6 +176,17 @@ async def test_a_subscribe_with_a_position_that_cannot_resume_is_not_ended_by_wh
         assert change["type"] == "broadcast" and change["payload"]["record"]["name"] == "ann", change
 
 
+async def renamed_away_and_created(db, third_column: str, policies: str = "") -> None:
+    """A row of users, then users renamed to people and a new users (id, name, `third_column`) made in its place with
+    `policies`, readable by anon and enabled."""
+    await db.execute("INSERT INTO users VALUES (7, 'old', null)")
+    await db.execute(
+        "ALTER TABLE users RENAME TO people;"
+        f"CREATE TABLE users (id bigint PRIMARY KEY, name text, {third_column});"
+        f"GRANT SELECT ON users TO anon; {policies} SELECT enable_realtime('users')"
+    )
+
+
 async def test_a_table_created_under_a_renamed_ones_name_is_decided_by_its_own_policies(start_server, db):
     # One stretch of the change log holds the old table's row, its RENAME, and the new table's rows, all read after
     # the new table's subscriber was acked. The new table's rows are decided by its own policy (anon sees only
@@ -184,13 +195,11 @@ async def test_a_table_created_under_a_renamed_ones_name_is_decided_by_its_own_p
     server = await start(start_server, db)
     async with connect(server) as ws:
         async with changefeed_held(db.dsn):
-            await db.execute("INSERT INTO users VALUES (7, 'old', null)")
-            await db.execute(
-                "ALTER TABLE users RENAME TO people;"
-                "CREATE TABLE users (id bigint PRIMARY KEY, name text, email text);"
-                "GRANT SELECT ON users TO anon; ALTER TABLE users ENABLE ROW LEVEL SECURITY;"
-                "CREATE POLICY only_public ON users FOR SELECT USING (name = 'public');"
-                "SELECT enable_realtime('users')"
+            await renamed_away_and_created(
+                db,
+                "email text",
+                "ALTER TABLE users ENABLE ROW LEVEL SECURITY;"
+                "CREATE POLICY only_public ON users FOR SELECT USING (name = 'public');",
             )
             await subscribe(ws, "table:public.users")
             await db.execute("INSERT INTO users VALUES (1, 'secret', null)")
@@ -204,12 +213,7 @@ async def test_a_filter_on_a_column_only_the_new_table_has_is_not_ended_by_the_o
     server = await start(start_server, db)
     async with connect(server) as ws:
         async with changefeed_held(db.dsn):
-            await db.execute("INSERT INTO users VALUES (7, 'old', null)")
-            await db.execute(
-                "ALTER TABLE users RENAME TO people;"
-                "CREATE TABLE users (id bigint PRIMARY KEY, name text, owner text);"
-                "GRANT SELECT ON users TO anon; SELECT enable_realtime('users')"
-            )
+            await renamed_away_and_created(db, "owner text")
             await subscribe(ws, "table:public.users", filter="owner=eq.ann")
         await db.execute("INSERT INTO users VALUES (1, 'x', 'ann')")
         change = await recv(ws)

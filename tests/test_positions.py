@@ -29,8 +29,7 @@ def test_a_snapshot_parses_from_and_writes_pg_snapshot_text():
     assert Snapshot.parse("10:20:15,12") == Snapshot(10, 20, frozenset({12, 15}))
     assert Snapshot.parse("10:20:15,12").text() == "10:20:12,15"
     assert Snapshot.parse("7:7:") == Snapshot(7, 7)
-    # Every table subscription keeps its check's snapshot: those with no transaction in progress, the common case,
-    # share one empty set (216 bytes apiece otherwise).
+    # Snapshots with no transaction in progress, the common case, share one empty set (216 bytes apiece otherwise).
     assert Snapshot.parse("7:7:").xip is Snapshot.parse("8:9:").xip
     assert Snapshot(7, 7).text() == "7:7:"
 

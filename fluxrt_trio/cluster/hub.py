@@ -728,14 +728,12 @@ class ClusterHub(Generic[S]):
         again."""
         if stream_id == wire.DUPLICATE:
             return
-        if stream_id is None or self.history is None:
-            self.local.publish_nowait(channel, BroadcastEvent(channel, payload), exclude=exclude)
-            return
-        frame = text_frame(encode(BroadcastEvent(channel, payload, f"b2~{stream_id}")))
-        if not self.history.add(channel, _parse_id(stream_id), self._clock(), frame):
-            self.local.publish_nowait(channel, BroadcastEvent(channel, payload), exclude=exclude)
-            return
-        self.local.deliver(channel, frame, exclude=exclude)
+        if stream_id is not None and self.history is not None:
+            frame = text_frame(encode(BroadcastEvent(channel, payload, f"b2~{stream_id}")))
+            if self.history.add(channel, _parse_id(stream_id), self._clock(), frame):
+                self.local.deliver(channel, frame, exclude=exclude)
+                return
+        self.local.publish_nowait(channel, BroadcastEvent(channel, payload), exclude=exclude)
 
     async def _read_states(self) -> None:
         while True:

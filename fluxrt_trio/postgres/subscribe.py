@@ -8,7 +8,6 @@ from collections.abc import Callable
 import asyncpg
 import attrs
 
-from ..protocol.positions import Snapshot
 from .bridge import AuthorizerPool
 from .shared import SharedQueries
 
@@ -40,8 +39,8 @@ class TableAccess:
 
     relid: int
     snapshot: str
-    """the snapshot the catalog was read in (`pg_snapshot` text, checked to parse); one object for every check that
-    shared the query, since each table subscription keeps it (its list of transactions in progress can be long)"""
+    """the snapshot the catalog was read in (`pg_snapshot` text); one object for every check that shared the query,
+    since each table subscription keeps it (its list of transactions in progress can be long)"""
     readable: bool
     """USAGE on the schema and SELECT on some column"""
     enabled: bool
@@ -78,7 +77,7 @@ class TableAccessQueries:
                 return None
             return TableAccess(
                 row["relid"],
-                _checked(row["snapshot"]),
+                row["snapshot"],
                 row["readable"],
                 row["enabled"],
                 frozenset(row["columns"]),
@@ -86,9 +85,3 @@ class TableAccessQueries:
             )
 
         return await self.shared.run((schema, table, role), query)
-
-
-def _checked(snapshot: str) -> str:
-    """`snapshot`, once it is known to parse: it is read only when an ending row of the table comes, much later."""
-    Snapshot.parse(snapshot)
-    return snapshot

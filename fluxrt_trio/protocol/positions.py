@@ -16,7 +16,8 @@ NO_LIMIT = 2**63 - 1
 """above every change id and transaction id (both are bigint-sized in the database)"""
 
 NO_XIP: frozenset[int] = frozenset()
-"""one empty set for every snapshot with no transaction in progress (each table subscription keeps one)"""
+"""one empty set for every snapshot with no transaction in progress, the common case (216 bytes apiece otherwise,
+for each resume's positions kept until its replay is done)"""
 
 MAX_POSITION = 4096
 """characters of a position at most: a snapshot lists the transactions in progress, which a client must not use to

@@ -7,7 +7,8 @@ process) and one client process (``bench/connect_clients.py``, non-blocking raw 
 every request first and then, on "go", opens every connection as fast as it can (64 connects between two polls of
 its epoll, so answers are read while the storm goes on). Each client, once upgraded (101), sends both subscribes in
 one write (``table:public.storm_items`` first, then its room) and, once the room's subscribe is acked, tracks
-``{"n": i}`` with a ``ref`` (``--no-track`` leaves this out). Rooms hold ``--room-size`` clients (10): one room of
+``{"n": i}`` with a ``ref`` (``--no-track`` leaves this out; ``--handshake-only`` stops each client at its 101, to
+measure the handshake alone). Rooms hold ``--room-size`` clients (10): one room of
 10,000 would make every join a diff to 10,000 members, 10^8 frames, which measures presence fan-out rather than
 connecting; with rooms of 10 the tracks cost 10 diffs each.
 
@@ -335,6 +336,8 @@ def run_round(
         argv += ["--timeout", str(args.timeout), "--connect-batch", str(args.connect_batch)]
         if args.track:
             argv.append("--track")
+        if args.handshake_only:
+            argv.append("--handshake-only")
         if args.client_cpu is not None:
             argv += ["--cpu", str(args.client_cpu)]
         clients = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -442,6 +445,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--room-size", type=int, default=10, help="clients per presence room (default 10)")
     parser.add_argument("--no-track", dest="track", action="store_false", help="subscribe only, no presence track")
     parser.add_argument(
+        "--handshake-only",
+        action="store_true",
+        help="clients stop at the 101 (no subscribe, no track): what the handshake alone costs",
+    )
+    parser.add_argument(
         "--no-table", dest="table", action="store_false", help="presence room only: what the table subscribe costs"
     )
     parser.add_argument("--sources", type=int, help="loopback source addresses (default: one per 20,000 clients)")
@@ -510,8 +518,12 @@ def main(argv: list[str] | None = None) -> int:
         os.sched_setaffinity(0, {args.client_cpu})
     print(
         f"connect bench: {args.clients:,} clients x {args.rounds} rounds, rooms of {args.room_size}, "
-        f"{'track' if args.track else 'no track'}, {TABLE if args.table else 'no table channel'}, "
-        f"{args.sources} source address(es)\n"
+        + (
+            "handshake only, "
+            if args.handshake_only
+            else f"{'track' if args.track else 'no track'}, {TABLE if args.table else 'no table channel'}, "
+        )
+        + f"{args.sources} source address(es)\n"
         f"  {info['nproc']} CPUs ({info['cpu_model']}), kernel {info['kernel']}, Python {info['python']}, "
         f"PostgreSQL {pg_version}; scratch database {database}\n  fluxrt: {info['fluxrt']}\n"
         + (f"  was (same-run baseline): {info['was']}\n" if args.compare_tree is not None else "")

@@ -7,10 +7,11 @@ Driven over stdin/stdout (one JSON object per line):
    a ``token`` and a ``room`` (a ``presence:`` channel)), prepares every upgrade request and subscribe frame, then
    prints ``{"event": "prepared"}`` (so the preparation is not part of the storm);
 2. on ``{"cmd": "go"}`` opens every connection as fast as it can (``--connect-batch`` connects between two polls of
-   the epoll, so answers are read while the storm goes on); each client, once its upgrade is answered 101, sends
-   both subscribes in one write (table channel first), and with ``--track`` tracks its presence (with a ``ref``)
-   once the presence subscribe is acked; once every client is done or failed (or ``--timeout`` passed) it writes
-   the per-client times to ``--out`` and prints ``{"event": "done", ...}``; the connections stay open;
+   the epoll, so answers are read while the storm goes on); each client, once its upgrade is answered 101, is done
+   with ``--handshake-only``, else sends both subscribes in one write (table channel first), and with ``--track``
+   tracks its presence (with a ``ref``) once the presence subscribe is acked; once every client is done or failed
+   (or ``--timeout`` passed) it writes the per-client times to ``--out`` and prints ``{"event": "done", ...}``; the
+   connections stay open;
 3. on ``{"cmd": "quit"}`` (or end of stdin) closes everything.
 
 Times per client (ns, CLOCK_REALTIME, 0 when it did not happen): ``start`` just before ``connect()``; ``open`` when
@@ -108,6 +109,7 @@ class Storm:
         self.batch: int = args.connect_batch
         self.timeout: float = args.timeout
         self.tracking: bool = args.track
+        self.handshake_only: bool = args.handshake_only
         self.table: str | None = plan["table"]
         self.clients = [self._prepare(i, c["token"], c["room"]) for i, c in enumerate(plan["clients"])]
         self.by_fd: dict[int, Client] = {}
@@ -225,8 +227,12 @@ class Storm:
                 self._fail(client, "bad-accept", head[:300])
                 return
             client.upgraded = stamp
-            sock.send(client.subscribes)
-            client.state = SUBSCRIBING
+            if self.handshake_only:
+                client.state = DONE
+                self.finished += 1
+            else:
+                sock.send(client.subscribes)
+                client.state = SUBSCRIBING
         self._frames(client, stamp)
 
     def _frames(self, client: Client, stamp: int) -> None:
@@ -326,6 +332,7 @@ def main() -> int:
     parser.add_argument("--plan", required=True, help="JSON {table, clients: [{token, room}]}")
     parser.add_argument("--out", required=True, help="where to write the per-client times (JSON)")
     parser.add_argument("--track", action="store_true", help="track presence once the presence subscribe is acked")
+    parser.add_argument("--handshake-only", action="store_true", help="done at the 101: subscribe to nothing")
     parser.add_argument("--sources", type=int, default=1, help="spread over 127.0.0.1..K (default 1: no bind)")
     parser.add_argument("--connect-batch", type=int, default=64, help="connects between two polls (default 64)")
     parser.add_argument("--timeout", type=float, default=60.0)

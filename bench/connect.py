@@ -255,6 +255,14 @@ def top_frames(collapsed: Path, limit: int) -> dict[str, list[tuple[str, float]]
     }
 
 
+def sysctl(name: str) -> str:
+    """A kernel setting from /proc/sys (`net/core/somaxconn`), or "?" where it cannot be read."""
+    try:
+        return Path("/proc/sys", name).read_text().strip()
+    except OSError:
+        return "?"
+
+
 def ms(ns: int) -> float:
     return ns / 1e6
 
@@ -508,6 +516,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.compare_tree is not None:
         info["was"] = tree_source(args, args.compare_tree)
     info["uptime_start"] = uptime()
+    # They decide whether a storm waits for SYNs sent again after 1 s and 3 s (fluxrt asks for a backlog of 65,535).
+    info["somaxconn"], info["tcp_max_syn_backlog"] = (
+        sysctl("net/core/somaxconn"),
+        sysctl("net/ipv4/tcp_max_syn_backlog"),
+    )
     database, pg_version, _ = asyncio.run(scratch_database.create(args.dsn))
     if args.server_cpu is None:
         where = "unpinned (fluxrt, clients and PostgreSQL share every CPU)"
@@ -527,7 +540,9 @@ def main(argv: list[str] | None = None) -> int:
         f"  {info['nproc']} CPUs ({info['cpu_model']}), kernel {info['kernel']}, Python {info['python']}, "
         f"PostgreSQL {pg_version}; scratch database {database}\n  fluxrt: {info['fluxrt']}\n"
         + (f"  was (same-run baseline): {info['was']}\n" if args.compare_tree is not None else "")
-        + f"  {where}\n"
+        + f"  kernel queues: net.core.somaxconn {info['somaxconn']}, "
+        f"net.ipv4.tcp_max_syn_backlog {info['tcp_max_syn_backlog']}\n"
+        f"  {where}\n"
         f"  uptime at start: {info['uptime_start']}",
         flush=True,
     )

@@ -309,7 +309,7 @@ class Connection:
             if decision.endpoint is not None:
                 await self._skip_body(exchange)
             return None
-        self._send_http(http.switching_protocols(exchange, decision.accept))
+        self._send_http(http.switching_protocols(decision.accept))
         self.ws = _WebSocket()
         identity = self._authenticate(decision.token)
         if identity is None:

@@ -229,14 +229,15 @@ def response_bytes(
     return data
 
 
-def switching_protocols(exchange: h11.Connection, accept: str) -> bytes:
-    """The 101 response completing a WebSocket upgrade (no extensions, no subprotocol)."""
-    return (
-        exchange.send(
-            h11.InformationalResponse(
-                status_code=101,
-                headers=[("upgrade", "websocket"), ("connection", "Upgrade"), ("sec-websocket-accept", accept)],
-            )
-        )
-        or b""
-    )
+def switching_protocols(accept: str) -> bytes:
+    """The 101 response completing a WebSocket upgrade (no extensions, no subprotocol).
+
+    Written out rather than through h11 (which took ~19 µs a handshake validating three constant headers): nothing
+    of the HTTP exchange is used after it, and `accept` is base64 (`accept_key`), so it needs no checking.
+    """
+    return _SWITCHING_PROTOCOLS % accept.encode("ascii")
+
+
+_SWITCHING_PROTOCOLS = (
+    b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\nsec-websocket-accept: %s\r\n\r\n"
+)

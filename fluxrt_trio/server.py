@@ -12,6 +12,7 @@ import secrets
 import socket
 import time
 from collections.abc import KeysView
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -41,7 +42,19 @@ log = logging.getLogger("fluxrt.server")
 # Running out of descriptors or memory is a load condition: wait and accept again instead of dying.
 _ACCEPT_RETRY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 _ACCEPT_BATCH = 128
-_LISTEN_BACKLOG = 4096
+_LISTEN_BACKLOG = 65535
+"""asked of listen(); the kernel caps it at net.core.somaxconn (4096 by default on Linux 5.4+). A connect storm
+beyond the queue drops SYNs, which clients send again only 1 s and 3 s later: with 10,000 clients at once, that
+retry, not fluxrt's CPU, set when the last one got in (bench/RESULTS.md, "Connect storm: the listen backlog")."""
+_SOMAXCONN = Path("/proc/sys/net/core/somaxconn")
+
+
+def listen_backlog() -> int:
+    """The listen backlog the kernel grants: what fluxrt asks, capped by net.core.somaxconn where Linux says it."""
+    try:
+        return min(_LISTEN_BACKLOG, int(_SOMAXCONN.read_text()))
+    except (OSError, ValueError):
+        return _LISTEN_BACKLOG
 
 
 class Server:
@@ -157,6 +170,7 @@ class Server:
                             port=self.port,
                             path=self.config.server.path,
                             scheme="wss" if self.tls is not None else "ws",
+                            backlog=listen_backlog(),
                         ),
                     )
                     if self.tls is not None:

@@ -290,6 +290,9 @@ def test_anonymous_places_round_down_without_binary_surprises(share, max_connect
         ("2001:db8:1:2:ffff::1", "2001:db8:1:2::/64"),
         ("fe80::1%eth0", "fe80::/64"),
         ("not-an-address", "not-an-address"),
+        # Not addresses in the one form the kernel writes: counted as given, not as 1.2.3.4.
+        ("01.2.3.4", "01.2.3.4"),
+        ("1.2.3.4\x00", "1.2.3.4\x00"),
     ],
 )
 def test_address_key_groups_ipv6_by_64(host, key):

@@ -115,6 +115,9 @@ async def test_sighup_reload_keeps_connections_and_rotates_keys_and_logs_what_it
         proc.kill()
     for msg in ("starting", "listening", "changefeed connected", "signal received", "shutting down", "stopped"):
         assert proc.logged(msg), f"no {msg!r} line"
+    # The node asks for the largest backlog and says what the kernel grants (net.core.somaxconn caps it).
+    somaxconn = int(Path("/proc/sys/net/core/somaxconn").read_text())
+    assert proc.logged("listening")[0]["backlog"] == min(65535, somaxconn)
     opened = proc.logged("connection opened")
     assert {line["sub"] for line in opened} >= {"alice", "bob", "carol"}
     assert all(line["peer"].startswith("127.0.0.1:") for line in opened)

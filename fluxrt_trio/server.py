@@ -44,8 +44,8 @@ _ACCEPT_RETRY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 _ACCEPT_BATCH = 128
 _LISTEN_BACKLOG = 65535
 """asked of listen(); the kernel caps it at net.core.somaxconn (4096 by default on Linux 5.4+). A connect storm
-beyond the queue drops SYNs, which clients send again only 1 s and 3 s later: with 10,000 clients at once, that
-retry, not fluxrt's CPU, set when the last one got in (bench/RESULTS.md, "Connect storm: the listen backlog")."""
+beyond the queue loses SYNs, which clients send again only 1 s and 3 s later, while the node may have nothing left
+to do (bench/RESULTS.md, "Connect storm", session 9)."""
 _SOMAXCONN = Path("/proc/sys/net/core/somaxconn")
 
 

@@ -512,16 +512,20 @@ class TableChannels:
         ]
         if not questions:
             return {}
-        decided, failed = delivery.visibilities(plans, await self._decide_waiting_out_outages(questions))
+        answers = await self._decide_waiting_out_outages(questions)
+        decided, failed, dropped = delivery.visibilities(plans, answers)
         for channel, error in failed.items():
             # Nobody may receive the table's changes unchecked.
             log.error("authorizing changes failed", extra={"ctx_channel": channel, "ctx_error": error})
-            self._hand_out(Missed(plans[channel].members, channel, delivery.UNDECIDED))
+            self._hand_out(delivery.undecided(channel, plans[channel], delivery.UNDECIDED))
+        for channel in dropped:
+            # Its DROP row follows in the change log, and ends the same subscriptions.
+            self._hand_out(delivery.undecided(channel, plans[channel], delivery.DROPPED_UNCHECKED))
         return decided
 
     async def _decide_waiting_out_outages(
         self, questions: Sequence[TableQuestion]
-    ) -> list[tuple[str, list[delivery.Decision] | str]]:
+    ) -> list[tuple[str, list[delivery.Decision] | str | None]]:
         """The database's answers, however long it is away: the window's changes are already read, so giving up
         would lose them. The changefeed waits behind this window meanwhile (its queue is bounded)."""
         backoff = 0.05

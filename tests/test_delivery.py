@@ -12,6 +12,7 @@ import orjson
 from fluxrt_trio.protocol.changes import RowChange
 from fluxrt_trio.protocol.channels import parse_channel
 from fluxrt_trio.protocol.delivery import (
+    DROPPED_UNCHECKED,
     PAUSE,
     POLICY_RAISED,
     UNREADABLE,
@@ -22,6 +23,7 @@ from fluxrt_trio.protocol.delivery import (
     Visibility,
     deliveries,
     ended_by,
+    undecided,
     visibilities,
 )
 from fluxrt_trio.protocol.identity import Identity
@@ -244,15 +246,37 @@ def test_long_windows_pause_for_the_scheduler():
     assert handouts.index(PAUSE) == YIELD_EVERY
 
 
-def test_visibilities_reads_the_database_answer_and_names_the_tables_that_failed():
+def test_visibilities_reads_the_database_answer_and_names_the_tables_that_failed_or_were_dropped():
     a, b = subscriber("a", ALICE), subscriber("b", BOB)
-    changes = [change(1, "INSERT", {"id": 1}), change(2, "INSERT", {"id": 2}, table="other")]
-    other = "table:public.other"
+    changes = [
+        change(1, "INSERT", {"id": 1}),
+        change(2, "INSERT", {"id": 2}, table="other"),
+        change(3, "INSERT", {"id": 3}, table="gone"),
+    ]
+    other, gone = "table:public.other", "table:public.gone"
     b.subs[other] = Subscription(parse_channel(other))
+    b.subs[gone] = Subscription(parse_channel(gone))
     plans = DeliveryPlanner().plan(changes, members(a, b))
-    decided, failed = visibilities(plans, [(CHANNEL, [(1, [0], ["id"], None)]), (other, "relation does not exist")])
+    answers = [(CHANNEL, [(1, [0], ["id"], None)]), (other, "permission denied"), (gone, None)]
+    decided, failed, dropped = visibilities(plans, answers)
     assert decided == {(CHANNEL, BOB.policy_key): Visibility(frozenset({0}), ("id",))}
-    assert failed == {other: "relation does not exist"}
+    assert failed == {other: "permission denied"}
+    assert dropped == [gone]
+
+
+def test_withheld_changes_are_named_only_to_the_subscribers_of_their_table():
+    # The old table's changes are read after a new table took its name: its subscribers were checked against the
+    # new table and never get the old one's changes, so they are not told some were withheld either.
+    old, new, unchecked = subscriber("old", ALICE), subscriber("new", BOB), subscriber("unchecked", BOB)
+    old.subs[CHANNEL] = attrs.evolve(old.subs[CHANNEL], grant=TableGrant(42, "10:10:"))
+    new.subs[CHANNEL] = attrs.evolve(new.subs[CHANNEL], grant=TableGrant(43, "20:20:"))
+    gone = subscriber("gone", ALICE)
+    everyone = members(old, new, unchecked, gone)
+    plans = DeliveryPlanner().plan([change(1, "INSERT", {"id": 1})], everyone)
+    gone.subs.clear()
+    missed = undecided(CHANNEL, plans[CHANNEL], DROPPED_UNCHECKED)
+    assert missed == Missed([old, unchecked], CHANNEL, DROPPED_UNCHECKED)
+    assert missed.error.code is ErrorCode.CHANGES_MISSED
 
 
 SECRET_FILTERED = "secret=eq.1"

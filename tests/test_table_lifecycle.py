@@ -18,6 +18,7 @@ import trio
 
 from fluxrt_trio.client import Change, open_client
 from fluxrt_trio.postgres.migrate import LIFECYCLE_MISSING, lifecycle_missing
+from fluxrt_trio.protocol import delivery
 
 from . import pg
 from .process import run_cli
@@ -218,6 +219,32 @@ async def test_a_filter_on_a_column_only_the_new_table_has_is_not_ended_by_the_o
         await db.execute("INSERT INTO users VALUES (1, 'x', 'ann')")
         change = await recv(ws)
         assert change["type"] == "broadcast" and change["payload"]["record"]["owner"] == "ann", change
+
+
+async def test_rows_of_a_table_dropped_and_created_again_are_withheld_and_named_only_to_its_own_subscribers(
+    start_server, db
+):
+    # The old table's row is read after its DROP committed: its policies are gone, so it can be judged by nobody.
+    # Its subscriber is told so and then that the table was dropped; the new table's subscriber hears of neither.
+    users_table(db)
+    server = await start(start_server, db)
+    async with connect(server) as earlier, connect(server) as later:
+        await subscribe(earlier, "table:public.users")
+        async with changefeed_held(db.dsn):
+            await db.execute("INSERT INTO users VALUES (7, 'old', null)")
+            await db.execute(
+                "DROP TABLE users; CREATE TABLE users (id bigint PRIMARY KEY, name text, email text);"
+                "GRANT SELECT ON users TO anon; SELECT enable_realtime('users')"
+            )
+            await subscribe(later, "table:public.users")
+        missed = await recv(earlier)
+        assert missed["type"] == "error" and missed["code"] == "CHANGES_MISSED", missed
+        assert missed["channel"] == "table:public.users"
+        assert missed["message"] == delivery.DROPPED_UNCHECKED
+        assert "public.users was dropped" in (await failure(earlier))["message"]
+        await db.execute("INSERT INTO users VALUES (1, 'ann', null)")
+        change = await recv(later)
+        assert change["type"] == "broadcast" and change["payload"]["record"]["name"] == "ann", change
 
 
 async def test_a_recreated_table_is_not_enabled_by_its_predecessor(db):

@@ -515,7 +515,9 @@ def _check_functions(catalog: Catalog, names: Iterable[str]) -> None:
 
 
 def plan(catalog: Catalog, relid: int, role: str) -> SetPlan | PerIdentity:
-    """How to decide `role`'s SELECT policies on `relid` for all its identities at once."""
+    """How to decide `role`'s SELECT policies on `relid` for all its identities at once. `relid` must be in the
+    catalog (raises KeyError otherwise): a table dropped since its changes were logged has no policies to plan, and
+    `RowSecurity` answers for it without a plan."""
     relation = catalog.relations[relid]
     reserved = [c for c in relation.columns if c.startswith(RESERVED)]
     if reserved:

@@ -119,6 +119,7 @@ SELECT proname::text, bool_or(provolatile = 'v'), bool_or(proretset OR prokind I
  WHERE pronamespace = 'pg_catalog'::regnamespace GROUP BY proname
 """
 
+_EXISTS = "SELECT EXISTS (SELECT FROM pg_catalog.pg_class WHERE oid = $1::oid)"
 _VISIBLE = "SELECT n, visible, readable, error FROM realtime.visible($1::oid, $2::jsonb, $3)"
 _VISIBLE_SETS = (
     "SELECT r, readable, everything, identity, image, error FROM realtime.visible_sets($1::oid, $2::jsonb, $3)"
@@ -212,11 +213,12 @@ class RowSecurity:
         identities: Sequence[tuple[str, dict[str, Any]]],
         images: str,
         n_images: int,
-    ) -> list[Row]:
+    ) -> list[Row] | None:
         """Which of `n_images` images (a JSON array, as text) each identity (role, claims) sees: rows for the
         identities that see at least one image, or whose policy raised (the error is in their row), and for at least
         one identity of each role that may read the table (with its readable columns); the others see nothing.
-        Errors of the whole table (dropped meanwhile, a lost connection) raise.
+        None when the table no longer exists (dropped since the images were logged: its policies went with it, so
+        nobody may see them). Errors of the whole table (a lost connection, a broken policy function) raise.
 
         With every role's plan cached, one statement checks the catalog fingerprint and decides; otherwise (the
         first time, after a catalog change, or for roles decided one identity at a time) a REPEATABLE READ READ ONLY
@@ -276,10 +278,12 @@ class RowSecurity:
         images: str,
         n_images: int,
         by_role: dict[str, list[int]],
-    ) -> list[Row]:
+    ) -> list[Row] | None:
         plans: dict[str, SetPlan] = {}
         if self.set_based:
             await self._describe(conn, relid, list(by_role))
+            if relid not in self._relations:
+                return None
             for role in by_role:
                 chosen = self._plan(relid, role)
                 if isinstance(chosen, SetPlan):
@@ -291,6 +295,8 @@ class RowSecurity:
             rows, decided = self._set_rows(relid, plans, by_role, [tuple(r) for r in results], n_images)
         rest = [n for role, members in by_role.items() if role not in decided for n in members]
         if rest:
+            if not self.set_based and not await conn.fetchval(_EXISTS, relid):
+                return None
             self._count(per_identity=len(rest))
             subset = orjson.dumps([{"role": identities[n][0], "claims": identities[n][1]} for n in rest]).decode()
             for k, visible, readable, error in await conn.fetch(_VISIBLE, relid, subset, images):
@@ -440,10 +446,11 @@ class TableQuestion:
 
 async def decide_tables(
     conn: asyncpg.Connection, row_security: RowSecurity, questions: Sequence[TableQuestion]
-) -> list[tuple[str, list[Row] | str]]:
-    """Each table decided on its own, so that one table's failure (dropped meanwhile, a policy function broken)
-    costs only that table: its entry is then the error's description instead of rows. A lost connection raises."""
-    results: list[tuple[str, list[Row] | str]] = []
+) -> list[tuple[str, list[Row] | str | None]]:
+    """Each table decided on its own, so that one table's failure (a policy function broken) costs only that table:
+    its entry is then the error's description instead of rows, or None for a table dropped meanwhile (see
+    `RowSecurity.decide`). A lost connection raises."""
+    results: list[tuple[str, list[Row] | str | None]] = []
     for question in questions:
         try:
             rows = await row_security.decide(
@@ -454,5 +461,5 @@ async def decide_tables(
                 raise
             results.append((question.channel, describe(exc)))
         else:
-            results.append((question.channel, [(r[0], r[1], r[2], r[3]) for r in rows]))
+            results.append((question.channel, None if rows is None else [(r[0], r[1], r[2], r[3]) for r in rows]))
     return results

@@ -49,6 +49,10 @@ FELL_BEHIND = "changes to this table could not be authorized fast enough; refetc
 INTERNAL_ERROR = "an internal error lost changes on this table; refetch what you show"
 UNREADABLE = "a change to this table could not be read; refetch what you show"
 UNDECIDED = "changes to this table could not be authorized; refetch what you show"
+DROPPED_UNCHECKED = (
+    "changes to this table committed before it was dropped were withheld: its row-level security policies were "
+    "dropped with it, so they could not be authorized"
+)
 POLICY_RAISED = (
     "a row-level security policy raised an error for your identity; changes in this window were withheld; "
     "refetch what you show"
@@ -337,13 +341,18 @@ Decision = tuple[int, list[int] | None, list[str] | None, str | None]
 
 
 def visibilities(
-    plans: dict[str, TablePlan], decided: Iterable[tuple[str, list[Decision] | str]]
-) -> tuple[dict[tuple[str, str], Visibility], dict[str, str]]:
-    """Per (channel, identity key), what the identity may see; and the tables whose decision failed as a whole,
-    with the error (nobody may receive their changes unchecked)."""
+    plans: dict[str, TablePlan], decided: Iterable[tuple[str, list[Decision] | str | None]]
+) -> tuple[dict[tuple[str, str], Visibility], dict[str, str], list[str]]:
+    """Per (channel, identity key), what the identity may see; the tables whose decision failed as a whole, with
+    the error; and the channels whose table was dropped before it could be decided (None instead of rows: its
+    policies went with it). Nobody may receive the changes of either unchecked."""
     result: dict[tuple[str, str], Visibility] = {}
     failed: dict[str, str] = {}
+    dropped: list[str] = []
     for channel, rows in decided:
+        if rows is None:
+            dropped.append(channel)
+            continue
         if isinstance(rows, str):
             failed[channel] = rows
             continue
@@ -354,7 +363,20 @@ def visibilities(
                 tuple(readable) if readable is not None else None,
                 error,
             )
-    return result, failed
+    return result, failed, dropped
+
+
+def undecided(channel: str, plan: TablePlan, reason: str) -> Missed:
+    """Tell the subscribers of `plan`'s table that its changes in the window were withheld for `reason`: not those
+    whose check saw another table of the channel's name (created after this one was dropped, or renamed to it),
+    who were never to get this table's changes (see `still_wanted`)."""
+    recipients = [
+        subscriber
+        for subscriber in plan.members
+        if (sub := subscriber.subscription(channel)) is not None
+        and (sub.grant is None or sub.grant.relid == plan.relid)
+    ]
+    return Missed(recipients, channel, reason)
 
 
 # ---- what to hand out ----------------------------------------------------------------------------------------

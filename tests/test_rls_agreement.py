@@ -301,3 +301,33 @@ async def test_a_session_not_in_repeatable_read_is_decided_in_a_transaction_of_i
     assert await in_asyncio(decide_three_times, AUTHORIZER_SESSION) == ([(0, [0]), (1, [1])], 2)
     read_committed = {**AUTHORIZER_SESSION, "default_transaction_isolation": "read committed"}
     assert await in_asyncio(decide_three_times, read_committed) == ([(0, [0]), (1, [1])], 0)
+
+
+async def test_a_dropped_table_is_decided_as_none_on_every_path(db):
+    # Rows logged before a DROP can be read after it: no policy is left to judge them by, so every way of deciding
+    # answers None (delivery withholds them) rather than raising or judging them by nothing.
+    db.sql(
+        "CREATE TABLE notes (id int PRIMARY KEY, owner text); ALTER TABLE notes ENABLE ROW LEVEL SECURITY;"
+        "CREATE POLICY mine ON notes FOR SELECT USING (owner = (SELECT auth.jwt() ->> 'sub'));"
+        "GRANT SELECT ON notes TO authenticated;"
+    )
+    relid = db.sql("SELECT 'notes'::regclass::oid")[0][0]
+    authorizer = db.dsn.replace("postgres@", f"{AUTHORIZER_ROLE}@", 1)
+    who = [("authenticated", {"sub": "alice"}), ("authenticated", {"sub": "bob"})]
+    images = orjson.dumps([{"id": 1, "owner": "alice"}]).decode()
+
+    async def before_and_after_drop() -> dict[str, tuple[list, Any]]:
+        conn = await asyncpg.connect(authorizer, server_settings=AUTHORIZER_SESSION)
+        try:
+            ways = {"planned": RowSecurity(), "cached": RowSecurity(), "per identity": RowSecurity(set_based=False)}
+            before = {name: await security.decide(conn, relid, who, images, 1) for name, security in ways.items()}
+            await ways["cached"].decide(conn, relid, who, images, 1)
+            ways["planned"] = RowSecurity()
+            db.sql("DROP TABLE notes")
+            after = {name: await security.decide(conn, relid, who, images, 1) for name, security in ways.items()}
+            return {name: (sorted((n, v) for n, v, _, _ in before[name] if v), after[name]) for name in ways}
+        finally:
+            await conn.close()
+
+    decided = await in_asyncio(before_and_after_drop)
+    assert decided == {name: ([(0, [0])], None) for name in ("planned", "cached", "per identity")}

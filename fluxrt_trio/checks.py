@@ -118,6 +118,14 @@ def judge_table_subscribe(check: CheckSubscribe, role: str, access: TableAccess 
         return _refusal(
             check, ErrorCode.FORBIDDEN, f"role {role} may not read {qualified}: GRANT SELECT ON {qualified} TO {role}"
         )
+    if access.partition_of is not None:
+        return _refusal(
+            check,
+            ErrorCode.SUBSCRIPTION_FAILED,
+            f"{qualified} is a partition of {access.partition_of}: its changes are published on "
+            f"table:{access.partition_of}; subscribe there (a filter on the partition key selects this partition's "
+            "rows)",
+        )
     if not access.enabled:
         return _refusal(
             check,

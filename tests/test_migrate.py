@@ -135,7 +135,7 @@ async def test_upgrading_to_0007_keeps_enabled_tables_and_covers_their_partition
             "DROP TABLE gone",
         )
         monkeypatch.undo()
-        assert await on(dsn, lambda conn: migrate(conn, pg.ROLES)) == ["0007_lifecycle"]
+        assert await on(dsn, lambda conn: migrate(conn, pg.ROLES)) == ["0007_lifecycle", "0008_partitions"]
 
         def sql(query: str) -> list[tuple]:
             return [tuple(r) for r in pg.run_sql(dsn, query)]
@@ -161,4 +161,40 @@ async def test_upgrading_to_0007_keeps_enabled_tables_and_covers_their_partition
             ("TRUNCATE", "events", '{"partition": "public.events_a"}'),
             ("RENAME", "notes", '{"table": "memos", "schema": "public"}'),
             ("DROP", "events", None),
+        ]
+
+
+async def test_upgrading_to_0008_ends_a_partition_enabled_on_its_own(pg_admin, monkeypatch):
+    # Before 0008 enable_realtime accepted a partition whose root was not enabled: its rows were reported as the
+    # root's, so its subscribers were sent nothing. 0008 takes it out of the registry and tells them where to go.
+    shipped = migrations()
+    assert [version for version, _, _ in shipped][7] == 8
+    async with fresh_database(pg_admin) as dsn:
+        monkeypatch.setattr(migrate_module, "migrations", lambda: shipped[:7])
+        await on(dsn, lambda conn: migrate(conn, pg.ROLES))
+        await trio.to_thread.run_sync(
+            pg.run_sql,
+            dsn,
+            "CREATE TABLE events (id int, kind text) PARTITION BY LIST (kind);"
+            "CREATE TABLE events_a PARTITION OF events FOR VALUES IN ('a');"
+            "CREATE TABLE notes (id int); SELECT enable_realtime('events_a'); SELECT enable_realtime('notes')",
+        )
+        monkeypatch.undo()
+        assert await on(dsn, lambda conn: migrate(conn, pg.ROLES)) == ["0008_partitions"]
+
+        def sql(query: str) -> list[tuple]:
+            return [tuple(r) for r in pg.run_sql(dsn, query)]
+
+        assert sql("SELECT table_name FROM realtime.tables") == [("notes",)]
+        assert sql("SELECT op, table_name, new_record FROM realtime.changes") == [
+            ("DISABLE", "events_a", '{"partition_of": "public.events"}')
+        ]
+        # Its own trigger stays (the migration may not own the table) and reports nothing; enabling the root
+        # replaces it.
+        pg.run_sql(
+            dsn,
+            "INSERT INTO events VALUES (1, 'a'); SELECT enable_realtime('events'); INSERT INTO events VALUES (2, 'a')",
+        )
+        assert sql("SELECT op, table_name, new_record FROM realtime.changes WHERE op = 'INSERT'") == [
+            ("INSERT", "events", '{"id": 2, "kind": "a"}')
         ]

@@ -623,3 +623,74 @@ async def test_renames_and_a_drop_in_one_transaction_are_each_logged_in_order(db
         ("INSERT", "auth", "memos", '{"id": 1}'),
         ("DROP", "auth", "memos", None),
     ]
+
+
+# ---- partitions are never channels of their own (migration 0008) -------------------------------------------------
+
+PARTITIONED = (
+    "CREATE TABLE events (id int, kind text) PARTITION BY LIST (kind);"
+    "CREATE TABLE events_a PARTITION OF events FOR VALUES IN ('a');"
+    "GRANT SELECT ON events, events_a TO anon;"
+)
+
+
+@pytest.mark.parametrize("root_enabled", [True, False])
+async def test_enable_realtime_refuses_a_partition_and_names_its_root(db, root_enabled):
+    # Its rows are reported as its root's: enabled alone, its subscribers were acked and then sent nothing.
+    db.sql(PARTITIONED + ("SELECT enable_realtime('events');" if root_enabled else ""))
+    triggers = "SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'fluxrt%'"
+    before = value(db, triggers)
+    with pytest.raises(asyncpg.WrongObjectTypeError) as refused:
+        await db.execute("SELECT enable_realtime('events_a')")
+    assert refused.value.args[0] == (
+        "enable_realtime: events_a is a partition of public.events; enable the partitioned table instead: "
+        "SELECT enable_realtime('public.events')"
+    )
+    assert "published on table:public.events" in refused.value.hint
+    assert value(db, triggers) == before
+    assert registry(db) == ([("public", "events")] if root_enabled else [])
+
+
+async def test_subscribing_to_a_partition_names_its_roots_channel(start_server, db):
+    db.sql(PARTITIONED + "SELECT enable_realtime('events')")
+    server = await start(start_server, db)
+    async with connect(server) as ws:
+        reply = await request(ws, type="subscribe", channel="table:public.events_a")
+        assert reply["code"] == "SUBSCRIPTION_FAILED", reply
+        assert reply["message"] == (
+            "public.events_a is a partition of public.events: its changes are published on table:public.events; "
+            "subscribe there (a filter on the partition key selects this partition's rows)"
+        )
+        await subscribe(ws, "table:public.events", filter="kind=eq.a")
+        await db.execute("INSERT INTO events VALUES (1, 'a')")
+        assert (await recv(ws))["payload"]["record"] == {"id": 1, "kind": "a"}
+
+
+@pytest.mark.parametrize("event_triggers", [True, False])
+async def test_an_enabled_table_attached_as_a_partition_ends_its_subscriptions(start_server, db, event_triggers):
+    # Its rows now belong to its root's channel: its subscribers are told where, instead of being sent nothing.
+    if not event_triggers:
+        db.sql("DROP EVENT TRIGGER fluxrt_lifecycle_drop; DROP EVENT TRIGGER fluxrt_lifecycle_ddl")
+    db.sql(
+        "CREATE TABLE events (id int, kind text) PARTITION BY LIST (kind);"
+        "CREATE TABLE solo (id int, kind text); GRANT SELECT ON events, solo TO anon; SELECT enable_realtime('solo')"
+    )
+    server = await start(start_server, db, database={"retention": 0.5})
+    async with connect(server) as ws:
+        await subscribe(ws, "table:public.solo")
+        await db.execute("ALTER TABLE events ATTACH PARTITION solo FOR VALUES IN ('s')")
+        ended = await failure(ws)
+        assert ended["channel"] == "table:public.solo"
+        assert ended["message"] == (
+            "table public.solo became a partition of public.events: its changes are published on "
+            "table:public.events; subscribe there"
+        )
+        assert registry(db) == []
+        # The trigger it kept reports nothing while its root is not enabled, and gives way when the root is.
+        await db.execute("INSERT INTO solo VALUES (1, 's')")
+        assert logged(db, "INSERT") == []
+        await db.execute("SELECT enable_realtime('events')")
+        await subscribe(ws, "table:public.events")
+        await db.execute("INSERT INTO solo VALUES (2, 's')")
+        change = await recv(ws)
+        assert (change["channel"], change["payload"]["record"]) == ("table:public.events", {"id": 2, "kind": "s"})

@@ -19,6 +19,11 @@ SELECT c.oid AS relid, pg_catalog.pg_current_snapshot()::text AS snapshot,
        EXISTS (SELECT 1 FROM realtime.tables t WHERE t.relid = c.oid)
          AND EXISTS (SELECT 1 FROM pg_catalog.pg_trigger g WHERE g.tgrelid = c.oid AND g.tgname = 'fluxrt_capture')
          AS enabled,
+       -- A partition's changes are published on its root's channel (migration 0008), never its own.
+       CASE WHEN c.relispartition THEN (
+           SELECT rn.nspname || '.' || rc.relname
+             FROM pg_catalog.pg_class rc JOIN pg_catalog.pg_namespace rn ON rn.oid = rc.relnamespace
+            WHERE rc.oid = pg_catalog.pg_partition_root(c.oid)) END AS partition_of,
        ARRAY(SELECT a.attname::text FROM pg_catalog.pg_attribute a
               WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped) AS columns,
        ARRAY(SELECT a.attname::text FROM pg_catalog.pg_attribute a
@@ -47,6 +52,8 @@ class TableAccess:
     """realtime is enabled for the table"""
     columns: frozenset[str]
     readable_columns: frozenset[str]
+    partition_of: str | None = None
+    """for a partition, its root (schema.table), whose channel carries its changes"""
 
 
 class TableAccessQueries:
@@ -82,6 +89,7 @@ class TableAccessQueries:
                 row["enabled"],
                 frozenset(row["columns"]),
                 frozenset(row["readable_columns"]),
+                row["partition_of"],
             )
 
         return await self.shared.run((schema, table, role), query)

@@ -26,10 +26,10 @@ class RowChange:
     table: str
     op: str
     """INSERT, UPDATE, DELETE, TRUNCATE (`new` is {"partition": "schema.name"} when one partition was truncated),
-    DISABLE (realtime was disabled on the table), DROP (the table was dropped), RENAME (it was renamed: `new` is
-    {"schema", "table"}, the new name; `schema` and `table` are the old one), UNREADABLE (the row images could not
-    be decoded; subscribers are told to refetch), or SEND (a `realtime.send`: not a row change, see
-    `logged_broadcast`)"""
+    DISABLE (realtime was disabled on the table; `new` is {"partition_of": "schema.name"}, its root, when it became
+    a partition), DROP (the table was dropped), RENAME (it was renamed: `new` is {"schema", "table"}, the new name;
+    `schema` and `table` are the old one), UNREADABLE (the row images could not be decoded; subscribers are told to
+    refetch), or SEND (a `realtime.send`: not a row change, see `logged_broadcast`)"""
     old: dict[str, Any] | None
     new: dict[str, Any] | None
     xid: int = 0

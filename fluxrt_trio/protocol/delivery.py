@@ -560,6 +560,12 @@ def ending_reason(change: RowChange) -> str:
         renamed = change.new or {}
         to = f"{renamed.get('schema')}.{renamed.get('table')}"
         return f"table {qualified} was renamed to {to}; subscribe to table:{to}"
+    root = (change.new or {}).get("partition_of")
+    if root is not None:
+        return (
+            f"table {qualified} became a partition of {root}: its changes are published on table:{root}; "
+            "subscribe there"
+        )
     return f"realtime was disabled for {qualified}; run SELECT enable_realtime('{qualified}') and subscribe again"
 
 

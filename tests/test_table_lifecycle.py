@@ -675,7 +675,8 @@ async def test_an_enabled_table_attached_as_a_partition_ends_its_subscriptions(s
         "CREATE TABLE events (id int, kind text) PARTITION BY LIST (kind);"
         "CREATE TABLE solo (id int, kind text); GRANT SELECT ON events, solo TO anon; SELECT enable_realtime('solo')"
     )
-    server = await start(start_server, db, database={"retention": 0.5})
+    # migrate False: a migration run as a superuser would put the event triggers back.
+    server = await start(start_server, db, database={"retention": 0.5, "migrate": False})
     async with connect(server) as ws:
         await subscribe(ws, "table:public.solo")
         await db.execute("ALTER TABLE events ATTACH PARTITION solo FOR VALUES IN ('s')")
@@ -694,3 +695,45 @@ async def test_an_enabled_table_attached_as_a_partition_ends_its_subscriptions(s
         await db.execute("INSERT INTO solo VALUES (2, 's')")
         change = await recv(ws)
         assert (change["channel"], change["payload"]["record"]) == ("table:public.events", {"id": 2, "kind": "s"})
+
+
+async def test_a_table_attached_written_and_detached_between_sweeps_ends_its_subscriptions(
+    start_server, without_event_triggers
+):
+    # Without the event triggers nothing swept between the ATTACH and the DETACH: the rows written meanwhile were
+    # withheld (its root carries no capture trigger) and its subscribers, never told, kept a subscription that had
+    # silently lost them. The first withheld row ends them instead, in commit order.
+    db = without_event_triggers
+    db.sql(
+        "CREATE TABLE events (id int, kind text) PARTITION BY LIST (kind);"
+        "CREATE TABLE solo (id int, kind text); GRANT SELECT ON events, solo TO anon; SELECT enable_realtime('solo')"
+    )
+    # migrate False: a migration run as a superuser would put the event triggers back.
+    server = await start(start_server, db, database={"migrate": False})
+    async with connect(server) as ws:
+        await subscribe(ws, "table:public.solo")
+        await db.execute(
+            "ALTER TABLE events ATTACH PARTITION solo FOR VALUES IN ('s'); INSERT INTO solo VALUES (1, 's');"
+            "ALTER TABLE events DETACH PARTITION solo"
+        )
+        ended = await failure(ws)
+        assert ended["channel"] == "table:public.solo"
+        assert "public.solo became a partition of public.events" in ended["message"]
+    assert logged(db, "DISABLE", "INSERT") == [("DISABLE", "public", "solo", '{"partition_of": "public.events"}')]
+
+
+async def test_a_partitioned_table_attached_as_a_partition_ends_its_subscriptions_on_a_write_to_its_partition(
+    without_event_triggers,
+):
+    # The same for an enabled partitioned table attached under another: its rows fire on its partitions.
+    db = without_event_triggers
+    db.sql(
+        "CREATE TABLE big (id int, kind text) PARTITION BY LIST (kind);"
+        "CREATE TABLE mid (id int, kind text) PARTITION BY LIST (id);"
+        "CREATE TABLE leaf PARTITION OF mid FOR VALUES IN (1); SELECT enable_realtime('mid');"
+        "ALTER TABLE big ATTACH PARTITION mid FOR VALUES IN ('m'); INSERT INTO big VALUES (1, 'm');"
+        "ALTER TABLE big DETACH PARTITION mid"
+    )
+    assert logged(db, "DISABLE", "INSERT") == [("DISABLE", "public", "mid", '{"partition_of": "public.big"}')]
+    assert registry(db) == []
+

@@ -33,6 +33,18 @@ BEGIN
     END IF;
     IF (TG_LEVEL = 'STATEMENT' OR root <> TG_RELID)
        AND NOT EXISTS (SELECT 1 FROM pg_trigger g WHERE g.tgrelid = root AND g.tgname = 'fluxrt_capture') THEN
+        -- A table still registered that became a partition since the last sweep (no event triggers): this change is
+        -- withheld, so its subscribers are told now, in commit order, else a DETACH before the next sweep would
+        -- leave them subscribed without ever learning what they missed. A partition of an enabled root never comes
+        -- here; a failure (a serialization error under REPEATABLE READ) must not fail the write: the next sweep does it.
+        IF root <> TG_RELID AND EXISTS (SELECT 1 FROM realtime.tables t
+                                          WHERE t.relid IN (SELECT a.relid FROM pg_partition_ancestors(TG_RELID) a)) THEN
+            BEGIN
+                PERFORM realtime.sweep_lifecycle(ARRAY(SELECT a.relid FROM pg_partition_ancestors(TG_RELID) a));
+            EXCEPTION WHEN OTHERS THEN
+                NULL;
+            END;
+        END IF;
         RETURN NULL;
     ELSIF TG_LEVEL = 'STATEMENT' AND root = TG_RELID THEN
         INSERT INTO realtime.changes (relid, schema_name, table_name, op) VALUES (root, nsp, rel, 'TRUNCATE');

@@ -737,3 +737,17 @@ async def test_a_partitioned_table_attached_as_a_partition_ends_its_subscription
     assert logged(db, "DISABLE", "INSERT") == [("DISABLE", "public", "mid", '{"partition_of": "public.big"}')]
     assert registry(db) == []
 
+
+async def test_the_refusal_of_a_partition_quotes_its_roots_name_in_the_sql_it_suggests(db):
+    db.sql(
+        'CREATE SCHEMA "My App"; CREATE TABLE "My App"."Ev\'ents" (id int, kind text) PARTITION BY LIST (kind);'
+        'CREATE TABLE "My App".part_a PARTITION OF "My App"."Ev\'ents" FOR VALUES IN (\'a\')'
+    )
+    with pytest.raises(asyncpg.WrongObjectTypeError) as refused:
+        await db.execute("SELECT enable_realtime('\"My App\".part_a')")
+    suggested = refused.value.args[0].split("instead: ", 1)[1]
+    assert suggested == "SELECT enable_realtime('\"My App\".\"Ev''ents\"')"
+    await db.execute(suggested)
+    assert registry(db) == [("My App", "Ev'ents")]
+    assert "published on table:My App.Ev'ents;" in refused.value.hint
+

@@ -107,11 +107,17 @@ DECLARE
     target text := rel::regclass::text;
     flag text := CASE WHEN notify THEN 'notify' ELSE '' END;
     root text;
+    root_sql text;
 BEGIN
     IF (SELECT c.relispartition FROM pg_catalog.pg_class c WHERE c.oid = rel) THEN
         root := realtime.channel_name(pg_catalog.pg_partition_root(rel));
-        RAISE EXCEPTION 'enable_realtime: % is a partition of %; enable the partitioned table instead: SELECT enable_realtime(''%'')',
-            tbl, root, root
+        -- The SQL to run names the root as to_regclass reads it: quoted where needed, in a quoted literal.
+        SELECT pg_catalog.format('SELECT enable_realtime(%L)', pg_catalog.format('%I.%I', n.nspname, c.relname))
+          INTO root_sql
+          FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+         WHERE c.oid = pg_catalog.pg_partition_root(rel);
+        RAISE EXCEPTION 'enable_realtime: % is a partition of %; enable the partitioned table instead: %',
+            tbl, root, root_sql
             USING ERRCODE = 'wrong_object_type',
                   HINT = format('Its changes are published on table:%s; a filter on the partition key selects this '
                                 'partition''s rows.', root);

@@ -114,10 +114,7 @@ def judge_table_subscribe(check: CheckSubscribe, role: str, access: TableAccess 
     qualified = f"{channel.schema}.{channel.table}"
     if access is None:
         return _refusal(check, ErrorCode.SUBSCRIPTION_FAILED, f"table {qualified} does not exist")
-    if not access.readable:
-        return _refusal(
-            check, ErrorCode.FORBIDDEN, f"role {role} may not read {qualified}: GRANT SELECT ON {qualified} TO {role}"
-        )
+    # Before the privilege check: a GRANT on a partition would not help, its channel never carries anything.
     if access.partition_of is not None:
         return _refusal(
             check,
@@ -125,6 +122,10 @@ def judge_table_subscribe(check: CheckSubscribe, role: str, access: TableAccess 
             f"{qualified} is a partition of {access.partition_of}: its changes are published on "
             f"table:{access.partition_of}; subscribe there (a filter on the partition key selects this partition's "
             "rows)",
+        )
+    if not access.readable:
+        return _refusal(
+            check, ErrorCode.FORBIDDEN, f"role {role} may not read {qualified}: GRANT SELECT ON {qualified} TO {role}"
         )
     if not access.enabled:
         return _refusal(

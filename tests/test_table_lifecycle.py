@@ -751,3 +751,16 @@ async def test_the_refusal_of_a_partition_quotes_its_roots_name_in_the_sql_it_su
     assert registry(db) == [("My App", "Ev'ents")]
     assert "published on table:My App.Ev'ents;" in refused.value.hint
 
+
+async def test_subscribing_to_a_partition_the_role_may_not_read_names_the_roots_channel_not_a_grant(start_server, db):
+    # A GRANT on the partition would not help: its changes are never published on its channel.
+    db.sql(
+        "CREATE TABLE events (id int, kind text) PARTITION BY LIST (kind);"
+        "CREATE TABLE events_a PARTITION OF events FOR VALUES IN ('a');"
+        "GRANT SELECT ON events TO anon; SELECT enable_realtime('events')"
+    )
+    server = await start(start_server, db)
+    async with connect(server) as ws:
+        reply = await request(ws, type="subscribe", channel="table:public.events_a")
+        assert reply["code"] == "SUBSCRIPTION_FAILED", reply
+        assert reply["message"].startswith("public.events_a is a partition of public.events")

@@ -764,3 +764,29 @@ async def test_subscribing_to_a_partition_the_role_may_not_read_names_the_roots_
         reply = await request(ws, type="subscribe", channel="table:public.events_a")
         assert reply["code"] == "SUBSCRIPTION_FAILED", reply
         assert reply["message"].startswith("public.events_a is a partition of public.events")
+
+
+async def test_enabling_a_root_whose_partition_of_another_owner_kept_its_trigger_says_who_must_drop_it(db):
+    # The root's owner may not drop the trigger the partition kept from before it was attached (TRIGGER allows only
+    # creating one), and PostgreSQL would not clone over it: the refusal says what its owner runs.
+    alice, bob = (f"fluxrt_lc_{uuid.uuid4().hex[:8]}" for _ in range(2))
+    db.sql(f"CREATE ROLE {alice} NOLOGIN; CREATE ROLE {bob} NOLOGIN; GRANT CREATE ON SCHEMA public TO {alice}, {bob}")
+    try:
+        db.sql(
+            f"SET ROLE {alice}; CREATE TABLE events (id int, kind text) PARTITION BY LIST (kind); RESET ROLE;"
+            f"SET ROLE {bob}; CREATE TABLE solo (id int, kind text); SELECT enable_realtime('solo');"
+            # Without it PostgreSQL lets nobody but bob put the root's trigger on solo.
+            f"GRANT TRIGGER ON solo TO {alice}; RESET ROLE;"
+            "ALTER TABLE events ATTACH PARTITION solo FOR VALUES IN ('s')"
+        )
+        with pytest.raises(asyncpg.InsufficientPrivilegeError) as refused:
+            await db.execute(f"SET ROLE {alice}; SELECT enable_realtime('events')")
+        assert refused.value.args[0] == (
+            "realtime: partition public.solo keeps the capture trigger it had before it was attached, and only its "
+            f"owner may drop it: as {bob} (or a superuser) run SELECT disable_realtime('public.solo'), then try again"
+        )
+        await db.execute(f"SET ROLE {bob}; SELECT disable_realtime('public.solo')")
+        await db.execute(f"SET ROLE {alice}; SELECT enable_realtime('events')")
+        assert registry(db) == [("public", "events")]
+    finally:
+        db.sql(f"DROP OWNED BY {alice}; DROP OWNED BY {bob}; DROP ROLE {alice}; DROP ROLE {bob}")

@@ -85,6 +85,8 @@ LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     target oid;
     trigger_name name;
+    part text;
+    owner name;
 BEGIN
     FOR target, trigger_name IN
         SELECT g.tgrelid, g.tgname FROM pg_trigger g
@@ -93,7 +95,20 @@ BEGIN
            AND (g.tgname = 'fluxrt_capture_truncate'
                 OR (g.tgname = 'fluxrt_capture' AND (g.tgrelid = rel OR g.tgparentid = 0)))
     LOOP
-        EXECUTE format('DROP TRIGGER %I ON %s', trigger_name, target::regclass);
+        BEGIN
+            EXECUTE format('DROP TRIGGER %I ON %s', trigger_name, target::regclass);
+        EXCEPTION WHEN insufficient_privilege THEN
+            IF trigger_name <> 'fluxrt_capture' OR target = rel THEN
+                RAISE;
+            END IF;
+            -- Else PostgreSQL's "must be owner of relation" names no way forward for the root's owner.
+            SELECT format('%I.%I', n.nspname, c.relname), pg_get_userbyid(c.relowner) INTO part, owner
+              FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = target;
+            RAISE EXCEPTION 'realtime: partition % keeps the capture trigger it had before it was attached, and only '
+                            'its owner may drop it: as % (or a superuser) run SELECT disable_realtime(%), then try again',
+                realtime.channel_name(target), owner, quote_literal(part)
+                USING ERRCODE = 'insufficient_privilege';
+        END;
     END LOOP;
 END
 $$;

@@ -114,7 +114,8 @@ def judge_table_subscribe(check: CheckSubscribe, role: str, access: TableAccess 
     qualified = f"{channel.schema}.{channel.table}"
     if access is None:
         return _refusal(check, ErrorCode.SUBSCRIPTION_FAILED, f"table {qualified} does not exist")
-    # Before the privilege check: a GRANT on a partition would not help, its channel never carries anything.
+    # Before the privilege check: a GRANT on a partition would not help, its channel never carries anything
+    # (partition_of is None for a role that may read neither it nor its root: that one is FORBIDDEN).
     if access.partition_of is not None:
         return _refusal(
             check,

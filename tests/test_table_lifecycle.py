@@ -790,3 +790,16 @@ async def test_enabling_a_root_whose_partition_of_another_owner_kept_its_trigger
         assert registry(db) == [("public", "events")]
     finally:
         db.sql(f"DROP OWNED BY {alice}; DROP OWNED BY {bob}; DROP ROLE {alice}; DROP ROLE {bob}")
+
+
+async def test_a_role_that_may_read_neither_a_partition_nor_its_root_is_not_told_the_roots_name(start_server, db):
+    db.sql(
+        "CREATE SCHEMA hidden; CREATE TABLE hidden.events (id int, kind text) PARTITION BY LIST (kind);"
+        "CREATE TABLE public.events_a PARTITION OF hidden.events FOR VALUES IN ('a');"
+        "SELECT enable_realtime('hidden.events')"
+    )
+    server = await start(start_server, db)
+    async with connect(server) as ws:
+        reply = await request(ws, type="subscribe", channel="table:public.events_a")
+        assert reply["code"] == "FORBIDDEN", reply
+        assert "hidden" not in reply["message"]

@@ -19,11 +19,16 @@ SELECT c.oid AS relid, pg_catalog.pg_current_snapshot()::text AS snapshot,
        EXISTS (SELECT 1 FROM realtime.tables t WHERE t.relid = c.oid)
          AND EXISTS (SELECT 1 FROM pg_catalog.pg_trigger g WHERE g.tgrelid = c.oid AND g.tgname = 'fluxrt_capture')
          AS enabled,
-       -- A partition's changes are published on its root's channel (migration 0008), never its own.
+       -- A partition's changes are published on its root's channel (migration 0008), never its own. Named only to
+       -- a role that may read the partition or the root (checks.py tells it before the privilege check).
        CASE WHEN c.relispartition THEN (
            SELECT rn.nspname || '.' || rc.relname
              FROM pg_catalog.pg_class rc JOIN pg_catalog.pg_namespace rn ON rn.oid = rc.relnamespace
-            WHERE rc.oid = pg_catalog.pg_partition_root(c.oid)) END AS partition_of,
+            WHERE rc.oid = pg_catalog.pg_partition_root(c.oid)
+              AND (pg_catalog.has_schema_privilege($3, n.oid, 'USAGE')
+                     AND pg_catalog.has_any_column_privilege($3, c.oid, 'SELECT')
+                   OR pg_catalog.has_schema_privilege($3, rn.oid, 'USAGE')
+                     AND pg_catalog.has_any_column_privilege($3, rc.oid, 'SELECT'))) END AS partition_of,
        ARRAY(SELECT a.attname::text FROM pg_catalog.pg_attribute a
               WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped) AS columns,
        ARRAY(SELECT a.attname::text FROM pg_catalog.pg_attribute a
@@ -53,7 +58,8 @@ class TableAccess:
     columns: frozenset[str]
     readable_columns: frozenset[str]
     partition_of: str | None = None
-    """for a partition, its root (schema.table), whose channel carries its changes"""
+    """for a partition, its root (schema.table), whose channel carries its changes; None also when the role may
+    read neither"""
 
 
 class TableAccessQueries:

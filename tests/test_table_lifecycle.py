@@ -803,3 +803,17 @@ async def test_a_role_that_may_read_neither_a_partition_nor_its_root_is_not_told
         reply = await request(ws, type="subscribe", channel="table:public.events_a")
         assert reply["code"] == "FORBIDDEN", reply
         assert "hidden" not in reply["message"]
+
+
+async def test_disable_realtime_refuses_a_partition_of_an_enabled_table_and_names_it(db):
+    # Its capture trigger is a clone of the root's: PostgreSQL's own refusal suggested dropping the root's trigger by
+    # hand, which would leave the root registered without it.
+    db.sql(PARTITIONED + "SELECT enable_realtime('events')")
+    with pytest.raises(asyncpg.WrongObjectTypeError) as refused:
+        await db.execute("SELECT disable_realtime('events_a')")
+    assert refused.value.args[0] == (
+        "disable_realtime: events_a is a partition of public.events, for which realtime is enabled; a partition's "
+        "changes cannot be stopped apart from the rest: SELECT disable_realtime('public.events')"
+    )
+    assert registry(db) == [("public", "events")]
+    assert value(db, "SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'fluxrt%'") == 4

@@ -3,8 +3,9 @@
 -- attached as a partition later, had its subscribers acked and then sent nothing: its rows went to a root nobody
 -- could subscribe to. Now enable_realtime refuses a partition and names its root, the sweep ends the subscriptions
 -- of an enabled table that has become a partition (a DISABLE row naming the root, so that every node tells them in
--- commit order) and takes it out of the registry, and the capture trigger such a table keeps reports nothing unless
--- its root is enabled.
+-- commit order) and takes it out of the registry, and the capture trigger such a table keeps reports nothing while
+-- it is a partition of a root that is not enabled (enabling the root replaces it; a DETACH makes it capture the
+-- table as itself again, unregistered, until enable_realtime or disable_realtime is run for it).
 
 -- The name a subscriber's channel would give a table: schema.table, unquoted.
 CREATE FUNCTION realtime.channel_name(rel oid) RETURNS text
@@ -197,6 +198,32 @@ BEGIN
         logged := logged + 1;
     END LOOP;
     RETURN logged;
+END
+$$;
+
+-- As in 0001, refusing a partition that shares its root's capture (its trigger is a clone): dropping the clone
+-- fails with PostgreSQL's "trigger on table ... requires it", whose hint (drop the root's trigger by hand) would
+-- leave the root registered without its trigger.
+CREATE OR REPLACE FUNCTION public.disable_realtime(tbl text) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    rel oid := realtime.resolve(tbl, 'disable_realtime');
+    enabled oid;
+BEGIN
+    IF EXISTS (SELECT 1 FROM pg_catalog.pg_trigger g
+                WHERE g.tgrelid = rel AND g.tgname = 'fluxrt_capture' AND g.tgparentid <> 0) THEN
+        SELECT g.tgrelid INTO enabled FROM pg_catalog.pg_trigger g
+         WHERE g.tgname = 'fluxrt_capture' AND g.tgparentid = 0
+           AND g.tgrelid IN (SELECT a.relid FROM pg_catalog.pg_partition_ancestors(rel) a);
+        RAISE EXCEPTION 'disable_realtime: % is a partition of %, for which realtime is enabled; a partition''s '
+                        'changes cannot be stopped apart from the rest: %', tbl, realtime.channel_name(enabled),
+            (SELECT pg_catalog.format('SELECT disable_realtime(%L)', pg_catalog.format('%I.%I', n.nspname, c.relname))
+               FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+              WHERE c.oid = enabled)
+            USING ERRCODE = 'wrong_object_type';
+    END IF;
+    PERFORM realtime.drop_triggers(rel);
+    PERFORM realtime.unregister(rel);
 END
 $$;
 

@@ -275,9 +275,8 @@ async def _live(conn: asyncpg.Connection, table: str, role: str, claims: dict, k
     return (sorted(i for i, k in enumerate(keys) if k[first] in got), False)
 
 
-async def test_a_session_not_in_repeatable_read_is_decided_in_a_transaction_of_its_own(db):
-    # Policy code can change a pooled session's default isolation; the one-statement path then declines (its catalog
-    # check would not share the decisions' snapshot) and a REPEATABLE READ transaction decides, with the same answer.
+def notes_owned_by_sub(db) -> tuple[int, str, list[tuple[str, dict[str, Any]]]]:
+    """A table `notes` whose rows only the `sub` in `owner` sees: its oid, the authorizer's DSN, two identities."""
     db.sql(
         "CREATE TABLE notes (id int PRIMARY KEY, owner text); ALTER TABLE notes ENABLE ROW LEVEL SECURITY;"
         "CREATE POLICY mine ON notes FOR SELECT USING (owner = (SELECT auth.jwt() ->> 'sub'));"
@@ -285,7 +284,13 @@ async def test_a_session_not_in_repeatable_read_is_decided_in_a_transaction_of_i
     )
     relid = db.sql("SELECT 'notes'::regclass::oid")[0][0]
     authorizer = db.dsn.replace("postgres@", f"{AUTHORIZER_ROLE}@", 1)
-    who = [("authenticated", {"sub": "alice"}), ("authenticated", {"sub": "bob"})]
+    return relid, authorizer, [("authenticated", {"sub": "alice"}), ("authenticated", {"sub": "bob"})]
+
+
+async def test_a_session_not_in_repeatable_read_is_decided_in_a_transaction_of_its_own(db):
+    # Policy code can change a pooled session's default isolation; the one-statement path then declines (its catalog
+    # check would not share the decisions' snapshot) and a REPEATABLE READ transaction decides, with the same answer.
+    relid, authorizer, who = notes_owned_by_sub(db)
     images = orjson.dumps([{"id": 1, "owner": "alice"}, {"id": 2, "owner": "bob"}]).decode()
 
     async def decide_three_times(settings: dict[str, str]) -> tuple[list, int]:
@@ -306,14 +311,7 @@ async def test_a_session_not_in_repeatable_read_is_decided_in_a_transaction_of_i
 async def test_a_dropped_table_is_decided_as_none_on_every_path(db):
     # Rows logged before a DROP can be read after it: no policy is left to judge them by, so every way of deciding
     # answers None (delivery withholds them) rather than raising or judging them by nothing.
-    db.sql(
-        "CREATE TABLE notes (id int PRIMARY KEY, owner text); ALTER TABLE notes ENABLE ROW LEVEL SECURITY;"
-        "CREATE POLICY mine ON notes FOR SELECT USING (owner = (SELECT auth.jwt() ->> 'sub'));"
-        "GRANT SELECT ON notes TO authenticated;"
-    )
-    relid = db.sql("SELECT 'notes'::regclass::oid")[0][0]
-    authorizer = db.dsn.replace("postgres@", f"{AUTHORIZER_ROLE}@", 1)
-    who = [("authenticated", {"sub": "alice"}), ("authenticated", {"sub": "bob"})]
+    relid, authorizer, who = notes_owned_by_sub(db)
     images = orjson.dumps([{"id": 1, "owner": "alice"}]).decode()
 
     async def before_and_after_drop() -> dict[str, tuple[list, Any]]:

@@ -13,6 +13,14 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
     SELECT n.nspname || '.' || c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = rel
 $$;
 
+-- The SQL literal naming a table as to_regclass reads it, whatever the caller's search_path ('"My App"."Ev''ents"'),
+-- for the SQL an error message tells the user to run.
+CREATE FUNCTION realtime.table_literal(rel oid) RETURNS text
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT quote_literal(format('%I.%I', n.nspname, c.relname))
+      FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = rel
+$$;
+
 -- As in 0007, but a partition's rows are reported only when its root carries the capture trigger: the trigger on a
 -- partition that is not a clone of its root's is left from before the table was attached (or from an enable of the
 -- partition alone, before this migration), and its rows would go to a channel nobody is subscribed to.
@@ -27,6 +35,7 @@ DECLARE
     rel name := TG_TABLE_NAME;
     last_op text;
     last_record jsonb;
+    ancestors oid[];
 BEGIN
     IF root <> TG_RELID THEN
         SELECT n.nspname, c.relname INTO nsp, rel FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -38,10 +47,10 @@ BEGIN
         -- withheld, so its subscribers are told now, in commit order, else a DETACH before the next sweep would
         -- leave them subscribed without ever learning what they missed. A partition of an enabled root never comes
         -- here; a failure (a serialization error under REPEATABLE READ) must not fail the write: the next sweep does it.
-        IF root <> TG_RELID AND EXISTS (SELECT 1 FROM realtime.tables t
-                                          WHERE t.relid IN (SELECT a.relid FROM pg_partition_ancestors(TG_RELID) a)) THEN
+        ancestors := ARRAY(SELECT a.relid FROM pg_partition_ancestors(TG_RELID) a);
+        IF root <> TG_RELID AND EXISTS (SELECT 1 FROM realtime.tables t WHERE t.relid = ANY (ancestors)) THEN
             BEGIN
-                PERFORM realtime.sweep_lifecycle(ARRAY(SELECT a.relid FROM pg_partition_ancestors(TG_RELID) a));
+                PERFORM realtime.sweep_lifecycle(ancestors);
             EXCEPTION WHEN OTHERS THEN
                 NULL;
             END;
@@ -86,8 +95,6 @@ LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     target oid;
     trigger_name name;
-    part text;
-    owner name;
 BEGIN
     FOR target, trigger_name IN
         SELECT g.tgrelid, g.tgname FROM pg_trigger g
@@ -103,11 +110,11 @@ BEGIN
                 RAISE;
             END IF;
             -- Else PostgreSQL's "must be owner of relation" names no way forward for the root's owner.
-            SELECT format('%I.%I', n.nspname, c.relname), pg_get_userbyid(c.relowner) INTO part, owner
-              FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = target;
             RAISE EXCEPTION 'realtime: partition % keeps the capture trigger it had before it was attached, and only '
                             'its owner may drop it: as % (or a superuser) run SELECT disable_realtime(%), then try again',
-                realtime.channel_name(target), owner, quote_literal(part)
+                realtime.channel_name(target),
+                (SELECT pg_get_userbyid(c.relowner) FROM pg_class c WHERE c.oid = target),
+                realtime.table_literal(target)
                 USING ERRCODE = 'insufficient_privilege';
         END;
     END LOOP;
@@ -123,17 +130,12 @@ DECLARE
     target text := rel::regclass::text;
     flag text := CASE WHEN notify THEN 'notify' ELSE '' END;
     root text;
-    root_sql text;
 BEGIN
     IF (SELECT c.relispartition FROM pg_catalog.pg_class c WHERE c.oid = rel) THEN
         root := realtime.channel_name(pg_catalog.pg_partition_root(rel));
-        -- The SQL to run names the root as to_regclass reads it: quoted where needed, in a quoted literal.
-        SELECT pg_catalog.format('SELECT enable_realtime(%L)', pg_catalog.format('%I.%I', n.nspname, c.relname))
-          INTO root_sql
-          FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-         WHERE c.oid = pg_catalog.pg_partition_root(rel);
-        RAISE EXCEPTION 'enable_realtime: % is a partition of %; enable the partitioned table instead: %',
-            tbl, root, root_sql
+        RAISE EXCEPTION 'enable_realtime: % is a partition of %; enable the partitioned table instead: '
+                        'SELECT enable_realtime(%)',
+            tbl, root, realtime.table_literal(pg_catalog.pg_partition_root(rel))
             USING ERRCODE = 'wrong_object_type',
                   HINT = format('Its changes are published on table:%s; a filter on the partition key selects this '
                                 'partition''s rows.', root);
@@ -210,16 +212,14 @@ DECLARE
     rel oid := realtime.resolve(tbl, 'disable_realtime');
     enabled oid;
 BEGIN
-    IF EXISTS (SELECT 1 FROM pg_catalog.pg_trigger g
-                WHERE g.tgrelid = rel AND g.tgname = 'fluxrt_capture' AND g.tgparentid <> 0) THEN
-        SELECT g.tgrelid INTO enabled FROM pg_catalog.pg_trigger g
-         WHERE g.tgname = 'fluxrt_capture' AND g.tgparentid = 0
-           AND g.tgrelid IN (SELECT a.relid FROM pg_catalog.pg_partition_ancestors(rel) a);
+    -- The ancestor whose own capture trigger the partition's is cloned from (none for a table not partitioned).
+    SELECT g.tgrelid INTO enabled FROM pg_catalog.pg_trigger g
+     WHERE g.tgname = 'fluxrt_capture' AND g.tgparentid = 0 AND g.tgrelid <> rel
+       AND g.tgrelid IN (SELECT a.relid FROM pg_catalog.pg_partition_ancestors(rel) a);
+    IF FOUND THEN
         RAISE EXCEPTION 'disable_realtime: % is a partition of %, for which realtime is enabled; a partition''s '
-                        'changes cannot be stopped apart from the rest: %', tbl, realtime.channel_name(enabled),
-            (SELECT pg_catalog.format('SELECT disable_realtime(%L)', pg_catalog.format('%I.%I', n.nspname, c.relname))
-               FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-              WHERE c.oid = enabled)
+                        'changes cannot be stopped apart from the rest: SELECT disable_realtime(%)',
+            tbl, realtime.channel_name(enabled), realtime.table_literal(enabled)
             USING ERRCODE = 'wrong_object_type';
     END IF;
     PERFORM realtime.drop_triggers(rel);
